@@ -1,0 +1,57 @@
+//! What plugin authors write against; abi_stable never shows here.
+//!
+//! An author implements [`MetricSource`] and/or [`ServiceDefinitions`] with a typed config
+//! (serde + schemars) and calls [`export_plugin!`](crate::export_plugin) once. The SDK
+//! gives each plugin library its own tokio runtime (the host's runtime cannot drive the
+//! plugin's copy of tokio), catches panics at every entry point, cancels work when the
+//! host drops a call, and forwards the plugin's `tracing` events into warden's log.
+
+use std::future::Future;
+
+use schemars::JsonSchema;
+use serde::de::DeserializeOwned;
+
+use crate::{Measurement, PluginError, ServiceDefinition};
+
+pub mod export;
+mod logging;
+mod runtime;
+
+pub use runtime::runtime;
+
+/// A source of one metric value, read by warden's manager.
+///
+/// ```ignore
+/// impl MetricSource for Queue {
+///     type Config = QueueConfig;
+///     async fn new(config: QueueConfig) -> Result<Self, PluginError> { ... }
+///     async fn measure(&self) -> Result<Measurement, PluginError> { ... }
+/// }
+/// ```
+pub trait MetricSource: Sized + Send + Sync + 'static {
+    /// The instance's configuration; its JSON Schema is published in the manifest and
+    /// checked by the host before [`MetricSource::new`] is called.
+    type Config: DeserializeOwned + JsonSchema;
+
+    /// Builds an instance. Runs on the plugin's own runtime.
+    fn new(config: Self::Config) -> impl Future<Output = Result<Self, PluginError>> + Send;
+
+    /// Reads the metric once. Runs in the plugin's runtime context; the host may drop the
+    /// future (timeout, shutdown), which cancels it. Do not block the thread: use
+    /// `tokio::task::spawn_blocking` for blocking work.
+    fn measure(&self) -> impl Future<Output = Result<Measurement, PluginError>> + Send;
+}
+
+/// A provider of service definitions, read by warden's registrar and manager.
+pub trait ServiceDefinitions: Sized + Send + Sync + 'static {
+    type Config: DeserializeOwned + JsonSchema;
+
+    fn new(config: Self::Config) -> impl Future<Output = Result<Self, PluginError>> + Send;
+
+    /// The current set of services.
+    fn list(&self) -> impl Future<Output = Result<Vec<ServiceDefinition>, PluginError>> + Send;
+
+    /// A number that changes whenever [`ServiceDefinitions::list`] would answer
+    /// differently. Must be cheap: the host asks often and lists only on a change.
+    fn generation(&self) -> impl Future<Output = Result<u64, PluginError>> + Send;
+}

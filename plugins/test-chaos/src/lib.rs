@@ -1,0 +1,88 @@
+//! Test-only plugin that misbehaves on demand, so the host's containment can be proven
+//! against a real `.so`: each `measure` takes the next step of a configured sequence.
+//!
+//! Steps: `ok:<value>`, `panic`, `hang` (sleeps for an hour; drop-cancelled), `garbage`
+//! (a NaN value, which JSON carries as null), `error:<kind>` (transient, permanent,
+//! config), `sleep:<ms>` (then returns 1), `log` (emits a tracing event, returns 2).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use warden_plugin_api::prelude::*;
+use warden_plugin_api::{tokio, tracing};
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(crate = "warden_plugin_api::serde", deny_unknown_fields)]
+#[schemars(crate = "warden_plugin_api::schemars")]
+pub struct Config {
+    /// Steps taken in turn, cycling.
+    pub sequence: Vec<String>,
+    /// Panic inside `new`.
+    #[serde(default)]
+    pub panic_on_create: bool,
+    /// A file written when a `hang` step is cancelled by the host.
+    #[serde(default)]
+    pub cancel_marker: Option<String>,
+}
+
+pub struct Chaos {
+    config: Config,
+    next: AtomicUsize,
+}
+
+/// Writes the cancel marker when a hanging step is dropped before it ends.
+struct OnCancel(Option<String>);
+impl Drop for OnCancel {
+    fn drop(&mut self) {
+        if let Some(path) = &self.0 {
+            let _ = std::fs::write(path, "cancelled");
+        }
+    }
+}
+
+impl MetricSource for Chaos {
+    type Config = Config;
+
+    async fn new(config: Config) -> Result<Self, PluginError> {
+        if config.panic_on_create {
+            panic!("asked to panic on create");
+        }
+        if config.sequence.is_empty() {
+            return Err(PluginError::config("sequence: must not be empty"));
+        }
+        Ok(Chaos { config, next: AtomicUsize::new(0) })
+    }
+
+    async fn measure(&self) -> Result<Measurement, PluginError> {
+        let i = self.next.fetch_add(1, Ordering::SeqCst) % self.config.sequence.len();
+        let step = self.config.sequence[i].as_str();
+        let (verb, arg) = step.split_once(':').unwrap_or((step, ""));
+        match verb {
+            "ok" => arg.parse().map(Measurement::new).map_err(|_| PluginError::config(format!("bad step {step}"))),
+            "panic" => panic!("chaos step {i} asked for a panic"),
+            "hang" => {
+                let guard = OnCancel(self.config.cancel_marker.clone());
+                tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+                std::mem::forget(guard);
+                Ok(Measurement::new(0.0))
+            }
+            "garbage" => Ok(Measurement::new(f64::NAN)),
+            "error" => Err(match arg {
+                "permanent" => PluginError::permanent("chaos asked for a permanent error"),
+                "config" => PluginError::config("chaos asked for a config error"),
+                _ => PluginError::transient("chaos asked for a transient error"),
+            }),
+            "sleep" => {
+                let ms = arg.parse().unwrap_or(10);
+                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                Ok(Measurement::new(1.0))
+            }
+            "log" => {
+                tracing::warn!(step = i, "chaos plugin says hello");
+                Ok(Measurement::new(2.0))
+            }
+            _ => Err(PluginError::config(format!("unknown step {step:?}"))),
+        }
+    }
+}
+
+export_plugin! { name: "test-chaos", metric_source: Chaos }
