@@ -1,1 +1,224 @@
-fn main(){}
+//! The `warden` binary: parses arguments and wires the library's parts together.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use warden::config::Config;
+use warden::logging::{self, LogFormat};
+use warden::plugins::{self, CallOptions, PluginClient, PluginHost};
+use warden_plugin_api::Kind;
+
+#[derive(Parser)]
+#[command(name = "warden", version, about = "Keeps a host's router in step with its containers; scales ECS tasks from plugin metrics.")]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// Load plugin files and directories that are writable by group/others or owned by
+    /// another user (development only).
+    #[arg(long, global = true)]
+    allow_insecure_plugins: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Inspect plugin files.
+    Plugins {
+        #[command(subcommand)]
+        command: PluginsCommand,
+    },
+    /// Validate the config and every plugin config it references.
+    Check {
+        #[arg(long, env = "WARDEN_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Run the daemon until SIGTERM or SIGINT.
+    Run {
+        #[arg(long, env = "WARDEN_CONFIG")]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginsCommand {
+    /// List the plugins in the plugin directories, one a line.
+    List {
+        /// Directory to scan (repeatable); default: the configured plugin directories.
+        #[arg(long = "dir")]
+        dirs: Vec<PathBuf>,
+        #[arg(long, env = "WARDEN_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Load one plugin file and validate it (and a config for it).
+    Check {
+        file: PathBuf,
+        /// Instance config (JSON) to validate against the plugin's schema and create.
+        #[arg(long)]
+        config: Option<String>,
+        /// Which kind the config is for, when the plugin offers several.
+        #[arg(long)]
+        kind: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The daemon logs what it does; one-shot commands print results and log only problems.
+    let level = if matches!(cli.command, Command::Run { .. }) { "info" } else { "warn" };
+    logging::init(cli.log_format, level);
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("warden: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<Config> {
+    Ok(Config::load(path, |k| std::env::var(k).ok())?)
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let insecure = cli.allow_insecure_plugins;
+    match cli.command {
+        Command::Plugins {
+            command: PluginsCommand::List { dirs, config },
+        } => {
+            let dirs = if dirs.is_empty() { load_config(config.as_deref())?.plugins.dirs } else { dirs };
+            let host = PluginHost::load_dirs(&dirs, insecure);
+            for p in host.plugins() {
+                let m = p.manifest();
+                println!(
+                    "{}\t{}\t{}\tapi {}\t{}",
+                    m.name,
+                    m.version,
+                    m.kind_names().join(","),
+                    m.api_version,
+                    p.path().display()
+                );
+            }
+            for f in host.failures() {
+                eprintln!("not loaded: {f}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plugins {
+            command: PluginsCommand::Check { file, config, kind },
+        } => plugins_check(file, config, kind, insecure),
+        Command::Check { config } => check(config, insecure),
+        Command::Run { config } => daemon(config, insecure),
+    }
+}
+
+fn plugins_check(file: PathBuf, config: Option<String>, kind: Option<String>, insecure: bool) -> anyhow::Result<ExitCode> {
+    let plugin = match plugins::load_file(&file, insecure) {
+        Ok(p) => Arc::new(p),
+        Err(reason) => {
+            println!("{}: refused: {reason}", file.display());
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let m = plugin.manifest();
+    println!(
+        "{}: ok: plugin {} {} (api {}), offers {}",
+        file.display(),
+        m.name,
+        m.version,
+        m.api_version,
+        m.kind_names().join(", ")
+    );
+    let Some(config) = config else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    let kind = match kind.as_deref() {
+        Some(k) => Kind::parse(k).with_context(|| format!("--kind: expected metric-source or service-definitions, got {k:?}"))?,
+        None if m.kinds.len() == 1 => m.kinds[0].kind,
+        None => anyhow::bail!("--kind: plugin {} offers several kinds ({}); say which", m.name, m.kind_names().join(", ")),
+    };
+    let value: serde_json::Value = serde_json::from_str(&config).context("--config: not JSON")?;
+    if let Err(e) = plugins::check_plugin_config(&plugin, kind, &value) {
+        println!("{}: config refused: {e}", file.display());
+        return Ok(ExitCode::FAILURE);
+    }
+    let rt = tokio::runtime::Runtime::new()?;
+    let created = rt.block_on(plugins::create_instance(plugin.clone(), kind, &value, CallOptions::default()));
+    match created {
+        Ok(client) => {
+            client.shutdown();
+            println!("{}: ok: config accepted and {kind} instance created", file.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            println!("{}: config refused: {e}", file.display());
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn check(path: Option<PathBuf>, insecure: bool) -> anyhow::Result<ExitCode> {
+    let config = load_config(path.as_deref())?;
+    let file = path.as_ref().map_or("(embedded defaults)".to_owned(), |p| p.display().to_string());
+    let host = PluginHost::load_dirs(&config.plugins.dirs, insecure || config.plugins.allow_insecure);
+    let mut problems = 0;
+    for (key, kind, r) in config.plugin_refs() {
+        if let Err(e) = host.check_config(&r.plugin, kind, &r.config) {
+            println!("{file}: {key}: {e}");
+            problems += 1;
+        }
+    }
+    for f in host.failures() {
+        println!("warning: plugin not loaded: {f}");
+    }
+    if problems > 0 {
+        return Ok(ExitCode::FAILURE);
+    }
+    println!(
+        "{file}: ok ({} plugins loaded, {} plugin configs checked)",
+        host.plugins().len(),
+        config.plugin_refs().len()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn daemon(path: Option<PathBuf>, insecure: bool) -> anyhow::Result<ExitCode> {
+    let config = load_config(path.as_deref())?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let host = PluginHost::load_dirs(&config.plugins.dirs, insecure || config.plugins.allow_insecure);
+        let options = CallOptions::from_config(&config.plugins);
+        let mut instances: Vec<Arc<dyn PluginClient>> = Vec::new();
+        for (key, kind, r) in config.plugin_refs() {
+            match host.create(&r.plugin, kind, &r.config, options).await {
+                Ok(client) => instances.push(client),
+                Err(e) => tracing::error!(key = %key, "plugin instance not created: {e}"),
+            }
+        }
+        tracing::info!(
+            plugins = host.plugins().len(),
+            failed = host.failures().len(),
+            instances = instances.len(),
+            "warden running; waiting for SIGTERM or SIGINT"
+        );
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        for i in &instances {
+            i.shutdown();
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("cannot listen for SIGTERM");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -106,7 +106,7 @@ impl PluginDescriptor {
             .find(|(k, _)| *k == kind)
             .map(|(_, f)| f)
             .ok_or_else(|| PluginError::unsupported(format!("plugin {} offers no {kind}", self.manifest.name)))?;
-        run_to_completion(factory(config))
+        run_to_completion(factory(config), "create")
     }
 }
 

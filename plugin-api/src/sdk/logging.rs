@@ -20,8 +20,16 @@ static SINK: OnceLock<(LogSink, &'static str)> = OnceLock::new();
 pub(crate) fn install(sink: LogSink, plugin: &'static str) {
     if SINK.set((sink, plugin)).is_ok() {
         // Fails when the plugin is linked into the host as an rlib and shares its
-        // dispatcher: then events already reach the host directly.
-        let _ = tracing::subscriber::set_global_default(Forwarder);
+        // dispatcher (and panic hook): then events already reach the host directly.
+        if tracing::subscriber::set_global_default(Forwarder).is_ok() {
+            // The library's own std has its own panic hook, which would print unstructured
+            // text to stderr: report panics through the log instead. They are still caught
+            // and returned as `panicked` errors.
+            std::panic::set_hook(Box::new(|info| {
+                let location = info.location().map(|l| format!("{}:{}", l.file(), l.line())).unwrap_or_default();
+                tracing::error!(location = %location, "plugin panicked: {}", panic_text(info.payload()));
+            }));
+        }
     }
 }
 
@@ -95,4 +103,12 @@ impl Subscriber for Forwarder {
     }
     fn enter(&self, _span: &Id) {}
     fn exit(&self, _span: &Id) {}
+}
+
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".to_owned())
 }

@@ -10,7 +10,13 @@ use std::pin::Pin;
 use std::sync::OnceLock;
 use std::task::{Context, Poll};
 
+use std::panic::AssertUnwindSafe;
+
+use futures_util::FutureExt as _;
 use tokio::runtime::{Handle, Runtime};
+
+use super::export::panic_error;
+use crate::{ErrorKind, PluginError};
 
 static RUNTIME: OnceLock<Runtime> = OnceLock::new();
 
@@ -52,15 +58,20 @@ impl<F: Future> Future for InRuntime<F> {
 }
 
 /// Runs a future to completion on the plugin runtime from a thread that may or may not be
-/// inside some runtime (the host calls `create` from a blocking thread).
-pub(crate) fn run_to_completion<F>(fut: F) -> F::Output
+/// inside some runtime (the host calls `create` from a blocking thread). A panic in the
+/// future comes back as a `panicked` error.
+pub(crate) fn run_to_completion<F, T>(fut: F, during: &str) -> Result<T, PluginError>
 where
-    F: Future + Send + 'static,
-    F::Output: Send + 'static,
+    F: Future<Output = Result<T, PluginError>> + Send + 'static,
+    T: Send + 'static,
 {
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
     runtime().spawn(async move {
-        let _ = tx.send(fut.await);
+        let _ = tx.send(AssertUnwindSafe(fut).catch_unwind().await);
     });
-    rx.recv().expect("the plugin runtime dropped a task")
+    match rx.recv() {
+        Ok(Ok(result)) => result,
+        Ok(Err(payload)) => Err(panic_error(payload, during)),
+        Err(_) => Err(PluginError::new(ErrorKind::Panicked, format!("plugin runtime lost the task during {during}"))),
+    }
 }

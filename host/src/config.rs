@@ -1,0 +1,339 @@
+//! warden's configuration: a TOML file, environment overrides, embedded defaults.
+//!
+//! Parsing is pure (text in, [`Config`] or a [`ConfigError`] out) so that every rule is
+//! unit-tested without files or processes. Errors name the file, the key and what was
+//! expected; TOML syntax and type errors carry line and column.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Environment variables that override settings of the same meaning.
+pub const ENV_PLUGIN_DIR: &str = "WARDEN_PLUGIN_DIR";
+pub const ENV_LOCAL_REDIS: &str = "WARDEN_LOCAL_REDIS";
+pub const ENV_CENTRAL_REDIS: &str = "WARDEN_CENTRAL_REDIS";
+pub const ENV_INSTANCE_ID: &str = "WARDEN_INSTANCE_ID";
+pub const ENV_AVAILABILITY_ZONE: &str = "WARDEN_AVAILABILITY_ZONE";
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub host: HostConfig,
+    pub plugins: PluginsConfig,
+    pub registrar: RegistrarConfig,
+    pub manager: ManagerConfig,
+    /// Metric sources by name: `[metrics.<name>]` with `plugin` and `config`.
+    pub metrics: BTreeMap<String, PluginRef>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HostConfig {
+    /// EC2 instance id; from instance metadata when absent.
+    pub instance_id: Option<String>,
+    /// Availability Zone; from instance metadata when absent.
+    pub availability_zone: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginsConfig {
+    /// Directories whose `*.so` files are loaded, in order (a name seen twice: first wins).
+    pub dirs: Vec<PathBuf>,
+    /// Load plugin files and directories writable by group/others or owned by others.
+    pub allow_insecure: bool,
+    /// Longest a single plugin call may take before it is cancelled.
+    pub call_timeout_ms: u64,
+    /// Consecutive failures after which a plugin instance is not called for a while.
+    pub breaker_failures: u32,
+    /// How long a tripped instance rests (doubled on each repeated trip, up to 10 min).
+    pub breaker_open_ms: u64,
+}
+
+impl Default for PluginsConfig {
+    fn default() -> Self {
+        Self {
+            dirs: vec![PathBuf::from("/usr/lib/warden/plugins"), PathBuf::from("./plugins")],
+            allow_insecure: false,
+            call_timeout_ms: 5_000,
+            breaker_failures: 3,
+            breaker_open_ms: 30_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistrarConfig {
+    /// The host's local Redis, read by the router.
+    pub local_redis: String,
+    /// Full re-list of containers every this many seconds.
+    pub resync_secs: u64,
+    /// Service-definition plugins; docker-labels when empty.
+    pub sources: Vec<PluginRef>,
+}
+
+impl Default for RegistrarConfig {
+    fn default() -> Self {
+        Self {
+            local_redis: "redis://127.0.0.1:6379".into(),
+            resync_secs: 30,
+            sources: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ManagerConfig {
+    /// Central Redis shared by all hosts; the manager is off without it.
+    pub central_redis: Option<String>,
+}
+
+/// A plugin instance: which plugin, and the config it gets (checked against its schema).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginRef {
+    pub plugin: String,
+    #[serde(default = "empty_object")]
+    pub config: serde_json::Value,
+}
+
+fn empty_object() -> serde_json::Value {
+    serde_json::Value::Object(Default::default())
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            host: HostConfig::default(),
+            plugins: PluginsConfig::default(),
+            registrar: RegistrarConfig::default(),
+            manager: ManagerConfig::default(),
+            metrics: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {message}")]
+    Read { file: String, message: String },
+    #[error("{file}: {message}")]
+    Parse { file: String, message: String },
+    #[error("{file}: {key}: {message}")]
+    Invalid { file: String, key: String, message: String },
+}
+
+impl Config {
+    /// Parses config text; `file` names it in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            file: file.to_owned(),
+            message: e.to_string().trim_end().replace("\n\n", "\n"),
+        })?;
+        config.validate(file)?;
+        Ok(config)
+    }
+
+    /// Reads the file at `path`, or the embedded defaults when `path` is `None`, then
+    /// applies the environment (`env` looks a variable up).
+    pub fn load(path: Option<&Path>, env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let (mut config, file) = match path {
+            Some(p) => {
+                let file = p.display().to_string();
+                let text = std::fs::read_to_string(p).map_err(|e| ConfigError::Read {
+                    file: file.clone(),
+                    message: e.to_string(),
+                })?;
+                (Config::parse(&text, &file)?, file)
+            }
+            None => (Config::default(), "(embedded defaults)".to_owned()),
+        };
+        config.apply_env(env);
+        config.validate(&format!("{file} with environment overrides"))?;
+        Ok(config)
+    }
+
+    /// Environment variables override the settings of the same meaning.
+    pub fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) {
+        let set = |v: Option<String>| v.filter(|s| !s.trim().is_empty());
+        if let Some(dirs) = set(env(ENV_PLUGIN_DIR)) {
+            self.plugins.dirs = dirs.split(':').filter(|d| !d.is_empty()).map(PathBuf::from).collect();
+        }
+        if let Some(v) = set(env(ENV_LOCAL_REDIS)) {
+            self.registrar.local_redis = v;
+        }
+        if let Some(v) = set(env(ENV_CENTRAL_REDIS)) {
+            self.manager.central_redis = Some(v);
+        }
+        if let Some(v) = set(env(ENV_INSTANCE_ID)) {
+            self.host.instance_id = Some(v);
+        }
+        if let Some(v) = set(env(ENV_AVAILABILITY_ZONE)) {
+            self.host.availability_zone = Some(v);
+        }
+    }
+
+    fn validate(&self, file: &str) -> Result<(), ConfigError> {
+        let bad = |key: &str, message: String| ConfigError::Invalid {
+            file: file.to_owned(),
+            key: key.to_owned(),
+            message,
+        };
+        check_redis_url(&self.registrar.local_redis).map_err(|m| bad("registrar.local_redis", m))?;
+        if let Some(url) = &self.manager.central_redis {
+            check_redis_url(url).map_err(|m| bad("manager.central_redis", m))?;
+        }
+        if self.plugins.call_timeout_ms == 0 {
+            return Err(bad("plugins.call_timeout_ms", "expected a positive number of milliseconds".into()));
+        }
+        if self.plugins.breaker_failures == 0 {
+            return Err(bad("plugins.breaker_failures", "expected at least 1".into()));
+        }
+        if self.registrar.resync_secs == 0 {
+            return Err(bad("registrar.resync_secs", "expected a positive number of seconds".into()));
+        }
+        for (i, source) in self.registrar.sources.iter().enumerate() {
+            check_plugin_ref(source).map_err(|m| bad(&format!("registrar.sources[{i}]"), m))?;
+        }
+        for (name, metric) in &self.metrics {
+            check_plugin_ref(metric).map_err(|m| bad(&format!("metrics.{name}"), m))?;
+        }
+        Ok(())
+    }
+
+    /// Every plugin instance the config asks for: (config key, kind, reference).
+    pub fn plugin_refs(&self) -> Vec<(String, warden_plugin_api::Kind, &PluginRef)> {
+        use warden_plugin_api::Kind;
+        let sources = self
+            .registrar
+            .sources
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (format!("registrar.sources[{i}]"), Kind::ServiceDefinitions, r));
+        let metrics = self.metrics.iter().map(|(n, r)| (format!("metrics.{n}"), Kind::MetricSource, r));
+        sources.chain(metrics).collect()
+    }
+}
+
+fn check_plugin_ref(r: &PluginRef) -> Result<(), String> {
+    if r.plugin.trim().is_empty() {
+        return Err("plugin: expected a plugin name".into());
+    }
+    if !r.config.is_object() {
+        return Err("config: expected a table".into());
+    }
+    Ok(())
+}
+
+fn check_redis_url(url: &str) -> Result<(), String> {
+    let ok = ["redis://", "rediss://", "redis+unix://", "unix://"]
+        .iter()
+        .any(|scheme| url.starts_with(scheme) && url.len() > scheme.len());
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("expected a Redis URL such as redis://127.0.0.1:6379, got {url:?}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn embedded_defaults() {
+        let c = Config::load(None, no_env).unwrap();
+        assert_eq!(c.registrar.local_redis, "redis://127.0.0.1:6379");
+        assert_eq!(c.plugins.dirs, vec![PathBuf::from("/usr/lib/warden/plugins"), PathBuf::from("./plugins")]);
+        assert_eq!(c.manager.central_redis, None, "manager is off until a central Redis is configured");
+    }
+
+    #[test]
+    fn full_file_parses() {
+        let c = Config::parse(
+            r#"
+            [host]
+            instance_id = "i-1"
+            [plugins]
+            dirs = ["/opt/p"]
+            call_timeout_ms = 100
+            [[registrar.sources]]
+            plugin = "file-services"
+            config = { path = "/etc/warden/services.toml" }
+            [manager]
+            central_redis = "redis://central:6379"
+            [metrics.upstream]
+            plugin = "beanstalk-instances"
+            config = { environment = "web-prod" }
+            "#,
+            "w.toml",
+        )
+        .unwrap();
+        assert_eq!(c.host.instance_id.as_deref(), Some("i-1"));
+        assert_eq!(c.registrar.sources[0].config["path"], "/etc/warden/services.toml");
+        assert_eq!(c.metrics["upstream"].plugin, "beanstalk-instances");
+        assert_eq!(c.plugin_refs().len(), 2);
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let e = Config::parse("[plugins]\ndirs = []\ncall_timeout = 5\n", "w.toml").unwrap_err();
+        let text = e.to_string();
+        assert!(text.starts_with("w.toml: "), "{text}");
+        assert!(text.contains("line 3") && text.contains("call_timeout"), "{text}");
+    }
+
+    #[test]
+    fn wrong_type_is_named_with_its_line() {
+        let e = Config::parse("[plugins]\ncall_timeout_ms = \"fast\"\n", "w.toml").unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("line 2") && text.contains("call_timeout_ms") && text.contains("expected u64"), "{text}");
+    }
+
+    #[test]
+    fn invalid_values_name_their_key() {
+        let e = Config::parse("[registrar]\nlocal_redis = \"localhost\"\n", "w.toml").unwrap_err();
+        assert_eq!(
+            e,
+            ConfigError::Invalid {
+                file: "w.toml".into(),
+                key: "registrar.local_redis".into(),
+                message: "expected a Redis URL such as redis://127.0.0.1:6379, got \"localhost\"".into()
+            }
+        );
+        let e = Config::parse("[metrics.q]\nplugin = \"x\"\nconfig = 3\n", "w.toml").unwrap_err();
+        assert!(e.to_string().contains("metrics.q"), "{e}");
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let env = |k: &str| match k {
+            ENV_PLUGIN_DIR => Some("/a:/b".to_owned()),
+            ENV_LOCAL_REDIS => Some("redis://127.0.0.1:7000".to_owned()),
+            ENV_CENTRAL_REDIS => Some("redis://10.0.0.1:6379".to_owned()),
+            ENV_INSTANCE_ID => Some("i-env".to_owned()),
+            ENV_AVAILABILITY_ZONE => Some("eu-west-1b".to_owned()),
+            _ => None,
+        };
+        let c = Config::load(None, env).unwrap();
+        assert_eq!(c.plugins.dirs, vec![PathBuf::from("/a"), PathBuf::from("/b")]);
+        assert_eq!(c.registrar.local_redis, "redis://127.0.0.1:7000");
+        assert_eq!(c.manager.central_redis.as_deref(), Some("redis://10.0.0.1:6379"));
+        assert_eq!(c.host.instance_id.as_deref(), Some("i-env"));
+        assert_eq!(c.host.availability_zone.as_deref(), Some("eu-west-1b"));
+    }
+
+    #[test]
+    fn a_bad_environment_value_is_named() {
+        let env = |k: &str| (k == ENV_LOCAL_REDIS).then(|| "nope".to_owned());
+        let e = Config::load(None, env).unwrap_err();
+        assert!(e.to_string().contains("environment") && e.to_string().contains("registrar.local_redis"), "{e}");
+    }
+}

@@ -1,0 +1,10 @@
+//! warden: keeps a container host's router in step with its containers, and lets one
+//! elected host scale the cluster's ECS tasks from a metric.
+//!
+//! This library holds everything but argument parsing, so that tests drive the same code
+//! the daemon runs. Parts: [`config`] (pure parsing of the TOML config and environment),
+//! [`plugins`] (loading `.so` plugins and calling them safely), [`logging`].
+
+pub mod config;
+pub mod logging;
+pub mod plugins;

@@ -1,0 +1,222 @@
+//! Calling plugin instances so that a bad one loses only its own value.
+//!
+//! Every call runs as its own tokio task under a timeout and behind the instance's
+//! circuit breaker; a panic, an error, a hang or an answer of the wrong shape becomes a
+//! [`CallError`] and the daemon goes on. Dropping a call cancels the plugin's work.
+//! [`PluginClient`] is the seam for a later out-of-process host: the same `.so` run in a
+//! child process would be one more implementation of it.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use warden_plugin_api::host::RawInstance;
+use warden_plugin_api::{ErrorKind, Kind, Measurement, PluginError, ServiceDefinition};
+
+use super::breaker::Breaker;
+use super::Plugin;
+
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// Checks the shape of an answer before it counts as a success.
+pub type Check = fn(&serde_json::Value) -> Result<(), String>;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CallOptions {
+    pub timeout: Duration,
+    pub breaker_failures: u32,
+    pub breaker_rest: Duration,
+}
+
+impl Default for CallOptions {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(5),
+            breaker_failures: 3,
+            breaker_rest: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CallError {
+    #[error("plugin {plugin} {op}: {error}")]
+    Failed {
+        plugin: String,
+        op: String,
+        error: PluginError,
+    },
+    #[error("plugin {plugin} {op}: not called, resting after {failures} consecutive failures (next try in {retry_in:?})")]
+    Resting {
+        plugin: String,
+        op: String,
+        failures: u32,
+        retry_in: Duration,
+    },
+}
+
+impl CallError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            CallError::Failed { error, .. } => error.kind,
+            CallError::Resting { .. } => ErrorKind::Transient,
+        }
+    }
+}
+
+/// One plugin instance as the rest of warden sees it.
+pub trait PluginClient: Send + Sync {
+    fn plugin_name(&self) -> &str;
+    fn kind(&self) -> Kind;
+    /// Calls `op`; the answer must pass `check`.
+    fn call(&self, op: &str, args: serde_json::Value, check: Check) -> BoxFuture<Result<serde_json::Value, CallError>>;
+    fn shutdown(&self);
+}
+
+/// A plugin instance loaded into this process.
+pub struct InProcessClient {
+    plugin: Arc<Plugin>,
+    kind: Kind,
+    instance: Arc<RawInstance>,
+    timeout: Duration,
+    breaker: Arc<Mutex<Breaker>>,
+}
+
+impl InProcessClient {
+    pub(crate) fn new(plugin: Arc<Plugin>, kind: Kind, instance: RawInstance, options: CallOptions) -> Self {
+        Self {
+            plugin,
+            kind,
+            instance: Arc::new(instance),
+            timeout: options.timeout,
+            breaker: Arc::new(Mutex::new(Breaker::new(options.breaker_failures, options.breaker_rest))),
+        }
+    }
+}
+
+/// Aborts the call's task when the caller drops the call.
+struct AbortOnDrop(tokio::task::AbortHandle);
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl PluginClient for InProcessClient {
+    fn plugin_name(&self) -> &str {
+        &self.plugin.manifest().name
+    }
+
+    fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    fn call(&self, op: &str, args: serde_json::Value, check: Check) -> BoxFuture<Result<serde_json::Value, CallError>> {
+        let plugin = self.plugin_name().to_owned();
+        let op = op.to_owned();
+        let breaker = self.breaker.clone();
+        let allowed = breaker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .allow(tokio::time::Instant::now());
+        if let Err(r) = allowed {
+            return Box::pin(std::future::ready(Err(CallError::Resting {
+                plugin,
+                op,
+                failures: r.failures,
+                retry_in: r.retry_in,
+            })));
+        }
+        let call = self.instance.call(&op, &args.to_string());
+        let timeout = self.timeout;
+        let task = tokio::spawn(async move { tokio::time::timeout(timeout, call).await });
+        let guard = AbortOnDrop(task.abort_handle());
+        Box::pin(async move {
+            let outcome = match task.await {
+                Ok(Ok(Ok(text))) => match serde_json::from_str::<serde_json::Value>(&text) {
+                    Ok(value) => check(&value).map(|()| value).map_err(|why| {
+                        PluginError::new(ErrorKind::InvalidResponse, format!("answer of the wrong shape: {why}"))
+                    }),
+                    Err(e) => Err(PluginError::new(ErrorKind::InvalidResponse, format!("answer is not JSON: {e}"))),
+                },
+                Ok(Ok(Err(e))) => Err(e),
+                Ok(Err(_elapsed)) => Err(PluginError::new(
+                    ErrorKind::Timeout,
+                    format!("no answer within {timeout:?}; the call was cancelled"),
+                )),
+                Err(join) => Err(PluginError::new(ErrorKind::Panicked, format!("call task failed: {join}"))),
+            };
+            drop(guard);
+            let mut b = breaker.lock().unwrap_or_else(|p| p.into_inner());
+            match outcome {
+                Ok(value) => {
+                    b.on_success();
+                    Ok(value)
+                }
+                Err(error) => {
+                    if let Some(rest) = b.on_failure(tokio::time::Instant::now()) {
+                        tracing::warn!(plugin = %plugin, op = %op, rest = ?rest, "plugin keeps failing; resting it");
+                    }
+                    Err(CallError::Failed { plugin, op, error })
+                }
+            }
+        })
+    }
+
+    fn shutdown(&self) {
+        self.instance.shutdown();
+    }
+}
+
+fn check_measurement(v: &serde_json::Value) -> Result<(), String> {
+    let m: Measurement = serde_json::from_value(v.clone()).map_err(|e| e.to_string())?;
+    if m.value.is_finite() {
+        Ok(())
+    } else {
+        Err("value is not a finite number".into())
+    }
+}
+
+fn check_services(v: &serde_json::Value) -> Result<(), String> {
+    serde_json::from_value::<Vec<ServiceDefinition>>(v.clone())
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+fn check_generation(v: &serde_json::Value) -> Result<(), String> {
+    v.as_u64().map(|_| ()).ok_or_else(|| "expected a non-negative integer".into())
+}
+
+fn decode<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> T {
+    serde_json::from_value(v).expect("checked before")
+}
+
+/// A metric-source instance.
+#[derive(Clone)]
+pub struct MetricClient(pub Arc<dyn PluginClient>);
+
+impl MetricClient {
+    pub async fn measure(&self) -> Result<Measurement, CallError> {
+        self.0
+            .call("measure", serde_json::Value::Null, check_measurement)
+            .await
+            .map(decode)
+    }
+}
+
+/// A service-definitions instance.
+#[derive(Clone)]
+pub struct ServicesClient(pub Arc<dyn PluginClient>);
+
+impl ServicesClient {
+    pub async fn list(&self) -> Result<Vec<ServiceDefinition>, CallError> {
+        self.0.call("list", serde_json::Value::Null, check_services).await.map(decode)
+    }
+    pub async fn generation(&self) -> Result<u64, CallError> {
+        self.0
+            .call("generation", serde_json::Value::Null, check_generation)
+            .await
+            .map(decode)
+    }
+}

@@ -1,0 +1,228 @@
+//! The plugin host: finds `*.so` files, loads each on its own, and hands out clients
+//! that call plugin instances safely.
+//!
+//! A file that fails to load is reported in one short line and skipped; the others still
+//! load. Libraries are never unloaded: a plugin is replaced by an atomic rename of the new
+//! file over the old one, then a restart of warden (copying over a loaded `.so` crashes
+//! the process that has it mapped).
+
+pub mod breaker;
+pub mod client;
+pub mod schema;
+pub mod security;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use warden_plugin_api::host::Library;
+use warden_plugin_api::{Kind, Manifest};
+
+pub use client::{CallError, CallOptions, InProcessClient, MetricClient, PluginClient, ServicesClient};
+
+/// A loaded plugin library.
+#[derive(Debug)]
+pub struct Plugin {
+    pub library: Library,
+}
+
+impl Plugin {
+    pub fn manifest(&self) -> &Manifest {
+        self.library.manifest()
+    }
+    pub fn path(&self) -> &Path {
+        self.library.path()
+    }
+}
+
+/// A file that was not loaded, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadFailure {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+impl std::fmt::Display for LoadFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.path.display(), self.reason)
+    }
+}
+
+/// Why an instance could not be created.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CreateError {
+    #[error("no plugin named {name:?} is loaded (loaded: {loaded})")]
+    UnknownPlugin { name: String, loaded: String },
+    #[error("plugin {plugin:?} offers no {kind} (it offers: {offers})")]
+    KindNotOffered { plugin: String, kind: Kind, offers: String },
+    #[error("config does not match plugin {plugin:?}'s schema: {}", errors.join("; "))]
+    Schema { plugin: String, errors: Vec<String> },
+    #[error("plugin {plugin:?} refused the config: {error}")]
+    Plugin {
+        plugin: String,
+        error: warden_plugin_api::PluginError,
+    },
+}
+
+/// All loaded plugins, and the files that failed.
+#[derive(Debug, Default)]
+pub struct PluginHost {
+    plugins: Vec<Arc<Plugin>>,
+    failures: Vec<LoadFailure>,
+}
+
+/// Loads one file: permission check (unless `allow_insecure`), then the library.
+pub fn load_file(path: &Path, allow_insecure: bool) -> Result<Plugin, String> {
+    if !allow_insecure {
+        security::check_plugin_file(path)?;
+    }
+    let library = Library::load(path).map_err(|e| e.to_string())?;
+    Ok(Plugin { library })
+}
+
+impl PluginHost {
+    /// Loads every `*.so` in `dirs`, in order; a missing directory is skipped.
+    pub fn load_dirs(dirs: &[PathBuf], allow_insecure: bool) -> PluginHost {
+        let mut host = PluginHost::default();
+        for dir in dirs {
+            if !dir.is_dir() {
+                tracing::debug!(dir = %dir.display(), "plugin directory absent, skipped");
+                continue;
+            }
+            if !allow_insecure {
+                if let Err(reason) = security::check(dir) {
+                    host.fail(dir.clone(), reason);
+                    continue;
+                }
+            }
+            let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
+                Ok(entries) => entries
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|e| e == "so"))
+                    .collect(),
+                Err(e) => {
+                    host.fail(dir.clone(), format!("cannot list directory: {e}"));
+                    continue;
+                }
+            };
+            files.sort();
+            for file in files {
+                host.load_one(&file, allow_insecure);
+            }
+        }
+        host
+    }
+
+    fn fail(&mut self, path: PathBuf, reason: String) {
+        tracing::warn!(path = %path.display(), reason = %reason, "plugin not loaded");
+        self.failures.push(LoadFailure { path, reason });
+    }
+
+    fn load_one(&mut self, file: &Path, allow_insecure: bool) {
+        match load_file(file, allow_insecure) {
+            Ok(plugin) => {
+                let name = &plugin.manifest().name;
+                if let Some(first) = self.find(name) {
+                    let reason = format!("plugin {name:?} is already loaded from {}", first.path().display());
+                    self.fail(file.to_owned(), reason);
+                    return;
+                }
+                let m = plugin.manifest();
+                tracing::info!(plugin = %m.name, version = %m.version, api = %m.api_version, kinds = ?m.kind_names(), path = %file.display(), "plugin loaded");
+                self.plugins.push(Arc::new(plugin));
+            }
+            Err(reason) => self.fail(file.to_owned(), reason),
+        }
+    }
+
+    pub fn plugins(&self) -> &[Arc<Plugin>] {
+        &self.plugins
+    }
+
+    pub fn failures(&self) -> &[LoadFailure] {
+        &self.failures
+    }
+
+    pub fn find(&self, name: &str) -> Option<&Arc<Plugin>> {
+        self.plugins.iter().find(|p| p.manifest().name == name)
+    }
+
+    fn loaded_names(&self) -> String {
+        let names: Vec<&str> = self.plugins.iter().map(|p| p.manifest().name.as_str()).collect();
+        if names.is_empty() {
+            "none".into()
+        } else {
+            names.join(", ")
+        }
+    }
+
+    /// Checks an instance config against the plugin's schema, without running plugin code.
+    pub fn check_config(&self, name: &str, kind: Kind, config: &serde_json::Value) -> Result<Arc<Plugin>, CreateError> {
+        let plugin = self.find(name).ok_or_else(|| CreateError::UnknownPlugin {
+            name: name.to_owned(),
+            loaded: self.loaded_names(),
+        })?;
+        check_plugin_config(plugin, kind, config)?;
+        Ok(plugin.clone())
+    }
+
+    /// Creates an instance and wraps it in a client with timeout and circuit breaker.
+    pub async fn create(
+        &self,
+        name: &str,
+        kind: Kind,
+        config: &serde_json::Value,
+        options: CallOptions,
+    ) -> Result<Arc<InProcessClient>, CreateError> {
+        let plugin = self.check_config(name, kind, config)?;
+        create_instance(plugin, kind, config, options).await
+    }
+}
+
+/// Schema check of one instance config.
+pub fn check_plugin_config(plugin: &Plugin, kind: Kind, config: &serde_json::Value) -> Result<(), CreateError> {
+    let m = plugin.manifest();
+    let offered = m.kind(kind).ok_or_else(|| CreateError::KindNotOffered {
+        plugin: m.name.clone(),
+        kind,
+        offers: m.kind_names().join(", "),
+    })?;
+    schema::validate(&offered.config_schema, config).map_err(|errors| CreateError::Schema {
+        plugin: m.name.clone(),
+        errors,
+    })
+}
+
+/// Creates an instance of an already-checked plugin (plugin code runs on a blocking thread).
+pub async fn create_instance(
+    plugin: Arc<Plugin>,
+    kind: Kind,
+    config: &serde_json::Value,
+    options: CallOptions,
+) -> Result<Arc<InProcessClient>, CreateError> {
+    let name = plugin.manifest().name.clone();
+    let text = config.to_string();
+    let p = plugin.clone();
+    let created = tokio::task::spawn_blocking(move || p.library.create(kind, &text))
+        .await
+        .unwrap_or_else(|_| {
+            Err(warden_plugin_api::PluginError::new(
+                warden_plugin_api::ErrorKind::Panicked,
+                "plugin panicked in create",
+            ))
+        });
+    match created {
+        Ok(raw) => Ok(Arc::new(InProcessClient::new(plugin, kind, raw, options))),
+        Err(error) => Err(CreateError::Plugin { plugin: name, error }),
+    }
+}
+
+impl CallOptions {
+    pub fn from_config(c: &crate::config::PluginsConfig) -> Self {
+        CallOptions {
+            timeout: Duration::from_millis(c.call_timeout_ms),
+            breaker_failures: c.breaker_failures,
+            breaker_rest: Duration::from_millis(c.breaker_open_ms),
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! The `warden` binary against real plugin files: listing, checking, refusing.
+
+use std::os::unix::fs::PermissionsExt;
+
+use warden_tests::*;
+
+fn all_plugins() -> Vec<std::path::PathBuf> {
+    ["warden_plugin_file_services", "warden_plugin_template", "warden_plugin_test_chaos"]
+        .iter()
+        .map(|n| plugin_so(n))
+        .collect()
+}
+
+#[test]
+fn every_plugin_is_listed_with_name_version_kinds_api_and_path() {
+    let files = all_plugins();
+    let dir = plugin_dir(&files.iter().map(|p| p.as_path()).collect::<Vec<_>>());
+    let (code, out, err) = warden(&["plugins", "list", "--dir", dir.path().to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    let expect = [
+        ("file-services", "service-definitions", "libwarden_plugin_file_services.so"),
+        ("template", "metric-source", "libwarden_plugin_template.so"),
+        ("test-chaos", "metric-source", "libwarden_plugin_test_chaos.so"),
+    ];
+    for (line, (name, kind, file)) in lines.iter().zip(expect) {
+        let cols: Vec<&str> = line.split('\t').collect();
+        assert_eq!(cols[0], name, "{line}");
+        assert_eq!(cols[1], "0.1.0", "{line}");
+        assert_eq!(cols[2], kind, "{line}");
+        assert_eq!(cols[3], "api 1.0.0", "{line}");
+        assert!(cols[4].ends_with(file), "{line}");
+    }
+}
+
+#[test]
+fn a_foreign_shared_library_is_refused_in_one_line() {
+    let (code, out, _) = warden(&["plugins", "check", foreign_so().to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert!(out.contains("not a warden plugin"), "{out}");
+}
+
+#[test]
+fn a_file_that_is_no_library_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("notes.so");
+    std::fs::write(&f, "just text").unwrap();
+    let (code, out, _) = warden(&["plugins", "check", f.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(out.contains("cannot open it as a shared library"), "{out}");
+}
+
+#[test]
+fn a_bad_plugin_file_does_not_stop_the_others() {
+    let template = plugin_so("warden_plugin_template");
+    let foreign = foreign_so();
+    let dir = plugin_dir(&[template.as_path()]);
+    let bad = dir.path().join("libz.so");
+    std::fs::copy(&foreign, &bad).unwrap();
+    std::fs::set_permissions(&bad, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (code, out, err) = warden(&["plugins", "list", "--dir", dir.path().to_str().unwrap()]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("template\t"), "{out}");
+    assert!(err.contains("not loaded: ") && err.contains("libz.so: not a warden plugin"), "{err}");
+}
+
+#[test]
+fn writable_or_foreign_owned_plugins_are_refused_unless_allowed() {
+    let template = plugin_so("warden_plugin_template");
+    let dir = plugin_dir(&[template.as_path()]);
+    let file = dir.path().join("libwarden_plugin_template.so");
+    let d = dir.path().to_str().unwrap();
+
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let (_, out, err) = warden(&["plugins", "list", "--dir", d]);
+    assert!(out.is_empty(), "{out}");
+    assert!(err.contains("is writable by its group and others (mode 0666)"), "{err}");
+    let (_, out, _) = warden(&["--allow-insecure-plugins", "plugins", "list", "--dir", d]);
+    assert!(out.starts_with("template\t"), "{out}");
+
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let (_, out, err) = warden(&["plugins", "list", "--dir", d]);
+    assert!(out.is_empty(), "{out}");
+    assert!(err.contains("directory") && err.contains("mode 0777"), "{err}");
+
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::chown(&file, Some(4242), None).unwrap();
+    let (code, out, _) = warden(&["plugins", "check", file.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(out.contains("owned by uid 4242"), "{out}");
+}
+
+#[test]
+fn plugins_check_validates_a_config_against_the_schema() {
+    let template = plugin_so("warden_plugin_template");
+    let dir = plugin_dir(&[template.as_path()]);
+    let f = dir.path().join("libwarden_plugin_template.so");
+    let f = f.to_str().unwrap();
+    let (code, out, _) = warden(&["plugins", "check", f, "--config", r#"{"value": 4}"#]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("instance created"), "{out}");
+    let (code, out, _) = warden(&["plugins", "check", f, "--config", r#"{"valeu": 4}"#]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("\"value\" is a required property") && out.contains("valeu"), "{out}");
+}
+
+#[test]
+fn check_names_file_key_and_expectation() {
+    let template = plugin_so("warden_plugin_template");
+    let dir = plugin_dir(&[template.as_path()]);
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let cfg = cfg_dir.path().join("warden.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[plugins]\ndirs = [{:?}]\n\n[metrics.upstream]\nplugin = \"template\"\nconfig = {{ value = \"five\" }}\n\n[metrics.missing]\nplugin = \"nope\"\n",
+            dir.path()
+        ),
+    )
+    .unwrap();
+    let (code, out, _) = warden(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}");
+    let cfg_name = cfg.display().to_string();
+    assert!(
+        out.contains(&format!("{cfg_name}: metrics.upstream: config does not match plugin \"template\"'s schema: value: \"five\" is not of type \"number\"")),
+        "{out}"
+    );
+    assert!(out.contains(&format!("{cfg_name}: metrics.missing: no plugin named \"nope\" is loaded (loaded: template)")), "{out}");
+
+    std::fs::write(&cfg, format!("[plugins]\ndirs = [{:?}]\n[metrics.upstream]\nplugin = \"template\"\nconfig = {{ value = 5 }}\n", dir.path())).unwrap();
+    let (code, out, _) = warden(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("1 plugins loaded, 1 plugin configs checked"), "{out}");
+
+    std::fs::write(&cfg, "[registrar]\nlocal_redis = 6379\n").unwrap();
+    let (code, _, err) = warden(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert!(err.contains(&cfg_name) && err.contains("line 2") && err.contains("local_redis"), "{err}");
+}
+
+#[test]
+fn run_loads_plugins_and_stops_cleanly_on_sigterm() {
+    let files = all_plugins();
+    let dir = plugin_dir(&files.iter().map(|p| p.as_path()).collect::<Vec<_>>());
+    let work = tempfile::tempdir().unwrap();
+    let services = work.path().join("services.toml");
+    std::fs::write(&services, "[[services]]\nname = \"web\"\nmatch = { image = \"web\" }\n").unwrap();
+    let cfg = work.path().join("warden.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[plugins]\ndirs = [{:?}]\n[[registrar.sources]]\nplugin = \"file-services\"\nconfig = {{ path = {:?} }}\n[metrics.m]\nplugin = \"template\"\nconfig = {{ value = 1 }}\n",
+            dir.path(),
+            services
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(warden_bin())
+        .args(["--log-format", "json", "run", "--config", cfg.to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    // Read stderr to the end on a thread; hand over the "running" line when it comes.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut lines = Vec::new();
+        for line in std::io::BufReader::new(stderr).lines() {
+            let line = line.unwrap();
+            if line.contains("warden running") {
+                let _ = tx.send(line.clone());
+            }
+            lines.push(line);
+        }
+        lines
+    });
+    let running = rx.recv_timeout(std::time::Duration::from_secs(30)).expect("warden never said it was running");
+    let running: serde_json::Value = serde_json::from_str(&running).unwrap();
+    assert_eq!(running["plugins"], 3, "{running}");
+    assert_eq!(running["instances"], 2, "{running}");
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    let lines = reader.join().unwrap();
+    assert!(status.success(), "{status:?}: {lines:#?}");
+    assert!(lines.last().unwrap().contains("shutting down"), "{lines:#?}");
+}
