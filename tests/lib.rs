@@ -8,7 +8,10 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
 }
 
 pub fn target_dir() -> PathBuf {
@@ -79,9 +82,13 @@ pub fn warden(args: &[&str]) -> (i32, String, String) {
 
 /// A system shared library that is not a warden plugin.
 pub fn foreign_so() -> PathBuf {
-    ["/lib/x86_64-linux-gnu/libz.so.1", "/usr/lib/x86_64-linux-gnu/libz.so.1", "/lib/libz.so.1"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
-        .expect("libz.so.1 is on every Debian machine")
+    [
+        "/lib/x86_64-linux-gnu/libz.so.1",
+        "/usr/lib/x86_64-linux-gnu/libz.so.1",
+        "/lib/libz.so.1",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
+    .expect("libz.so.1 is on every Debian machine")
 }

@@ -1,1 +1,124 @@
-fn main(){}
+//! Plugin call and load costs: a metric call through the ABI and the plugin's runtime,
+//! the same plugin called directly as an rlib, and loading 10 plugin files.
+
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use serde_json::json;
+use warden::plugins::{CallOptions, MetricClient, PluginHost};
+use warden_plugin_api::host::Library;
+use warden_plugin_api::{Kind, MetricSource};
+use warden_plugin_template::{Config, Constant};
+
+fn calls(c: &mut Criterion) {
+    let so = warden_bench::release_template_so();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+
+    let library = Arc::new(Library::load(&so).unwrap());
+    let raw = library
+        .create(Kind::MetricSource, r#"{"value": 3}"#)
+        .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::copy(&so, dir.path().join("t.so")).unwrap();
+    let host = PluginHost::load_dirs(&[dir.path().to_owned()], false);
+    let client = rt.block_on(async {
+        MetricClient(
+            host.create(
+                "template",
+                Kind::MetricSource,
+                &json!({"value": 3}),
+                CallOptions::default(),
+            )
+            .await
+            .unwrap(),
+        )
+    });
+    let direct = rt.block_on(Constant::new(Config { value: 3.0 })).unwrap();
+
+    // Each loop runs inside a task on the runtime, as warden's own loops do.
+    let direct = Arc::new(direct);
+    let raw = Arc::new(raw);
+    let mut g = c.benchmark_group("metric_call");
+    g.bench_function("rlib_direct", |b| {
+        b.iter_custom(|iters| {
+            let direct = direct.clone();
+            rt.block_on(rt.spawn(async move {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    std::hint::black_box(direct.measure().await.unwrap());
+                }
+                start.elapsed()
+            }))
+            .unwrap()
+        })
+    });
+    g.bench_function("abi_raw_instance", |b| {
+        b.iter_custom(|iters| {
+            let raw = raw.clone();
+            rt.block_on(rt.spawn(async move {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    std::hint::black_box(raw.call("measure", "null").await.unwrap());
+                }
+                start.elapsed()
+            }))
+            .unwrap()
+        })
+    });
+    g.bench_function("abi_host_client", |b| {
+        b.iter_custom(|iters| {
+            let client = client.clone();
+            rt.block_on(rt.spawn(async move {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    std::hint::black_box(client.measure().await.unwrap());
+                }
+                start.elapsed()
+            }))
+            .unwrap()
+        })
+    });
+    g.finish();
+}
+
+fn loading(c: &mut Criterion) {
+    let so = warden_bench::release_template_so();
+    let mut g = c.benchmark_group("load");
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(200))
+        .measurement_time(Duration::from_secs(2));
+    // Every iteration loads 10 fresh copies: a library is never unloaded, and loading the
+    // same path twice would only bump a reference count.
+    g.bench_function("10_plugins", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let dir = tempfile::tempdir().unwrap();
+                std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+                    .unwrap();
+                for i in 0..10 {
+                    std::fs::copy(&so, dir.path().join(format!("p{i}.so"))).unwrap();
+                }
+                let start = Instant::now();
+                let host = PluginHost::load_dirs(&[dir.path().to_owned()], true);
+                total += start.elapsed();
+                // Same manifest name ten times: the first loads, the rest are named duplicates,
+                // but each file is still opened and checked in full.
+                assert_eq!(host.plugins().len() + host.failures().len(), 10);
+            }
+            total
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, calls, loading);
+criterion_main!(benches);

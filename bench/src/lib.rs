@@ -1,1 +1,26 @@
+//! Helpers for the benchmarks: a release build of the template plugin.
 
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+/// Builds the template plugin in release mode and returns its `.so`.
+pub fn release_template_so() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "--release", "-p", "warden-plugin-template"])
+        .current_dir(workspace_root())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    target.join("release/libwarden_plugin_template.so")
+}

@@ -16,7 +16,7 @@ pub const ENV_CENTRAL_REDIS: &str = "WARDEN_CENTRAL_REDIS";
 pub const ENV_INSTANCE_ID: &str = "WARDEN_INSTANCE_ID";
 pub const ENV_AVAILABILITY_ZONE: &str = "WARDEN_AVAILABILITY_ZONE";
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub host: HostConfig,
@@ -54,7 +54,10 @@ pub struct PluginsConfig {
 impl Default for PluginsConfig {
     fn default() -> Self {
         Self {
-            dirs: vec![PathBuf::from("/usr/lib/warden/plugins"), PathBuf::from("./plugins")],
+            dirs: vec![
+                PathBuf::from("/usr/lib/warden/plugins"),
+                PathBuf::from("./plugins"),
+            ],
             allow_insecure: false,
             call_timeout_ms: 5_000,
             breaker_failures: 3,
@@ -104,18 +107,6 @@ fn empty_object() -> serde_json::Value {
     serde_json::Value::Object(Default::default())
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            host: HostConfig::default(),
-            plugins: PluginsConfig::default(),
-            registrar: RegistrarConfig::default(),
-            manager: ManagerConfig::default(),
-            metrics: BTreeMap::new(),
-        }
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ConfigError {
     #[error("{file}: cannot read: {message}")]
@@ -123,7 +114,11 @@ pub enum ConfigError {
     #[error("{file}: {message}")]
     Parse { file: String, message: String },
     #[error("{file}: {key}: {message}")]
-    Invalid { file: String, key: String, message: String },
+    Invalid {
+        file: String,
+        key: String,
+        message: String,
+    },
 }
 
 impl Config {
@@ -139,7 +134,10 @@ impl Config {
 
     /// Reads the file at `path`, or the embedded defaults when `path` is `None`, then
     /// applies the environment (`env` looks a variable up).
-    pub fn load(path: Option<&Path>, env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+    pub fn load(
+        path: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
         let (mut config, file) = match path {
             Some(p) => {
                 let file = p.display().to_string();
@@ -160,7 +158,11 @@ impl Config {
     pub fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) {
         let set = |v: Option<String>| v.filter(|s| !s.trim().is_empty());
         if let Some(dirs) = set(env(ENV_PLUGIN_DIR)) {
-            self.plugins.dirs = dirs.split(':').filter(|d| !d.is_empty()).map(PathBuf::from).collect();
+            self.plugins.dirs = dirs
+                .split(':')
+                .filter(|d| !d.is_empty())
+                .map(PathBuf::from)
+                .collect();
         }
         if let Some(v) = set(env(ENV_LOCAL_REDIS)) {
             self.registrar.local_redis = v;
@@ -182,18 +184,28 @@ impl Config {
             key: key.to_owned(),
             message,
         };
-        check_redis_url(&self.registrar.local_redis).map_err(|m| bad("registrar.local_redis", m))?;
+        check_redis_url(&self.registrar.local_redis)
+            .map_err(|m| bad("registrar.local_redis", m))?;
         if let Some(url) = &self.manager.central_redis {
             check_redis_url(url).map_err(|m| bad("manager.central_redis", m))?;
         }
         if self.plugins.call_timeout_ms == 0 {
-            return Err(bad("plugins.call_timeout_ms", "expected a positive number of milliseconds".into()));
+            return Err(bad(
+                "plugins.call_timeout_ms",
+                "expected a positive number of milliseconds".into(),
+            ));
         }
         if self.plugins.breaker_failures == 0 {
-            return Err(bad("plugins.breaker_failures", "expected at least 1".into()));
+            return Err(bad(
+                "plugins.breaker_failures",
+                "expected at least 1".into(),
+            ));
         }
         if self.registrar.resync_secs == 0 {
-            return Err(bad("registrar.resync_secs", "expected a positive number of seconds".into()));
+            return Err(bad(
+                "registrar.resync_secs",
+                "expected a positive number of seconds".into(),
+            ));
         }
         for (i, source) in self.registrar.sources.iter().enumerate() {
             check_plugin_ref(source).map_err(|m| bad(&format!("registrar.sources[{i}]"), m))?;
@@ -207,13 +219,17 @@ impl Config {
     /// Every plugin instance the config asks for: (config key, kind, reference).
     pub fn plugin_refs(&self) -> Vec<(String, warden_plugin_api::Kind, &PluginRef)> {
         use warden_plugin_api::Kind;
-        let sources = self
-            .registrar
-            .sources
+        let sources = self.registrar.sources.iter().enumerate().map(|(i, r)| {
+            (
+                format!("registrar.sources[{i}]"),
+                Kind::ServiceDefinitions,
+                r,
+            )
+        });
+        let metrics = self
+            .metrics
             .iter()
-            .enumerate()
-            .map(|(i, r)| (format!("registrar.sources[{i}]"), Kind::ServiceDefinitions, r));
-        let metrics = self.metrics.iter().map(|(n, r)| (format!("metrics.{n}"), Kind::MetricSource, r));
+            .map(|(n, r)| (format!("metrics.{n}"), Kind::MetricSource, r));
         sources.chain(metrics).collect()
     }
 }
@@ -235,7 +251,9 @@ fn check_redis_url(url: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!("expected a Redis URL such as redis://127.0.0.1:6379, got {url:?}"))
+        Err(format!(
+            "expected a Redis URL such as redis://127.0.0.1:6379, got {url:?}"
+        ))
     }
 }
 
@@ -251,8 +269,17 @@ mod tests {
     fn embedded_defaults() {
         let c = Config::load(None, no_env).unwrap();
         assert_eq!(c.registrar.local_redis, "redis://127.0.0.1:6379");
-        assert_eq!(c.plugins.dirs, vec![PathBuf::from("/usr/lib/warden/plugins"), PathBuf::from("./plugins")]);
-        assert_eq!(c.manager.central_redis, None, "manager is off until a central Redis is configured");
+        assert_eq!(
+            c.plugins.dirs,
+            vec![
+                PathBuf::from("/usr/lib/warden/plugins"),
+                PathBuf::from("./plugins")
+            ]
+        );
+        assert_eq!(
+            c.manager.central_redis, None,
+            "manager is off until a central Redis is configured"
+        );
     }
 
     #[test]
@@ -277,7 +304,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.host.instance_id.as_deref(), Some("i-1"));
-        assert_eq!(c.registrar.sources[0].config["path"], "/etc/warden/services.toml");
+        assert_eq!(
+            c.registrar.sources[0].config["path"],
+            "/etc/warden/services.toml"
+        );
         assert_eq!(c.metrics["upstream"].plugin, "beanstalk-instances");
         assert_eq!(c.plugin_refs().len(), 2);
     }
@@ -287,14 +317,22 @@ mod tests {
         let e = Config::parse("[plugins]\ndirs = []\ncall_timeout = 5\n", "w.toml").unwrap_err();
         let text = e.to_string();
         assert!(text.starts_with("w.toml: "), "{text}");
-        assert!(text.contains("line 3") && text.contains("call_timeout"), "{text}");
+        assert!(
+            text.contains("line 3") && text.contains("call_timeout"),
+            "{text}"
+        );
     }
 
     #[test]
     fn wrong_type_is_named_with_its_line() {
         let e = Config::parse("[plugins]\ncall_timeout_ms = \"fast\"\n", "w.toml").unwrap_err();
         let text = e.to_string();
-        assert!(text.contains("line 2") && text.contains("call_timeout_ms") && text.contains("expected u64"), "{text}");
+        assert!(
+            text.contains("line 2")
+                && text.contains("call_timeout_ms")
+                && text.contains("expected u64"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -305,7 +343,8 @@ mod tests {
             ConfigError::Invalid {
                 file: "w.toml".into(),
                 key: "registrar.local_redis".into(),
-                message: "expected a Redis URL such as redis://127.0.0.1:6379, got \"localhost\"".into()
+                message: "expected a Redis URL such as redis://127.0.0.1:6379, got \"localhost\""
+                    .into()
             }
         );
         let e = Config::parse("[metrics.q]\nplugin = \"x\"\nconfig = 3\n", "w.toml").unwrap_err();
@@ -323,9 +362,15 @@ mod tests {
             _ => None,
         };
         let c = Config::load(None, env).unwrap();
-        assert_eq!(c.plugins.dirs, vec![PathBuf::from("/a"), PathBuf::from("/b")]);
+        assert_eq!(
+            c.plugins.dirs,
+            vec![PathBuf::from("/a"), PathBuf::from("/b")]
+        );
         assert_eq!(c.registrar.local_redis, "redis://127.0.0.1:7000");
-        assert_eq!(c.manager.central_redis.as_deref(), Some("redis://10.0.0.1:6379"));
+        assert_eq!(
+            c.manager.central_redis.as_deref(),
+            Some("redis://10.0.0.1:6379")
+        );
         assert_eq!(c.host.instance_id.as_deref(), Some("i-env"));
         assert_eq!(c.host.availability_zone.as_deref(), Some("eu-west-1b"));
     }
@@ -334,6 +379,10 @@ mod tests {
     fn a_bad_environment_value_is_named() {
         let env = |k: &str| (k == ENV_LOCAL_REDIS).then(|| "nope".to_owned());
         let e = Config::load(None, env).unwrap_err();
-        assert!(e.to_string().contains("environment") && e.to_string().contains("registrar.local_redis"), "{e}");
+        assert!(
+            e.to_string().contains("environment")
+                && e.to_string().contains("registrar.local_redis"),
+            "{e}"
+        );
     }
 }

@@ -12,7 +12,11 @@ use warden::plugins::{self, CallOptions, PluginClient, PluginHost};
 use warden_plugin_api::Kind;
 
 #[derive(Parser)]
-#[command(name = "warden", version, about = "Keeps a host's router in step with its containers; scales ECS tasks from plugin metrics.")]
+#[command(
+    name = "warden",
+    version,
+    about = "Keeps a host's router in step with its containers; scales ECS tasks from plugin metrics."
+)]
 struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value = "text")]
@@ -69,7 +73,11 @@ enum PluginsCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The daemon logs what it does; one-shot commands print results and log only problems.
-    let level = if matches!(cli.command, Command::Run { .. }) { "info" } else { "warn" };
+    let level = if matches!(cli.command, Command::Run { .. }) {
+        "info"
+    } else {
+        "warn"
+    };
     logging::init(cli.log_format, level);
     match run(cli) {
         Ok(code) => code,
@@ -90,7 +98,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Plugins {
             command: PluginsCommand::List { dirs, config },
         } => {
-            let dirs = if dirs.is_empty() { load_config(config.as_deref())?.plugins.dirs } else { dirs };
+            let dirs = if dirs.is_empty() {
+                load_config(config.as_deref())?.plugins.dirs
+            } else {
+                dirs
+            };
             let host = PluginHost::load_dirs(&dirs, insecure);
             for p in host.plugins() {
                 let m = p.manifest();
@@ -116,7 +128,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn plugins_check(file: PathBuf, config: Option<String>, kind: Option<String>, insecure: bool) -> anyhow::Result<ExitCode> {
+fn plugins_check(
+    file: PathBuf,
+    config: Option<String>,
+    kind: Option<String>,
+    insecure: bool,
+) -> anyhow::Result<ExitCode> {
     let plugin = match plugins::load_file(&file, insecure) {
         Ok(p) => Arc::new(p),
         Err(reason) => {
@@ -137,9 +154,15 @@ fn plugins_check(file: PathBuf, config: Option<String>, kind: Option<String>, in
         return Ok(ExitCode::SUCCESS);
     };
     let kind = match kind.as_deref() {
-        Some(k) => Kind::parse(k).with_context(|| format!("--kind: expected metric-source or service-definitions, got {k:?}"))?,
+        Some(k) => Kind::parse(k).with_context(|| {
+            format!("--kind: expected metric-source or service-definitions, got {k:?}")
+        })?,
         None if m.kinds.len() == 1 => m.kinds[0].kind,
-        None => anyhow::bail!("--kind: plugin {} offers several kinds ({}); say which", m.name, m.kind_names().join(", ")),
+        None => anyhow::bail!(
+            "--kind: plugin {} offers several kinds ({}); say which",
+            m.name,
+            m.kind_names().join(", ")
+        ),
     };
     let value: serde_json::Value = serde_json::from_str(&config).context("--config: not JSON")?;
     if let Err(e) = plugins::check_plugin_config(&plugin, kind, &value) {
@@ -147,11 +170,19 @@ fn plugins_check(file: PathBuf, config: Option<String>, kind: Option<String>, in
         return Ok(ExitCode::FAILURE);
     }
     let rt = tokio::runtime::Runtime::new()?;
-    let created = rt.block_on(plugins::create_instance(plugin.clone(), kind, &value, CallOptions::default()));
+    let created = rt.block_on(plugins::create_instance(
+        plugin.clone(),
+        kind,
+        &value,
+        CallOptions::default(),
+    ));
     match created {
         Ok(client) => {
             client.shutdown();
-            println!("{}: ok: config accepted and {kind} instance created", file.display());
+            println!(
+                "{}: ok: config accepted and {kind} instance created",
+                file.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
@@ -163,8 +194,13 @@ fn plugins_check(file: PathBuf, config: Option<String>, kind: Option<String>, in
 
 fn check(path: Option<PathBuf>, insecure: bool) -> anyhow::Result<ExitCode> {
     let config = load_config(path.as_deref())?;
-    let file = path.as_ref().map_or("(embedded defaults)".to_owned(), |p| p.display().to_string());
-    let host = PluginHost::load_dirs(&config.plugins.dirs, insecure || config.plugins.allow_insecure);
+    let file = path.as_ref().map_or("(embedded defaults)".to_owned(), |p| {
+        p.display().to_string()
+    });
+    let host = PluginHost::load_dirs(
+        &config.plugins.dirs,
+        insecure || config.plugins.allow_insecure,
+    );
     let mut problems = 0;
     for (key, kind, r) in config.plugin_refs() {
         if let Err(e) = host.check_config(&r.plugin, kind, &r.config) {
@@ -188,9 +224,17 @@ fn check(path: Option<PathBuf>, insecure: bool) -> anyhow::Result<ExitCode> {
 
 fn daemon(path: Option<PathBuf>, insecure: bool) -> anyhow::Result<ExitCode> {
     let config = load_config(path.as_deref())?;
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
-        let host = PluginHost::load_dirs(&config.plugins.dirs, insecure || config.plugins.allow_insecure);
+        // Listen before anything else, so that a signal sent once we say we run is never
+        // taken by the default action.
+        let shutdown = shutdown_signal()?;
+        let host = PluginHost::load_dirs(
+            &config.plugins.dirs,
+            insecure || config.plugins.allow_insecure,
+        );
         let options = CallOptions::from_config(&config.plugins);
         let mut instances: Vec<Arc<dyn PluginClient>> = Vec::new();
         for (key, kind, r) in config.plugin_refs() {
@@ -205,7 +249,7 @@ fn daemon(path: Option<PathBuf>, insecure: bool) -> anyhow::Result<ExitCode> {
             instances = instances.len(),
             "warden running; waiting for SIGTERM or SIGINT"
         );
-        shutdown_signal().await;
+        shutdown.await;
         tracing::info!("shutting down");
         for i in &instances {
             i.shutdown();
@@ -214,11 +258,15 @@ fn daemon(path: Option<PathBuf>, insecure: bool) -> anyhow::Result<ExitCode> {
     })
 }
 
-async fn shutdown_signal() {
+/// Resolves on the first SIGTERM or SIGINT; the handlers are in place when this returns.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("cannot listen for SIGTERM");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
+    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
 }

@@ -53,7 +53,13 @@ impl From<FfiError> for crate::PluginError {
 #[derive(StableAbi, Clone, Copy)]
 pub struct LogSink {
     /// (level 1=error..5=trace, plugin name, target, message, fields as `key=value` text)
-    pub emit: extern "C" fn(level: u8, plugin: RStr<'_>, target: RStr<'_>, message: RStr<'_>, fields: RStr<'_>),
+    pub emit: extern "C" fn(
+        level: u8,
+        plugin: RStr<'_>,
+        target: RStr<'_>,
+        message: RStr<'_>,
+        fields: RStr<'_>,
+    ),
 }
 
 /// The result of one call: JSON text or an error.
@@ -112,8 +118,8 @@ pub const __ROOT_MODULE_SYMBOL: &str = __root_module_symbol!();
 pub mod export {
     pub use super::{CallResult, FfiError, InstanceBox, LogSink, PluginMod, PluginModRef};
     pub use abi_stable::library::{
-        CheckTypeLayout as __CheckTypeLayout, LibHeader as __LibHeader,
-        RootModuleResult as __RootModuleResult, __call_root_module_loader,
+        __call_root_module_loader, CheckTypeLayout as __CheckTypeLayout, LibHeader as __LibHeader,
+        RootModuleResult as __RootModuleResult,
     };
     pub use abi_stable::prefix_type::PrefixTypeTrait as __PrefixTypeTrait;
     pub use abi_stable::std_types::{RResult as __RResult, RStr as __RStr, RString as __RString};
@@ -136,7 +142,9 @@ pub mod export {
     ///
     /// # Safety
     /// `constructor` must build the root module with [`root_module`].
-    pub const unsafe fn lib_header(constructor: extern "C" fn() -> __RootModuleResult) -> __LibHeader {
+    pub const unsafe fn lib_header(
+        constructor: extern "C" fn() -> __RootModuleResult,
+    ) -> __LibHeader {
         __LibHeader::from_constructor::<PluginModRef>(constructor, __CheckTypeLayout::Yes)
     }
 
@@ -150,6 +158,9 @@ pub mod export {
 mod tests {
     #[test]
     fn root_module_symbol_matches_abi_stable() {
-        assert_eq!(super::__ROOT_MODULE_SYMBOL, abi_stable::library::ROOT_MODULE_LOADER_NAME);
+        assert_eq!(
+            super::__ROOT_MODULE_SYMBOL,
+            abi_stable::library::ROOT_MODULE_LOADER_NAME
+        );
     }
 }

@@ -22,7 +22,9 @@ use crate::{ErrorKind, Kind, Manifest, PluginError};
 pub enum LoadError {
     #[error("cannot open it as a shared library: {0}")]
     Open(String),
-    #[error("not a warden plugin: it is a shared library, but it exports no abi_stable root module")]
+    #[error(
+        "not a warden plugin: it is a shared library, but it exports no abi_stable root module"
+    )]
     NotAPlugin,
     #[error("built with an incompatible abi_stable: {0}")]
     AbiStable(String),
@@ -44,10 +46,22 @@ pub enum LoadError {
 
 /// The first line of a long error, with a count of what was left out.
 fn first_lines(text: &str, keep: usize) -> String {
-    let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
-    let mut out = lines.iter().take(keep).copied().collect::<Vec<_>>().join(" ");
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let mut out = lines
+        .iter()
+        .take(keep)
+        .copied()
+        .collect::<Vec<_>>()
+        .join(" ");
     if lines.len() > keep {
-        out.push_str(&format!(" (and {} more lines of layout report)", lines.len() - keep));
+        out.push_str(&format!(
+            " (and {} more lines of layout report)",
+            lines.len() - keep
+        ));
     }
     out
 }
@@ -92,15 +106,36 @@ impl std::fmt::Debug for Library {
 }
 
 /// Where plugin log events land: re-emitted on the host's `tracing` under the plugin's name.
-extern "C" fn host_log_sink(level: u8, plugin: RStr<'_>, target: RStr<'_>, message: RStr<'_>, fields: RStr<'_>) {
+extern "C" fn host_log_sink(
+    level: u8,
+    plugin: RStr<'_>,
+    target: RStr<'_>,
+    message: RStr<'_>,
+    fields: RStr<'_>,
+) {
     let _ = catch_unwind(|| {
-        let (plugin, target, message, fields) = (plugin.as_str(), target.as_str(), message.as_str(), fields.as_str());
+        let (plugin, target, message, fields) = (
+            plugin.as_str(),
+            target.as_str(),
+            message.as_str(),
+            fields.as_str(),
+        );
         match level {
-            1 => tracing::error!(target: "warden::plugin", plugin, source = target, fields, "{message}"),
-            2 => tracing::warn!(target: "warden::plugin", plugin, source = target, fields, "{message}"),
-            3 => tracing::info!(target: "warden::plugin", plugin, source = target, fields, "{message}"),
-            4 => tracing::debug!(target: "warden::plugin", plugin, source = target, fields, "{message}"),
-            _ => tracing::trace!(target: "warden::plugin", plugin, source = target, fields, "{message}"),
+            1 => {
+                tracing::error!(target: "warden::plugin", plugin, source = target, fields, "{message}")
+            }
+            2 => {
+                tracing::warn!(target: "warden::plugin", plugin, source = target, fields, "{message}")
+            }
+            3 => {
+                tracing::info!(target: "warden::plugin", plugin, source = target, fields, "{message}")
+            }
+            4 => {
+                tracing::debug!(target: "warden::plugin", plugin, source = target, fields, "{message}")
+            }
+            _ => {
+                tracing::trace!(target: "warden::plugin", plugin, source = target, fields, "{message}")
+            }
         }
     });
 }
@@ -109,10 +144,14 @@ impl Library {
     /// Opens `path`, checks its interface and reads its manifest.
     pub fn load(path: &Path) -> Result<Library, LoadError> {
         let header = lib_header_from_path(path).map_err(short_reason)?;
-        let module = header.init_root_module::<PluginModRef>().map_err(short_reason)?;
+        let module = header
+            .init_root_module::<PluginModRef>()
+            .map_err(short_reason)?;
         let manifest_json = match catch_unwind(AssertUnwindSafe(|| (module.manifest())())) {
             Ok(RResult::ROk(json)) => json.into_string(),
-            Ok(RResult::RErr(e)) => return Err(LoadError::Manifest(PluginError::from(e).to_string())),
+            Ok(RResult::RErr(e)) => {
+                return Err(LoadError::Manifest(PluginError::from(e).to_string()))
+            }
             Err(_) => return Err(LoadError::Manifest("the manifest function panicked".into())),
         };
         let manifest: Manifest =
@@ -127,7 +166,9 @@ impl Library {
         if !manifest.unwind {
             return Err(LoadError::NoUnwind);
         }
-        (module.set_log_sink())(LogSink { emit: host_log_sink });
+        (module.set_log_sink())(LogSink {
+            emit: host_log_sink,
+        });
         Ok(Library {
             path: path.to_owned(),
             module,
@@ -147,10 +188,15 @@ impl Library {
     /// builds it: call from a blocking thread.
     pub fn create(&self, kind: Kind, config: &str) -> Result<RawInstance, PluginError> {
         let create = self.module.create();
-        match catch_unwind(AssertUnwindSafe(|| create(RStr::from_str(kind.as_str()), RStr::from_str(config)))) {
+        match catch_unwind(AssertUnwindSafe(|| {
+            create(RStr::from_str(kind.as_str()), RStr::from_str(config))
+        })) {
             Ok(RResult::ROk(inner)) => Ok(RawInstance { inner }),
             Ok(RResult::RErr(e)) => Err(e.into()),
-            Err(_) => Err(PluginError::new(ErrorKind::Panicked, "plugin panicked in create")),
+            Err(_) => Err(PluginError::new(
+                ErrorKind::Panicked,
+                "plugin panicked in create",
+            )),
         }
     }
 }
@@ -162,14 +208,25 @@ pub struct RawInstance {
 
 impl RawInstance {
     /// Starts one call. Dropping the returned future cancels the plugin's work.
-    pub fn call(&self, op: &str, args: &str) -> impl Future<Output = Result<String, PluginError>> + Send + 'static {
-        let started = catch_unwind(AssertUnwindSafe(|| self.inner.call(RStr::from_str(op), RStr::from_str(args))));
+    pub fn call(
+        &self,
+        op: &str,
+        args: &str,
+    ) -> impl Future<Output = Result<String, PluginError>> + Send + 'static {
+        let started = catch_unwind(AssertUnwindSafe(|| {
+            self.inner.call(RStr::from_str(op), RStr::from_str(args))
+        }));
         async move {
-            let fut = started.map_err(|_| PluginError::new(ErrorKind::Panicked, "plugin panicked starting a call"))?;
+            let fut = started.map_err(|_| {
+                PluginError::new(ErrorKind::Panicked, "plugin panicked starting a call")
+            })?;
             match AssertUnwindSafe(fut).catch_unwind().await {
                 Ok(RResult::ROk(json)) => Ok(json.into_string()),
                 Ok(RResult::RErr(e)) => Err(e.into()),
-                Err(_) => Err(PluginError::new(ErrorKind::Panicked, "plugin panicked while polled")),
+                Err(_) => Err(PluginError::new(
+                    ErrorKind::Panicked,
+                    "plugin panicked while polled",
+                )),
             }
         }
     }
@@ -186,9 +243,15 @@ mod tests {
 
     #[test]
     fn long_layout_reports_are_cut_to_their_first_lines() {
-        let report = (0..1600).map(|i| format!("line {i}")).collect::<Vec<_>>().join("\n");
+        let report = (0..1600)
+            .map(|i| format!("line {i}"))
+            .collect::<Vec<_>>()
+            .join("\n");
         let short = first_lines(&report, 2);
-        assert_eq!(short, "line 0 line 1 (and 1598 more lines of layout report)");
+        assert_eq!(
+            short,
+            "line 0 line 1 (and 1598 more lines of layout report)"
+        );
     }
 
     #[test]
@@ -198,6 +261,9 @@ mod tests {
             found: "2.0.0".into(),
         };
         let text = e.to_string();
-        assert!(text.contains("2.0.0") && text.contains("1.x") && text.contains("1.0.0"), "{text}");
+        assert!(
+            text.contains("2.0.0") && text.contains("1.x") && text.contains("1.0.0"),
+            "{text}"
+        );
     }
 }

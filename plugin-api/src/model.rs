@@ -81,7 +81,11 @@ pub struct ServiceDefinition {
     /// Service name; also the default Redx backend name.
     pub name: String,
     /// How its containers are recognised.
-    #[serde(default, rename = "match", skip_serializing_if = "ContainerMatch::is_empty")]
+    #[serde(
+        default,
+        rename = "match",
+        skip_serializing_if = "ContainerMatch::is_empty"
+    )]
     pub matches: ContainerMatch,
     /// Container port that serves traffic (needed when the image exposes several).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -5,10 +5,14 @@ use std::os::unix::fs::PermissionsExt;
 use warden_tests::*;
 
 fn all_plugins() -> Vec<std::path::PathBuf> {
-    ["warden_plugin_file_services", "warden_plugin_template", "warden_plugin_test_chaos"]
-        .iter()
-        .map(|n| plugin_so(n))
-        .collect()
+    [
+        "warden_plugin_file_services",
+        "warden_plugin_template",
+        "warden_plugin_test_chaos",
+    ]
+    .iter()
+    .map(|n| plugin_so(n))
+    .collect()
 }
 
 #[test]
@@ -20,9 +24,17 @@ fn every_plugin_is_listed_with_name_version_kinds_api_and_path() {
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 3, "{out}");
     let expect = [
-        ("file-services", "service-definitions", "libwarden_plugin_file_services.so"),
+        (
+            "file-services",
+            "service-definitions",
+            "libwarden_plugin_file_services.so",
+        ),
         ("template", "metric-source", "libwarden_plugin_template.so"),
-        ("test-chaos", "metric-source", "libwarden_plugin_test_chaos.so"),
+        (
+            "test-chaos",
+            "metric-source",
+            "libwarden_plugin_test_chaos.so",
+        ),
     ];
     for (line, (name, kind, file)) in lines.iter().zip(expect) {
         let cols: Vec<&str> = line.split('\t').collect();
@@ -63,7 +75,10 @@ fn a_bad_plugin_file_does_not_stop_the_others() {
     let (code, out, err) = warden(&["plugins", "list", "--dir", dir.path().to_str().unwrap()]);
     assert_eq!(code, 0);
     assert!(out.starts_with("template\t"), "{out}");
-    assert!(err.contains("not loaded: ") && err.contains("libz.so: not a warden plugin"), "{err}");
+    assert!(
+        err.contains("not loaded: ") && err.contains("libz.so: not a warden plugin"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -76,7 +91,10 @@ fn writable_or_foreign_owned_plugins_are_refused_unless_allowed() {
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o666)).unwrap();
     let (_, out, err) = warden(&["plugins", "list", "--dir", d]);
     assert!(out.is_empty(), "{out}");
-    assert!(err.contains("is writable by its group and others (mode 0666)"), "{err}");
+    assert!(
+        err.contains("is writable by its group and others (mode 0666)"),
+        "{err}"
+    );
     let (_, out, _) = warden(&["--allow-insecure-plugins", "plugins", "list", "--dir", d]);
     assert!(out.starts_with("template\t"), "{out}");
 
@@ -84,7 +102,10 @@ fn writable_or_foreign_owned_plugins_are_refused_unless_allowed() {
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
     let (_, out, err) = warden(&["plugins", "list", "--dir", d]);
     assert!(out.is_empty(), "{out}");
-    assert!(err.contains("directory") && err.contains("mode 0777"), "{err}");
+    assert!(
+        err.contains("directory") && err.contains("mode 0777"),
+        "{err}"
+    );
 
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     std::os::unix::fs::chown(&file, Some(4242), None).unwrap();
@@ -104,7 +125,10 @@ fn plugins_check_validates_a_config_against_the_schema() {
     assert!(out.contains("instance created"), "{out}");
     let (code, out, _) = warden(&["plugins", "check", f, "--config", r#"{"valeu": 4}"#]);
     assert_eq!(code, 1, "{out}");
-    assert!(out.contains("\"value\" is a required property") && out.contains("valeu"), "{out}");
+    assert!(
+        out.contains("\"value\" is a required property") && out.contains("valeu"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -128,17 +152,28 @@ fn check_names_file_key_and_expectation() {
         out.contains(&format!("{cfg_name}: metrics.upstream: config does not match plugin \"template\"'s schema: value: \"five\" is not of type \"number\"")),
         "{out}"
     );
-    assert!(out.contains(&format!("{cfg_name}: metrics.missing: no plugin named \"nope\" is loaded (loaded: template)")), "{out}");
+    assert!(
+        out.contains(&format!(
+            "{cfg_name}: metrics.missing: no plugin named \"nope\" is loaded (loaded: template)"
+        )),
+        "{out}"
+    );
 
     std::fs::write(&cfg, format!("[plugins]\ndirs = [{:?}]\n[metrics.upstream]\nplugin = \"template\"\nconfig = {{ value = 5 }}\n", dir.path())).unwrap();
     let (code, out, _) = warden(&["check", "--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}");
-    assert!(out.contains("1 plugins loaded, 1 plugin configs checked"), "{out}");
+    assert!(
+        out.contains("1 plugins loaded, 1 plugin configs checked"),
+        "{out}"
+    );
 
     std::fs::write(&cfg, "[registrar]\nlocal_redis = 6379\n").unwrap();
     let (code, _, err) = warden(&["check", "--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 2);
-    assert!(err.contains(&cfg_name) && err.contains("line 2") && err.contains("local_redis"), "{err}");
+    assert!(
+        err.contains(&cfg_name) && err.contains("line 2") && err.contains("local_redis"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -147,7 +182,11 @@ fn run_loads_plugins_and_stops_cleanly_on_sigterm() {
     let dir = plugin_dir(&files.iter().map(|p| p.as_path()).collect::<Vec<_>>());
     let work = tempfile::tempdir().unwrap();
     let services = work.path().join("services.toml");
-    std::fs::write(&services, "[[services]]\nname = \"web\"\nmatch = { image = \"web\" }\n").unwrap();
+    std::fs::write(
+        &services,
+        "[[services]]\nname = \"web\"\nmatch = { image = \"web\" }\n",
+    )
+    .unwrap();
     let cfg = work.path().join("warden.toml");
     std::fs::write(
         &cfg,
@@ -159,7 +198,13 @@ fn run_loads_plugins_and_stops_cleanly_on_sigterm() {
     )
     .unwrap();
     let mut child = std::process::Command::new(warden_bin())
-        .args(["--log-format", "json", "run", "--config", cfg.to_str().unwrap()])
+        .args([
+            "--log-format",
+            "json",
+            "run",
+            "--config",
+            cfg.to_str().unwrap(),
+        ])
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -178,7 +223,9 @@ fn run_loads_plugins_and_stops_cleanly_on_sigterm() {
         }
         lines
     });
-    let running = rx.recv_timeout(std::time::Duration::from_secs(30)).expect("warden never said it was running");
+    let running = rx
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("warden never said it was running");
     let running: serde_json::Value = serde_json::from_str(&running).unwrap();
     assert_eq!(running["plugins"], 3, "{running}");
     assert_eq!(running["instances"], 2, "{running}");
@@ -186,5 +233,8 @@ fn run_loads_plugins_and_stops_cleanly_on_sigterm() {
     let status = child.wait().unwrap();
     let lines = reader.join().unwrap();
     assert!(status.success(), "{status:?}: {lines:#?}");
-    assert!(lines.last().unwrap().contains("shutting down"), "{lines:#?}");
+    assert!(
+        lines.last().unwrap().contains("shutting down"),
+        "{lines:#?}"
+    );
 }

@@ -6,6 +6,7 @@
 //! [`PluginClient`] is the seam for a later out-of-process host: the same `.so` run in a
 //! child process would be one more implementation of it.
 
+use std::any::Any;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -19,8 +20,9 @@ use super::Plugin;
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
-/// Checks the shape of an answer before it counts as a success.
-pub type Check = fn(&serde_json::Value) -> Result<(), String>;
+/// Decodes an answer (JSON text) into the operation's type; an answer that does not
+/// decode counts as a failure of the plugin.
+pub type Decode = fn(&str) -> Result<Box<dyn Any + Send>, String>;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CallOptions {
@@ -69,8 +71,13 @@ impl CallError {
 pub trait PluginClient: Send + Sync {
     fn plugin_name(&self) -> &str;
     fn kind(&self) -> Kind;
-    /// Calls `op`; the answer must pass `check`.
-    fn call(&self, op: &str, args: serde_json::Value, check: Check) -> BoxFuture<Result<serde_json::Value, CallError>>;
+    /// Calls `op` with `args` (JSON text); the answer must pass `decode`.
+    fn call(
+        &self,
+        op: &str,
+        args: &str,
+        decode: Decode,
+    ) -> BoxFuture<Result<Box<dyn Any + Send>, CallError>>;
     fn shutdown(&self);
 }
 
@@ -84,13 +91,21 @@ pub struct InProcessClient {
 }
 
 impl InProcessClient {
-    pub(crate) fn new(plugin: Arc<Plugin>, kind: Kind, instance: RawInstance, options: CallOptions) -> Self {
+    pub(crate) fn new(
+        plugin: Arc<Plugin>,
+        kind: Kind,
+        instance: RawInstance,
+        options: CallOptions,
+    ) -> Self {
         Self {
             plugin,
             kind,
             instance: Arc::new(instance),
             timeout: options.timeout,
-            breaker: Arc::new(Mutex::new(Breaker::new(options.breaker_failures, options.breaker_rest))),
+            breaker: Arc::new(Mutex::new(Breaker::new(
+                options.breaker_failures,
+                options.breaker_rest,
+            ))),
         }
     }
 }
@@ -112,7 +127,12 @@ impl PluginClient for InProcessClient {
         self.kind
     }
 
-    fn call(&self, op: &str, args: serde_json::Value, check: Check) -> BoxFuture<Result<serde_json::Value, CallError>> {
+    fn call(
+        &self,
+        op: &str,
+        args: &str,
+        decode: Decode,
+    ) -> BoxFuture<Result<Box<dyn Any + Send>, CallError>> {
         let plugin = self.plugin_name().to_owned();
         let op = op.to_owned();
         let breaker = self.breaker.clone();
@@ -128,24 +148,27 @@ impl PluginClient for InProcessClient {
                 retry_in: r.retry_in,
             })));
         }
-        let call = self.instance.call(&op, &args.to_string());
+        let call = self.instance.call(&op, args);
         let timeout = self.timeout;
         let task = tokio::spawn(async move { tokio::time::timeout(timeout, call).await });
         let guard = AbortOnDrop(task.abort_handle());
         Box::pin(async move {
             let outcome = match task.await {
-                Ok(Ok(Ok(text))) => match serde_json::from_str::<serde_json::Value>(&text) {
-                    Ok(value) => check(&value).map(|()| value).map_err(|why| {
-                        PluginError::new(ErrorKind::InvalidResponse, format!("answer of the wrong shape: {why}"))
-                    }),
-                    Err(e) => Err(PluginError::new(ErrorKind::InvalidResponse, format!("answer is not JSON: {e}"))),
-                },
+                Ok(Ok(Ok(text))) => decode(&text).map_err(|why| {
+                    PluginError::new(
+                        ErrorKind::InvalidResponse,
+                        format!("answer of the wrong shape: {why}"),
+                    )
+                }),
                 Ok(Ok(Err(e))) => Err(e),
                 Ok(Err(_elapsed)) => Err(PluginError::new(
                     ErrorKind::Timeout,
                     format!("no answer within {timeout:?}; the call was cancelled"),
                 )),
-                Err(join) => Err(PluginError::new(ErrorKind::Panicked, format!("call task failed: {join}"))),
+                Err(join) => Err(PluginError::new(
+                    ErrorKind::Panicked,
+                    format!("call task failed: {join}"),
+                )),
             };
             drop(guard);
             let mut b = breaker.lock().unwrap_or_else(|p| p.into_inner());
@@ -169,27 +192,29 @@ impl PluginClient for InProcessClient {
     }
 }
 
-fn check_measurement(v: &serde_json::Value) -> Result<(), String> {
-    let m: Measurement = serde_json::from_value(v.clone()).map_err(|e| e.to_string())?;
+fn decode_measurement(text: &str) -> Result<Box<dyn Any + Send>, String> {
+    let m: Measurement = serde_json::from_str(text).map_err(|e| e.to_string())?;
     if m.value.is_finite() {
-        Ok(())
+        Ok(Box::new(m))
     } else {
         Err("value is not a finite number".into())
     }
 }
 
-fn check_services(v: &serde_json::Value) -> Result<(), String> {
-    serde_json::from_value::<Vec<ServiceDefinition>>(v.clone())
-        .map(|_| ())
+fn decode_services(text: &str) -> Result<Box<dyn Any + Send>, String> {
+    serde_json::from_str::<Vec<ServiceDefinition>>(text)
+        .map(|v| Box::new(v) as Box<dyn Any + Send>)
         .map_err(|e| e.to_string())
 }
 
-fn check_generation(v: &serde_json::Value) -> Result<(), String> {
-    v.as_u64().map(|_| ()).ok_or_else(|| "expected a non-negative integer".into())
+fn decode_generation(text: &str) -> Result<Box<dyn Any + Send>, String> {
+    serde_json::from_str::<u64>(text)
+        .map(|v| Box::new(v) as Box<dyn Any + Send>)
+        .map_err(|e| format!("expected a non-negative integer: {e}"))
 }
 
-fn decode<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> T {
-    serde_json::from_value(v).expect("checked before")
+fn take<T: 'static>(answer: Box<dyn Any + Send>) -> T {
+    *answer.downcast::<T>().expect("decoded to this type")
 }
 
 /// A metric-source instance.
@@ -199,9 +224,9 @@ pub struct MetricClient(pub Arc<dyn PluginClient>);
 impl MetricClient {
     pub async fn measure(&self) -> Result<Measurement, CallError> {
         self.0
-            .call("measure", serde_json::Value::Null, check_measurement)
+            .call("measure", "null", decode_measurement)
             .await
-            .map(decode)
+            .map(take)
     }
 }
 
@@ -211,12 +236,12 @@ pub struct ServicesClient(pub Arc<dyn PluginClient>);
 
 impl ServicesClient {
     pub async fn list(&self) -> Result<Vec<ServiceDefinition>, CallError> {
-        self.0.call("list", serde_json::Value::Null, check_services).await.map(decode)
+        self.0.call("list", "null", decode_services).await.map(take)
     }
     pub async fn generation(&self) -> Result<u64, CallError> {
         self.0
-            .call("generation", serde_json::Value::Null, check_generation)
+            .call("generation", "null", decode_generation)
             .await
-            .map(decode)
+            .map(take)
     }
 }

@@ -18,7 +18,9 @@ use std::time::Duration;
 use warden_plugin_api::host::Library;
 use warden_plugin_api::{Kind, Manifest};
 
-pub use client::{CallError, CallOptions, InProcessClient, MetricClient, PluginClient, ServicesClient};
+pub use client::{
+    CallError, CallOptions, Decode, InProcessClient, MetricClient, PluginClient, ServicesClient,
+};
 
 /// A loaded plugin library.
 #[derive(Debug)]
@@ -54,7 +56,11 @@ pub enum CreateError {
     #[error("no plugin named {name:?} is loaded (loaded: {loaded})")]
     UnknownPlugin { name: String, loaded: String },
     #[error("plugin {plugin:?} offers no {kind} (it offers: {offers})")]
-    KindNotOffered { plugin: String, kind: Kind, offers: String },
+    KindNotOffered {
+        plugin: String,
+        kind: Kind,
+        offers: String,
+    },
     #[error("config does not match plugin {plugin:?}'s schema: {}", errors.join("; "))]
     Schema { plugin: String, errors: Vec<String> },
     #[error("plugin {plugin:?} refused the config: {error}")]
@@ -123,7 +129,10 @@ impl PluginHost {
             Ok(plugin) => {
                 let name = &plugin.manifest().name;
                 if let Some(first) = self.find(name) {
-                    let reason = format!("plugin {name:?} is already loaded from {}", first.path().display());
+                    let reason = format!(
+                        "plugin {name:?} is already loaded from {}",
+                        first.path().display()
+                    );
                     self.fail(file.to_owned(), reason);
                     return;
                 }
@@ -148,7 +157,11 @@ impl PluginHost {
     }
 
     fn loaded_names(&self) -> String {
-        let names: Vec<&str> = self.plugins.iter().map(|p| p.manifest().name.as_str()).collect();
+        let names: Vec<&str> = self
+            .plugins
+            .iter()
+            .map(|p| p.manifest().name.as_str())
+            .collect();
         if names.is_empty() {
             "none".into()
         } else {
@@ -157,7 +170,12 @@ impl PluginHost {
     }
 
     /// Checks an instance config against the plugin's schema, without running plugin code.
-    pub fn check_config(&self, name: &str, kind: Kind, config: &serde_json::Value) -> Result<Arc<Plugin>, CreateError> {
+    pub fn check_config(
+        &self,
+        name: &str,
+        kind: Kind,
+        config: &serde_json::Value,
+    ) -> Result<Arc<Plugin>, CreateError> {
         let plugin = self.find(name).ok_or_else(|| CreateError::UnknownPlugin {
             name: name.to_owned(),
             loaded: self.loaded_names(),
@@ -180,7 +198,11 @@ impl PluginHost {
 }
 
 /// Schema check of one instance config.
-pub fn check_plugin_config(plugin: &Plugin, kind: Kind, config: &serde_json::Value) -> Result<(), CreateError> {
+pub fn check_plugin_config(
+    plugin: &Plugin,
+    kind: Kind,
+    config: &serde_json::Value,
+) -> Result<(), CreateError> {
     let m = plugin.manifest();
     let offered = m.kind(kind).ok_or_else(|| CreateError::KindNotOffered {
         plugin: m.name.clone(),
@@ -213,7 +235,10 @@ pub async fn create_instance(
         });
     match created {
         Ok(raw) => Ok(Arc::new(InProcessClient::new(plugin, kind, raw, options))),
-        Err(error) => Err(CreateError::Plugin { plugin: name, error }),
+        Err(error) => Err(CreateError::Plugin {
+            plugin: name,
+            error,
+        }),
     }
 }
 

@@ -5,13 +5,21 @@
 pub fn validate(schema: &serde_json::Value, config: &serde_json::Value) -> Result<(), Vec<String>> {
     let validator = match jsonschema::validator_for(schema) {
         Ok(v) => v,
-        Err(e) => return Err(vec![format!("the plugin's config schema is itself invalid: {e}")]),
+        Err(e) => {
+            return Err(vec![format!(
+                "the plugin's config schema is itself invalid: {e}"
+            )])
+        }
     };
     let errors: Vec<String> = validator
         .iter_errors(config)
         .map(|e| {
             let at = e.instance_path().to_string();
-            let at = if at.is_empty() { "(top level)".to_owned() } else { at.trim_start_matches('/').replace('/', ".") };
+            let at = if at.is_empty() {
+                "(top level)".to_owned()
+            } else {
+                at.trim_start_matches('/').replace('/', ".")
+            };
             format!("{at}: {e}")
         })
         .collect();
@@ -48,9 +56,15 @@ mod tests {
     fn names_the_wrong_key_and_the_expectation() {
         let e = validate(&schema(), &json!({ "path": 3 })).unwrap_err();
         assert_eq!(e.len(), 1);
-        assert!(e[0].starts_with("path: ") && e[0].contains("string"), "{e:?}");
+        assert!(
+            e[0].starts_with("path: ") && e[0].contains("string"),
+            "{e:?}"
+        );
         let e = validate(&schema(), &json!({ "path": "/x", "limits": { "max": 0 } })).unwrap_err();
-        assert!(e[0].starts_with("limits.max: ") && e[0].contains("minimum"), "{e:?}");
+        assert!(
+            e[0].starts_with("limits.max: ") && e[0].contains("minimum"),
+            "{e:?}"
+        );
     }
 
     #[test]

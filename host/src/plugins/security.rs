@@ -7,7 +7,8 @@ use std::path::Path;
 
 /// Checks one file or directory; the error says why it is refused.
 pub fn check(path: &Path) -> Result<(), String> {
-    let meta = std::fs::metadata(path).map_err(|e| format!("cannot stat {}: {e}", path.display()))?;
+    let meta =
+        std::fs::metadata(path).map_err(|e| format!("cannot stat {}: {e}", path.display()))?;
     let what = if meta.is_dir() { "directory" } else { "file" };
     let mode = meta.mode() & 0o7777;
     if mode & 0o022 != 0 {
@@ -56,7 +57,10 @@ mod tests {
         check_plugin_file(&f).unwrap();
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o666)).unwrap();
         let e = check_plugin_file(&f).unwrap_err();
-        assert!(e.contains("writable by its group and others (mode 0666)"), "{e}");
+        assert!(
+            e.contains("writable by its group and others (mode 0666)"),
+            "{e}"
+        );
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o775)).unwrap();
         let e = check_plugin_file(&f).unwrap_err();

@@ -19,7 +19,9 @@ use crate::ffi::{export::instance_box, CallResult, FfiError, Instance, InstanceB
 use crate::{ErrorKind, Kind, KindManifest, Manifest, PluginError};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
-type Factory = Box<dyn Fn(serde_json::Value) -> BoxFuture<Result<Arc<dyn Dispatch>, PluginError>> + Send + Sync>;
+type Factory = Box<
+    dyn Fn(serde_json::Value) -> BoxFuture<Result<Arc<dyn Dispatch>, PluginError>> + Send + Sync,
+>;
 
 /// An instance as the SDK sees it: operations by name, JSON in and out.
 pub trait Dispatch: Send + Sync + 'static {
@@ -41,7 +43,8 @@ fn parse_config<C: DeserializeOwned>(config: serde_json::Value) -> Result<C, Plu
 }
 
 fn to_json<T: serde::Serialize>(value: &T) -> Result<String, PluginError> {
-    serde_json::to_string(value).map_err(|e| PluginError::new(ErrorKind::InvalidResponse, e.to_string()))
+    serde_json::to_string(value)
+        .map_err(|e| PluginError::new(ErrorKind::InvalidResponse, e.to_string()))
 }
 
 impl PluginDescriptor {
@@ -99,13 +102,19 @@ impl PluginDescriptor {
     }
 
     /// Creates an instance in-process, without the FFI (for a plugin's own tests).
-    pub fn create_local(&self, kind: Kind, config: serde_json::Value) -> Result<Arc<dyn Dispatch>, PluginError> {
+    pub fn create_local(
+        &self,
+        kind: Kind,
+        config: serde_json::Value,
+    ) -> Result<Arc<dyn Dispatch>, PluginError> {
         let factory = self
             .factories
             .iter()
             .find(|(k, _)| *k == kind)
             .map(|(_, f)| f)
-            .ok_or_else(|| PluginError::unsupported(format!("plugin {} offers no {kind}", self.manifest.name)))?;
+            .ok_or_else(|| {
+                PluginError::unsupported(format!("plugin {} offers no {kind}", self.manifest.name))
+            })?;
         run_to_completion(factory(config), "create")
     }
 }
@@ -117,7 +126,9 @@ impl<M: MetricSource> Dispatch for Metric<M> {
         Box::pin(async move {
             match op.as_str() {
                 "measure" => to_json(&self.0.measure().await?),
-                other => Err(PluginError::unsupported(format!("metric-source has no operation {other:?}"))),
+                other => Err(PluginError::unsupported(format!(
+                    "metric-source has no operation {other:?}"
+                ))),
             }
         })
     }
@@ -148,7 +159,10 @@ pub fn panic_error(payload: Box<dyn Any + Send>, during: &str) -> PluginError {
         .unwrap_or_else(|| "non-string panic payload".to_owned());
     // The payload is dropped here, inside the plugin, where it was made.
     drop(payload);
-    PluginError::new(ErrorKind::Panicked, format!("plugin panicked during {during}: {text}"))
+    PluginError::new(
+        ErrorKind::Panicked,
+        format!("plugin panicked during {during}: {text}"),
+    )
 }
 
 struct SdkInstance {

@@ -26,7 +26,10 @@ pub(crate) fn install(sink: LogSink, plugin: &'static str) {
             // text to stderr: report panics through the log instead. They are still caught
             // and returned as `panicked` errors.
             std::panic::set_hook(Box::new(|info| {
-                let location = info.location().map(|l| format!("{}:{}", l.file(), l.line())).unwrap_or_default();
+                let location = info
+                    .location()
+                    .map(|l| format!("{}:{}", l.file(), l.line()))
+                    .unwrap_or_default();
                 tracing::error!(location = %location, "plugin panicked: {}", panic_text(info.payload()));
             }));
         }

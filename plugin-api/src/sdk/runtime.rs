@@ -72,6 +72,9 @@ where
     match rx.recv() {
         Ok(Ok(result)) => result,
         Ok(Err(payload)) => Err(panic_error(payload, during)),
-        Err(_) => Err(PluginError::new(ErrorKind::Panicked, format!("plugin runtime lost the task during {during}"))),
+        Err(_) => Err(PluginError::new(
+            ErrorKind::Panicked,
+            format!("plugin runtime lost the task during {during}"),
+        )),
     }
 }

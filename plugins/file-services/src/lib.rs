@@ -45,7 +45,8 @@ pub fn parse_services(text: &str, json: bool) -> Result<Vec<ServiceDefinition>, 
     let file: ServicesFile = if json {
         strict(&mut serde_json::Deserializer::from_str(text)).map_err(|e| e.to_string())?
     } else {
-        strict(toml::Deserializer::new(text)).map_err(|e| e.to_string().trim_end().replace('\n', " "))?
+        strict(toml::Deserializer::new(text))
+            .map_err(|e| e.to_string().trim_end().replace('\n', " "))?
     };
     validate(file.services)
 }
@@ -59,7 +60,8 @@ where
     T: DeserializeOwned,
 {
     let mut unknown = Vec::new();
-    let value: T = serde_ignored::deserialize(de, |path| unknown.push(path.to_string())).map_err(|e| e.to_string())?;
+    let value: T = serde_ignored::deserialize(de, |path| unknown.push(path.to_string()))
+        .map_err(|e| e.to_string())?;
     match unknown.first() {
         Some(key) => Err(format!("unknown key `{key}`")),
         None => Ok(value),
@@ -90,7 +92,9 @@ fn validate(mut services: Vec<ServiceDefinition>) -> Result<Vec<ServiceDefinitio
                 return Err(format!("{at}.frontend_port: must be 1-65535"));
             }
             if !ports.insert(p) {
-                return Err(format!("{at}.frontend_port: {p} is already another service's front-end port"));
+                return Err(format!(
+                    "{at}.frontend_port: {p} is already another service's front-end port"
+                ));
             }
         }
         for f in s.frontends.iter_mut() {
@@ -106,7 +110,9 @@ pub fn normalise_frontend(f: &str) -> Result<String, String> {
     let f = f.trim();
     let (host, path) = f.split_once('/').map_or((f, None), |(h, p)| (h, Some(p)));
     if host.is_empty() || host.contains(':') || host.chars().any(char::is_whitespace) {
-        return Err(format!("{f:?} is not `host` or `host/path/` (no scheme, no port)"));
+        return Err(format!(
+            "{f:?} is not `host` or `host/path/` (no scheme, no port)"
+        ));
     }
     let host = host.to_ascii_lowercase();
     Ok(match path.map(|p| p.trim_matches('/')) {
@@ -185,9 +191,11 @@ impl ServiceDefinitions for FileServices {
     async fn new(config: Config) -> Result<Self, PluginError> {
         let path = PathBuf::from(&config.path);
         let json = path.extension().is_some_and(|e| e == "json");
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| PluginError::config(format!("path: cannot read {}: {e}", path.display())))?;
-        let services = parse_services(&text, json).map_err(|e| PluginError::config(format!("{}: {e}", path.display())))?;
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            PluginError::config(format!("path: cannot read {}: {e}", path.display()))
+        })?;
+        let services = parse_services(&text, json)
+            .map_err(|e| PluginError::config(format!("{}: {e}", path.display())))?;
         let state = State {
             stamp: stamp(&path).ok(),
             text,
@@ -203,12 +211,21 @@ impl ServiceDefinitions for FileServices {
 
     async fn list(&self) -> Result<Vec<ServiceDefinition>, PluginError> {
         self.refresh();
-        Ok(self.state.lock().unwrap_or_else(|p| p.into_inner()).services.clone())
+        Ok(self
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .services
+            .clone())
     }
 
     async fn generation(&self) -> Result<u64, PluginError> {
         self.refresh();
-        Ok(self.state.lock().unwrap_or_else(|p| p.into_inner()).generation)
+        Ok(self
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .generation)
     }
 }
 
@@ -232,12 +249,19 @@ match = { image_prefix = "registry.example/web" }
         let s = parse_services(GOOD, false).unwrap();
         assert_eq!(s.len(), 1);
         assert_eq!(s[0].frontends, vec!["example.com", "example.com/api/"]);
-        assert_eq!(s[0].matches.image_prefix.as_deref(), Some("registry.example/web"));
+        assert_eq!(
+            s[0].matches.image_prefix.as_deref(),
+            Some("registry.example/web")
+        );
     }
 
     #[test]
     fn parses_json() {
-        let s = parse_services(r#"{"services":[{"name":"a","match":{"ecs_family":"a"}}]}"#, true).unwrap();
+        let s = parse_services(
+            r#"{"services":[{"name":"a","match":{"ecs_family":"a"}}]}"#,
+            true,
+        )
+        .unwrap();
         assert_eq!(s[0].matches.ecs_family.as_deref(), Some("a"));
     }
 
@@ -276,7 +300,8 @@ match = { image_prefix = "registry.example/web" }
         let call = |op: &str| {
             let plugin = plugin.clone();
             let op = op.to_owned();
-            warden_plugin_api::sdk::runtime().block_on(async move { plugin.call(op, String::new()).await.unwrap() })
+            warden_plugin_api::sdk::runtime()
+                .block_on(async move { plugin.call(op, String::new()).await.unwrap() })
         };
         assert_eq!(call("generation"), "1");
         // A broken edit (rename so that the stamp surely changes).
@@ -290,6 +315,9 @@ match = { image_prefix = "registry.example/web" }
         std::fs::rename(&tmp, &path).unwrap();
         assert_eq!(call("generation"), "2");
         let listed = call("list");
-        assert!(listed.contains("\"shop\"") && !listed.contains("\"web\""), "{listed}");
+        assert!(
+            listed.contains("\"shop\"") && !listed.contains("\"web\""),
+            "{listed}"
+        );
     }
 }

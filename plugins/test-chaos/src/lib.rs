@@ -49,7 +49,10 @@ impl MetricSource for Chaos {
         if config.sequence.is_empty() {
             return Err(PluginError::config("sequence: must not be empty"));
         }
-        Ok(Chaos { config, next: AtomicUsize::new(0) })
+        Ok(Chaos {
+            config,
+            next: AtomicUsize::new(0),
+        })
     }
 
     async fn measure(&self) -> Result<Measurement, PluginError> {
@@ -57,7 +60,10 @@ impl MetricSource for Chaos {
         let step = self.config.sequence[i].as_str();
         let (verb, arg) = step.split_once(':').unwrap_or((step, ""));
         match verb {
-            "ok" => arg.parse().map(Measurement::new).map_err(|_| PluginError::config(format!("bad step {step}"))),
+            "ok" => arg
+                .parse()
+                .map(Measurement::new)
+                .map_err(|_| PluginError::config(format!("bad step {step}"))),
             "panic" => panic!("chaos step {i} asked for a panic"),
             "hang" => {
                 let guard = OnCancel(self.config.cancel_marker.clone());
