@@ -4,11 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-cargo build --workspace --all-targets --locked
+cargo build --workspace --exclude warden-bench --all-targets --locked
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --locked --no-fail-fast
+  cargo nextest run --workspace --exclude warden-bench --locked --no-fail-fast
 else
-  cargo test --workspace --locked --no-fail-fast
+  cargo test --workspace --exclude warden-bench --locked --no-fail-fast
 fi
 # Doc examples are compiled too (nextest does not run them).
-cargo test --workspace --doc --locked
+cargo test --workspace --exclude warden-bench --doc --locked
