@@ -2,6 +2,8 @@
 //! real `.so` files and the `warden` binary, and laying plugins out in directories with
 //! the permissions warden demands.
 
+pub mod harness;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -69,20 +69,29 @@ impl Default for PluginsConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RegistrarConfig {
+    /// Run the registrar (routes and ELB membership for this host's containers).
+    pub enabled: bool,
     /// The host's local Redis, read by the router.
     pub local_redis: String,
     /// Full re-list of containers every this many seconds.
     pub resync_secs: u64,
     /// Service-definition plugins; docker-labels when empty.
     pub sources: Vec<PluginRef>,
+    /// nginx include file warden writes the router's `listen` lines into.
+    pub router_ports_file: Option<PathBuf>,
+    /// nginx master's pid file, to reload the router when its ports change.
+    pub router_pid_file: Option<PathBuf>,
 }
 
 impl Default for RegistrarConfig {
     fn default() -> Self {
         Self {
+            enabled: true,
             local_redis: "redis://127.0.0.1:6379".into(),
             resync_secs: 30,
             sources: Vec::new(),
+            router_ports_file: None,
+            router_pid_file: None,
         }
     }
 }

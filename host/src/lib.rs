@@ -3,8 +3,12 @@
 //!
 //! This library holds everything but argument parsing, so that tests drive the same code
 //! the daemon runs. Parts: [`config`] (pure parsing of the TOML config and environment),
-//! [`plugins`] (loading `.so` plugins and calling them safely), [`logging`].
+//! [`plugins`] (loading `.so` plugins and calling them safely), [`registrar`]
+//! (containers → routes in the local Redis → router → ELB), [`logging`].
 
+pub mod backoff;
 pub mod config;
+pub mod daemon;
 pub mod logging;
 pub mod plugins;
+pub mod registrar;

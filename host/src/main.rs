@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use warden::config::Config;
 use warden::logging::{self, LogFormat};
 use warden::plugins::{self, CallOptions, PluginClient, PluginHost};
+
 use warden_plugin_api::Kind;
 
 #[derive(Parser)]
@@ -231,31 +232,9 @@ fn daemon(path: Option<PathBuf>, insecure: bool) -> anyhow::Result<ExitCode> {
         // Listen before anything else, so that a signal sent once we say we run is never
         // taken by the default action.
         let shutdown = shutdown_signal()?;
-        let host = PluginHost::load_dirs(
-            &config.plugins.dirs,
-            insecure || config.plugins.allow_insecure,
-        );
-        let options = CallOptions::from_config(&config.plugins);
-        let mut instances: Vec<Arc<dyn PluginClient>> = Vec::new();
-        for (key, kind, r) in config.plugin_refs() {
-            match host.create(&r.plugin, kind, &r.config, options).await {
-                Ok(client) => instances.push(client),
-                Err(e) => tracing::error!(key = %key, "plugin instance not created: {e}"),
-            }
-        }
-        tracing::info!(
-            plugins = host.plugins().len(),
-            failed = host.failures().len(),
-            instances = instances.len(),
-            "warden running; waiting for SIGTERM or SIGINT"
-        );
-        shutdown.await;
-        tracing::info!("shutting down");
-        for i in &instances {
-            i.shutdown();
-        }
-        Ok(ExitCode::SUCCESS)
-    })
+        warden::daemon::run(config, insecure, shutdown).await
+    })?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Resolves on the first SIGTERM or SIGINT; the handlers are in place when this returns.

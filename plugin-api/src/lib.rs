@@ -22,7 +22,7 @@ pub mod sdk;
 
 pub use error::{ErrorKind, PluginError};
 pub use manifest::{Kind, KindManifest, Manifest};
-pub use model::{ContainerMatch, Measurement, ServiceDefinition};
+pub use model::{ContainerMatch, ContainerView, ListArgs, Measurement, ServiceDefinition};
 pub use sdk::{MetricSource, ServiceDefinitions};
 
 /// The version of this interface crate a plugin or host was built with.
@@ -38,7 +38,7 @@ pub use tracing;
 /// Everything a plugin author usually needs, in one `use`.
 pub mod prelude {
     pub use crate::export_plugin;
-    pub use crate::model::{ContainerMatch, Measurement, ServiceDefinition};
+    pub use crate::model::{ContainerMatch, ContainerView, Measurement, ServiceDefinition};
     pub use crate::schemars::JsonSchema;
     pub use crate::serde::Deserialize;
     pub use crate::{ErrorKind, MetricSource, PluginError, ServiceDefinitions};

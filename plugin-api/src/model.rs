@@ -3,7 +3,7 @@
 //! Hosts read these leniently (unknown fields are ignored, missing optional ones default),
 //! so that a plugin built against a later 1.x can add a field without being refused.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -63,6 +63,9 @@ pub struct ContainerMatch {
     /// ECS task-definition family (the ECS agent's `com.amazonaws.ecs.task-definition-family` label).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ecs_family: Option<String>,
+    /// Container ids, when the provider names the containers themselves (docker-labels).
+    #[serde(skip_serializing_if = "BTreeSet::is_empty")]
+    pub ids: BTreeSet<String>,
 }
 
 impl ContainerMatch {
@@ -72,6 +75,7 @@ impl ContainerMatch {
             && self.name.is_none()
             && self.labels.is_empty()
             && self.ecs_family.is_none()
+            && self.ids.is_empty()
     }
 }
 
@@ -114,4 +118,38 @@ impl ServiceDefinition {
     pub fn backend_name(&self) -> &str {
         self.backend.as_deref().unwrap_or(&self.name)
     }
+}
+
+/// What a service-definitions provider is told of each running container.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerView {
+    pub id: String,
+    pub name: String,
+    pub image: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Arguments of the `list` operation: the host's running containers.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ListArgs {
+    #[serde(default)]
+    pub containers: Vec<ContainerView>,
+}
+
+/// `Host/Path` → `host/path/`: Redx matches hosts lower-cased (port stripped) and path
+/// front-ends only with a trailing slash.
+pub fn normalise_frontend(f: &str) -> Result<String, String> {
+    let f = f.trim();
+    let (host, path) = f.split_once('/').map_or((f, None), |(h, p)| (h, Some(p)));
+    if host.is_empty() || host.contains(':') || host.chars().any(char::is_whitespace) {
+        return Err(format!(
+            "{f:?} is not `host` or `host/path/` (no scheme, no port)"
+        ));
+    }
+    let host = host.to_ascii_lowercase();
+    Ok(match path.map(|p| p.trim_matches('/')) {
+        None | Some("") => host,
+        Some(p) => format!("{host}/{p}/"),
+    })
 }

@@ -191,7 +191,7 @@ fn run_loads_plugins_and_stops_cleanly_on_sigterm() {
     std::fs::write(
         &cfg,
         format!(
-            "[plugins]\ndirs = [{:?}]\n[[registrar.sources]]\nplugin = \"file-services\"\nconfig = {{ path = {:?} }}\n[metrics.m]\nplugin = \"template\"\nconfig = {{ value = 1 }}\n",
+            "[plugins]\ndirs = [{:?}]\n[registrar]\nenabled = false\n[[registrar.sources]]\nplugin = \"file-services\"\nconfig = {{ path = {:?} }}\n[metrics.m]\nplugin = \"template\"\nconfig = {{ value = 1 }}\n",
             dir.path(),
             services
         ),
@@ -228,7 +228,8 @@ fn run_loads_plugins_and_stops_cleanly_on_sigterm() {
         .expect("warden never said it was running");
     let running: serde_json::Value = serde_json::from_str(&running).unwrap();
     assert_eq!(running["plugins"], 3, "{running}");
-    assert_eq!(running["instances"], 2, "{running}");
+    assert_eq!(running["metrics"], 1, "{running}");
+    assert_eq!(running["registrar"], false, "{running}");
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let status = child.wait().unwrap();
     let lines = reader.join().unwrap();

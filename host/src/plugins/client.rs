@@ -238,6 +238,18 @@ impl ServicesClient {
     pub async fn list(&self) -> Result<Vec<ServiceDefinition>, CallError> {
         self.0.call("list", "null", decode_services).await.map(take)
     }
+    /// The services, given the host's running containers (providers that derive services
+    /// from containers need them; others ignore them).
+    pub async fn list_for(
+        &self,
+        containers: &[warden_plugin_api::ContainerView],
+    ) -> Result<Vec<ServiceDefinition>, CallError> {
+        let args = serde_json::to_string(&warden_plugin_api::ListArgs {
+            containers: containers.to_vec(),
+        })
+        .expect("containers serialize");
+        self.0.call("list", &args, decode_services).await.map(take)
+    }
     pub async fn generation(&self) -> Result<u64, CallError> {
         self.0
             .call("generation", "null", decode_generation)

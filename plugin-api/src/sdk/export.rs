@@ -137,10 +137,21 @@ impl<M: MetricSource> Dispatch for Metric<M> {
 struct Services<S>(S);
 
 impl<S: ServiceDefinitions> Dispatch for Services<S> {
-    fn call(self: Arc<Self>, op: String, _args: String) -> BoxFuture<Result<String, PluginError>> {
+    fn call(self: Arc<Self>, op: String, args: String) -> BoxFuture<Result<String, PluginError>> {
         Box::pin(async move {
             match op.as_str() {
-                "list" => to_json(&self.0.list().await?),
+                "list" => {
+                    let args: Option<crate::ListArgs> = if args.trim().is_empty() {
+                        None
+                    } else {
+                        serde_json::from_str(&args)
+                            .map_err(|e| PluginError::permanent(format!("list: bad arguments: {e}")))?
+                    };
+                    match args {
+                        Some(a) => to_json(&self.0.list_for(a.containers).await?),
+                        None => to_json(&self.0.list().await?),
+                    }
+                }
                 "generation" => to_json(&self.0.generation().await?),
                 other => Err(PluginError::unsupported(format!(
                     "service-definitions has no operation {other:?}"

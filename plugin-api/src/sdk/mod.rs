@@ -11,7 +11,7 @@ use std::future::Future;
 use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
 
-use crate::{Measurement, PluginError, ServiceDefinition};
+use crate::{ContainerView, Measurement, PluginError, ServiceDefinition};
 
 pub mod export;
 mod logging;
@@ -50,6 +50,17 @@ pub trait ServiceDefinitions: Sized + Send + Sync + 'static {
 
     /// The current set of services.
     fn list(&self) -> impl Future<Output = Result<Vec<ServiceDefinition>, PluginError>> + Send;
+
+    /// The current set of services, given the host's running containers. Providers that
+    /// derive services from containers (docker-labels) implement this; the default
+    /// ignores the containers and answers [`ServiceDefinitions::list`].
+    fn list_for(
+        &self,
+        containers: Vec<ContainerView>,
+    ) -> impl Future<Output = Result<Vec<ServiceDefinition>, PluginError>> + Send {
+        drop(containers);
+        self.list()
+    }
 
     /// A number that changes whenever [`ServiceDefinitions::list`] would answer
     /// differently. Must be cheap: the host asks often and lists only on a change.

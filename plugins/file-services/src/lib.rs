@@ -104,22 +104,7 @@ fn validate(mut services: Vec<ServiceDefinition>) -> Result<Vec<ServiceDefinitio
     Ok(services)
 }
 
-/// `Host/Path` → `host/path/`: Redx matches hosts lower-cased and path front-ends only with
-/// a trailing slash.
-pub fn normalise_frontend(f: &str) -> Result<String, String> {
-    let f = f.trim();
-    let (host, path) = f.split_once('/').map_or((f, None), |(h, p)| (h, Some(p)));
-    if host.is_empty() || host.contains(':') || host.chars().any(char::is_whitespace) {
-        return Err(format!(
-            "{f:?} is not `host` or `host/path/` (no scheme, no port)"
-        ));
-    }
-    let host = host.to_ascii_lowercase();
-    Ok(match path.map(|p| p.trim_matches('/')) {
-        None | Some("") => host,
-        Some(p) => format!("{host}/{p}/"),
-    })
-}
+pub use warden_plugin_api::model::normalise_frontend;
 
 #[derive(PartialEq, Clone, Copy)]
 struct Stamp {

@@ -1,0 +1,305 @@
+//! Classic ELB membership: the host's instance is registered in a service's ELB while the
+//! service has a routed container here, and deregistered after the service's drain time
+//! once it has none.
+//!
+//! Deregistration happens only on positive knowledge: the wanted set is published by
+//! the registrar only while its store is in sync with Docker, so a Docker or plugin
+//! outage never removes the host. Every call is preceded by a membership check, so it
+//! is idempotent; the SDK retries throttling and 5xx with jittered backoff, and this loop
+//! backs off further per ELB.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use aws_sdk_elasticloadbalancing::types::Instance;
+use aws_sdk_elasticloadbalancing::Client;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::desired::ElbWant;
+use crate::backoff::Backoff;
+
+/// Re-check membership this often even when nothing changed (someone may have edited
+/// the ELB by hand).
+const RECHECK: Duration = Duration::from_secs(300);
+
+struct ElbState {
+    /// The last wanted state published for it; kept when its service disappears from
+    /// the definitions (docker-labels forgets a service with its last container).
+    want: ElbWant,
+    member: Option<bool>,
+    checked_at: Option<Instant>,
+    leave_at: Option<Instant>,
+    next_try: Instant,
+    backoff: Backoff,
+}
+
+/// The action for one ELB now (pure; tested in paused time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    None,
+    Register,
+    Deregister,
+    /// Deregistration is due at this instant.
+    WaitUntil(Instant),
+}
+
+pub fn decide(
+    want: ElbWant,
+    member: Option<bool>,
+    leave_at: &mut Option<Instant>,
+    now: Instant,
+) -> Action {
+    if want.wanted {
+        *leave_at = None;
+        return if member == Some(true) {
+            Action::None
+        } else {
+            Action::Register
+        };
+    }
+    if member == Some(false) {
+        *leave_at = None;
+        return Action::None;
+    }
+    let at = *leave_at.get_or_insert(now + want.drain);
+    if now >= at {
+        Action::Deregister
+    } else {
+        Action::WaitUntil(at)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ElbError {
+    #[error("load balancer {0} does not exist")]
+    NotFound(String),
+    #[error("{0}")]
+    Aws(String),
+}
+
+async fn is_member(client: &Client, elb: &str, instance: &str) -> Result<bool, ElbError> {
+    let out = client
+        .describe_load_balancers()
+        .load_balancer_names(elb)
+        .send()
+        .await
+        .map_err(|e| classify(elb, e))?;
+    let lb = out
+        .load_balancer_descriptions()
+        .first()
+        .ok_or_else(|| ElbError::NotFound(elb.to_owned()))?;
+    Ok(lb
+        .instances()
+        .iter()
+        .any(|i| i.instance_id() == Some(instance)))
+}
+
+fn classify<E, R>(elb: &str, e: aws_sdk_elasticloadbalancing::error::SdkError<E, R>) -> ElbError
+where
+    E: aws_sdk_elasticloadbalancing::error::ProvideErrorMetadata + std::fmt::Debug,
+    R: std::fmt::Debug,
+{
+    let code = e
+        .as_service_error()
+        .and_then(|s| s.code())
+        .unwrap_or("")
+        .to_owned();
+    if code == "LoadBalancerNotFound" || code == "AccessPointNotFound" {
+        ElbError::NotFound(elb.to_owned())
+    } else {
+        let message = e
+            .as_service_error()
+            .and_then(|s| s.message())
+            .map(str::to_owned);
+        ElbError::Aws(format!(
+            "{} {}",
+            if code.is_empty() {
+                format!("{e:?}")
+            } else {
+                code
+            },
+            message.unwrap_or_default()
+        ))
+    }
+}
+
+async fn act(client: &Client, elb: &str, instance: &str, register: bool) -> Result<(), ElbError> {
+    let target = Instance::builder().instance_id(instance).build();
+    if register {
+        client
+            .register_instances_with_load_balancer()
+            .load_balancer_name(elb)
+            .instances(target)
+            .send()
+            .await
+            .map_err(|e| classify(elb, e))?;
+    } else {
+        client
+            .deregister_instances_from_load_balancer()
+            .load_balancer_name(elb)
+            .instances(target)
+            .send()
+            .await
+            .map_err(|e| classify(elb, e))?;
+    }
+    Ok(())
+}
+
+/// Follows the wanted memberships until shutdown.
+pub async fn run(
+    client: Client,
+    instance: String,
+    mut wanted: watch::Receiver<BTreeMap<String, ElbWant>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut states: BTreeMap<String, ElbState> = BTreeMap::new();
+    loop {
+        let now = Instant::now();
+        let desired = wanted.borrow_and_update().clone();
+        let mut wake = now + Duration::from_secs(30);
+        // An ELB no service names any more is not wanted: it is left after its drain.
+        for (elb, st) in states.iter_mut() {
+            if !desired.contains_key(elb) {
+                st.want.wanted = false;
+            }
+        }
+        for (elb, want) in &desired {
+            states
+                .entry(elb.clone())
+                .and_modify(|st| st.want = *want)
+                .or_insert_with(|| ElbState {
+                    want: *want,
+                    member: None,
+                    checked_at: None,
+                    leave_at: None,
+                    next_try: now,
+                    backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
+                });
+        }
+        for (elb, st) in states.iter_mut() {
+            let want = st.want;
+            if st.checked_at.is_some_and(|t| now - t > RECHECK) {
+                st.member = None;
+            }
+            let action = decide(want, st.member, &mut st.leave_at, now);
+            let register = match action {
+                Action::None => continue,
+                Action::WaitUntil(at) => {
+                    wake = wake.min(at);
+                    continue;
+                }
+                Action::Register => true,
+                Action::Deregister => false,
+            };
+            if now < st.next_try {
+                wake = wake.min(st.next_try);
+                continue;
+            }
+            let result = async {
+                let member = is_member(&client, elb, &instance).await?;
+                if member != register {
+                    act(&client, elb, &instance, register).await?;
+                }
+                Ok::<bool, ElbError>(member != register)
+            }
+            .await;
+            match result {
+                Ok(acted) => {
+                    st.member = Some(register);
+                    st.checked_at = Some(Instant::now());
+                    st.backoff.reset();
+                    if acted {
+                        tracing::info!(elb = %elb, instance = %instance, "{}", if register { "registered in the load balancer" } else { "deregistered from the load balancer" });
+                    }
+                }
+                Err(e) => {
+                    let delay = st.backoff.next_delay();
+                    st.next_try = Instant::now() + delay;
+                    wake = wake.min(st.next_try);
+                    match e {
+                        ElbError::NotFound(_) => {
+                            tracing::error!(elb = %elb, retry_in = ?delay, "{e}: fix the service's elb setting")
+                        }
+                        ElbError::Aws(_) => {
+                            tracing::warn!(elb = %elb, retry_in = ?delay, error = %e, "load balancer call failed; will retry")
+                        }
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            r = wanted.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep_until(wake) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn want(wanted: bool, drain: u64) -> ElbWant {
+        ElbWant {
+            wanted,
+            drain: Duration::from_secs(drain),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn registers_at_once_and_deregisters_after_the_drain() {
+        let mut leave = None;
+        assert_eq!(
+            decide(want(true, 10), None, &mut leave, Instant::now()),
+            Action::Register
+        );
+        assert_eq!(
+            decide(want(true, 10), Some(true), &mut leave, Instant::now()),
+            Action::None
+        );
+        let t0 = Instant::now();
+        assert_eq!(
+            decide(want(false, 10), Some(true), &mut leave, t0),
+            Action::WaitUntil(t0 + Duration::from_secs(10))
+        );
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert!(matches!(
+            decide(want(false, 10), Some(true), &mut leave, Instant::now()),
+            Action::WaitUntil(_)
+        ));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(
+            decide(want(false, 10), Some(true), &mut leave, Instant::now()),
+            Action::Deregister
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_container_coming_back_cancels_the_pending_deregistration() {
+        let mut leave = None;
+        decide(want(false, 10), Some(true), &mut leave, Instant::now());
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(
+            decide(want(true, 10), Some(true), &mut leave, Instant::now()),
+            Action::None
+        );
+        assert_eq!(leave, None);
+        tokio::time::advance(Duration::from_secs(6)).await;
+        // A new drain starts from now, not from the first departure.
+        let now = Instant::now();
+        assert_eq!(
+            decide(want(false, 10), Some(true), &mut leave, now),
+            Action::WaitUntil(now + Duration::from_secs(10))
+        );
+    }
+
+    #[test]
+    fn not_a_member_and_not_wanted_is_left_alone() {
+        let mut leave = None;
+        assert_eq!(
+            decide(want(false, 0), Some(false), &mut leave, Instant::now()),
+            Action::None
+        );
+    }
+}

@@ -1,0 +1,285 @@
+//! The registrar: keeps the host's router in step with its containers.
+//!
+//! watch → store → decide → apply. Docker events and periodic re-lists feed the
+//! [`store::Store`]; [`desired::desired`] computes the routing table from the store and
+//! the service definitions; [`redx::RedisRoutes`] writes only the difference, atomically.
+//! ELB membership and router listen ports are handed to their own loops through watch
+//! channels, so a slow AWS call never delays a route. The Docker stream reconnects with
+//! jittered backoff and re-lists after every reconnect; the loop never exits on its own.
+
+pub mod desired;
+pub mod docker;
+pub mod elb;
+pub mod redx;
+pub mod router;
+pub mod store;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use bollard::Docker;
+use futures_util::{FutureExt, StreamExt};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use warden_plugin_api::ServiceDefinition;
+
+use crate::backoff::Backoff;
+use crate::plugins::ServicesClient;
+use desired::ElbWant;
+use docker::InspectError;
+use store::{Need, Store};
+
+/// What the registrar loop is given; `main` wires it.
+pub struct Registrar {
+    pub docker: Docker,
+    pub sources: Vec<ServicesClient>,
+    pub routes: redx::RedisRoutes,
+    pub resync: Duration,
+    /// ELB membership wanted, published only while the store is in sync with Docker.
+    pub elbs: watch::Sender<BTreeMap<String, ElbWant>>,
+    /// The router's port front-ends.
+    pub ports: watch::Sender<BTreeSet<u16>>,
+}
+
+/// State kept between reconciles.
+struct Loop {
+    r: Registrar,
+    store: Store,
+    /// Each source's last good answer (`None` until it first answers).
+    last_services: Vec<Option<Vec<ServiceDefinition>>>,
+    generations: Vec<Option<u64>>,
+    warned: BTreeSet<String>,
+    redis_backoff: Backoff,
+    retry_at: Option<Instant>,
+}
+
+impl Registrar {
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let n = self.sources.len();
+        let mut l = Loop {
+            r: self,
+            store: Store::default(),
+            last_services: vec![None; n],
+            generations: vec![None; n],
+            warned: BTreeSet::new(),
+            redis_backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(10)),
+            retry_at: None,
+        };
+        let mut docker_backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(15));
+        loop {
+            // Replay events from just before the list, so none is missed in between.
+            let since = unix_now() - 1;
+            match docker::list_running(&l.r.docker).await {
+                Ok(list) => {
+                    if docker_backoff.attempts() > 0 {
+                        tracing::info!(
+                            containers = list.len(),
+                            "docker answering again; containers re-listed"
+                        );
+                    }
+                    docker_backoff.reset();
+                    l.store.replace_all(list);
+                }
+                Err(e) => {
+                    let delay = docker_backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in = ?delay, "docker not answering; keeping the last routes");
+                    if sleep_or_shutdown(delay, &mut shutdown).await {
+                        return;
+                    }
+                    continue;
+                }
+            }
+            l.reconcile().await;
+            let mut events = docker::events(&l.r.docker, since);
+            let mut resync = tokio::time::interval_at(Instant::now() + l.r.resync, l.r.resync);
+            let mut poll_sources = tokio::time::interval(Duration::from_secs(2));
+            let mut check_redis = tokio::time::interval(Duration::from_secs(2));
+            loop {
+                let retry = l.retry_at;
+                tokio::select! {
+                    _ = shutdown.changed() => return,
+                    ev = events.next() => match ev {
+                        Some(Ok(msg)) => {
+                            l.on_event(&msg).await;
+                            // Take whatever else is already queued, then decide once.
+                            while let Some(Some(Ok(msg))) = events.next().now_or_never() {
+                                l.on_event(&msg).await;
+                            }
+                            l.reconcile().await;
+                        }
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "docker event stream broke; reconnecting");
+                            break;
+                        }
+                        None => {
+                            tracing::warn!("docker event stream ended; reconnecting");
+                            break;
+                        }
+                    },
+                    _ = resync.tick() => {
+                        match docker::list_running(&l.r.docker).await {
+                            Ok(list) => l.store.replace_all(list),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "docker re-list failed; reconnecting");
+                                break;
+                            }
+                        }
+                        // Read the owned set back too, so drift in Redis is repaired.
+                        l.r.routes.invalidate();
+                        l.reconcile().await;
+                    }
+                    _ = poll_sources.tick() => {
+                        if l.sources_changed().await {
+                            l.reconcile().await;
+                        }
+                    }
+                    _ = check_redis.tick() => {
+                        match l.r.routes.verify().await {
+                            Ok(true) => {}
+                            Ok(false) => if l.retry_at.is_none() {
+                                tracing::warn!("routes in the local redis are not what warden wrote (redis restarted?); rewriting");
+                                l.reconcile().await;
+                            },
+                            Err(e) => if l.retry_at.is_none() {
+                                tracing::warn!(error = %e, "local redis not answering; routes will be rewritten when it is back");
+                                l.r.routes.invalidate();
+                                l.schedule_retry();
+                            },
+                        }
+                    }
+                    _ = async { tokio::time::sleep_until(retry.unwrap()).await }, if retry.is_some() => {
+                        l.reconcile().await;
+                    }
+                }
+            }
+            // Routes stay as they are while Docker is away; ELB decisions wait for a list.
+            l.store.synced = false;
+            let delay = docker_backoff.next_delay();
+            if sleep_or_shutdown(delay, &mut shutdown).await {
+                return;
+            }
+        }
+    }
+}
+
+impl Loop {
+    async fn on_event(&mut self, msg: &bollard::models::EventMessage) {
+        let Some(event) = docker::to_event(msg) else {
+            return;
+        };
+        tracing::debug!(?event, "docker event");
+        if let Need::Inspect { id, started } = self.store.apply(event) {
+            match docker::inspect(&self.r.docker, &id).await {
+                Ok(c) => self.store.upsert(c, started),
+                Err(InspectError::Gone(_)) => {}
+                Err(InspectError::Docker(e)) => {
+                    tracing::warn!(container = %id, error = %e, "cannot inspect container; the next re-list will pick it up");
+                }
+            }
+        }
+    }
+
+    async fn sources_changed(&mut self) -> bool {
+        let mut changed = false;
+        for (i, s) in self.r.sources.iter().enumerate() {
+            if let Ok(g) = s.generation().await {
+                if self.generations[i] != Some(g) {
+                    changed |= self.generations[i].is_some();
+                    self.generations[i] = Some(g);
+                }
+            }
+        }
+        changed
+    }
+
+    /// Decide and apply, from the current store.
+    async fn reconcile(&mut self) {
+        let started = Instant::now();
+        let views = self.store.views();
+        for (i, s) in self.r.sources.iter().enumerate() {
+            match s.list_for(&views).await {
+                Ok(list) => self.last_services[i] = Some(list),
+                Err(e) => {
+                    tracing::warn!(plugin = %s.0.plugin_name(), error = %e, "service source failed; using its last good services")
+                }
+            }
+        }
+        if self.last_services.iter().any(Option::is_none) {
+            tracing::warn!("a service source has never answered; routes are held until it does");
+            self.schedule_retry();
+            return;
+        }
+        let services: Vec<ServiceDefinition> = self
+            .last_services
+            .iter()
+            .flatten()
+            .flatten()
+            .cloned()
+            .collect();
+        let (routing, warnings) = desired::desired(&services, self.store.containers());
+        for w in warnings {
+            if self.warned.insert(w.clone()) {
+                tracing::warn!("{w}");
+            }
+        }
+        self.r
+            .ports
+            .send_if_modified(|p| replace_if_changed(p, &routing.ports));
+        if self.store.synced {
+            self.r
+                .elbs
+                .send_if_modified(|e| replace_if_changed(e, &routing.elbs));
+        }
+        let entries = desired::owned_entries(&routing);
+        match self.r.routes.apply(&entries).await {
+            Ok(applied) => {
+                if self.redis_backoff.attempts() > 0 {
+                    tracing::info!("local redis answering again; routes rewritten");
+                }
+                self.redis_backoff.reset();
+                self.retry_at = None;
+                if applied.writes > 0 {
+                    tracing::info!(
+                        writes = applied.writes,
+                        backends = routing.servers.len(),
+                        servers = routing.servers.values().map(BTreeSet::len).sum::<usize>(),
+                        took = ?started.elapsed(),
+                        "routes updated"
+                    );
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot write routes to the local redis; will retry");
+                self.schedule_retry();
+            }
+        }
+    }
+
+    fn schedule_retry(&mut self) {
+        self.retry_at = Some(Instant::now() + self.redis_backoff.next_delay());
+    }
+}
+
+fn replace_if_changed<T: PartialEq + Clone>(slot: &mut T, new: &T) -> bool {
+    if slot != new {
+        *slot = new.clone();
+        true
+    } else {
+        false
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Sleeps; true if shutdown came first.
+async fn sleep_or_shutdown(d: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => false,
+        _ = shutdown.changed() => true,
+    }
+}

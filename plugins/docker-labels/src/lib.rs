@@ -1,0 +1,355 @@
+//! Service definitions derived from container labels, for hosts whose containers say
+//! themselves which service they belong to. The default service source of `warden run`.
+//!
+//! | label | meaning | value |
+//! |---|---|---|
+//! | `warden.service` | service name (required) | `[A-Za-z0-9_.-]+` |
+//! | `warden.port` | container port that serves traffic; required when the image exposes several | 1–65535 |
+//! | `warden.frontend` | host or host/path front-ends, comma-separated | `example.com`, `example.com/api/` |
+//! | `warden.frontend-port` | the router's port for this service | 1–65535 |
+//! | `warden.elb` | classic ELB the host joins while it runs the service | name |
+//! | `warden.network` | Docker network whose IP is routed to | name |
+//! | `warden.drain` | seconds between the last container leaving and ELB deregistration | whole seconds |
+//!
+//! Values are parsed strictly. A container with an invalid label is skipped with one
+//! warning naming the container and the label; other containers are not affected. When
+//! containers of one service disagree, the first by name sets the service's routing and
+//! the others are warned about (and still routed, with the service's settings).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+
+use warden_plugin_api::model::normalise_frontend;
+use warden_plugin_api::prelude::*;
+use warden_plugin_api::tracing;
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(crate = "warden_plugin_api::serde", deny_unknown_fields)]
+#[schemars(crate = "warden_plugin_api::schemars")]
+pub struct Config {
+    /// Label prefix (default `warden`).
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+}
+
+fn default_prefix() -> String {
+    "warden".into()
+}
+
+/// A label that could not be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LabelError {
+    pub label: String,
+    pub why: String,
+}
+
+fn port(label: &str, v: &str) -> Result<u16, LabelError> {
+    let bad = || LabelError {
+        label: label.into(),
+        why: format!("{v:?} is not a port (a whole number 1-65535)"),
+    };
+    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    match v.parse::<u32>() {
+        Ok(p @ 1..=65535) => Ok(p as u16),
+        _ => Err(bad()),
+    }
+}
+
+fn name(label: &str, v: &str) -> Result<String, LabelError> {
+    if !v.is_empty()
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+    {
+        Ok(v.to_owned())
+    } else {
+        Err(LabelError {
+            label: label.into(),
+            why: format!("{v:?} is not a name (letters, digits, `_`, `.`, `-`)"),
+        })
+    }
+}
+
+/// Reads one container's labels into a service definition (`None`: not a service).
+pub fn parse_labels(
+    prefix: &str,
+    labels: &BTreeMap<String, String>,
+) -> Result<Option<ServiceDefinition>, LabelError> {
+    let key = |k: &str| format!("{prefix}.{k}");
+    let get = |k: &str| labels.get(&key(k)).map(|v| v.trim());
+    let Some(service) = get("service") else {
+        return Ok(None);
+    };
+    let service = name(&key("service"), service)?;
+    let mut def = ServiceDefinition {
+        name: service,
+        matches: ContainerMatch::default(),
+        port: get("port").map(|v| port(&key("port"), v)).transpose()?,
+        backend: None,
+        frontends: Vec::new(),
+        frontend_port: get("frontend-port")
+            .map(|v| port(&key("frontend-port"), v))
+            .transpose()?,
+        elb: get("elb").map(|v| name(&key("elb"), v)).transpose()?,
+        network: get("network")
+            .map(|v| name(&key("network"), v))
+            .transpose()?,
+        drain_seconds: None,
+    };
+    if let Some(v) = get("frontend") {
+        for f in v.split(',').map(str::trim).filter(|f| !f.is_empty()) {
+            def.frontends
+                .push(normalise_frontend(f).map_err(|why| LabelError {
+                    label: key("frontend"),
+                    why,
+                })?);
+        }
+    }
+    if let Some(v) = get("drain") {
+        if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(LabelError {
+                label: key("drain"),
+                why: format!("{v:?} is not a whole number of seconds"),
+            });
+        }
+        def.drain_seconds = Some(v.parse().map_err(|_| LabelError {
+            label: key("drain"),
+            why: format!("{v:?} is too large"),
+        })?);
+    }
+    // Any other label under the prefix is a typo of one of the above.
+    let known = [
+        "service",
+        "port",
+        "frontend",
+        "frontend-port",
+        "elb",
+        "network",
+        "drain",
+    ];
+    if let Some(unknown) = labels
+        .keys()
+        .filter_map(|k| k.strip_prefix(&format!("{prefix}.")))
+        .find(|k| !known.contains(k))
+    {
+        return Err(LabelError {
+            label: key(unknown),
+            why: format!("unknown label (known: {})", known.join(", ")),
+        });
+    }
+    Ok(Some(def))
+}
+
+/// Derives the services of a set of containers; returns them and the warnings.
+pub fn derive(prefix: &str, containers: &[ContainerView]) -> (Vec<ServiceDefinition>, Vec<String>) {
+    let mut sorted: Vec<&ContainerView> = containers.iter().collect();
+    sorted.sort_by(|a, b| (&a.name, &a.id).cmp(&(&b.name, &b.id)));
+    let mut services: BTreeMap<String, ServiceDefinition> = BTreeMap::new();
+    let mut warnings = Vec::new();
+    for c in sorted {
+        match parse_labels(prefix, &c.labels) {
+            Ok(None) => {}
+            Ok(Some(def)) => {
+                let entry = services
+                    .entry(def.name.clone())
+                    .or_insert_with(|| def.clone());
+                let mut mine = def;
+                mine.matches.ids = entry.matches.ids.clone();
+                if mine != *entry {
+                    warnings.push(format!(
+                        "container {} ({}): its warden labels differ from those of the service's first container; the first's are used",
+                        c.name,
+                        short(&c.id)
+                    ));
+                }
+                entry.matches.ids.insert(c.id.clone());
+            }
+            Err(e) => warnings.push(format!(
+                "container {} ({}): label {}: {}; container skipped",
+                c.name,
+                short(&c.id),
+                e.label,
+                e.why
+            )),
+        }
+    }
+    (services.into_values().collect(), warnings)
+}
+
+fn short(id: &str) -> &str {
+    &id[..id.len().min(12)]
+}
+
+pub struct DockerLabels {
+    prefix: String,
+    /// Warnings already given, so that each is logged once, not on every reconcile.
+    warned: Mutex<BTreeSet<String>>,
+}
+
+impl ServiceDefinitions for DockerLabels {
+    type Config = Config;
+
+    async fn new(config: Config) -> Result<Self, PluginError> {
+        if config.prefix.is_empty() {
+            return Err(PluginError::config("prefix: must not be empty"));
+        }
+        Ok(DockerLabels {
+            prefix: config.prefix,
+            warned: Mutex::new(BTreeSet::new()),
+        })
+    }
+
+    async fn list(&self) -> Result<Vec<ServiceDefinition>, PluginError> {
+        Ok(Vec::new())
+    }
+
+    async fn list_for(
+        &self,
+        containers: Vec<ContainerView>,
+    ) -> Result<Vec<ServiceDefinition>, PluginError> {
+        let (services, warnings) = derive(&self.prefix, &containers);
+        let mut warned = self.warned.lock().unwrap_or_else(|p| p.into_inner());
+        for w in warnings {
+            if warned.insert(w.clone()) {
+                tracing::warn!("{w}");
+            }
+        }
+        Ok(services)
+    }
+
+    async fn generation(&self) -> Result<u64, PluginError> {
+        // Derived from containers on every list: nothing of its own changes.
+        Ok(0)
+    }
+}
+
+export_plugin! { name: "docker-labels", service_definitions: DockerLabels }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn container(id: &str, name: &str, pairs: &[(&str, &str)]) -> ContainerView {
+        ContainerView {
+            id: id.into(),
+            name: name.into(),
+            image: "img".into(),
+            labels: labels(pairs),
+        }
+    }
+
+    #[test]
+    fn reads_every_label() {
+        let d = parse_labels(
+            "warden",
+            &labels(&[
+                ("warden.service", "web"),
+                ("warden.port", "8080"),
+                ("warden.frontend", "Example.com, example.com/api"),
+                ("warden.frontend-port", "8001"),
+                ("warden.elb", "web-elb"),
+                ("warden.network", "front"),
+                ("warden.drain", "30"),
+                ("other", "x"),
+            ]),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(d.name, "web");
+        assert_eq!(d.port, Some(8080));
+        assert_eq!(d.frontends, vec!["example.com", "example.com/api/"]);
+        assert_eq!(d.frontend_port, Some(8001));
+        assert_eq!(d.elb.as_deref(), Some("web-elb"));
+        assert_eq!(d.network.as_deref(), Some("front"));
+        assert_eq!(d.drain_seconds, Some(30));
+    }
+
+    #[test]
+    fn no_service_label_is_not_a_service() {
+        assert_eq!(
+            parse_labels("warden", &labels(&[("warden.port", "80")])).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn values_are_strict() {
+        for (label, value) in [
+            ("warden.port", "0"),
+            ("warden.port", "65536"),
+            ("warden.port", "+80"),
+            ("warden.port", "80 "),
+            ("warden.frontend-port", "eighty"),
+            ("warden.drain", "-1"),
+            ("warden.drain", "1.5"),
+            ("warden.service", "a b"),
+            ("warden.frontend", "http://x"),
+            ("warden.prot", "80"),
+        ] {
+            let mut l = labels(&[("warden.service", "web")]);
+            l.insert(label.into(), value.into());
+            let e = parse_labels("warden", &l);
+            // "80 " is trimmed and valid; everything else is refused naming its label.
+            if value == "80 " {
+                assert_eq!(e.unwrap().unwrap().port, Some(80));
+                continue;
+            }
+            let e = e.unwrap_err();
+            assert_eq!(e.label, label, "{value}: {e:?}");
+        }
+    }
+
+    #[test]
+    fn an_invalid_container_is_skipped_and_others_are_not_affected() {
+        let cs = vec![
+            container(
+                "aaa",
+                "web-1",
+                &[("warden.service", "web"), ("warden.port", "80")],
+            ),
+            container(
+                "bbb",
+                "web-2",
+                &[("warden.service", "web"), ("warden.port", "80x")],
+            ),
+            container("ccc", "api-1", &[("warden.service", "api")]),
+        ];
+        let (services, warnings) = derive("warden", &cs);
+        assert_eq!(services.len(), 2);
+        let web = services.iter().find(|s| s.name == "web").unwrap();
+        assert_eq!(web.matches.ids, BTreeSet::from(["aaa".to_string()]));
+        assert_eq!(warnings.len(), 1);
+        assert!(
+            warnings[0].contains("web-2") && warnings[0].contains("warden.port"),
+            "{warnings:?}"
+        );
+    }
+
+    #[test]
+    fn disagreeing_containers_are_warned_about_and_the_first_wins() {
+        let cs = vec![
+            container(
+                "bbb",
+                "web-2",
+                &[("warden.service", "web"), ("warden.port", "81")],
+            ),
+            container(
+                "aaa",
+                "web-1",
+                &[("warden.service", "web"), ("warden.port", "80")],
+            ),
+        ];
+        let (services, warnings) = derive("warden", &cs);
+        assert_eq!(services[0].port, Some(80));
+        assert_eq!(services[0].matches.ids.len(), 2);
+        assert!(warnings[0].contains("web-2"), "{warnings:?}");
+    }
+}

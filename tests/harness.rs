@@ -1,0 +1,434 @@
+//! The real parts the end-to-end tests run against, each started on a free loopback
+//! port and stopped when dropped: redis-server, moto_server, nginx with warden's router,
+//! Docker containers of a locally built busybox image, and warden itself.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use crate::{plugin_dir, plugin_so, warden_bin, workspace_root};
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn wait_for_port(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not open port {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
+pub fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+fn kill(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A redis-server of its own, without persistence.
+pub struct Redis {
+    pub port: u16,
+    child: Child,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        Self::start_on(free_port())
+    }
+    pub fn start_on(port: u16) -> Redis {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server (run scripts/setup.sh)");
+        wait_for_port(port, "redis-server");
+        Redis { port, child }
+    }
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+    pub fn conn(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+    /// Stops it (its data is lost) and starts an empty one on the same port.
+    pub fn restart(&mut self) {
+        kill(&mut self.child);
+        *self = Redis::start_on(self.port);
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+    }
+}
+
+/// moto_server: the AWS APIs on loopback.
+pub struct Moto {
+    pub port: u16,
+    child: Child,
+}
+
+impl Moto {
+    pub fn start() -> Moto {
+        let port = free_port();
+        let child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("moto_server (run scripts/setup.sh)");
+        wait_for_port(port, "moto_server");
+        Moto { port, child }
+    }
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+    /// Environment for an AWS SDK client (warden's or the test's) pointed at moto.
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL".into(), self.endpoint()),
+            ("AWS_REGION".into(), "eu-west-1".into()),
+            ("AWS_ACCESS_KEY_ID".into(), "testing".into()),
+            ("AWS_SECRET_ACCESS_KEY".into(), "testing".into()),
+            ("AWS_EC2_METADATA_DISABLED".into(), "true".into()),
+        ]
+    }
+    pub async fn elb(&self) -> aws_sdk_elasticloadbalancing::Client {
+        let creds = aws_sdk_elasticloadbalancing::config::Credentials::new(
+            "testing", "testing", None, None, "test",
+        );
+        let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new("eu-west-1"))
+            .endpoint_url(self.endpoint())
+            .credentials_provider(creds)
+            .load()
+            .await;
+        aws_sdk_elasticloadbalancing::Client::new(&conf)
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+    }
+}
+
+/// nginx running warden's router.
+pub struct Router {
+    pub port: u16,
+    pub prefix: tempfile::TempDir,
+    child: Child,
+}
+
+impl Router {
+    pub fn start(redis: &Redis) -> Router {
+        let port = free_port();
+        let prefix = tempfile::tempdir().unwrap();
+        let child = Command::new(workspace_root().join("router/start.sh"))
+            .args([
+                prefix.path().to_str().unwrap(),
+                &port.to_string(),
+                "127.0.0.1",
+                &redis.port.to_string(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for_port(port, "nginx router");
+        Router {
+            port,
+            prefix,
+            child,
+        }
+    }
+    pub fn ports_file(&self) -> PathBuf {
+        self.prefix.path().join("ports.conf")
+    }
+    pub fn pid_file(&self) -> PathBuf {
+        self.prefix.path().join("nginx.pid")
+    }
+    pub fn error_log(&self) -> String {
+        std::fs::read_to_string(self.prefix.path().join("error.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+    }
+}
+
+/// One HTTP/1.0 GET; returns (status, body).
+pub fn http_get(port: u16, host: &str, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.trim().to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+pub const IMAGE: &str = "warden-test/busybox";
+
+/// Builds the test image (a busybox rootfs, `docker import`ed) once.
+pub fn test_image() -> &'static str {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let present = Command::new("docker")
+            .args(["image", "inspect", IMAGE])
+            .output()
+            .unwrap()
+            .status
+            .success();
+        if present {
+            return;
+        }
+        let status = Command::new(workspace_root().join("tests/image/build.sh"))
+            .status()
+            .unwrap();
+        assert!(status.success(), "building the test image failed");
+    });
+    IMAGE
+}
+
+fn docker(args: &[&str]) -> String {
+    let out = Command::new("docker").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "docker {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+pub fn docker_ok(args: &[&str]) -> bool {
+    Command::new("docker")
+        .args(args)
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// Containers (and networks) made by one test, removed when dropped.
+pub struct Containers {
+    pub tag: String,
+    networks: Vec<String>,
+}
+
+impl Containers {
+    pub fn new(test: &str) -> Containers {
+        test_image();
+        let tag = format!("{test}-{}", std::process::id());
+        Containers {
+            tag,
+            networks: Vec::new(),
+        }
+    }
+
+    /// Starts a container serving a page with its name; returns its id.
+    pub fn run(&self, name: &str, labels: &[(&str, &str)], extra: &[&str]) -> String {
+        let full = format!("{}-{name}", self.tag);
+        let mut args: Vec<String> = vec![
+            "run".into(),
+            "-d".into(),
+            "--name".into(),
+            full.clone(),
+            "-l".into(),
+            format!("warden-test={}", self.tag),
+            "-e".into(),
+            format!("NAME={full}"),
+        ];
+        for (k, v) in labels {
+            args.push("-l".into());
+            args.push(format!("{k}={v}"));
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.push(IMAGE.into());
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        docker(&refs)
+    }
+
+    pub fn full_name(&self, name: &str) -> String {
+        format!("{}-{name}", self.tag)
+    }
+
+    pub fn network(&mut self, name: &str) -> String {
+        let full = format!("{}-{name}", self.tag);
+        docker(&["network", "create", &full]);
+        self.networks.push(full.clone());
+        full
+    }
+
+    pub fn ip(&self, id: &str, network: &str) -> String {
+        docker(&[
+            "inspect",
+            "-f",
+            &format!("{{{{(index .NetworkSettings.Networks \"{network}\").IPAddress}}}}"),
+            id,
+        ])
+    }
+
+    pub fn running(&self, id: &str) -> bool {
+        docker(&["inspect", "-f", "{{.State.Running}}", id]) == "true"
+    }
+
+    /// `docker stop -t SECS` in the background (returns at once).
+    pub fn stop_async(&self, id: &str, secs: u32) -> Child {
+        Command::new("docker")
+            .args(["stop", "-t", &secs.to_string(), id])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
+    pub fn rm(&self, id: &str) {
+        docker(&["rm", "-f", id]);
+    }
+}
+
+impl Drop for Containers {
+    fn drop(&mut self) {
+        let ids = docker(&[
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=warden-test={}", self.tag),
+        ]);
+        for id in ids.split_whitespace() {
+            let _ = Command::new("docker").args(["rm", "-f", id]).output();
+        }
+        for n in &self.networks {
+            let _ = Command::new("docker").args(["network", "rm", n]).output();
+        }
+    }
+}
+
+/// A `warden run` process with its log in a file.
+pub struct Warden {
+    pub child: Child,
+    pub log: PathBuf,
+    pub config: PathBuf,
+    env: Vec<(String, String)>,
+    _plugins: tempfile::TempDir,
+    _dir: tempfile::TempDir,
+}
+
+impl Warden {
+    /// `config` is the TOML body; the plugin directory (with docker-labels and
+    /// file-services) is prepended.
+    pub fn start(config: &str, env: &[(String, String)]) -> Warden {
+        let plugins = plugin_dir(&[
+            plugin_so("warden_plugin_docker_labels").as_path(),
+            plugin_so("warden_plugin_file_services").as_path(),
+        ]);
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("warden.toml");
+        std::fs::write(
+            &cfg,
+            format!("[plugins]\ndirs = [{:?}]\n\n{config}", plugins.path()),
+        )
+        .unwrap();
+        let log = dir.path().join("warden.log");
+        let mut w = Warden {
+            child: Command::new("true").spawn().unwrap(),
+            log,
+            config: cfg,
+            env: env.to_vec(),
+            _plugins: plugins,
+            _dir: dir,
+        };
+        w.spawn();
+        w
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let mut cmd = Command::new(warden_bin());
+        cmd.args([
+            "--log-format",
+            "json",
+            "run",
+            "--config",
+            self.config.to_str().unwrap(),
+        ])
+        .env("RUST_LOG", "info,warden=debug")
+        .env_remove("WARDEN_PLUGIN_DIR")
+        .stdout(Stdio::null())
+        .stderr(log);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        self.child = cmd.spawn().unwrap();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn sigkill(&mut self) {
+        kill(&mut self.child);
+    }
+
+    pub fn restart(&mut self) {
+        self.spawn();
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.log
+    }
+}
+
+impl Drop for Warden {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+    }
+}
