@@ -1,41 +1,110 @@
 #!/usr/bin/env bash
-# warden's demo: installs what is missing, builds warden and its plugins (release),
-# lists the plugins, and shows warden checking a plugin, a foreign library and a config.
+# warden's demo: installs what is missing, builds warden (release), then
+#  1. lists and checks plugins;
+#  2. starts Redis, the router (nginx + Lua), moto_server (AWS) and three labelled
+#     containers, runs warden, and shows requests answered by different containers
+#     through the router, the host joining the service's ELB, then one container
+#     stopped and the traffic moving to the others.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo build --release --workspace --locked
-bin=target/release/warden
+bin=$PWD/target/release/warden
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+work=$(mktemp -d /tmp/warden-demo.XXXXXX)
+chmod 755 "$work"
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  docker rm -f $(docker ps -aq --filter label=warden-demo) >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
 
-# Plugins must sit in a directory that only root/warden can write.
-plugins=$(mktemp -d /tmp/warden-demo-plugins.XXXXXX)
-chmod 755 "$plugins"
-install -m 644 target/release/libwarden_plugin_file_services.so target/release/libwarden_plugin_template.so "$plugins/"
-
-say "warden plugins list --dir $plugins"
-"$bin" plugins list --dir "$plugins"
-
+# --- plugins ---------------------------------------------------------------
+mkdir -m 755 "$work/plugins"
+install -m 644 target/release/libwarden_plugin_docker_labels.so target/release/libwarden_plugin_file_services.so \
+  target/release/libwarden_plugin_template.so "$work/plugins/"
+say "warden plugins list --dir $work/plugins"
+"$bin" plugins list --dir "$work/plugins"
 say "warden plugins check (the template plugin, with a config)"
-"$bin" plugins check "$plugins/libwarden_plugin_template.so" --config '{"value": 3}'
-
+"$bin" plugins check "$work/plugins/libwarden_plugin_template.so" --config '{"value": 3}'
 say "warden plugins check (a shared library that is not a plugin)"
 "$bin" plugins check /lib/x86_64-linux-gnu/libz.so.1 || echo "(exit code $?)"
 
-say "warden check --config examples/warden.toml"
-cp examples/services.toml /tmp/warden-demo-services.toml
-sed -e "s#/usr/lib/warden/plugins#$plugins#" -e "s#/etc/warden/services.toml#/tmp/warden-demo-services.toml#" \
-  examples/warden.toml >/tmp/warden-demo.toml
-"$bin" check --config /tmp/warden-demo.toml
+# --- the parts -------------------------------------------------------------
+redis_port=16379 router_port=18080 service_port=18001 moto_port=15000
+redis-server --port $redis_port --bind 127.0.0.1 --save '' --appendonly no >"$work/redis.log" 2>&1 &
+pids+=($!)
+router/start.sh "$work/router" $router_port 127.0.0.1 $redis_port >"$work/nginx.out" 2>&1 &
+pids+=($!)
+moto_server -H 127.0.0.1 -p $moto_port >"$work/moto.log" 2>&1 &
+pids+=($!)
+export AWS_ENDPOINT_URL=http://127.0.0.1:$moto_port AWS_REGION=eu-west-1 \
+  AWS_ACCESS_KEY_ID=demo AWS_SECRET_ACCESS_KEY=demo AWS_EC2_METADATA_DISABLED=true
+for p in $redis_port $router_port $moto_port; do
+  for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null && break; sleep 0.1; done
+done
+elb() { python3 - "$@" <<'PY'
+import sys, boto3
+elb = boto3.client("elb")
+if sys.argv[1] == "create":
+    elb.create_load_balancer(LoadBalancerName="demo-elb", AvailabilityZones=["eu-west-1a"],
+        Listeners=[{"Protocol": "HTTP", "LoadBalancerPort": 80, "InstanceProtocol": "HTTP", "InstancePort": 18001}])
+else:
+    d = elb.describe_load_balancers(LoadBalancerNames=["demo-elb"])["LoadBalancerDescriptions"][0]
+    print("demo-elb instances:", [i["InstanceId"] for i in d["Instances"]])
+PY
+}
+elb create
+tests/image/build.sh
 
-say "warden check on a config with a mistake"
-sed -e 's/value = 3.0/value = "three"/' /tmp/warden-demo.toml >/tmp/warden-demo-bad.toml
-"$bin" check --config /tmp/warden-demo-bad.toml || echo "(exit code $?)"
+cat >"$work/warden.toml" <<TOML
+[host]
+instance_id = "i-0demo0000000001"
+[plugins]
+dirs = ["$work/plugins"]
+[registrar]
+local_redis = "redis://127.0.0.1:$redis_port"
+router_ports_file = "$work/router/ports.conf"
+router_pid_file = "$work/router/nginx.pid"
+TOML
+say "warden check --config $work/warden.toml"
+"$bin" check --config "$work/warden.toml"
+"$bin" run --config "$work/warden.toml" 2>"$work/warden.log" &
+pids+=($!)
 
-say "warden run (2 s, then SIGTERM)"
-"$bin" run --config /tmp/warden-demo.toml &
-pid=$!
-sleep 2
-kill -TERM "$pid"
-wait "$pid"
-echo "warden exited with $?"
+say "three containers labelled warden.service=demo, warden.frontend-port=$service_port, warden.elb=demo-elb"
+for i in 1 2 3; do
+  docker run -d --name demo-web$i -l warden-demo=1 -e NAME=demo-web$i \
+    -l warden.service=demo -l warden.frontend=demo.local -l warden.frontend-port=$service_port \
+    -l warden.elb=demo-elb -l warden.drain=2 warden-test/busybox >/dev/null
+done
+for _ in $(seq 100); do
+  [ "$(redis-cli -p $redis_port hlen backend:demo)" = 3 ] && (exec 3<>/dev/tcp/127.0.0.1/$service_port) 2>/dev/null && break
+  sleep 0.1
+done
+say "redis: the routes warden wrote"
+redis-cli -p $redis_port --raw get frontend:demo.local | sed 's/^/frontend:demo.local -> /'
+redis-cli -p $redis_port --raw get warden:port:$service_port | sed "s/^/warden:port:$service_port -> /"
+redis-cli -p $redis_port --raw hkeys backend:demo | sed 's/^/backend:demo server /'
+say "9 requests to the service port $service_port, and 3 to Host: demo.local on the router's port $router_port"
+for _ in $(seq 9); do curl -s http://127.0.0.1:$service_port/; done | sort | uniq -c
+for _ in $(seq 3); do curl -s -H 'Host: demo.local' http://127.0.0.1:$router_port/; done | sort | uniq -c
+sleep 1
+elb describe
+
+say "docker stop demo-web1 (warden drops it at the kill, before it exits)"
+docker stop -t 3 demo-web1 >/dev/null &
+sleep 0.5
+redis-cli -p $redis_port --raw hkeys backend:demo | sed 's/^/backend:demo server /'
+for _ in $(seq 9); do curl -s http://127.0.0.1:$service_port/; done | sort | uniq -c
+wait %?docker 2>/dev/null || true
+
+say "all stopped: the routes go, and after the 2 s drain the host leaves demo-elb"
+docker stop -t 1 demo-web2 demo-web3 >/dev/null
+sleep 3.5
+redis-cli -p $redis_port --raw keys '*demo*' | sed 's/^/key left: /'
+curl -s -o /dev/null -w 'service port now answers HTTP %{http_code}\n' http://127.0.0.1:$service_port/ || true
+elb describe
+say "warden's log (last lines)"
+tail -n 8 "$work/warden.log"

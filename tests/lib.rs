@@ -22,9 +22,15 @@ pub fn target_dir() -> PathBuf {
         .unwrap_or_else(|| workspace_root().join("target"))
 }
 
-/// Where the debug build puts binaries and cdylibs.
+/// The cargo profile of the warden and plugins under test: `debug`, or `release` when
+/// `WARDEN_TEST_PROFILE=release` (the benchmarks).
+fn profile() -> String {
+    std::env::var("WARDEN_TEST_PROFILE").unwrap_or_else(|_| "debug".into())
+}
+
+/// Where the build puts binaries and cdylibs.
 pub fn build_dir() -> PathBuf {
-    target_dir().join("debug")
+    target_dir().join(profile())
 }
 
 /// Builds the workspace's binaries and plugins (debug) once per test process. With the
@@ -33,8 +39,12 @@ pub fn build_workspace() {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut args = vec!["build", "--workspace"];
+        if profile() == "release" {
+            args.push("--release");
+        }
         let status = Command::new(cargo)
-            .args(["build", "--workspace"])
+            .args(&args)
             .current_dir(workspace_root())
             .status()
             .expect("run cargo build");

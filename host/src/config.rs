@@ -77,6 +77,10 @@ pub struct RegistrarConfig {
     pub resync_secs: u64,
     /// Service-definition plugins; docker-labels when empty.
     pub sources: Vec<PluginRef>,
+    /// Remove a container from its backend as soon as Docker says it is being stopped
+    /// (`kill` with SIGTERM/SIGKILL, or `stop`). `false` removes it only when it dies,
+    /// as Registrator and Traefik do; kept for comparison in the benchmark.
+    pub drain_on_stop: bool,
     /// nginx include file warden writes the router's `listen` lines into.
     pub router_ports_file: Option<PathBuf>,
     /// nginx master's pid file, to reload the router when its ports change.
@@ -87,6 +91,7 @@ impl Default for RegistrarConfig {
     fn default() -> Self {
         Self {
             enabled: true,
+            drain_on_stop: true,
             local_redis: "redis://127.0.0.1:6379".into(),
             resync_secs: 30,
             sources: Vec::new(),

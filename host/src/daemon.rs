@@ -156,6 +156,7 @@ pub async fn run(
             config.registrar.sources.clone(),
             Duration::from_secs(config.registrar.resync_secs),
         );
+        let drain_on_stop = config.registrar.drain_on_stop;
         let host = host.clone();
         let mut stop = stop_rx.clone();
         tasks.spawn(async move {
@@ -168,6 +169,7 @@ pub async fn run(
                 sources,
                 routes,
                 resync,
+                drain_on_stop,
                 elbs: elb_tx,
                 ports: ports_tx,
             }

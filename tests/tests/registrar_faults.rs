@@ -200,3 +200,62 @@ async fn the_docker_stream_breaking_reconnects_and_resyncs() {
     let log = warden.log_text();
     assert!(log.contains("docker event stream"), "{log}");
 }
+
+#[test]
+fn a_container_with_a_healthcheck_is_routed_only_while_healthy() {
+    let redis = Redis::start();
+    let _warden = Warden::start(&config(&redis), &[]);
+    let cs = Containers::new("health");
+    // Healthy once /www/ok exists; the test creates and removes it.
+    let id = cs.run(
+        "h",
+        &[("warden.service", "hc")],
+        &["--health-cmd", "test -f /www/ok", "--health-interval", "1s", "--health-retries", "1"],
+    );
+    let member = addr(&cs, &id);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(servers(&redis, "hc").is_empty(), "not routed while its health is starting");
+    assert!(docker_ok(&["exec", &id, "sh", "-c", "echo > /www/ok"]));
+    wait_servers(&redis, "hc", &BTreeSet::from([member.clone()]));
+    assert!(docker_ok(&["exec", &id, "sh", "-c", "rm /www/ok"]));
+    wait_servers(&redis, "hc", &BTreeSet::new());
+}
+
+#[test]
+fn file_defined_services_match_by_image_and_name_and_follow_the_file() {
+    let redis = Redis::start();
+    let cs = Containers::new("filesvc");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("services.toml");
+    let pattern = format!("{}-*", cs.tag);
+    std::fs::write(
+        &file,
+        format!("[[services]]\nname = \"fs\"\nfrontends = [\"fs.test\"]\nmatch = {{ image = \"warden-test/busybox\", name = {pattern:?} }}\n"),
+    )
+    .unwrap();
+    let _warden = Warden::start(
+        &format!("{}\n[[registrar.sources]]\nplugin = \"file-services\"\nconfig = {{ path = {:?} }}\n", config(&redis), file),
+        &[],
+    );
+    let id = cs.run("one", &[], &[]);
+    wait_servers(&redis, "fs", &BTreeSet::from([addr(&cs, &id)]));
+    let fe: Option<String> = redis.conn().get("frontend:fs.test").unwrap();
+    assert_eq!(fe.as_deref(), Some("fs"));
+    // A bad edit keeps the routes; a good one moves the front-end.
+    let tmp = dir.path().join("tmp");
+    std::fs::write(&tmp, "[[services]\n").unwrap();
+    std::fs::rename(&tmp, &file).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(servers(&redis, "fs"), BTreeSet::from([addr(&cs, &id)]));
+    std::fs::write(
+        &tmp,
+        format!("[[services]]\nname = \"fs\"\nfrontends = [\"fs2.test\"]\nmatch = {{ image = \"warden-test/busybox\", name = {pattern:?} }}\n"),
+    )
+    .unwrap();
+    std::fs::rename(&tmp, &file).unwrap();
+    eventually(Duration::from_secs(10), "front-end moved to fs2.test", || {
+        let a: Option<String> = redis.conn().get("frontend:fs2.test").unwrap();
+        let b: Option<String> = redis.conn().get("frontend:fs.test").unwrap();
+        (a.as_deref() == Some("fs") && b.is_none()).then_some(())
+    });
+}

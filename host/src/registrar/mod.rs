@@ -35,6 +35,8 @@ pub struct Registrar {
     pub sources: Vec<ServicesClient>,
     pub routes: redx::RedisRoutes,
     pub resync: Duration,
+    /// See `RegistrarConfig::drain_on_stop`.
+    pub drain_on_stop: bool,
     /// ELB membership wanted, published only while the store is in sync with Docker.
     pub elbs: watch::Sender<BTreeMap<String, ElbWant>>,
     /// The router's port front-ends.
@@ -56,9 +58,10 @@ struct Loop {
 impl Registrar {
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let n = self.sources.len();
+        let die_only = !self.drain_on_stop;
         let mut l = Loop {
             r: self,
-            store: Store::default(),
+            store: Store::new(die_only),
             last_services: vec![None; n],
             generations: vec![None; n],
             warned: BTreeSet::new(),

@@ -108,9 +108,18 @@ pub struct Store {
     /// True once a full list has been read since the last (re)connection to Docker:
     /// only then is "no container of this service" positive knowledge.
     pub synced: bool,
+    /// Ignore stop signals and wait for `die` (comparison mode, see the config).
+    pub die_only: bool,
 }
 
 impl Store {
+    pub fn new(die_only: bool) -> Store {
+        Store {
+            die_only,
+            ..Store::default()
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.containers.len()
     }
@@ -182,6 +191,9 @@ impl Store {
     }
 
     fn mark_stopping(&mut self, id: &str) {
+        if self.die_only {
+            return;
+        }
         if let Some(c) = self.containers.get_mut(id) {
             c.stopping = true;
         }
