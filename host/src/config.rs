@@ -101,11 +101,58 @@ impl Default for RegistrarConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ManagerConfig {
     /// Central Redis shared by all hosts; the manager is off without it.
     pub central_redis: Option<String>,
+    /// Leadership lease; a dead leader is replaced within about lease + tick + guard.
+    pub lease_ms: u64,
+    /// How often hosts renew or check the lease.
+    pub tick_ms: u64,
+    /// How long a competition lasts before the winner is read.
+    pub guard_ms: u64,
+    /// The leader's loop over the managed services.
+    pub loop_secs: u64,
+    /// Decide and log, call nothing.
+    pub dry_run: bool,
+    pub services: Vec<ManagedServiceConfig>,
+}
+
+impl Default for ManagerConfig {
+    fn default() -> Self {
+        Self {
+            central_redis: None,
+            lease_ms: 2000,
+            tick_ms: 250,
+            guard_ms: 500,
+            loop_secs: 15,
+            dry_run: false,
+            services: Vec::new(),
+        }
+    }
+}
+
+/// A service whose ECS tasks the leader scales.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManagedServiceConfig {
+    pub name: String,
+    #[serde(default = "default_cluster")]
+    pub cluster: String,
+    /// Task mode: standalone tasks of this task definition (`family` or `family:rev`).
+    pub task_definition: Option<String>,
+    /// Service mode: this ECS service's desiredCount.
+    pub ecs_service: Option<String>,
+    /// The `[metrics.<name>]` that drives it.
+    pub metric: String,
+    pub mapping: crate::manager::policy::Mapping,
+    #[serde(default)]
+    pub policy: crate::manager::policy::Policy,
+}
+
+fn default_cluster() -> String {
+    "default".into()
 }
 
 /// A plugin instance: which plugin, and the config it gets (checked against its schema).
@@ -226,6 +273,26 @@ impl Config {
         }
         for (name, metric) in &self.metrics {
             check_plugin_ref(metric).map_err(|m| bad(&format!("metrics.{name}"), m))?;
+        }
+        let m = &self.manager;
+        if m.lease_ms < 3 * m.tick_ms || m.tick_ms == 0 {
+            return Err(bad("manager.lease_ms", format!("expected at least 3 ticks (tick_ms = {})", m.tick_ms)));
+        }
+        if m.loop_secs == 0 {
+            return Err(bad("manager.loop_secs", "expected a positive number of seconds".into()));
+        }
+        for (i, s) in m.services.iter().enumerate() {
+            let key = |k: &str| format!("manager.services[{i}].{k}");
+            if s.task_definition.is_some() == s.ecs_service.is_some() {
+                return Err(bad(&key("task_definition"), "give exactly one of task_definition and ecs_service".into()));
+            }
+            if !self.metrics.contains_key(&s.metric) {
+                return Err(bad(&key("metric"), format!("no [metrics.{}] is configured", s.metric)));
+            }
+            s.mapping.validate().map_err(|e| bad(&key("mapping"), e))?;
+            if s.policy.min > s.policy.max {
+                return Err(bad(&key("policy"), format!("min {} is above max {}", s.policy.min, s.policy.max)));
+            }
         }
         Ok(())
     }

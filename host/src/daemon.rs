@@ -10,7 +10,9 @@ use tokio::sync::watch;
 use warden_plugin_api::Kind;
 
 use crate::config::{Config, PluginRef};
-use crate::plugins::{CallOptions, PluginClient, PluginHost, ServicesClient};
+use crate::manager::election::Timing;
+use crate::manager::{ManagedService, Manager, Target};
+use crate::plugins::{CallOptions, MetricClient, PluginClient, PluginHost, ServicesClient};
 use crate::registrar::{self, redx::RedisRoutes, Registrar};
 
 /// The plugin that gives service definitions when none is configured.
@@ -113,18 +115,63 @@ pub async fn run(
         insecure || config.plugins.allow_insecure,
     ));
     let options = CallOptions::from_config(&config.plugins);
-    let mut metrics: Vec<Arc<dyn PluginClient>> = Vec::new();
+    let mut metrics: BTreeMap<String, Arc<dyn PluginClient>> = BTreeMap::new();
     for (name, r) in &config.metrics {
-        match host
-            .create(&r.plugin, Kind::MetricSource, &r.config, options)
-            .await
-        {
-            Ok(c) => metrics.push(c),
+        match host.create(&r.plugin, Kind::MetricSource, &r.config, options).await {
+            Ok(c) => {
+                metrics.insert(name.clone(), c);
+            }
             Err(e) => tracing::error!(metric = %name, "metric source not created: {e}"),
         }
     }
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
+
+    if let Some(url) = &config.manager.central_redis {
+        let central = redis::Client::open(url.as_str()).map_err(|e| anyhow::anyhow!("manager.central_redis: {e}"))?;
+        let id = instance_id(&config).await.unwrap_or_else(hostname);
+        let az = config.host.availability_zone.clone().unwrap_or_else(|| "unknown".into());
+        let mut services = Vec::new();
+        for s in &config.manager.services {
+            let Some(metric) = metrics.get(&s.metric) else {
+                tracing::error!(service = %s.name, metric = %s.metric, "managed service skipped: its metric source was not created");
+                continue;
+            };
+            services.push(ManagedService {
+                name: s.name.clone(),
+                cluster: s.cluster.clone(),
+                target: match (&s.task_definition, &s.ecs_service) {
+                    (Some(t), _) => Target::Tasks { task_definition: t.clone() },
+                    (None, Some(svc)) => Target::Service { service: svc.clone() },
+                    (None, None) => unreachable!("checked by the config"),
+                },
+                metric: MetricClient(metric.clone()),
+                mapping: s.mapping.clone(),
+                policy: s.policy.clone(),
+            });
+        }
+        let ecs = if config.manager.dry_run {
+            None
+        } else {
+            Some(aws_sdk_ecs::Client::new(&aws_config().await))
+        };
+        let m = &config.manager;
+        let manager = Manager {
+            id: id.clone(),
+            az,
+            central,
+            timing: Timing {
+                lease: Duration::from_millis(m.lease_ms),
+                tick: Duration::from_millis(m.tick_ms),
+                guard: Duration::from_millis(m.guard_ms),
+            },
+            loop_interval: Duration::from_secs(m.loop_secs),
+            services,
+            ecs,
+        };
+        tracing::info!(instance = %id, services = manager.services.len(), dry_run = m.dry_run, "manager started");
+        tasks.spawn(manager.run(stop_rx.clone()));
+    }
 
     if config.registrar.enabled {
         let docker = bollard::Docker::connect_with_defaults()
@@ -192,7 +239,7 @@ pub async fn run(
         while tasks.join_next().await.is_some() {}
     })
     .await;
-    for m in &metrics {
+    for m in metrics.values() {
         m.shutdown();
     }
     Ok(())

@@ -10,5 +10,7 @@ pub mod backoff;
 pub mod config;
 pub mod daemon;
 pub mod logging;
+pub mod manager;
 pub mod plugins;
 pub mod registrar;
+pub mod status;

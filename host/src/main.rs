@@ -42,6 +42,14 @@ enum Command {
         #[arg(long, env = "WARDEN_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Show the leader, the hosts and every managed service's last decision.
+    Status {
+        #[arg(long, env = "WARDEN_CONFIG")]
+        config: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the daemon until SIGTERM or SIGINT.
     Run {
         #[arg(long, env = "WARDEN_CONFIG")]
@@ -126,6 +134,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => plugins_check(file, config, kind, insecure),
         Command::Check { config } => check(config, insecure),
         Command::Run { config } => daemon(config, insecure),
+        Command::Status { config, json } => {
+            let config = load_config(config.as_deref())?;
+            let url = config
+                .manager
+                .central_redis
+                .context("manager.central_redis is not set (or WARDEN_CENTRAL_REDIS): nothing to ask")?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let status = rt.block_on(warden::status::read(&url))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", warden::status::render(&status));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -1,0 +1,293 @@
+//! The scaling decision: metric → mapped task count → policy → desired count. Pure, so
+//! every rule is a unit test; its state is serialisable so that it lives in the central
+//! Redis and a new leader inherits it (scale-down stabilisation survives a failover).
+//!
+//! A metric failure is never read as zero (KEDA's most reported bug): the count is held,
+//! and after `failure_threshold` consecutive failures the configured fallback applies.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// How a metric value becomes a task count.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mapping {
+    /// Rows of (lower bound, tasks): the row with the greatest bound ≤ the value applies;
+    /// a value below every bound maps to 0. (The seed's mapping files.)
+    Table(Vec<(f64, u32)>),
+    /// desired = ceil(metric / target).
+    TargetPerTask(f64),
+}
+
+impl Mapping {
+    pub fn map(&self, v: f64) -> u32 {
+        match self {
+            Mapping::Table(rows) => rows
+                .iter()
+                .filter(|(lower, _)| *lower <= v)
+                .max_by(|a, b| a.0.partial_cmp(&b.0).unwrap_or(std::cmp::Ordering::Equal))
+                .map_or(0, |(_, n)| *n),
+            Mapping::TargetPerTask(t) => (v / t).ceil().clamp(0.0, u32::MAX as f64) as u32,
+        }
+    }
+
+    /// Checks a table: bounds finite and strictly increasing. The error names the row.
+    pub fn validate(&self) -> Result<(), String> {
+        match self {
+            Mapping::Table(rows) => {
+                if rows.is_empty() {
+                    return Err("table: no rows".into());
+                }
+                for (i, w) in rows.windows(2).enumerate() {
+                    if w[1].0.partial_cmp(&w[0].0) != Some(std::cmp::Ordering::Greater) {
+                        return Err(format!("table row {}: lower bound {} is not above the previous row's {}", i + 2, w[1].0, w[0].0));
+                    }
+                }
+                if let Some((i, _)) = rows.iter().enumerate().find(|(_, r)| !r.0.is_finite()) {
+                    return Err(format!("table row {}: lower bound is not a number", i + 1));
+                }
+                Ok(())
+            }
+            Mapping::TargetPerTask(t) if !(t.is_finite() && *t > 0.0) => Err(format!("target_per_task: {t} is not a positive number")),
+            Mapping::TargetPerTask(_) => Ok(()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fallback {
+    Hold,
+    Fixed(u32),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Policy {
+    pub min: u32,
+    pub max: u32,
+    /// Relative change ignored (HPA's default 0.1).
+    pub tolerance: f64,
+    /// A scale-down takes the highest recommendation of this window (HPA: 300 s).
+    pub scale_down_window_secs: u64,
+    /// Largest change per loop (0: no limit).
+    pub max_step: u32,
+    /// No action within this long after the last one.
+    pub cooldown_secs: u64,
+    /// Consecutive metric failures before the fallback applies.
+    pub failure_threshold: u32,
+    pub fallback: Fallback,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            min: 0,
+            max: 100,
+            tolerance: 0.1,
+            scale_down_window_secs: 300,
+            max_step: 0,
+            cooldown_secs: 0,
+            failure_threshold: 3,
+            fallback: Fallback::Hold,
+        }
+    }
+}
+
+/// What the policy remembers between loops (kept in the central Redis).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PolicyState {
+    /// (time ms, recommended count) within the scale-down window.
+    pub recommendations: Vec<(u64, u32)>,
+    pub last_action_ms: Option<u64>,
+    pub consecutive_failures: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Decision {
+    pub metric: Option<f64>,
+    pub mapped: Option<u32>,
+    pub clamped: Option<u32>,
+    pub current: u32,
+    pub desired: u32,
+    /// `hold`, `scale-up` or `scale-down`.
+    pub action: String,
+    pub reason: String,
+}
+
+fn action(current: u32, desired: u32) -> String {
+    match desired.cmp(&current) {
+        std::cmp::Ordering::Greater => "scale-up",
+        std::cmp::Ordering::Less => "scale-down",
+        std::cmp::Ordering::Equal => "hold",
+    }
+    .into()
+}
+
+/// Decides the desired count. `metric` is the reading or why there is none.
+pub fn decide(metric: Result<f64, String>, current: u32, now_ms: u64, mapping: &Mapping, p: &Policy, st: &mut PolicyState) -> Decision {
+    let hold = |reason: String, metric: Option<f64>| Decision {
+        metric,
+        mapped: None,
+        clamped: None,
+        current,
+        desired: current,
+        action: "hold".into(),
+        reason,
+    };
+    let value = match metric {
+        Ok(v) if v.is_finite() => {
+            st.consecutive_failures = 0;
+            v
+        }
+        other => {
+            let why = other.err().unwrap_or_else(|| "metric is not a finite number".into());
+            st.consecutive_failures += 1;
+            if st.consecutive_failures < p.failure_threshold {
+                return hold(format!("metric failed ({why}); holding ({} of {} failures)", st.consecutive_failures, p.failure_threshold), None);
+            }
+            return match p.fallback {
+                Fallback::Hold => hold(format!("metric failed {} times ({why}); fallback: hold", st.consecutive_failures), None),
+                Fallback::Fixed(n) => {
+                    let desired = n.clamp(p.min, p.max);
+                    Decision {
+                        metric: None,
+                        mapped: None,
+                        clamped: Some(desired),
+                        current,
+                        desired,
+                        action: action(current, desired),
+                        reason: format!("metric failed {} times ({why}); fallback: fixed {n}", st.consecutive_failures),
+                    }
+                }
+            };
+        }
+    };
+    let mapped = mapping.map(value);
+    let clamped = mapped.clamp(p.min, p.max.max(p.min));
+    let window = Duration::from_secs(p.scale_down_window_secs).as_millis() as u64;
+    st.recommendations.retain(|(t, _)| now_ms.saturating_sub(*t) < window);
+    st.recommendations.push((now_ms, clamped));
+    let mut d = Decision {
+        metric: Some(value),
+        mapped: Some(mapped),
+        clamped: Some(clamped),
+        current,
+        desired: clamped,
+        action: String::new(),
+        reason: String::new(),
+    };
+    let mut why = vec![format!("metric {value} maps to {mapped}")];
+    if clamped != mapped {
+        why.push(format!("clamped to [{}, {}]: {clamped}", p.min, p.max));
+    }
+    if clamped < current {
+        let highest = st.recommendations.iter().map(|r| r.1).max().unwrap_or(clamped);
+        if highest > clamped {
+            why.push(format!("scale-down stabilised at {highest} (highest of the last {}s)", p.scale_down_window_secs));
+        }
+        d.desired = highest.min(current);
+    }
+    let within_tolerance =
+        current > 0 && (d.desired as f64 - current as f64).abs() / current as f64 <= p.tolerance && d.desired >= p.min && d.desired <= p.max && current >= p.min && current <= p.max;
+    if d.desired != current && within_tolerance {
+        why.push(format!("within tolerance {} of {current}", p.tolerance));
+        d.desired = current;
+    }
+    if p.max_step > 0 && d.desired.abs_diff(current) > p.max_step {
+        d.desired = if d.desired > current { current + p.max_step } else { current - p.max_step };
+        why.push(format!("step limited to {}", p.max_step));
+    }
+    if d.desired != current {
+        if let Some(last) = st.last_action_ms {
+            let cool = p.cooldown_secs * 1000;
+            if now_ms.saturating_sub(last) < cool {
+                why.push(format!("cooldown: last action {}s ago", now_ms.saturating_sub(last) / 1000));
+                d.desired = current;
+            }
+        }
+    }
+    d.action = action(current, d.desired);
+    d.reason = why.join("; ");
+    d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> Mapping {
+        Mapping::Table(vec![(0.0, 1), (2.0, 3), (5.0, 6), (10.0, 12)])
+    }
+
+    #[test]
+    fn table_and_target_mappings() {
+        let t = table();
+        assert_eq!(t.map(-1.0), 0);
+        assert_eq!(t.map(0.0), 1);
+        assert_eq!(t.map(4.9), 3);
+        assert_eq!(t.map(5.0), 6);
+        assert_eq!(t.map(1e9), 12);
+        assert_eq!(Mapping::TargetPerTask(10.0).map(31.0), 4);
+        assert_eq!(Mapping::TargetPerTask(10.0).map(0.0), 0);
+    }
+
+    #[test]
+    fn bad_tables_name_the_row() {
+        assert!(Mapping::Table(vec![(0.0, 1), (5.0, 2), (5.0, 3)]).validate().unwrap_err().contains("row 3"));
+        assert!(Mapping::Table(vec![]).validate().is_err());
+        assert!(Mapping::TargetPerTask(0.0).validate().is_err());
+        table().validate().unwrap();
+    }
+
+    #[test]
+    fn scale_up_is_immediate_and_clamped() {
+        let p = Policy { max: 10, ..Policy::default() };
+        let mut st = PolicyState::default();
+        let d = decide(Ok(50.0), 2, 0, &table(), &p, &mut st);
+        assert_eq!((d.mapped, d.clamped, d.desired, d.action.as_str()), (Some(12), Some(10), 10, "scale-up"));
+    }
+
+    #[test]
+    fn a_metric_failure_holds_and_then_falls_back() {
+        let p = Policy { failure_threshold: 2, fallback: Fallback::Fixed(4), ..Policy::default() };
+        let mut st = PolicyState::default();
+        let d = decide(Err("timeout".into()), 7, 0, &table(), &p, &mut st);
+        assert_eq!((d.desired, d.action.as_str()), (7, "hold"), "never read as zero");
+        let d = decide(Err("timeout".into()), 7, 1000, &table(), &p, &mut st);
+        assert_eq!(d.desired, 4);
+        let d = decide(Ok(f64::NAN), 7, 2000, &table(), &Policy::default(), &mut PolicyState::default());
+        assert_eq!(d.desired, 7);
+        // A good reading resets the count.
+        decide(Ok(5.0), 6, 3000, &table(), &p, &mut st);
+        assert_eq!(st.consecutive_failures, 0);
+    }
+
+    #[test]
+    fn scale_down_takes_the_highest_recommendation_of_the_window() {
+        let p = Policy { scale_down_window_secs: 300, ..Policy::default() };
+        let mut st = PolicyState::default();
+        assert_eq!(decide(Ok(10.0), 12, 0, &table(), &p, &mut st).desired, 12);
+        // The metric drops: still 12 within the window...
+        let d = decide(Ok(0.0), 12, 100_000, &table(), &p, &mut st);
+        assert_eq!((d.desired, d.action.as_str()), (12, "hold"), "{}", d.reason);
+        // ...and the window's highest falls as old recommendations age out.
+        assert_eq!(decide(Ok(0.0), 12, 301_000, &table(), &p, &mut st).desired, 1);
+    }
+
+    #[test]
+    fn tolerance_step_and_cooldown() {
+        let p = Policy { scale_down_window_secs: 0, tolerance: 0.1, ..Policy::default() };
+        let m = Mapping::TargetPerTask(1.0);
+        assert_eq!(decide(Ok(21.0), 20, 0, &m, &p, &mut PolicyState::default()).desired, 20, "5% is within tolerance");
+        assert_eq!(decide(Ok(23.0), 20, 0, &m, &p, &mut PolicyState::default()).desired, 23);
+        let p = Policy { max_step: 3, scale_down_window_secs: 0, ..Policy::default() };
+        assert_eq!(decide(Ok(30.0), 20, 0, &m, &p, &mut PolicyState::default()).desired, 23);
+        assert_eq!(decide(Ok(10.0), 20, 0, &m, &p, &mut PolicyState::default()).desired, 17);
+        let p = Policy { cooldown_secs: 60, scale_down_window_secs: 0, ..Policy::default() };
+        let mut st = PolicyState { last_action_ms: Some(0), ..Default::default() };
+        assert_eq!(decide(Ok(40.0), 20, 30_000, &m, &p, &mut st).desired, 20);
+        assert_eq!(decide(Ok(40.0), 20, 61_000, &m, &p, &mut st).desired, 40);
+    }
+}

@@ -1,0 +1,111 @@
+//! `warden status`: what the central Redis says of the election and the managed services.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::manager::{election, Record};
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub leader: Option<LeaderStatus>,
+    pub hosts: Vec<HostStatus>,
+    pub services: Vec<Record>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LeaderStatus {
+    pub instance_id: String,
+    pub availability_zone: String,
+    pub epoch: u64,
+    pub heartbeat_age_ms: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct HostStatus {
+    pub instance_id: String,
+    pub availability_zone: String,
+}
+
+async fn scan(conn: &mut redis::aio::MultiplexedConnection, pattern: &str) -> redis::RedisResult<Vec<String>> {
+    let mut keys: Vec<String> = Vec::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(500).query_async(conn).await?;
+        keys.extend(batch);
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    keys.sort();
+    Ok(keys)
+}
+
+pub async fn read(url: &str) -> anyhow::Result<Status> {
+    let client = redis::Client::open(url)?;
+    let mut conn = tokio::time::timeout(Duration::from_secs(5), client.get_multiplexed_async_connection())
+        .await
+        .map_err(|_| anyhow::anyhow!("central redis {url}: no answer within 5 s"))??;
+    let lease: Option<String> = redis::cmd("GET").arg(election::LEADER).query_async(&mut conn).await?;
+    let (now_s, now_us): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await?;
+    let now_ms = now_s * 1000 + now_us / 1000;
+    let hb: Option<u64> = redis::cmd("HGET").arg(election::HEARTBEAT).arg("time_ms").query_async(&mut conn).await?;
+    let leader = lease.as_deref().and_then(election::Lease::parse).map(|l| LeaderStatus {
+        instance_id: l.id,
+        availability_zone: l.az,
+        epoch: l.epoch,
+        heartbeat_age_ms: hb.map(|t| now_ms.saturating_sub(t)),
+    });
+    let mut hosts = Vec::new();
+    for key in scan(&mut conn, "warden:host:*").await? {
+        let az: Option<String> = redis::cmd("HGET").arg(&key).arg("az").query_async(&mut conn).await?;
+        hosts.push(HostStatus {
+            instance_id: key.trim_start_matches("warden:host:").to_owned(),
+            availability_zone: az.unwrap_or_default(),
+        });
+    }
+    let mut services = Vec::new();
+    for key in scan(&mut conn, "warden:decision:*").await? {
+        let text: Option<String> = redis::cmd("GET").arg(&key).query_async(&mut conn).await?;
+        if let Some(r) = text.and_then(|t| serde_json::from_str::<Record>(&t).ok()) {
+            services.push(r);
+        }
+    }
+    Ok(Status { leader, hosts, services })
+}
+
+/// The human-readable form.
+pub fn render(s: &Status) -> String {
+    let mut out = String::new();
+    match &s.leader {
+        Some(l) => out.push_str(&format!(
+            "leader: {} in {} (epoch {}, heartbeat {} ago)\n",
+            l.instance_id,
+            l.availability_zone,
+            l.epoch,
+            l.heartbeat_age_ms.map_or("never".to_owned(), |a| format!("{a} ms"))
+        )),
+        None => out.push_str("leader: none\n"),
+    }
+    out.push_str(&format!("hosts ({}):\n", s.hosts.len()));
+    for h in &s.hosts {
+        out.push_str(&format!("  {} {}\n", h.instance_id, h.availability_zone));
+    }
+    out.push_str(&format!("services ({}):\n", s.services.len()));
+    for r in &s.services {
+        out.push_str(&format!(
+            "  {}: metric {} desired {} running {} action {} ({}) by {} epoch {}: {}\n",
+            r.service,
+            r.decision.metric.map_or("failed".to_owned(), |m| m.to_string()),
+            r.decision.desired,
+            r.decision.current,
+            r.decision.action,
+            r.outcome,
+            r.leader,
+            r.epoch,
+            r.decision.reason
+        ));
+    }
+    out
+}
