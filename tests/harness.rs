@@ -365,6 +365,7 @@ impl Warden {
         let plugins = plugin_dir(&[
             plugin_so("warden_plugin_docker_labels").as_path(),
             plugin_so("warden_plugin_file_services").as_path(),
+            plugin_so("warden_plugin_template").as_path(),
         ]);
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("warden.toml");
@@ -424,6 +425,11 @@ impl Warden {
 
     pub fn path(&self) -> &Path {
         &self.log
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
     }
 }
 

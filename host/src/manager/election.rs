@@ -73,11 +73,20 @@ return 1
 "#;
 
 /// Takes the lease if it is free, or if it is exactly the holder we saw and chose to
-/// depose (its AZ is unavailable). Leaves a kill message for the previous leader.
+/// depose (its AZ is unavailable). Leaves a kill message for the previous leader. The
+/// epoch is the counter's next value, or Redis time in ms if that is larger, so fencing
+/// tokens keep growing across a restart of the central Redis.
 const ACQUIRE: &str = r#"
 local cur = redis.call('GET', KEYS[1])
 if cur and not (ARGV[4] ~= '' and cur == ARGV[4]) then return 0 end
+local t0 = redis.call('TIME')
+local now0 = tonumber(t0[1]) * 1000 + math.floor(tonumber(t0[2]) / 1000)
+-- The epoch never goes back, even when Redis restarts empty: at least Redis time in ms.
 local e = redis.call('INCR', KEYS[2])
+if e < now0 then
+  e = now0
+  redis.call('SET', KEYS[2], e)
+end
 redis.call('SET', KEYS[1], ARGV[1] .. '\t' .. e .. '\t' .. ARGV[2], 'PX', ARGV[3])
 local old = nil
 if cur then
