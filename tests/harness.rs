@@ -366,14 +366,17 @@ impl Warden {
             plugin_so("warden_plugin_docker_labels").as_path(),
             plugin_so("warden_plugin_file_services").as_path(),
             plugin_so("warden_plugin_template").as_path(),
+            plugin_so("warden_plugin_test_chaos").as_path(),
         ]);
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("warden.toml");
-        std::fs::write(
-            &cfg,
-            format!("[plugins]\ndirs = [{:?}]\n\n{config}", plugins.path()),
-        )
-        .unwrap();
+        let dirs = format!("dirs = [{:?}]\n", plugins.path());
+        let text = if config.contains("[plugins]\n") {
+            config.replacen("[plugins]\n", &format!("[plugins]\n{dirs}"), 1)
+        } else {
+            format!("[plugins]\n{dirs}\n{config}")
+        };
+        std::fs::write(&cfg, text).unwrap();
         let log = dir.path().join("warden.log");
         let mut w = Warden {
             child: Command::new("true").spawn().unwrap(),
@@ -436,5 +439,13 @@ impl Warden {
 impl Drop for Warden {
     fn drop(&mut self) {
         kill(&mut self.child);
+        if std::thread::panicking() {
+            let log = self.log_text();
+            let tail: Vec<&str> = log.lines().rev().take(25).collect();
+            eprintln!("--- last lines of warden's log ({}):", self.log.display());
+            for l in tail.iter().rev() {
+                eprintln!("{}", &l[..l.len().min(600)]);
+            }
+        }
     }
 }

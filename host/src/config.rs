@@ -276,22 +276,37 @@ impl Config {
         }
         let m = &self.manager;
         if m.lease_ms < 3 * m.tick_ms || m.tick_ms == 0 {
-            return Err(bad("manager.lease_ms", format!("expected at least 3 ticks (tick_ms = {})", m.tick_ms)));
+            return Err(bad(
+                "manager.lease_ms",
+                format!("expected at least 3 ticks (tick_ms = {})", m.tick_ms),
+            ));
         }
         if m.loop_secs == 0 {
-            return Err(bad("manager.loop_secs", "expected a positive number of seconds".into()));
+            return Err(bad(
+                "manager.loop_secs",
+                "expected a positive number of seconds".into(),
+            ));
         }
         for (i, s) in m.services.iter().enumerate() {
             let key = |k: &str| format!("manager.services[{i}].{k}");
             if s.task_definition.is_some() == s.ecs_service.is_some() {
-                return Err(bad(&key("task_definition"), "give exactly one of task_definition and ecs_service".into()));
+                return Err(bad(
+                    &key("task_definition"),
+                    "give exactly one of task_definition and ecs_service".into(),
+                ));
             }
             if !self.metrics.contains_key(&s.metric) {
-                return Err(bad(&key("metric"), format!("no [metrics.{}] is configured", s.metric)));
+                return Err(bad(
+                    &key("metric"),
+                    format!("no [metrics.{}] is configured", s.metric),
+                ));
             }
             s.mapping.validate().map_err(|e| bad(&key("mapping"), e))?;
             if s.policy.min > s.policy.max {
-                return Err(bad(&key("policy"), format!("min {} is above max {}", s.policy.min, s.policy.max)));
+                return Err(bad(
+                    &key("policy"),
+                    format!("min {} is above max {}", s.policy.min, s.policy.max),
+                ));
             }
         }
         Ok(())

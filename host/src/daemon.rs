@@ -117,7 +117,10 @@ pub async fn run(
     let options = CallOptions::from_config(&config.plugins);
     let mut metrics: BTreeMap<String, Arc<dyn PluginClient>> = BTreeMap::new();
     for (name, r) in &config.metrics {
-        match host.create(&r.plugin, Kind::MetricSource, &r.config, options).await {
+        match host
+            .create(&r.plugin, Kind::MetricSource, &r.config, options)
+            .await
+        {
             Ok(c) => {
                 metrics.insert(name.clone(), c);
             }
@@ -128,9 +131,14 @@ pub async fn run(
     let mut tasks = tokio::task::JoinSet::new();
 
     if let Some(url) = &config.manager.central_redis {
-        let central = redis::Client::open(url.as_str()).map_err(|e| anyhow::anyhow!("manager.central_redis: {e}"))?;
+        let central = redis::Client::open(url.as_str())
+            .map_err(|e| anyhow::anyhow!("manager.central_redis: {e}"))?;
         let id = instance_id(&config).await.unwrap_or_else(hostname);
-        let az = config.host.availability_zone.clone().unwrap_or_else(|| "unknown".into());
+        let az = config
+            .host
+            .availability_zone
+            .clone()
+            .unwrap_or_else(|| "unknown".into());
         let mut services = Vec::new();
         for s in &config.manager.services {
             let Some(metric) = metrics.get(&s.metric) else {
@@ -141,8 +149,12 @@ pub async fn run(
                 name: s.name.clone(),
                 cluster: s.cluster.clone(),
                 target: match (&s.task_definition, &s.ecs_service) {
-                    (Some(t), _) => Target::Tasks { task_definition: t.clone() },
-                    (None, Some(svc)) => Target::Service { service: svc.clone() },
+                    (Some(t), _) => Target::Tasks {
+                        task_definition: t.clone(),
+                    },
+                    (None, Some(svc)) => Target::Service {
+                        service: svc.clone(),
+                    },
                     (None, None) => unreachable!("checked by the config"),
                 },
                 metric: MetricClient(metric.clone()),

@@ -136,11 +136,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run { config } => daemon(config, insecure),
         Command::Status { config, json } => {
             let config = load_config(config.as_deref())?;
-            let url = config
-                .manager
-                .central_redis
-                .context("manager.central_redis is not set (or WARDEN_CENTRAL_REDIS): nothing to ask")?;
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let url = config.manager.central_redis.context(
+                "manager.central_redis is not set (or WARDEN_CENTRAL_REDIS): nothing to ask",
+            )?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             let status = rt.block_on(warden::status::read(&url))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);

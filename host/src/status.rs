@@ -27,11 +27,21 @@ pub struct HostStatus {
     pub availability_zone: String,
 }
 
-async fn scan(conn: &mut redis::aio::MultiplexedConnection, pattern: &str) -> redis::RedisResult<Vec<String>> {
+async fn scan(
+    conn: &mut redis::aio::MultiplexedConnection,
+    pattern: &str,
+) -> redis::RedisResult<Vec<String>> {
     let mut keys: Vec<String> = Vec::new();
     let mut cursor: u64 = 0;
     loop {
-        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(500).query_async(conn).await?;
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(500)
+            .query_async(conn)
+            .await?;
         keys.extend(batch);
         if next == 0 {
             break;
@@ -44,22 +54,39 @@ async fn scan(conn: &mut redis::aio::MultiplexedConnection, pattern: &str) -> re
 
 pub async fn read(url: &str) -> anyhow::Result<Status> {
     let client = redis::Client::open(url)?;
-    let mut conn = tokio::time::timeout(Duration::from_secs(5), client.get_multiplexed_async_connection())
-        .await
-        .map_err(|_| anyhow::anyhow!("central redis {url}: no answer within 5 s"))??;
-    let lease: Option<String> = redis::cmd("GET").arg(election::LEADER).query_async(&mut conn).await?;
+    let mut conn = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.get_multiplexed_async_connection(),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("central redis {url}: no answer within 5 s"))??;
+    let lease: Option<String> = redis::cmd("GET")
+        .arg(election::LEADER)
+        .query_async(&mut conn)
+        .await?;
     let (now_s, now_us): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await?;
     let now_ms = now_s * 1000 + now_us / 1000;
-    let hb: Option<u64> = redis::cmd("HGET").arg(election::HEARTBEAT).arg("time_ms").query_async(&mut conn).await?;
-    let leader = lease.as_deref().and_then(election::Lease::parse).map(|l| LeaderStatus {
-        instance_id: l.id,
-        availability_zone: l.az,
-        epoch: l.epoch,
-        heartbeat_age_ms: hb.map(|t| now_ms.saturating_sub(t)),
-    });
+    let hb: Option<u64> = redis::cmd("HGET")
+        .arg(election::HEARTBEAT)
+        .arg("time_ms")
+        .query_async(&mut conn)
+        .await?;
+    let leader = lease
+        .as_deref()
+        .and_then(election::Lease::parse)
+        .map(|l| LeaderStatus {
+            instance_id: l.id,
+            availability_zone: l.az,
+            epoch: l.epoch,
+            heartbeat_age_ms: hb.map(|t| now_ms.saturating_sub(t)),
+        });
     let mut hosts = Vec::new();
     for key in scan(&mut conn, "warden:host:*").await? {
-        let az: Option<String> = redis::cmd("HGET").arg(&key).arg("az").query_async(&mut conn).await?;
+        let az: Option<String> = redis::cmd("HGET")
+            .arg(&key)
+            .arg("az")
+            .query_async(&mut conn)
+            .await?;
         hosts.push(HostStatus {
             instance_id: key.trim_start_matches("warden:host:").to_owned(),
             availability_zone: az.unwrap_or_default(),
@@ -72,7 +99,11 @@ pub async fn read(url: &str) -> anyhow::Result<Status> {
             services.push(r);
         }
     }
-    Ok(Status { leader, hosts, services })
+    Ok(Status {
+        leader,
+        hosts,
+        services,
+    })
 }
 
 /// The human-readable form.
@@ -84,7 +115,8 @@ pub fn render(s: &Status) -> String {
             l.instance_id,
             l.availability_zone,
             l.epoch,
-            l.heartbeat_age_ms.map_or("never".to_owned(), |a| format!("{a} ms"))
+            l.heartbeat_age_ms
+                .map_or("never".to_owned(), |a| format!("{a} ms"))
         )),
         None => out.push_str("leader: none\n"),
     }
@@ -97,7 +129,9 @@ pub fn render(s: &Status) -> String {
         out.push_str(&format!(
             "  {}: metric {} desired {} running {} action {} ({}) by {} epoch {}: {}\n",
             r.service,
-            r.decision.metric.map_or("failed".to_owned(), |m| m.to_string()),
+            r.decision
+                .metric
+                .map_or("failed".to_owned(), |m| m.to_string()),
             r.decision.desired,
             r.decision.current,
             r.decision.action,

@@ -42,12 +42,19 @@ fn leader(central: &Redis) -> Option<(String, u64)> {
 
 /// (leader, epoch, time_ms) of every recorded decision, in order.
 fn history(central: &Redis) -> Vec<(String, u64, u64)> {
-    let items: Vec<String> = central.conn().lrange("warden:decisions:web", 0, -1).unwrap();
+    let items: Vec<String> = central
+        .conn()
+        .lrange("warden:decisions:web", 0, -1)
+        .unwrap();
     items
         .iter()
         .map(|t| {
             let v: serde_json::Value = serde_json::from_str(t).unwrap();
-            (v["leader"].as_str().unwrap().to_owned(), v["epoch"].as_u64().unwrap(), v["time_ms"].as_u64().unwrap())
+            (
+                v["leader"].as_str().unwrap().to_owned(),
+                v["epoch"].as_u64().unwrap(),
+                v["time_ms"].as_u64().unwrap(),
+            )
         })
         .collect()
 }
@@ -56,16 +63,26 @@ fn history(central: &Redis) -> Vec<(String, u64, u64)> {
 fn assert_no_overlap(central: &Redis) {
     let h = history(central);
     for w in h.windows(2) {
-        assert!(w[0].1 <= w[1].1, "decision of epoch {} recorded after one of epoch {}: {h:?}", w[1].1, w[0].1);
+        assert!(
+            w[0].1 <= w[1].1,
+            "decision of epoch {} recorded after one of epoch {}: {h:?}",
+            w[1].1,
+            w[0].1
+        );
     }
 }
 
 fn start_three(central: &Redis) -> Vec<(String, Warden)> {
-    ["i-aaa", "i-bbb", "i-ccc"].iter().map(|id| (id.to_string(), Warden::start(&config(central, id), &[]))).collect()
+    ["i-aaa", "i-bbb", "i-ccc"]
+        .iter()
+        .map(|id| (id.to_string(), Warden::start(&config(central, id), &[])))
+        .collect()
 }
 
 fn wait_leader(central: &Redis, not: Option<&str>, within: Duration) -> (String, u64) {
-    eventually(within, "a leader", || leader(central).filter(|(id, _)| Some(id.as_str()) != not))
+    eventually(within, "a leader", || {
+        leader(central).filter(|(id, _)| Some(id.as_str()) != not)
+    })
 }
 
 #[test]
@@ -73,7 +90,9 @@ fn sigkill_fails_over_within_the_bound_and_sigterm_hands_over_at_once() {
     let central = Redis::start();
     let mut wardens = start_three(&central);
     let (first, e1) = wait_leader(&central, None, Duration::from_secs(15));
-    eventually(Duration::from_secs(5), "a recorded decision", || (!history(&central).is_empty()).then_some(()));
+    eventually(Duration::from_secs(5), "a recorded decision", || {
+        (!history(&central).is_empty()).then_some(())
+    });
 
     let w = &mut wardens.iter_mut().find(|(id, _)| *id == first).unwrap().1;
     let killed = Instant::now();
@@ -81,7 +100,10 @@ fn sigkill_fails_over_within_the_bound_and_sigterm_hands_over_at_once() {
     let (second, e2) = wait_leader(&central, Some(&first), Duration::from_secs(5));
     let failover = killed.elapsed();
     assert!(e2 > e1, "a new epoch");
-    assert!(failover < Duration::from_secs(5), "failover took {failover:?}");
+    assert!(
+        failover < Duration::from_secs(5),
+        "failover took {failover:?}"
+    );
 
     let w = &wardens.iter().find(|(id, _)| *id == second).unwrap().1;
     let termed = Instant::now();
@@ -89,7 +111,10 @@ fn sigkill_fails_over_within_the_bound_and_sigterm_hands_over_at_once() {
     let (third, _) = wait_leader(&central, Some(&second), Duration::from_secs(5));
     let handover = termed.elapsed();
     assert!(third != first);
-    assert!(handover < Duration::from_millis(1500), "SIGTERM handover took {handover:?}");
+    assert!(
+        handover < Duration::from_millis(1500),
+        "SIGTERM handover took {handover:?}"
+    );
     assert_no_overlap(&central);
 }
 
@@ -98,7 +123,9 @@ fn a_paused_leader_steps_down_when_it_resumes_and_records_nothing() {
     let central = Redis::start();
     let wardens = start_three(&central);
     let (first, e1) = wait_leader(&central, None, Duration::from_secs(15));
-    eventually(Duration::from_secs(5), "a recorded decision", || (!history(&central).is_empty()).then_some(()));
+    eventually(Duration::from_secs(5), "a recorded decision", || {
+        (!history(&central).is_empty()).then_some(())
+    });
     let w = &wardens.iter().find(|(id, _)| *id == first).unwrap().1;
     w.signal(libc::SIGSTOP);
     let (_, e2) = wait_leader(&central, Some(&first), Duration::from_secs(8));
@@ -106,14 +133,22 @@ fn a_paused_leader_steps_down_when_it_resumes_and_records_nothing() {
     // Let the new leader record, then wake the old one up.
     std::thread::sleep(Duration::from_millis(1500));
     w.signal(libc::SIGCONT);
-    eventually(Duration::from_secs(5), "the old leader stepping down", || {
-        w.log_text().contains("stepping down").then_some(())
-    });
+    eventually(
+        Duration::from_secs(5),
+        "the old leader stepping down",
+        || w.log_text().contains("stepping down").then_some(()),
+    );
     std::thread::sleep(Duration::from_millis(1500));
     assert_no_overlap(&central);
-    let resumed_records = history(&central).iter().filter(|(id, e, _)| *id == first && *e == e1).count();
+    let resumed_records = history(&central)
+        .iter()
+        .filter(|(id, e, _)| *id == first && *e == e1)
+        .count();
     let before: Vec<_> = history(&central);
-    assert!(resumed_records > 0 && before.last().unwrap().1 == e2, "{before:?}");
+    assert!(
+        resumed_records > 0 && before.last().unwrap().1 == e2,
+        "{before:?}"
+    );
 }
 
 #[test]
@@ -123,7 +158,12 @@ fn a_restarted_central_redis_brings_a_new_epoch_and_no_overlap() {
     let (_, e1) = wait_leader(&central, None, Duration::from_secs(15));
     central.restart();
     let (_, e2) = wait_leader(&central, None, Duration::from_secs(10));
-    assert!(e2 > e1, "epochs keep growing across a restart: {e1} then {e2}");
-    eventually(Duration::from_secs(5), "decisions recorded again", || (history(&central).len() >= 2).then_some(()));
+    assert!(
+        e2 > e1,
+        "epochs keep growing across a restart: {e1} then {e2}"
+    );
+    eventually(Duration::from_secs(5), "decisions recorded again", || {
+        (history(&central).len() >= 2).then_some(())
+    });
     assert_no_overlap(&central);
 }

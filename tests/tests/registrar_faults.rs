@@ -26,9 +26,11 @@ fn addr(cs: &Containers, id: &str) -> String {
 }
 
 fn wait_servers(redis: &Redis, backend: &str, want: &BTreeSet<String>) {
-    eventually(Duration::from_secs(15), &format!("backend:{backend} = {want:?}"), || {
-        (servers(redis, backend) == *want).then_some(())
-    });
+    eventually(
+        Duration::from_secs(15),
+        &format!("backend:{backend} = {want:?}"),
+        || (servers(redis, backend) == *want).then_some(()),
+    );
 }
 
 #[test]
@@ -39,7 +41,11 @@ fn after_a_sigkill_and_restart_redis_holds_exactly_the_current_containers() {
     let l = [("warden.service", "sk"), ("warden.frontend", "sk.test")];
     let c1 = cs.run("c1", &l, &[]);
     let c2 = cs.run("c2", &l, &[]);
-    wait_servers(&redis, "sk", &BTreeSet::from([addr(&cs, &c1), addr(&cs, &c2)]));
+    wait_servers(
+        &redis,
+        "sk",
+        &BTreeSet::from([addr(&cs, &c1), addr(&cs, &c2)]),
+    );
     {
         let mut c = redis.conn();
         let _: () = c.hset("backend:sk", "10.98.0.1:80", "0").unwrap(); // another writer's server
@@ -63,7 +69,10 @@ fn after_a_sigkill_and_restart_redis_holds_exactly_the_current_containers() {
         "string\tfrontend:sk.test\tsk".to_string(),
     ]
     .into();
-    assert_eq!(owned, expect, "warden owns exactly its current entries, not the other writer's");
+    assert_eq!(
+        owned, expect,
+        "warden owns exactly its current entries, not the other writer's"
+    );
 }
 
 #[test]
@@ -71,7 +80,11 @@ fn a_restarted_empty_redis_is_rewritten() {
     let mut redis = Redis::start();
     let _warden = Warden::start(&config(&redis), &[]);
     let cs = Containers::new("redisrestart");
-    let c1 = cs.run("c1", &[("warden.service", "rr"), ("warden.frontend", "rr.test")], &[]);
+    let c1 = cs.run(
+        "c1",
+        &[("warden.service", "rr"), ("warden.frontend", "rr.test")],
+        &[],
+    );
     let want = BTreeSet::from([addr(&cs, &c1)]);
     wait_servers(&redis, "rr", &want);
     redis.restart();
@@ -90,13 +103,25 @@ fn several_networks_route_the_named_one_or_the_first_by_name() {
     let zeta = cs.network("zeta");
     let a = cs.run("a", &[("warden.service", "first")], &["--network", &zeta]);
     let zeta_net = zeta.clone();
-    let b = cs.run("b", &[("warden.service", "named"), ("warden.network", &zeta_net)], &["--network", &zeta]);
+    let b = cs.run(
+        "b",
+        &[("warden.service", "named"), ("warden.network", &zeta_net)],
+        &["--network", &zeta],
+    );
     for id in [&a, &b] {
         assert!(docker_ok(&["network", "connect", &alpha, id]));
     }
     // A network connect is an event: the container is inspected again.
-    wait_servers(&redis, "first", &BTreeSet::from([format!("{}:80", cs.ip(&a, &alpha))]));
-    wait_servers(&redis, "named", &BTreeSet::from([format!("{}:80", cs.ip(&b, &zeta))]));
+    wait_servers(
+        &redis,
+        "first",
+        &BTreeSet::from([format!("{}:80", cs.ip(&a, &alpha))]),
+    );
+    wait_servers(
+        &redis,
+        "named",
+        &BTreeSet::from([format!("{}:80", cs.ip(&b, &zeta))]),
+    );
 }
 
 #[test]
@@ -104,17 +129,27 @@ fn a_container_with_bad_labels_is_skipped_with_a_warning_and_others_are_routed()
     let redis = Redis::start();
     let warden = Warden::start(&config(&redis), &[]);
     let cs = Containers::new("labels");
-    let bad = cs.run("bad", &[("warden.service", "lb"), ("warden.port", "eighty")], &[]);
+    let bad = cs.run(
+        "bad",
+        &[("warden.service", "lb"), ("warden.port", "eighty")],
+        &[],
+    );
     let good = cs.run("good", &[("warden.service", "lb")], &[]);
     wait_servers(&redis, "lb", &BTreeSet::from([addr(&cs, &good)]));
     let bad_name = cs.full_name("bad");
-    let line = eventually(Duration::from_secs(5), "a warning naming the container and label", || {
-        warden
-            .log_text()
-            .lines()
-            .find(|l| l.contains(&bad_name) && l.contains("warden.port") && l.contains("\"WARN\""))
-            .map(str::to_owned)
-    });
+    let line = eventually(
+        Duration::from_secs(5),
+        "a warning naming the container and label",
+        || {
+            warden
+                .log_text()
+                .lines()
+                .find(|l| {
+                    l.contains(&bad_name) && l.contains("warden.port") && l.contains("\"WARN\"")
+                })
+                .map(str::to_owned)
+        },
+    );
     assert!(line.contains("eighty"), "{line}");
     assert!(!servers(&redis, "lb").contains(&addr(&cs, &bad)));
 }
@@ -124,21 +159,41 @@ fn a_reused_ip_never_receives_the_old_services_traffic() {
     let redis = Redis::start();
     let router = Router::start(&redis);
     let _warden = Warden::start(
-        &format!("{}router_ports_file = {:?}\nrouter_pid_file = {:?}\n", config(&redis), router.ports_file(), router.pid_file()),
+        &format!(
+            "{}router_ports_file = {:?}\nrouter_pid_file = {:?}\n",
+            config(&redis),
+            router.ports_file(),
+            router.pid_file()
+        ),
         &[],
     );
     let mut cs = Containers::new("ipreuse");
     let net = cs.network("net");
-    let a1 = cs.run("a1", &[("warden.service", "old"), ("warden.frontend", "old.test")], &["--network", &net]);
+    let a1 = cs.run(
+        "a1",
+        &[("warden.service", "old"), ("warden.frontend", "old.test")],
+        &["--network", &net],
+    );
     let ip = cs.ip(&a1, &net);
     wait_servers(&redis, "old", &BTreeSet::from([format!("{ip}:80")]));
     cs.rm(&a1);
-    let b1 = cs.run("b1", &[("warden.service", "new"), ("warden.frontend", "new.test")], &["--network", &net]);
-    assert_eq!(cs.ip(&b1, &net), ip, "docker gave the freed address to the new container");
+    let b1 = cs.run(
+        "b1",
+        &[("warden.service", "new"), ("warden.frontend", "new.test")],
+        &["--network", &net],
+    );
+    assert_eq!(
+        cs.ip(&b1, &net),
+        ip,
+        "docker gave the freed address to the new container"
+    );
     wait_servers(&redis, "new", &BTreeSet::from([format!("{ip}:80")]));
     assert!(servers(&redis, "old").is_empty());
     let (status, body) = http_get(router.port, "old.test", "/").unwrap();
-    assert_eq!(status, 404, "the old service's front-end is gone, not pointing at {body}");
+    assert_eq!(
+        status, 404,
+        "the old service's front-end is gone, not pointing at {body}"
+    );
     let (status, body) = http_get(router.port, "new.test", "/").unwrap();
     assert_eq!((status, body), (200, cs.full_name("b1")));
 }
@@ -157,15 +212,22 @@ impl SocketProxy {
         let task = tokio::spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
             loop {
-                let Ok((mut client, _)) = listener.accept().await else { return };
+                let Ok((mut client, _)) = listener.accept().await else {
+                    return;
+                };
                 conns.spawn(async move {
-                    if let Ok(mut daemon) = tokio::net::UnixStream::connect("/var/run/docker.sock").await {
+                    if let Ok(mut daemon) =
+                        tokio::net::UnixStream::connect("/var/run/docker.sock").await
+                    {
                         let _ = tokio::io::copy_bidirectional(&mut client, &mut daemon).await;
                     }
                 });
             }
         });
-        SocketProxy { path, task: Some(task) }
+        SocketProxy {
+            path,
+            task: Some(task),
+        }
     }
 
     /// Drops every connection and the listener.
@@ -183,7 +245,10 @@ async fn the_docker_stream_breaking_reconnects_and_resyncs() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("docker.sock");
     let mut proxy = SocketProxy::start(sock.clone());
-    let warden = Warden::start(&config(&redis), &[("DOCKER_HOST".into(), format!("unix://{}", sock.display()))]);
+    let warden = Warden::start(
+        &config(&redis),
+        &[("DOCKER_HOST".into(), format!("unix://{}", sock.display()))],
+    );
     let cs = Containers::new("reconnect");
     let c1 = cs.run("c1", &[("warden.service", "rc")], &[]);
     let want1 = BTreeSet::from([addr(&cs, &c1)]);
@@ -193,7 +258,11 @@ async fn the_docker_stream_breaking_reconnects_and_resyncs() {
     // While Docker is away: routes are kept, containers change unseen.
     let c2 = cs.run("c2", &[("warden.service", "rc")], &[]);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(servers(&redis, "rc"), want1, "routes are kept while docker is unreachable");
+    assert_eq!(
+        servers(&redis, "rc"),
+        want1,
+        "routes are kept while docker is unreachable"
+    );
     let _proxy = SocketProxy::start(sock.clone());
     let want2 = BTreeSet::from([addr(&cs, &c1), addr(&cs, &c2)]);
     tokio::task::block_in_place(|| wait_servers(&redis, "rc", &want2));
@@ -210,11 +279,21 @@ fn a_container_with_a_healthcheck_is_routed_only_while_healthy() {
     let id = cs.run(
         "h",
         &[("warden.service", "hc")],
-        &["--health-cmd", "test -f /www/ok", "--health-interval", "1s", "--health-retries", "1"],
+        &[
+            "--health-cmd",
+            "test -f /www/ok",
+            "--health-interval",
+            "1s",
+            "--health-retries",
+            "1",
+        ],
     );
     let member = addr(&cs, &id);
     std::thread::sleep(Duration::from_millis(1500));
-    assert!(servers(&redis, "hc").is_empty(), "not routed while its health is starting");
+    assert!(
+        servers(&redis, "hc").is_empty(),
+        "not routed while its health is starting"
+    );
     assert!(docker_ok(&["exec", &id, "sh", "-c", "echo > /www/ok"]));
     wait_servers(&redis, "hc", &BTreeSet::from([member.clone()]));
     assert!(docker_ok(&["exec", &id, "sh", "-c", "rm /www/ok"]));
@@ -234,7 +313,11 @@ fn file_defined_services_match_by_image_and_name_and_follow_the_file() {
     )
     .unwrap();
     let _warden = Warden::start(
-        &format!("{}\n[[registrar.sources]]\nplugin = \"file-services\"\nconfig = {{ path = {:?} }}\n", config(&redis), file),
+        &format!(
+            "{}\n[[registrar.sources]]\nplugin = \"file-services\"\nconfig = {{ path = {:?} }}\n",
+            config(&redis),
+            file
+        ),
         &[],
     );
     let id = cs.run("one", &[], &[]);
@@ -253,9 +336,13 @@ fn file_defined_services_match_by_image_and_name_and_follow_the_file() {
     )
     .unwrap();
     std::fs::rename(&tmp, &file).unwrap();
-    eventually(Duration::from_secs(10), "front-end moved to fs2.test", || {
-        let a: Option<String> = redis.conn().get("frontend:fs2.test").unwrap();
-        let b: Option<String> = redis.conn().get("frontend:fs.test").unwrap();
-        (a.as_deref() == Some("fs") && b.is_none()).then_some(())
-    });
+    eventually(
+        Duration::from_secs(10),
+        "front-end moved to fs2.test",
+        || {
+            let a: Option<String> = redis.conn().get("frontend:fs2.test").unwrap();
+            let b: Option<String> = redis.conn().get("frontend:fs.test").unwrap();
+            (a.as_deref() == Some("fs") && b.is_none()).then_some(())
+        },
+    );
 }

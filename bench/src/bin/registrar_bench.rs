@@ -26,7 +26,10 @@ use warden_plugin_api::{ContainerMatch, ServiceDefinition};
 use warden_tests::harness::*;
 
 fn now_ns() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as i64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64
 }
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
@@ -36,13 +39,21 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 }
 
 /// Watches one backend hash and reports every server appearing or disappearing.
-fn poll_backend(url: String, backend: String, stop: Arc<AtomicBool>) -> mpsc::Receiver<(i64, String, bool)> {
+fn poll_backend(
+    url: String,
+    backend: String,
+    stop: Arc<AtomicBool>,
+) -> mpsc::Receiver<(i64, String, bool)> {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
         let mut present: BTreeSet<String> = BTreeSet::new();
         while !stop.load(Ordering::Relaxed) {
-            let now: BTreeSet<String> = c.hkeys::<_, Vec<String>>(format!("backend:{backend}")).unwrap().into_iter().collect();
+            let now: BTreeSet<String> = c
+                .hkeys::<_, Vec<String>>(format!("backend:{backend}"))
+                .unwrap()
+                .into_iter()
+                .collect();
             let t = now_ns();
             for m in now.difference(&present) {
                 let _ = tx.send((t, m.clone(), true));
@@ -59,7 +70,9 @@ fn poll_backend(url: String, backend: String, stop: Arc<AtomicBool>) -> mpsc::Re
 
 fn wait_member(rx: &mpsc::Receiver<(i64, String, bool)>, member: &str, appeared: bool) -> i64 {
     loop {
-        let (t, m, a) = rx.recv_timeout(Duration::from_secs(20)).expect("registrar too slow");
+        let (t, m, a) = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("registrar too slow");
         if m == member && a == appeared {
             return t;
         }
@@ -70,13 +83,20 @@ async fn start_stop_latency(starts: usize, redis: &Redis) -> (Vec<f64>, Vec<f64>
     let docker = bollard::Docker::connect_with_defaults().unwrap();
     let (ev_tx, ev_rx) = mpsc::channel::<(String, String, i64)>();
     let mut events = docker.events(Some(EventsOptions {
-        filters: Some(std::collections::HashMap::from([("type".to_string(), vec!["container".to_string()])])),
+        filters: Some(std::collections::HashMap::from([(
+            "type".to_string(),
+            vec!["container".to_string()],
+        )])),
         ..Default::default()
     }));
     tokio::spawn(async move {
         while let Some(Ok(e)) = events.next().await {
             let id = e.actor.and_then(|a| a.id).unwrap_or_default();
-            let _ = ev_tx.send((id, e.action.unwrap_or_default(), e.time_nano.unwrap_or_default()));
+            let _ = ev_tx.send((
+                id,
+                e.action.unwrap_or_default(),
+                e.time_nano.unwrap_or_default(),
+            ));
         }
     });
     let stop = Arc::new(AtomicBool::new(false));
@@ -84,7 +104,9 @@ async fn start_stop_latency(starts: usize, redis: &Redis) -> (Vec<f64>, Vec<f64>
     let cs = Containers::new("bench-latency");
     let (mut up, mut down) = (Vec::new(), Vec::new());
     let wait_event = |id: &str, action: &str| loop {
-        let (eid, a, t) = ev_rx.recv_timeout(Duration::from_secs(20)).expect("docker event");
+        let (eid, a, t) = ev_rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("docker event");
         if eid == id && a == action {
             return t;
         }
@@ -95,7 +117,9 @@ async fn start_stop_latency(starts: usize, redis: &Redis) -> (Vec<f64>, Vec<f64>
         let started = wait_event(&id, "start");
         let seen = wait_member(&rx, &member, true);
         up.push((seen - started) as f64 / 1e6);
-        let _ = std::process::Command::new("docker").args(["stop", "-t", "0", &id]).output();
+        let _ = std::process::Command::new("docker")
+            .args(["stop", "-t", "0", &id])
+            .output();
         let killed = wait_event(&id, "kill");
         let gone = wait_member(&rx, &member, false);
         down.push((gone - killed) as f64 / 1e6);
@@ -115,7 +139,10 @@ struct LoadResult {
 fn rolling_replacement(router_port: u16, redis: &Redis, service: &str, port: u16) -> LoadResult {
     let cs = Containers::new(&format!("bench-roll-{service}"));
     let port_s = port.to_string();
-    let labels = [("warden.service", service), ("warden.frontend-port", port_s.as_str())];
+    let labels = [
+        ("warden.service", service),
+        ("warden.frontend-port", port_s.as_str()),
+    ];
     let mut ids: Vec<(String, String)> = (0..4)
         .map(|i| {
             let n = format!("old{i}");
@@ -126,14 +153,26 @@ fn rolling_replacement(router_port: u16, redis: &Redis, service: &str, port: u16
         let n: usize = redis.conn().hlen(format!("backend:{service}")).unwrap();
         (n == 4).then_some(())
     });
-    eventually(Duration::from_secs(10), "router listening", || std::net::TcpStream::connect(("127.0.0.1", port)).ok());
+    eventually(Duration::from_secs(10), "router listening", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    });
     let _ = router_port;
     let stopping: Arc<Mutex<BTreeSet<String>>> = Arc::default();
     let done = Arc::new(AtomicBool::new(false));
-    let (total, failed, from_stopping) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let (total, failed, from_stopping) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+    );
     let workers: Vec<_> = (0..4)
         .map(|_| {
-            let (stopping, done, total, failed, from_stopping) = (stopping.clone(), done.clone(), total.clone(), failed.clone(), from_stopping.clone());
+            let (stopping, done, total, failed, from_stopping) = (
+                stopping.clone(),
+                done.clone(),
+                total.clone(),
+                failed.clone(),
+                from_stopping.clone(),
+            );
             std::thread::spawn(move || {
                 while !done.load(Ordering::Relaxed) {
                     total.fetch_add(1, Ordering::Relaxed);
@@ -158,14 +197,19 @@ fn rolling_replacement(router_port: u16, redis: &Redis, service: &str, port: u16
         let new_id = cs.run(&n, &labels, &[]);
         let member = format!("{}:80", cs.ip(&new_id, "bridge"));
         eventually(Duration::from_secs(20), "replacement routed", || {
-            let m: bool = redis.conn().hexists(format!("backend:{service}"), &member).unwrap();
+            let m: bool = redis
+                .conn()
+                .hexists(format!("backend:{service}"), &member)
+                .unwrap();
             m.then_some(())
         });
         let (old_id, old_name) = ids.remove(0);
         stopping.lock().unwrap().insert(old_name);
         // PID 1 (busybox httpd) ignores SIGTERM: docker waits 2 s, then SIGKILLs it
         // mid-traffic, as it would an application slow to shut down.
-        let _ = std::process::Command::new("docker").args(["stop", "-t", "2", &old_id]).output();
+        let _ = std::process::Command::new("docker")
+            .args(["stop", "-t", "2", &old_id])
+            .output();
         cs.rm(&old_id);
     }
     std::thread::sleep(Duration::from_millis(500));
@@ -214,7 +258,10 @@ async fn reconcile_200() -> Vec<(String, f64, usize, u64, usize)> {
             name: format!("c{i}"),
             image: "app".into(),
             labels: BTreeMap::from([("warden.service".to_string(), format!("svc{}", i % 20))]),
-            networks: BTreeMap::from([("bridge".to_string(), format!("172.18.{}.{}", i / 250, i % 250 + 2))]),
+            networks: BTreeMap::from([(
+                "bridge".to_string(),
+                format!("172.18.{}.{}", i / 250, i % 250 + 2),
+            )]),
             exposed_tcp: BTreeSet::from([80]),
             health: Health::None,
             started_at: "2026-11-27T00:00:00Z".into(),
@@ -225,7 +272,11 @@ async fn reconcile_200() -> Vec<(String, f64, usize, u64, usize)> {
     let mut routes = RedisRoutes::new(&redis.url(), "bench").unwrap();
     let mut c = redis.conn();
     let mut out = Vec::new();
-    for case in ["from an empty Redis", "nothing changed", "nothing changed, after a resync (owned set read back)"] {
+    for case in [
+        "from an empty Redis",
+        "nothing changed",
+        "nothing changed, after a resync (owned set read back)",
+    ] {
         if case.starts_with("nothing changed, after") {
             routes.invalidate();
         }
@@ -236,17 +287,36 @@ async fn reconcile_200() -> Vec<(String, f64, usize, u64, usize)> {
         let took = t.elapsed().as_secs_f64() * 1e3;
         // The INFO that took `before` is counted in the second reading.
         let counted = redis_commands(&mut c) - before - 1;
-        out.push((case.to_string(), took, applied.commands, counted, applied.writes));
+        out.push((
+            case.to_string(),
+            took,
+            applied.commands,
+            counted,
+            applied.writes,
+        ));
     }
     out
 }
 
 fn proc_stat(pid: u32) -> (u64, u64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let f: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    let f: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
     let ticks = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let rss_kb = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches(" kB").trim().parse().unwrap();
+    let rss_kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches(" kB")
+        .trim()
+        .parse()
+        .unwrap();
     (ticks, rss_kb)
 }
 
@@ -270,15 +340,20 @@ async fn main() {
 
     let mut warden = Warden::start(&warden_cfg(true), &[]);
     eprintln!("measuring start/stop latency over {starts} containers...");
-    let (mut up, mut down) = tokio::task::block_in_place(|| futures_block(start_stop_latency(starts, &redis)));
+    let (mut up, mut down) =
+        tokio::task::block_in_place(|| futures_block(start_stop_latency(starts, &redis)));
 
     eprintln!("rolling replacement with drain-on-stop...");
-    let drain = tokio::task::block_in_place(|| rolling_replacement(router.port, &redis, "rolla", free_port()));
+    let drain = tokio::task::block_in_place(|| {
+        rolling_replacement(router.port, &redis, "rolla", free_port())
+    });
     warden.sigkill();
     drop(warden);
     let mut die_only = Warden::start(&warden_cfg(false), &[]);
     eprintln!("rolling replacement with removal on die only...");
-    let die = tokio::task::block_in_place(|| rolling_replacement(router.port, &redis, "rollb", free_port()));
+    let die = tokio::task::block_in_place(|| {
+        rolling_replacement(router.port, &redis, "rollb", free_port())
+    });
     die_only.sigkill();
     drop(die_only);
 
@@ -308,9 +383,18 @@ async fn main() {
     let cpu_pct = (t1 - t0) as f64 / hz / idle_secs as f64 * 100.0;
 
     println!("| measure | value |\n|---|---|");
-    println!("| `docker start` → server in Redis (n={}) | p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms |", up.len(), pct(&mut up, 50.0), pct(&mut up, 99.0), pct(&mut up, 100.0));
+    println!(
+        "| `docker start` → server in Redis (n={}) | p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms |",
+        up.len(),
+        pct(&mut up, 50.0),
+        pct(&mut up, 99.0),
+        pct(&mut up, 100.0)
+    );
     println!("| `docker stop` (first `kill` event) → server gone (n={}) | p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms |", down.len(), pct(&mut down, 50.0), pct(&mut down, 99.0), pct(&mut down, 100.0));
-    for (name, r) in [("warden (drain on stop)", &drain), ("removal on `die` only", &die)] {
+    for (name, r) in [
+        ("warden (drain on stop)", &drain),
+        ("removal on `die` only", &die),
+    ] {
         println!(
             "| rolling replacement of 4 containers, {name} | {} requests, {} failed, {} answered by a container already being stopped |",
             r.total, r.failed, r.from_stopping

@@ -30,17 +30,20 @@ pub struct Calls {
     pub update_service: u32,
 }
 
-fn err(e: impl std::fmt::Debug + std::fmt::Display) -> String {
-    let text = format!("{e}");
-    if text == "service error" || text.is_empty() {
-        format!("{e:?}")
-    } else {
-        text
-    }
+fn err<E: std::error::Error>(e: E) -> String {
+    // The whole chain: the SDK's own Display says only "service error" or "response error".
+    aws_sdk_ecs::error::DisplayErrorContext(e).to_string()
 }
 
-/// The RUNNING and PENDING tasks of `family` started by `started_by`.
-pub async fn tasks(client: &Client, cluster: &str, family: &str, started_by: &str, calls: &mut Calls) -> Result<Vec<Task>, String> {
+/// The ARNs of the RUNNING and PENDING tasks of `family` started by `started_by`
+/// (ListTasks with desiredStatus RUNNING; one call a page of 100).
+pub async fn list(
+    client: &Client,
+    cluster: &str,
+    family: &str,
+    started_by: &str,
+    calls: &mut Calls,
+) -> Result<Vec<String>, String> {
     let mut arns = Vec::new();
     let mut pages = client
         .list_tasks()
@@ -54,35 +57,57 @@ pub async fn tasks(client: &Client, cluster: &str, family: &str, started_by: &st
         calls.list_tasks += 1;
         arns.extend(page.task_arns().iter().cloned());
     }
+    Ok(arns)
+}
+
+/// Status and AZ of the given tasks (DescribeTasks, 100 at a time), for choosing which to
+/// stop. If ECS's answer cannot be read, every task is taken as RUNNING in an unknown AZ
+/// (moto_server answers container cpu/memory as numbers, which the SDK refuses).
+pub async fn describe(
+    client: &Client,
+    cluster: &str,
+    arns: &[String],
+    calls: &mut Calls,
+) -> Vec<Task> {
     let mut out = Vec::new();
     for chunk in arns.chunks(100) {
         calls.describe_tasks += 1;
-        let d = client
+        match client
             .describe_tasks()
             .cluster(cluster)
             .set_tasks(Some(chunk.to_vec()))
             .send()
             .await
-            .map_err(err)?;
-        for t in d.tasks() {
-            let status = t.last_status().unwrap_or("PENDING").to_owned();
-            if status == "STOPPED" || status == "DEPROVISIONING" || status == "STOPPING" {
-                continue;
+        {
+            Ok(d) => {
+                for t in d.tasks() {
+                    out.push(Task {
+                        arn: t.task_arn().unwrap_or_default().to_owned(),
+                        last_status: t.last_status().unwrap_or("PENDING").to_owned(),
+                        az: t.availability_zone().unwrap_or("").to_owned(),
+                    });
+                }
             }
-            out.push(Task {
-                arn: t.task_arn().unwrap_or_default().to_owned(),
-                last_status: status,
-                az: t.availability_zone().unwrap_or("").to_owned(),
-            });
+            Err(e) => {
+                tracing::warn!(error = %err(e), "DescribeTasks unreadable; choosing tasks to stop without status or AZ");
+                out.extend(chunk.iter().map(|arn| Task {
+                    arn: arn.clone(),
+                    last_status: "RUNNING".into(),
+                    az: String::new(),
+                }));
+            }
         }
     }
-    Ok(out)
+    out
 }
 
 /// Which tasks to stop: PENDING first, then one at a time from the AZ holding the most.
 pub fn choose_to_stop(tasks: &[Task], n: usize) -> Vec<String> {
     let mut chosen = Vec::new();
-    let mut pending: Vec<&Task> = tasks.iter().filter(|t| t.last_status == "PENDING").collect();
+    let mut pending: Vec<&Task> = tasks
+        .iter()
+        .filter(|t| t.last_status == "PENDING")
+        .collect();
     pending.sort_by(|a, b| a.arn.cmp(&b.arn));
     for t in pending.into_iter().take(n) {
         chosen.push(t.arn.clone());
@@ -95,7 +120,11 @@ pub fn choose_to_stop(tasks: &[Task], n: usize) -> Vec<String> {
         v.sort_by(|a, b| b.arn.cmp(&a.arn));
     }
     while chosen.len() < n {
-        let Some((_, v)) = by_az.iter_mut().filter(|(_, v)| !v.is_empty()).max_by(|a, b| a.1.len().cmp(&b.1.len()).then(b.0.cmp(a.0))) else {
+        let Some((_, v)) = by_az
+            .iter_mut()
+            .filter(|(_, v)| !v.is_empty())
+            .max_by(|a, b| a.1.len().cmp(&b.1.len()).then(b.0.cmp(a.0)))
+        else {
             break;
         };
         chosen.push(v.pop().unwrap().arn.clone());
@@ -142,11 +171,17 @@ pub async fn run(
             Ok(out) => {
                 started += out.tasks().len() as u32;
                 for f in out.failures() {
-                    failures.push(format!("{}: {}", f.arn().unwrap_or("?"), f.reason().unwrap_or("no reason given")));
+                    failures.push(format!(
+                        "{}: {}",
+                        f.arn().unwrap_or("?"),
+                        f.reason().unwrap_or("no reason given")
+                    ));
                 }
                 let missing = count as usize - out.tasks().len();
                 if missing > 0 && out.failures().is_empty() {
-                    failures.push(format!("{missing} of {count} tasks not placed (no reason given)"));
+                    failures.push(format!(
+                        "{missing} of {count} tasks not placed (no reason given)"
+                    ));
                 }
             }
             Err(e) => failures.push(err(e)),
@@ -156,12 +191,24 @@ pub async fn run(
 }
 
 /// Stops the given tasks; returns how many stops were accepted and the errors.
-pub async fn stop(client: &Client, cluster: &str, arns: &[String], calls: &mut Calls) -> (u32, Vec<String>) {
+pub async fn stop(
+    client: &Client,
+    cluster: &str,
+    arns: &[String],
+    calls: &mut Calls,
+) -> (u32, Vec<String>) {
     let mut stopped = 0;
     let mut errors = Vec::new();
     for arn in arns {
         calls.stop_task += 1;
-        match client.stop_task().cluster(cluster).task(arn).reason("warden: scaling down").send().await {
+        match client
+            .stop_task()
+            .cluster(cluster)
+            .task(arn)
+            .reason("warden: scaling down")
+            .send()
+            .await
+        {
             Ok(_) => stopped += 1,
             Err(e) => errors.push(format!("{arn}: {}", err(e))),
         }
@@ -171,14 +218,26 @@ pub async fn stop(client: &Client, cluster: &str, arns: &[String], calls: &mut C
 
 /// ECS service mode: the service's desired count.
 pub async fn service_desired(client: &Client, cluster: &str, service: &str) -> Result<u32, String> {
-    let out = client.describe_services().cluster(cluster).services(service).send().await.map_err(err)?;
+    let out = client
+        .describe_services()
+        .cluster(cluster)
+        .services(service)
+        .send()
+        .await
+        .map_err(err)?;
     out.services()
         .first()
         .map(|s| s.desired_count().max(0) as u32)
         .ok_or_else(|| format!("service {service} not found in cluster {cluster}"))
 }
 
-pub async fn set_service_desired(client: &Client, cluster: &str, service: &str, n: u32, calls: &mut Calls) -> Result<(), String> {
+pub async fn set_service_desired(
+    client: &Client,
+    cluster: &str,
+    service: &str,
+    n: u32,
+    calls: &mut Calls,
+) -> Result<(), String> {
     calls.update_service += 1;
     client
         .update_service()
@@ -215,7 +274,10 @@ mod tests {
         assert_eq!(choose_to_stop(&tasks, 1), vec!["p1"]);
         let three = choose_to_stop(&tasks, 3);
         assert_eq!(three[0], "p1");
-        assert!(three[1].starts_with('a') && three[2].starts_with('a'), "{three:?}");
+        assert!(
+            three[1].starts_with('a') && three[2].starts_with('a'),
+            "{three:?}"
+        );
         // After two from a, a and b hold 1 each.
         assert_eq!(choose_to_stop(&tasks, 10).len(), 5);
     }

@@ -172,7 +172,10 @@ impl ElectionStore {
     }
 
     pub async fn leader(&mut self) -> redis::RedisResult<Option<Lease>> {
-        let v: Option<String> = redis::cmd("GET").arg(LEADER).query_async(&mut self.conn).await?;
+        let v: Option<String> = redis::cmd("GET")
+            .arg(LEADER)
+            .query_async(&mut self.conn)
+            .await?;
         Ok(v.as_deref().and_then(Lease::parse))
     }
 
@@ -197,7 +200,13 @@ impl ElectionStore {
     }
 
     /// Tries to take the lease; `depose` is the holder we saw and may replace.
-    pub async fn acquire(&mut self, id: &str, az: &str, timing: &Timing, depose: Option<&Lease>) -> redis::RedisResult<Option<Lease>> {
+    pub async fn acquire(
+        &mut self,
+        id: &str,
+        az: &str,
+        timing: &Timing,
+        depose: Option<&Lease>,
+    ) -> redis::RedisResult<Option<Lease>> {
         let e: i64 = self
             .acquire
             .key(LEADER)
@@ -229,13 +238,21 @@ impl ElectionStore {
     }
 
     pub async fn release(&mut self, lease: &Lease) -> redis::RedisResult<bool> {
-        let n: i64 = self.release.key(LEADER).arg(lease.value()).invoke_async(&mut self.conn).await?;
+        let n: i64 = self
+            .release
+            .key(LEADER)
+            .arg(lease.value())
+            .invoke_async(&mut self.conn)
+            .await?;
         Ok(n == 1)
     }
 
     /// The epoch that deposed `id`, if a kill message waits for it.
     pub async fn kill_message(&mut self, id: &str) -> redis::RedisResult<Option<u64>> {
-        redis::cmd("GET").arg(kill_key(id)).query_async(&mut self.conn).await
+        redis::cmd("GET")
+            .arg(kill_key(id))
+            .query_async(&mut self.conn)
+            .await
     }
 
     /// Enters the competition with a random number; the entry lives `ttl`.
@@ -266,7 +283,10 @@ impl ElectionStore {
             .await?;
         let mut alive = Vec::new();
         for (id, score) in entries {
-            let live: bool = redis::cmd("EXISTS").arg(candidate_key(&id)).query_async(&mut self.conn).await?;
+            let live: bool = redis::cmd("EXISTS")
+                .arg(candidate_key(&id))
+                .query_async(&mut self.conn)
+                .await?;
             if live {
                 alive.push((id, score));
             }
@@ -297,7 +317,11 @@ impl ElectionStore {
 pub fn pick_winner(alive: &[(String, f64)]) -> Option<String> {
     alive
         .iter()
-        .max_by(|a, b| a.1.partial_cmp(&b.1).unwrap_or(std::cmp::Ordering::Equal).then_with(|| b.0.cmp(&a.0)))
+        .max_by(|a, b| {
+            a.1.partial_cmp(&b.1)
+                .unwrap_or(std::cmp::Ordering::Equal)
+                .then_with(|| b.0.cmp(&a.0))
+        })
         .map(|(id, _)| id.clone())
 }
 
@@ -312,7 +336,12 @@ pub enum Verdict {
     Depose(Lease),
 }
 
-pub fn judge(lease: Option<Lease>, heartbeat_age: Option<Duration>, leader_az_available: bool, timing: &Timing) -> Verdict {
+pub fn judge(
+    lease: Option<Lease>,
+    heartbeat_age: Option<Duration>,
+    leader_az_available: bool,
+    timing: &Timing,
+) -> Verdict {
     match lease {
         None => Verdict::Vacant,
         Some(l) if !leader_az_available => Verdict::Depose(l),
@@ -342,8 +371,14 @@ mod tests {
     #[test]
     fn highest_live_score_wins_and_ties_go_to_the_lowest_id() {
         assert_eq!(pick_winner(&[]), None);
-        assert_eq!(pick_winner(&[("b".into(), 5.0), ("a".into(), 9.0)]), Some("a".into()));
-        assert_eq!(pick_winner(&[("b".into(), 9.0), ("a".into(), 9.0)]), Some("a".into()));
+        assert_eq!(
+            pick_winner(&[("b".into(), 5.0), ("a".into(), 9.0)]),
+            Some("a".into())
+        );
+        assert_eq!(
+            pick_winner(&[("b".into(), 9.0), ("a".into(), 9.0)]),
+            Some("a".into())
+        );
     }
 
     #[test]
@@ -355,8 +390,17 @@ mod tests {
             az: "a".into(),
         };
         assert_eq!(judge(None, None, true, &t), Verdict::Vacant);
-        assert_eq!(judge(Some(l.clone()), Some(Duration::from_millis(100)), true, &t), Verdict::Healthy);
-        assert_eq!(judge(Some(l.clone()), Some(Duration::from_millis(100)), false, &t), Verdict::Depose(l.clone()));
-        assert_eq!(judge(Some(l.clone()), Some(Duration::from_secs(60)), true, &t), Verdict::Depose(l));
+        assert_eq!(
+            judge(Some(l.clone()), Some(Duration::from_millis(100)), true, &t),
+            Verdict::Healthy
+        );
+        assert_eq!(
+            judge(Some(l.clone()), Some(Duration::from_millis(100)), false, &t),
+            Verdict::Depose(l.clone())
+        );
+        assert_eq!(
+            judge(Some(l.clone()), Some(Duration::from_secs(60)), true, &t),
+            Verdict::Depose(l)
+        );
     }
 }

@@ -163,7 +163,10 @@ impl Manager {
                     next_work = Instant::now() + self.loop_interval;
                     for s in &self.services {
                         if !self.work(&mut store, &record, l, s).await {
-                            tracing::warn!(epoch = l.lease.epoch, "stepping down: the fence refused this epoch");
+                            tracing::warn!(
+                                epoch = l.lease.epoch,
+                                "stepping down: the fence refused this epoch"
+                            );
                             leading = None;
                             break;
                         }
@@ -189,7 +192,9 @@ impl Manager {
             return Some("the lease deadline passed without a renewal".into());
         }
         match store.kill_message(&self.id).await {
-            Ok(Some(e)) if e > l.lease.epoch => return Some(format!("kill message from epoch {e}")),
+            Ok(Some(e)) if e > l.lease.epoch => {
+                return Some(format!("kill message from epoch {e}"))
+            }
             Err(e) => return Some(format!("central redis error: {e}")),
             _ => {}
         }
@@ -232,8 +237,19 @@ impl Manager {
     }
 
     /// One loop for one service. False if the fence refused the epoch.
-    async fn work(&self, store: &mut ElectionStore, record: &Script, l: &Leadership, s: &ManagedService) -> bool {
-        let metric = s.metric.measure().await.map(|m| m.value).map_err(|e| e.to_string());
+    async fn work(
+        &self,
+        store: &mut ElectionStore,
+        record: &Script,
+        l: &Leadership,
+        s: &ManagedService,
+    ) -> bool {
+        let metric = s
+            .metric
+            .measure()
+            .await
+            .map(|m| m.value)
+            .map_err(|e| e.to_string());
         let conn = &mut store.conn;
         let now_ms = match redis_now_ms(conn).await {
             Ok(t) => t,
@@ -253,12 +269,18 @@ impl Manager {
         let mut calls = ecs::Calls::default();
         let current = match (&self.ecs, &s.target) {
             (None, _) => {
-                let last: Option<String> = redis::cmd("GET").arg(decision_key(&s.name)).query_async(conn).await.ok().flatten();
-                last.and_then(|t| serde_json::from_str::<Record>(&t).ok()).map_or(0, |r| r.decision.desired)
+                let last: Option<String> = redis::cmd("GET")
+                    .arg(decision_key(&s.name))
+                    .query_async(conn)
+                    .await
+                    .ok()
+                    .flatten();
+                last.and_then(|t| serde_json::from_str::<Record>(&t).ok())
+                    .map_or(0, |r| r.decision.desired)
             }
             (Some(c), Target::Tasks { task_definition }) => {
                 let family = task_definition.split(':').next().unwrap_or(task_definition);
-                match ecs::tasks(c, &s.cluster, family, &s.started_by(), &mut calls).await {
+                match ecs::list(c, &s.cluster, family, &s.started_by(), &mut calls).await {
                     Ok(t) => t.len() as u32,
                     Err(e) => {
                         tracing::warn!(service = %s.name, error = %e, "cannot count tasks; loop skipped");
@@ -266,16 +288,22 @@ impl Manager {
                     }
                 }
             }
-            (Some(c), Target::Service { service }) => match ecs::service_desired(c, &s.cluster, service).await {
-                Ok(n) => n,
-                Err(e) => {
-                    tracing::warn!(service = %s.name, error = %e, "cannot read the ECS service; loop skipped");
-                    return true;
+            (Some(c), Target::Service { service }) => {
+                match ecs::service_desired(c, &s.cluster, service).await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        tracing::warn!(service = %s.name, error = %e, "cannot read the ECS service; loop skipped");
+                        return true;
+                    }
                 }
-            },
+            }
         };
         let decision = policy::decide(metric, current, now_ms, &s.mapping, &s.policy, &mut state);
-        let mut outcome = if self.ecs.is_none() { "dry-run".to_owned() } else { "none".to_owned() };
+        let mut outcome = if self.ecs.is_none() {
+            "dry-run".to_owned()
+        } else {
+            "none".to_owned()
+        };
         if let (Some(c), true) = (&self.ecs, decision.desired != current) {
             // The fence, right before the batch: is the lease still ours, with time left?
             match store.fence(&l.lease, self.timing.margin()).await {
@@ -287,18 +315,42 @@ impl Manager {
             }
             outcome = match &s.target {
                 Target::Tasks { task_definition } if decision.desired > current => {
-                    let token = format!("w{}-{}-{}-{}", l.lease.epoch, s.name, now_ms / 1000, decision.desired);
-                    let (n, failures) = ecs::run(c, &s.cluster, task_definition, &s.started_by(), decision.desired - current, &token, &mut calls).await;
+                    let token = format!(
+                        "w{}-{}-{}-{}",
+                        l.lease.epoch,
+                        s.name,
+                        now_ms / 1000,
+                        decision.desired
+                    );
+                    let (n, failures) = ecs::run(
+                        c,
+                        &s.cluster,
+                        task_definition,
+                        &s.started_by(),
+                        decision.desired - current,
+                        &token,
+                        &mut calls,
+                    )
+                    .await;
                     for f in &failures {
                         tracing::warn!(service = %s.name, failure = %f, "RunTask placed fewer tasks; the next loop retries");
                     }
-                    format!("ran {n}{}", if failures.is_empty() { String::new() } else { format!(" ({} failures)", failures.len()) })
+                    format!(
+                        "ran {n}{}",
+                        if failures.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" ({} failures)", failures.len())
+                        }
+                    )
                 }
                 Target::Tasks { task_definition } => {
                     let family = task_definition.split(':').next().unwrap_or(task_definition);
-                    match ecs::tasks(c, &s.cluster, family, &s.started_by(), &mut calls).await {
-                        Ok(tasks) => {
-                            let chosen = ecs::choose_to_stop(&tasks, (current - decision.desired) as usize);
+                    match ecs::list(c, &s.cluster, family, &s.started_by(), &mut calls).await {
+                        Ok(arns) => {
+                            let tasks = ecs::describe(c, &s.cluster, &arns, &mut calls).await;
+                            let chosen =
+                                ecs::choose_to_stop(&tasks, (current - decision.desired) as usize);
                             let (n, errors) = ecs::stop(c, &s.cluster, &chosen, &mut calls).await;
                             for e in &errors {
                                 tracing::warn!(service = %s.name, error = %e, "StopTask failed; the next loop retries");
@@ -308,7 +360,15 @@ impl Manager {
                         Err(e) => format!("error: {e}"),
                     }
                 }
-                Target::Service { service } => match ecs::set_service_desired(c, &s.cluster, service, decision.desired, &mut calls).await {
+                Target::Service { service } => match ecs::set_service_desired(
+                    c,
+                    &s.cluster,
+                    service,
+                    decision.desired,
+                    &mut calls,
+                )
+                .await
+                {
                     Ok(()) => format!("set desired {}", decision.desired),
                     Err(e) => format!("error: {e}"),
                 },

@@ -41,7 +41,12 @@ impl Mapping {
                 }
                 for (i, w) in rows.windows(2).enumerate() {
                     if w[1].0.partial_cmp(&w[0].0) != Some(std::cmp::Ordering::Greater) {
-                        return Err(format!("table row {}: lower bound {} is not above the previous row's {}", i + 2, w[1].0, w[0].0));
+                        return Err(format!(
+                            "table row {}: lower bound {} is not above the previous row's {}",
+                            i + 2,
+                            w[1].0,
+                            w[0].0
+                        ));
                     }
                 }
                 if let Some((i, _)) = rows.iter().enumerate().find(|(_, r)| !r.0.is_finite()) {
@@ -49,7 +54,9 @@ impl Mapping {
                 }
                 Ok(())
             }
-            Mapping::TargetPerTask(t) if !(t.is_finite() && *t > 0.0) => Err(format!("target_per_task: {t} is not a positive number")),
+            Mapping::TargetPerTask(t) if !(t.is_finite() && *t > 0.0) => {
+                Err(format!("target_per_task: {t} is not a positive number"))
+            }
             Mapping::TargetPerTask(_) => Ok(()),
         }
     }
@@ -126,7 +133,14 @@ fn action(current: u32, desired: u32) -> String {
 }
 
 /// Decides the desired count. `metric` is the reading or why there is none.
-pub fn decide(metric: Result<f64, String>, current: u32, now_ms: u64, mapping: &Mapping, p: &Policy, st: &mut PolicyState) -> Decision {
+pub fn decide(
+    metric: Result<f64, String>,
+    current: u32,
+    now_ms: u64,
+    mapping: &Mapping,
+    p: &Policy,
+    st: &mut PolicyState,
+) -> Decision {
     let hold = |reason: String, metric: Option<f64>| Decision {
         metric,
         mapped: None,
@@ -142,13 +156,27 @@ pub fn decide(metric: Result<f64, String>, current: u32, now_ms: u64, mapping: &
             v
         }
         other => {
-            let why = other.err().unwrap_or_else(|| "metric is not a finite number".into());
+            let why = other
+                .err()
+                .unwrap_or_else(|| "metric is not a finite number".into());
             st.consecutive_failures += 1;
             if st.consecutive_failures < p.failure_threshold {
-                return hold(format!("metric failed ({why}); holding ({} of {} failures)", st.consecutive_failures, p.failure_threshold), None);
+                return hold(
+                    format!(
+                        "metric failed ({why}); holding ({} of {} failures)",
+                        st.consecutive_failures, p.failure_threshold
+                    ),
+                    None,
+                );
             }
             return match p.fallback {
-                Fallback::Hold => hold(format!("metric failed {} times ({why}); fallback: hold", st.consecutive_failures), None),
+                Fallback::Hold => hold(
+                    format!(
+                        "metric failed {} times ({why}); fallback: hold",
+                        st.consecutive_failures
+                    ),
+                    None,
+                ),
                 Fallback::Fixed(n) => {
                     let desired = n.clamp(p.min, p.max);
                     Decision {
@@ -158,7 +186,10 @@ pub fn decide(metric: Result<f64, String>, current: u32, now_ms: u64, mapping: &
                         current,
                         desired,
                         action: action(current, desired),
-                        reason: format!("metric failed {} times ({why}); fallback: fixed {n}", st.consecutive_failures),
+                        reason: format!(
+                            "metric failed {} times ({why}); fallback: fixed {n}",
+                            st.consecutive_failures
+                        ),
                     }
                 }
             };
@@ -167,7 +198,8 @@ pub fn decide(metric: Result<f64, String>, current: u32, now_ms: u64, mapping: &
     let mapped = mapping.map(value);
     let clamped = mapped.clamp(p.min, p.max.max(p.min));
     let window = Duration::from_secs(p.scale_down_window_secs).as_millis() as u64;
-    st.recommendations.retain(|(t, _)| now_ms.saturating_sub(*t) < window);
+    st.recommendations
+        .retain(|(t, _)| now_ms.saturating_sub(*t) < window);
     st.recommendations.push((now_ms, clamped));
     let mut d = Decision {
         metric: Some(value),
@@ -183,27 +215,46 @@ pub fn decide(metric: Result<f64, String>, current: u32, now_ms: u64, mapping: &
         why.push(format!("clamped to [{}, {}]: {clamped}", p.min, p.max));
     }
     if clamped < current {
-        let highest = st.recommendations.iter().map(|r| r.1).max().unwrap_or(clamped);
+        let highest = st
+            .recommendations
+            .iter()
+            .map(|r| r.1)
+            .max()
+            .unwrap_or(clamped);
         if highest > clamped {
-            why.push(format!("scale-down stabilised at {highest} (highest of the last {}s)", p.scale_down_window_secs));
+            why.push(format!(
+                "scale-down stabilised at {highest} (highest of the last {}s)",
+                p.scale_down_window_secs
+            ));
         }
         d.desired = highest.min(current);
     }
-    let within_tolerance =
-        current > 0 && (d.desired as f64 - current as f64).abs() / current as f64 <= p.tolerance && d.desired >= p.min && d.desired <= p.max && current >= p.min && current <= p.max;
+    let within_tolerance = current > 0
+        && (d.desired as f64 - current as f64).abs() / current as f64 <= p.tolerance
+        && d.desired >= p.min
+        && d.desired <= p.max
+        && current >= p.min
+        && current <= p.max;
     if d.desired != current && within_tolerance {
         why.push(format!("within tolerance {} of {current}", p.tolerance));
         d.desired = current;
     }
     if p.max_step > 0 && d.desired.abs_diff(current) > p.max_step {
-        d.desired = if d.desired > current { current + p.max_step } else { current - p.max_step };
+        d.desired = if d.desired > current {
+            current + p.max_step
+        } else {
+            current - p.max_step
+        };
         why.push(format!("step limited to {}", p.max_step));
     }
     if d.desired != current {
         if let Some(last) = st.last_action_ms {
             let cool = p.cooldown_secs * 1000;
             if now_ms.saturating_sub(last) < cool {
-                why.push(format!("cooldown: last action {}s ago", now_ms.saturating_sub(last) / 1000));
+                why.push(format!(
+                    "cooldown: last action {}s ago",
+                    now_ms.saturating_sub(last) / 1000
+                ));
                 d.desired = current;
             }
         }
@@ -235,7 +286,10 @@ mod tests {
 
     #[test]
     fn bad_tables_name_the_row() {
-        assert!(Mapping::Table(vec![(0.0, 1), (5.0, 2), (5.0, 3)]).validate().unwrap_err().contains("row 3"));
+        assert!(Mapping::Table(vec![(0.0, 1), (5.0, 2), (5.0, 3)])
+            .validate()
+            .unwrap_err()
+            .contains("row 3"));
         assert!(Mapping::Table(vec![]).validate().is_err());
         assert!(Mapping::TargetPerTask(0.0).validate().is_err());
         table().validate().unwrap();
@@ -243,21 +297,42 @@ mod tests {
 
     #[test]
     fn scale_up_is_immediate_and_clamped() {
-        let p = Policy { max: 10, ..Policy::default() };
+        let p = Policy {
+            max: 10,
+            ..Policy::default()
+        };
         let mut st = PolicyState::default();
         let d = decide(Ok(50.0), 2, 0, &table(), &p, &mut st);
-        assert_eq!((d.mapped, d.clamped, d.desired, d.action.as_str()), (Some(12), Some(10), 10, "scale-up"));
+        assert_eq!(
+            (d.mapped, d.clamped, d.desired, d.action.as_str()),
+            (Some(12), Some(10), 10, "scale-up")
+        );
     }
 
     #[test]
     fn a_metric_failure_holds_and_then_falls_back() {
-        let p = Policy { failure_threshold: 2, fallback: Fallback::Fixed(4), ..Policy::default() };
+        let p = Policy {
+            failure_threshold: 2,
+            fallback: Fallback::Fixed(4),
+            ..Policy::default()
+        };
         let mut st = PolicyState::default();
         let d = decide(Err("timeout".into()), 7, 0, &table(), &p, &mut st);
-        assert_eq!((d.desired, d.action.as_str()), (7, "hold"), "never read as zero");
+        assert_eq!(
+            (d.desired, d.action.as_str()),
+            (7, "hold"),
+            "never read as zero"
+        );
         let d = decide(Err("timeout".into()), 7, 1000, &table(), &p, &mut st);
         assert_eq!(d.desired, 4);
-        let d = decide(Ok(f64::NAN), 7, 2000, &table(), &Policy::default(), &mut PolicyState::default());
+        let d = decide(
+            Ok(f64::NAN),
+            7,
+            2000,
+            &table(),
+            &Policy::default(),
+            &mut PolicyState::default(),
+        );
         assert_eq!(d.desired, 7);
         // A good reading resets the count.
         decide(Ok(5.0), 6, 3000, &table(), &p, &mut st);
@@ -266,27 +341,61 @@ mod tests {
 
     #[test]
     fn scale_down_takes_the_highest_recommendation_of_the_window() {
-        let p = Policy { scale_down_window_secs: 300, ..Policy::default() };
+        let p = Policy {
+            scale_down_window_secs: 300,
+            ..Policy::default()
+        };
         let mut st = PolicyState::default();
         assert_eq!(decide(Ok(10.0), 12, 0, &table(), &p, &mut st).desired, 12);
         // The metric drops: still 12 within the window...
         let d = decide(Ok(0.0), 12, 100_000, &table(), &p, &mut st);
         assert_eq!((d.desired, d.action.as_str()), (12, "hold"), "{}", d.reason);
         // ...and the window's highest falls as old recommendations age out.
-        assert_eq!(decide(Ok(0.0), 12, 301_000, &table(), &p, &mut st).desired, 1);
+        assert_eq!(
+            decide(Ok(0.0), 12, 301_000, &table(), &p, &mut st).desired,
+            1
+        );
     }
 
     #[test]
     fn tolerance_step_and_cooldown() {
-        let p = Policy { scale_down_window_secs: 0, tolerance: 0.1, ..Policy::default() };
+        let p = Policy {
+            scale_down_window_secs: 0,
+            tolerance: 0.1,
+            ..Policy::default()
+        };
         let m = Mapping::TargetPerTask(1.0);
-        assert_eq!(decide(Ok(21.0), 20, 0, &m, &p, &mut PolicyState::default()).desired, 20, "5% is within tolerance");
-        assert_eq!(decide(Ok(23.0), 20, 0, &m, &p, &mut PolicyState::default()).desired, 23);
-        let p = Policy { max_step: 3, scale_down_window_secs: 0, ..Policy::default() };
-        assert_eq!(decide(Ok(30.0), 20, 0, &m, &p, &mut PolicyState::default()).desired, 23);
-        assert_eq!(decide(Ok(10.0), 20, 0, &m, &p, &mut PolicyState::default()).desired, 17);
-        let p = Policy { cooldown_secs: 60, scale_down_window_secs: 0, ..Policy::default() };
-        let mut st = PolicyState { last_action_ms: Some(0), ..Default::default() };
+        assert_eq!(
+            decide(Ok(21.0), 20, 0, &m, &p, &mut PolicyState::default()).desired,
+            20,
+            "5% is within tolerance"
+        );
+        assert_eq!(
+            decide(Ok(23.0), 20, 0, &m, &p, &mut PolicyState::default()).desired,
+            23
+        );
+        let p = Policy {
+            max_step: 3,
+            scale_down_window_secs: 0,
+            ..Policy::default()
+        };
+        assert_eq!(
+            decide(Ok(30.0), 20, 0, &m, &p, &mut PolicyState::default()).desired,
+            23
+        );
+        assert_eq!(
+            decide(Ok(10.0), 20, 0, &m, &p, &mut PolicyState::default()).desired,
+            17
+        );
+        let p = Policy {
+            cooldown_secs: 60,
+            scale_down_window_secs: 0,
+            ..Policy::default()
+        };
+        let mut st = PolicyState {
+            last_action_ms: Some(0),
+            ..Default::default()
+        };
         assert_eq!(decide(Ok(40.0), 20, 30_000, &m, &p, &mut st).desired, 20);
         assert_eq!(decide(Ok(40.0), 20, 61_000, &m, &p, &mut st).desired, 40);
     }

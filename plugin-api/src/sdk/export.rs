@@ -144,8 +144,9 @@ impl<S: ServiceDefinitions> Dispatch for Services<S> {
                     let args: Option<crate::ListArgs> = if args.trim().is_empty() {
                         None
                     } else {
-                        serde_json::from_str(&args)
-                            .map_err(|e| PluginError::permanent(format!("list: bad arguments: {e}")))?
+                        serde_json::from_str(&args).map_err(|e| {
+                            PluginError::permanent(format!("list: bad arguments: {e}"))
+                        })?
                     };
                     match args {
                         Some(a) => to_json(&self.0.list_for(a.containers).await?),

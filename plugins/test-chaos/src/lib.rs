@@ -3,7 +3,8 @@
 //!
 //! Steps: `ok:<value>`, `panic`, `hang` (sleeps for an hour; drop-cancelled), `garbage`
 //! (a NaN value, which JSON carries as null), `error:<kind>` (transient, permanent,
-//! config), `sleep:<ms>` (then returns 1), `log` (emits a tracing event, returns 2).
+//! config), `sleep:<ms>` (then returns 1), `log` (emits a tracing event, returns 2),
+//! `file:<path>` (the number in that file; a transient error if it holds none).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -81,6 +82,13 @@ impl MetricSource for Chaos {
                 let ms = arg.parse().unwrap_or(10);
                 tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
                 Ok(Measurement::new(1.0))
+            }
+            "file" => {
+                let text = std::fs::read_to_string(arg)
+                    .map_err(|e| PluginError::transient(format!("{arg}: {e}")))?;
+                text.trim().parse().map(Measurement::new).map_err(|_| {
+                    PluginError::transient(format!("{arg}: {:?} is not a number", text.trim()))
+                })
             }
             "log" => {
                 tracing::warn!(step = i, "chaos plugin says hello");

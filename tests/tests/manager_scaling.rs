@@ -1,0 +1,193 @@
+//! The leader scaling ECS tasks in moto_server from a metric read through a real plugin
+//! (test-chaos's `file:` step: the test writes the metric into a file).
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use redis::Commands;
+use warden_tests::harness::*;
+use warden_tests::workspace_root;
+
+fn aws(moto: &Moto, args: &[&str]) -> String {
+    let out = Command::new("python3")
+        .arg(workspace_root().join("tests/fixtures/aws.py"))
+        .arg(moto.endpoint())
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "aws.py {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn running(moto: &Moto) -> u32 {
+    aws(moto, &["ecs-count", "c1", "web", "warden-web"])
+        .parse()
+        .unwrap()
+}
+
+fn manager_config(
+    central: &Redis,
+    metric_file: &Path,
+    extra_service: &str,
+    dry_run: bool,
+) -> String {
+    format!(
+        r#"[host]
+instance_id = "i-scale"
+[plugins]
+breaker_open_ms = 500
+[registrar]
+enabled = false
+[manager]
+central_redis = "{}"
+loop_secs = 1
+dry_run = {dry_run}
+[metrics.m]
+plugin = "test-chaos"
+config = {{ sequence = ["file:{}"] }}
+[[manager.services]]
+name = "web"
+cluster = "c1"
+metric = "m"
+mapping = {{ target_per_task = 1.0 }}
+{extra_service}
+"#,
+        central.url(),
+        metric_file.display()
+    )
+}
+
+fn start(central: &Redis, moto: &Moto, metric: &Path, service: &str, dry_run: bool) -> Warden {
+    Warden::start(
+        &manager_config(central, metric, service, dry_run),
+        &moto.env(),
+    )
+}
+
+fn set_metric(path: &Path, v: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, v).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+fn last_decision(central: &Redis) -> serde_json::Value {
+    let t: Option<String> = central.conn().get("warden:decision:web").unwrap();
+    serde_json::from_str(&t.unwrap_or_else(|| "null".into())).unwrap()
+}
+
+#[test]
+fn tasks_follow_the_metric_within_min_max_and_step_and_a_metric_failure_holds() {
+    let central = Redis::start();
+    let moto = Moto::start();
+    aws(&moto, &["ecs-setup", "c1", "web", "3"]);
+    let dir = tempfile::tempdir().unwrap();
+    let metric = dir.path().join("metric");
+    set_metric(&metric, "5");
+    let _w = start(
+        &central,
+        &moto,
+        &metric,
+        "task_definition = \"web\"\npolicy = { min = 1, max = 12, max_step = 4, scale_down_window_secs = 0, tolerance = 0.0 }",
+        false,
+    );
+    eventually(Duration::from_secs(20), "5 tasks", || {
+        (running(&moto) == 5).then_some(())
+    });
+    // Up to 30: clamped to 12, reached in steps of at most 4.
+    set_metric(&metric, "30");
+    let mut seen = vec![5];
+    eventually(Duration::from_secs(20), "12 tasks", || {
+        let n = running(&moto);
+        if *seen.last().unwrap() != n {
+            seen.push(n);
+        }
+        (n == 12).then_some(())
+    });
+    for w in seen.windows(2) {
+        assert!(w[1] - w[0] <= 4, "a step larger than 4: {seen:?}");
+    }
+    // A metric failure holds the count (never read as zero).
+    set_metric(&metric, "not a number");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(running(&moto), 12);
+    let d = last_decision(&central);
+    assert_eq!(d["action"], "hold", "{d}");
+    assert!(
+        d["reason"].as_str().unwrap().contains("metric failed"),
+        "{d}"
+    );
+    // Down to 0: clamped to min 1.
+    set_metric(&metric, "0");
+    eventually(Duration::from_secs(20), "1 task", || {
+        (running(&moto) == 1).then_some(())
+    });
+    let d = last_decision(&central);
+    assert!(d["stop_task"].as_u64().is_some(), "{d}");
+}
+
+/// moto_server answers RunTask with container cpu/memory as numbers, which the SDK cannot
+/// read: to warden every RunTask outcome there is unknown. It must re-count and never
+/// start more than the decision asked for. A RunTask refused outright (no such task
+/// definition yet) is logged with its reason and retried on the next loop.
+#[test]
+fn a_failed_run_task_is_retried_and_an_unknown_outcome_never_doubles() {
+    let central = Redis::start();
+    let moto = Moto::start();
+    aws(&moto, &["ecs-cluster", "c1", "3"]);
+    let dir = tempfile::tempdir().unwrap();
+    let metric = dir.path().join("metric");
+    set_metric(&metric, "6");
+    let w = start(&central, &moto, &metric, "task_definition = \"web\"", false);
+    eventually(
+        Duration::from_secs(20),
+        "the refused RunTask logged",
+        || {
+            w.log_text()
+                .lines()
+                .any(|l| l.contains("RunTask placed fewer tasks") && l.contains("ClientException"))
+                .then_some(())
+        },
+    );
+    assert_eq!(running(&moto), 0);
+    aws(&moto, &["ecs-register", "web"]);
+    eventually(
+        Duration::from_secs(20),
+        "6 tasks once the task definition exists",
+        || (running(&moto) == 6).then_some(()),
+    );
+    for _ in 0..6 {
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(running(&moto), 6, "more tasks than decided");
+    }
+}
+
+#[test]
+fn service_mode_sets_desired_count_and_dry_run_calls_nothing() {
+    let central = Redis::start();
+    let moto = Moto::start();
+    aws(&moto, &["ecs-setup", "c1", "web", "3"]);
+    aws(&moto, &["ecs-service", "c1", "websvc", "web", "1"]);
+    let dir = tempfile::tempdir().unwrap();
+    let metric = dir.path().join("metric");
+    set_metric(&metric, "4");
+    let w = start(&central, &moto, &metric, "ecs_service = \"websvc\"", false);
+    eventually(Duration::from_secs(20), "desiredCount 4", || {
+        (aws(&moto, &["ecs-service-desired", "c1", "websvc"]) == "4").then_some(())
+    });
+    drop(w);
+
+    // Dry run: the decision says 4 tasks, ECS sees none.
+    let central = Redis::start();
+    let _w = start(&central, &moto, &metric, "task_definition = \"web\"", true);
+    eventually(Duration::from_secs(20), "a dry-run decision", || {
+        let d = last_decision(&central);
+        (d["outcome"] == "dry-run" && d["desired"] == 4).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(running(&moto), 0, "dry-run started tasks");
+}
