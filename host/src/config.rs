@@ -302,6 +302,14 @@ impl Config {
                 ));
             }
             s.mapping.validate().map_err(|e| bad(&key("mapping"), e))?;
+            if let crate::manager::policy::Mapping::Plugin(name) = &s.mapping {
+                if !self.metrics.contains_key(name) {
+                    return Err(bad(
+                        &key("mapping.plugin"),
+                        format!("no [metrics.{name}] is configured"),
+                    ));
+                }
+            }
             if s.policy.min > s.policy.max {
                 return Err(bad(
                     &key("policy"),

@@ -158,6 +158,16 @@ pub async fn run(
                     (None, None) => unreachable!("checked by the config"),
                 },
                 metric: MetricClient(metric.clone()),
+                mapper: match &s.mapping {
+                    crate::manager::policy::Mapping::Plugin(name) => match metrics.get(name) {
+                        Some(m) => Some(MetricClient(m.clone())),
+                        None => {
+                            tracing::error!(service = %s.name, mapping = %name, "managed service skipped: its mapping plugin was not created");
+                            continue;
+                        }
+                    },
+                    _ => None,
+                },
                 mapping: s.mapping.clone(),
                 policy: s.policy.clone(),
             });

@@ -153,3 +153,9 @@ pub fn normalise_frontend(f: &str) -> Result<String, String> {
         Some(p) => format!("{host}/{p}/"),
     })
 }
+
+/// Arguments of a metric source's `map` operation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MapArgs {
+    pub value: f64,
+}

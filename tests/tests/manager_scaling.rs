@@ -191,3 +191,73 @@ fn service_mode_sets_desired_count_and_dry_run_calls_nothing() {
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(running(&moto), 0, "dry-run started tasks");
 }
+
+/// The seed's pipeline: Beanstalk instances (tagged in moto) → a table in S3 → ECS tasks.
+#[test]
+fn beanstalk_instances_mapped_through_an_s3_table_drive_the_tasks() {
+    let central = Redis::start();
+    let moto = Moto::start();
+    aws(&moto, &["ecs-setup", "c1", "web", "3"]);
+    aws(&moto, &["eb-instances", "upstream-prod", "2"]);
+    aws(
+        &moto,
+        &["s3-put", "tables", "web.csv", "min,tasks\n0,1\n2,4\n5,8\n"],
+    );
+    let config = format!(
+        r#"[host]
+instance_id = "i-eb"
+[plugins]
+breaker_open_ms = 500
+[registrar]
+enabled = false
+[manager]
+central_redis = "{}"
+loop_secs = 1
+[metrics.upstream]
+plugin = "beanstalk-instances"
+config = {{ environment = "upstream-prod" }}
+[metrics.table]
+plugin = "s3-table"
+config = {{ bucket = "tables", key = "web.csv", refresh_secs = 1 }}
+[[manager.services]]
+name = "web"
+cluster = "c1"
+task_definition = "web"
+metric = "upstream"
+mapping = {{ plugin = "table" }}
+policy = {{ scale_down_window_secs = 0 }}
+"#,
+        central.url()
+    );
+    let w = Warden::start(&config, &moto.env());
+    eventually(Duration::from_secs(30), "4 tasks for 2 instances", || {
+        (running(&moto) == 4).then_some(())
+    });
+    aws(&moto, &["eb-instances", "upstream-prod", "6"]);
+    eventually(Duration::from_secs(20), "8 tasks for 6 instances", || {
+        (running(&moto) == 8).then_some(())
+    });
+    // A new table is picked up by its ETag.
+    aws(
+        &moto,
+        &["s3-put", "tables", "web.csv", "min,tasks\n0,1\n2,4\n5,6\n"],
+    );
+    eventually(
+        Duration::from_secs(20),
+        "6 tasks with the new table",
+        || (running(&moto) == 6).then_some(()),
+    );
+    // A corrupt table keeps the last good one and names the wrong row.
+    aws(
+        &moto,
+        &["s3-put", "tables", "web.csv", "min,tasks\n0,1\n2,four\n"],
+    );
+    eventually(Duration::from_secs(10), "the corrupt row reported", || {
+        w.log_text()
+            .lines()
+            .any(|l| l.contains("table is corrupt") && l.contains("line 3"))
+            .then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(running(&moto), 6, "the last good table still applies");
+}

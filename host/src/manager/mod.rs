@@ -38,6 +38,8 @@ pub struct ManagedService {
     pub cluster: String,
     pub target: Target,
     pub metric: MetricClient,
+    /// The plugin behind `Mapping::Plugin`.
+    pub mapper: Option<MetricClient>,
     pub mapping: Mapping,
     pub policy: Policy,
 }
@@ -244,12 +246,19 @@ impl Manager {
         l: &Leadership,
         s: &ManagedService,
     ) -> bool {
-        let metric = s
+        let mut metric = s
             .metric
             .measure()
             .await
             .map(|m| m.value)
             .map_err(|e| e.to_string());
+        if let (Ok(v), Some(mapper)) = (&metric, &s.mapper) {
+            // A mapping failure is a metric failure: the count is held.
+            metric = mapper
+                .map(*v)
+                .await
+                .map_err(|e| format!("mapping {v}: {e}"));
+        }
         let conn = &mut store.conn;
         let now_ms = match redis_now_ms(conn).await {
             Ok(t) => t,

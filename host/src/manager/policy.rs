@@ -18,6 +18,9 @@ pub enum Mapping {
     Table(Vec<(f64, u32)>),
     /// desired = ceil(metric / target).
     TargetPerTask(f64),
+    /// Mapped by a metric-source plugin's `map` operation (`[metrics.<name>]`, for
+    /// example an `s3-table` instance); the manager maps before deciding.
+    Plugin(String),
 }
 
 impl Mapping {
@@ -29,6 +32,8 @@ impl Mapping {
                 .max_by(|a, b| a.0.partial_cmp(&b.0).unwrap_or(std::cmp::Ordering::Equal))
                 .map_or(0, |(_, n)| *n),
             Mapping::TargetPerTask(t) => (v / t).ceil().clamp(0.0, u32::MAX as f64) as u32,
+            // Already mapped by the plugin: the value is the task count.
+            Mapping::Plugin(_) => v.ceil().clamp(0.0, u32::MAX as f64) as u32,
         }
     }
 
@@ -58,6 +63,10 @@ impl Mapping {
                 Err(format!("target_per_task: {t} is not a positive number"))
             }
             Mapping::TargetPerTask(_) => Ok(()),
+            Mapping::Plugin(name) if name.trim().is_empty() => {
+                Err("plugin: expected a [metrics.<name>]".into())
+            }
+            Mapping::Plugin(_) => Ok(()),
         }
     }
 }

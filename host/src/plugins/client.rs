@@ -207,6 +207,14 @@ fn decode_services(text: &str) -> Result<Box<dyn Any + Send>, String> {
         .map_err(|e| e.to_string())
 }
 
+fn decode_number(text: &str) -> Result<Box<dyn Any + Send>, String> {
+    match serde_json::from_str::<f64>(text) {
+        Ok(v) if v.is_finite() => Ok(Box::new(v)),
+        Ok(_) => Err("not a finite number".into()),
+        Err(e) => Err(format!("expected a number: {e}")),
+    }
+}
+
 fn decode_generation(text: &str) -> Result<Box<dyn Any + Send>, String> {
     serde_json::from_str::<u64>(text)
         .map(|v| Box::new(v) as Box<dyn Any + Send>)
@@ -227,6 +235,13 @@ impl MetricClient {
             .call("measure", "null", decode_measurement)
             .await
             .map(take)
+    }
+
+    /// Maps a value through this source (a table plugin).
+    pub async fn map(&self, value: f64) -> Result<f64, CallError> {
+        let args = serde_json::to_string(&warden_plugin_api::model::MapArgs { value })
+            .expect("a number serializes");
+        self.0.call("map", &args, decode_number).await.map(take)
     }
 }
 

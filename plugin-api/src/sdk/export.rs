@@ -122,10 +122,15 @@ impl PluginDescriptor {
 struct Metric<M>(M);
 
 impl<M: MetricSource> Dispatch for Metric<M> {
-    fn call(self: Arc<Self>, op: String, _args: String) -> BoxFuture<Result<String, PluginError>> {
+    fn call(self: Arc<Self>, op: String, args: String) -> BoxFuture<Result<String, PluginError>> {
         Box::pin(async move {
             match op.as_str() {
                 "measure" => to_json(&self.0.measure().await?),
+                "map" => {
+                    let a: crate::model::MapArgs = serde_json::from_str(&args)
+                        .map_err(|e| PluginError::permanent(format!("map: bad arguments: {e}")))?;
+                    to_json(&self.0.map(a.value).await?)
+                }
                 other => Err(PluginError::unsupported(format!(
                     "metric-source has no operation {other:?}"
                 ))),

@@ -40,6 +40,15 @@ pub trait MetricSource: Sized + Send + Sync + 'static {
     /// future (timeout, shutdown), which cancels it. Do not block the thread: use
     /// `tokio::task::spawn_blocking` for blocking work.
     fn measure(&self) -> impl Future<Output = Result<Measurement, PluginError>> + Send;
+
+    /// Maps a value read from another metric (for example through a table, as the
+    /// `s3-table` plugin does). Most sources do not map: the default says so.
+    fn map(&self, value: f64) -> impl Future<Output = Result<f64, PluginError>> + Send {
+        let _ = value;
+        std::future::ready(Err(PluginError::unsupported(
+            "this metric source does not map values",
+        )))
+    }
 }
 
 /// A provider of service definitions, read by warden's registrar and manager.
