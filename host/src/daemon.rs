@@ -172,11 +172,13 @@ pub async fn run(
                 policy: s.policy.clone(),
             });
         }
+        let sdk = aws_config().await;
         let ecs = if config.manager.dry_run {
             None
         } else {
-            Some(aws_sdk_ecs::Client::new(&aws_config().await))
+            Some(aws_sdk_ecs::Client::new(&sdk))
         };
+        let ec2 = Some(aws_sdk_ec2::Client::new(&sdk));
         let m = &config.manager;
         let manager = Manager {
             id: id.clone(),
@@ -190,6 +192,7 @@ pub async fn run(
             loop_interval: Duration::from_secs(m.loop_secs),
             services,
             ecs,
+            ec2,
         };
         tracing::info!(instance = %id, services = manager.services.len(), dry_run = m.dry_run, "manager started");
         tasks.spawn(manager.run(stop_rx.clone()));

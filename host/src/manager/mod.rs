@@ -96,6 +96,46 @@ pub struct Manager {
     pub services: Vec<ManagedService>,
     /// `None`: dry-run, decide and log, call nothing.
     pub ecs: Option<aws_sdk_ecs::Client>,
+    /// For the Availability Zone check (EC2 DescribeAvailabilityZones).
+    pub ec2: Option<aws_sdk_ec2::Client>,
+}
+
+/// AZ states from EC2, refreshed every 10 s by a task of its own so that a slow EC2 API
+/// never delays an election tick. An AZ is unavailable only on positive knowledge: an
+/// EC2 error, or an AZ that EC2 does not list, counts as available.
+#[derive(Clone, Default)]
+struct AzCache(std::sync::Arc<std::sync::RwLock<std::collections::BTreeMap<String, String>>>);
+
+impl AzCache {
+    fn start(ec2: Option<aws_sdk_ec2::Client>, mut shutdown: watch::Receiver<bool>) -> AzCache {
+        let cache = AzCache::default();
+        let Some(ec2) = ec2 else { return cache };
+        let c = cache.clone();
+        tokio::spawn(async move {
+            loop {
+                match ec2.describe_availability_zones().send().await {
+                    Ok(out) => {
+                        let states = out
+                            .availability_zones()
+                            .iter()
+                            .filter_map(|z| Some((z.zone_name()?.to_owned(), z.state()?.as_str().to_owned())))
+                            .collect();
+                        *c.0.write().unwrap_or_else(|p| p.into_inner()) = states;
+                    }
+                    Err(e) => tracing::warn!(error = %aws_sdk_ec2::error::DisplayErrorContext(&e), "cannot read AZ states; keeping the last known"),
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+                    _ = shutdown.changed() => return,
+                }
+            }
+        });
+        cache
+    }
+
+    fn available(&self, az: &str) -> bool {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).get(az).is_none_or(|s| s == "available")
+    }
 }
 
 struct Leadership {
@@ -135,6 +175,7 @@ impl Manager {
             }
         };
         let mut store = ElectionStore::new(conn);
+        let azs = AzCache::start(self.ec2.clone(), shutdown.clone());
         let record = Script::new(RECORD);
         let mut leading: Option<Leadership> = None;
         let mut next_work = Instant::now();
@@ -156,7 +197,14 @@ impl Manager {
             }
             let _ = store.seen(&self.id, &self.az, self.timing.lease * 10).await;
             if let Some(l) = &mut leading {
-                if let Some(reason) = self.keep_leading(&mut store, l).await {
+                let own_az_ok = azs.available(&self.az);
+                let reason = if own_az_ok {
+                    self.keep_leading(&mut store, l).await
+                } else {
+                    let _ = store.release(&l.lease).await;
+                    Some(format!("own Availability Zone {} is not available", self.az))
+                };
+                if let Some(reason) = reason {
                     tracing::warn!(epoch = l.lease.epoch, "stepping down: {reason}");
                     leading = None;
                     continue;
@@ -176,7 +224,7 @@ impl Manager {
                 }
                 continue;
             }
-            match self.follow(&mut store).await {
+            match self.follow(&mut store, &azs).await {
                 Ok(Some(l)) => {
                     tracing::info!(epoch = l.lease.epoch, az = %self.az, "became leader");
                     next_work = Instant::now();
@@ -212,12 +260,18 @@ impl Manager {
     }
 
     /// A follower's tick: judge the leader, hold a competition when needed.
-    async fn follow(&self, store: &mut ElectionStore) -> redis::RedisResult<Option<Leadership>> {
+    async fn follow(&self, store: &mut ElectionStore, azs: &AzCache) -> redis::RedisResult<Option<Leadership>> {
         let lease = store.leader().await?;
         let age = store.heartbeat_age().await?;
-        // The leader's AZ check (EC2 DescribeAvailabilityZones) is not wired yet:
-        // every AZ is taken as available.
-        let verdict = election::judge(lease, age, true, &self.timing);
+        let leader_az_ok = match &lease {
+            Some(l) => azs.available(&l.az),
+            None => true,
+        };
+        // A host in an unavailable AZ does not compete.
+        if !azs.available(&self.az) {
+            return Ok(None);
+        }
+        let verdict = election::judge(lease, age, leader_az_ok, &self.timing);
         let depose = match verdict {
             Verdict::Healthy => return Ok(None),
             Verdict::Vacant => None,

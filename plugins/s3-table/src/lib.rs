@@ -96,8 +96,7 @@ pub fn parse_table(text: &str) -> Result<Vec<(f64, u32)>, String> {
 
 pub fn lookup(rows: &[(f64, u32)], v: f64) -> u32 {
     rows.iter()
-        .filter(|(min, _)| *min <= v)
-        .next_back()
+        .rfind(|(min, _)| *min <= v)
         .map_or(0, |(_, n)| *n)
 }
 
