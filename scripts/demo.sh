@@ -23,7 +23,8 @@ trap cleanup EXIT
 # --- plugins ---------------------------------------------------------------
 mkdir -m 755 "$work/plugins"
 install -m 644 target/release/libwarden_plugin_docker_labels.so target/release/libwarden_plugin_file_services.so \
-  target/release/libwarden_plugin_template.so "$work/plugins/"
+  target/release/libwarden_plugin_template.so target/release/libwarden_plugin_beanstalk_instances.so \
+  target/release/libwarden_plugin_s3_table.so "$work/plugins/"
 say "warden plugins list --dir $work/plugins"
 "$bin" plugins list --dir "$work/plugins"
 say "warden plugins check (the template plugin, with a config)"
@@ -58,15 +59,39 @@ PY
 elb create
 tests/image/build.sh
 
+# For the manager: an ECS cluster with room, a Beanstalk environment with 2 instances,
+# and the seed's mapping table in S3 (instances -> tasks).
+aws() { python3 tests/fixtures/aws.py "$AWS_ENDPOINT_URL" "$@"; }
+aws ecs-setup demo worker 3
+aws eb-instances upstream-prod 2
+aws s3-put demo-tables worker.csv $'min,tasks\n0,1\n2,3\n4,5\n6,8\n'
+
 cat >"$work/warden.toml" <<TOML
 [host]
 instance_id = "i-0demo0000000001"
+availability_zone = "eu-west-1a"
 [plugins]
 dirs = ["$work/plugins"]
 [registrar]
 local_redis = "redis://127.0.0.1:$redis_port"
 router_ports_file = "$work/router/ports.conf"
 router_pid_file = "$work/router/nginx.pid"
+[manager]
+central_redis = "redis://127.0.0.1:$redis_port"
+loop_secs = 2
+[metrics.upstream]
+plugin = "beanstalk-instances"
+config = { environment = "upstream-prod" }
+[metrics.table]
+plugin = "s3-table"
+config = { bucket = "demo-tables", key = "worker.csv", refresh_secs = 2 }
+[[manager.services]]
+name = "worker"
+cluster = "demo"
+task_definition = "worker"
+metric = "upstream"
+mapping = { plugin = "table" }
+policy = { min = 1, max = 10, scale_down_window_secs = 0 }
 TOML
 say "warden check --config $work/warden.toml"
 "$bin" check --config "$work/warden.toml"
@@ -106,5 +131,17 @@ sleep 3.5
 redis-cli -p $redis_port --raw keys '*demo*' | sed 's/^/key left: /'
 curl -s -o /dev/null -w 'service port now answers HTTP %{http_code}\n' http://127.0.0.1:$service_port/ || true
 elb describe
+say "manager: Beanstalk env upstream-prod has 2 instances; table maps 2 -> 3 tasks"
+tasks() { python3 tests/fixtures/aws.py "$AWS_ENDPOINT_URL" ecs-count demo worker warden-worker; }
+for _ in $(seq 40); do [ "$(tasks)" = 3 ] && break; sleep 0.5; done
+echo "ECS tasks of worker started by warden: $(tasks)"
+"$bin" status --config "$work/warden.toml"
+
+say "the environment grows to 6 instances: the table maps 6 -> 8 tasks"
+aws eb-instances upstream-prod 6
+for _ in $(seq 40); do [ "$(tasks)" = 8 ] && break; sleep 0.5; done
+echo "ECS tasks of worker started by warden: $(tasks)"
+"$bin" status --config "$work/warden.toml"
+
 say "warden's log (last lines)"
 tail -n 8 "$work/warden.log"

@@ -480,6 +480,70 @@ mod tests {
     }
 
     #[test]
+    fn manager_services_parse_and_are_checked() {
+        let base = r#"
+            [manager]
+            central_redis = "redis://127.0.0.1:6379"
+            [metrics.upstream]
+            plugin = "beanstalk-instances"
+            [metrics.table]
+            plugin = "s3-table"
+            [[manager.services]]
+            name = "worker"
+            task_definition = "worker"
+            metric = "upstream"
+            mapping = { plugin = "table" }
+            policy = { min = 1, max = 20, fallback = { fixed = 2 } }
+        "#;
+        let c = Config::parse(base, "w.toml").unwrap();
+        let s = &c.manager.services[0];
+        assert_eq!(s.cluster, "default");
+        assert_eq!(
+            s.policy.fallback,
+            crate::manager::policy::Fallback::Fixed(2)
+        );
+        assert_eq!(
+            s.policy.scale_down_window_secs, 300,
+            "defaults fill the rest"
+        );
+        let e = Config::parse(
+            &base.replace("metric = \"upstream\"", "metric = \"nope\""),
+            "w.toml",
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("manager.services[0].metric: no [metrics.nope]"),
+            "{e}"
+        );
+        let e = Config::parse(
+            &base.replace(
+                "task_definition = \"worker\"",
+                "task_definition = \"w\"\necs_service = \"w\"",
+            ),
+            "w.toml",
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("exactly one of task_definition and ecs_service"),
+            "{e}"
+        );
+        let e = Config::parse(
+            &base.replace("{ plugin = \"table\" }", "{ table = [[0, 1], [0, 2]] }"),
+            "w.toml",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("mapping: table row 2"), "{e}");
+        let e = Config::parse(
+            &base.replace("min = 1, max = 20", "min = 5, max = 2"),
+            "w.toml",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("min 5 is above max 2"), "{e}");
+    }
+
+    #[test]
     fn a_bad_environment_value_is_named() {
         let env = |k: &str| (k == ENV_LOCAL_REDIS).then(|| "nope".to_owned());
         let e = Config::load(None, env).unwrap_err();

@@ -173,28 +173,53 @@ fn warden_status_shows_the_leader_the_hosts_and_the_last_decision() {
     let central = Redis::start();
     let _wardens = start_three(&central);
     let (lead, epoch) = wait_leader(&central, None, Duration::from_secs(15));
-    eventually(Duration::from_secs(5), "a recorded decision", || (!history(&central).is_empty()).then_some(()));
+    eventually(Duration::from_secs(5), "a recorded decision", || {
+        (!history(&central).is_empty()).then_some(())
+    });
     let out = std::process::Command::new(warden_tests::warden_bin())
         .args(["status", "--json"])
         .env("WARDEN_CENTRAL_REDIS", central.url())
         .env_remove("WARDEN_CONFIG")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(s["leader"]["instance_id"], lead.as_str());
     assert_eq!(s["leader"]["epoch"], epoch);
-    assert!(s["leader"]["heartbeat_age_ms"].as_u64().unwrap() < 2000, "{s}");
-    let hosts: Vec<&str> = s["hosts"].as_array().unwrap().iter().map(|h| h["instance_id"].as_str().unwrap()).collect();
+    assert!(
+        s["leader"]["heartbeat_age_ms"].as_u64().unwrap() < 2000,
+        "{s}"
+    );
+    let hosts: Vec<&str> = s["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["instance_id"].as_str().unwrap())
+        .collect();
     assert_eq!(hosts, ["i-aaa", "i-bbb", "i-ccc"]);
     let svc = &s["services"][0];
-    assert_eq!((svc["service"].as_str(), svc["desired"].as_u64(), svc["outcome"].as_str()), (Some("web"), Some(3), Some("dry-run")), "{s}");
+    assert_eq!(
+        (
+            svc["service"].as_str(),
+            svc["desired"].as_u64(),
+            svc["outcome"].as_str()
+        ),
+        (Some("web"), Some(3), Some("dry-run")),
+        "{s}"
+    );
     let text = std::process::Command::new(warden_tests::warden_bin())
         .args(["status"])
         .env("WARDEN_CENTRAL_REDIS", central.url())
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&text.stdout);
-    assert!(text.starts_with(&format!("leader: {lead} in eu-west-1a (epoch {epoch}")), "{text}");
+    assert!(
+        text.starts_with(&format!("leader: {lead} in eu-west-1a (epoch {epoch}")),
+        "{text}"
+    );
     assert!(text.contains("web: metric 3 desired 3"), "{text}");
 }

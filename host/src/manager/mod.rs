@@ -118,11 +118,15 @@ impl AzCache {
                         let states = out
                             .availability_zones()
                             .iter()
-                            .filter_map(|z| Some((z.zone_name()?.to_owned(), z.state()?.as_str().to_owned())))
+                            .filter_map(|z| {
+                                Some((z.zone_name()?.to_owned(), z.state()?.as_str().to_owned()))
+                            })
                             .collect();
                         *c.0.write().unwrap_or_else(|p| p.into_inner()) = states;
                     }
-                    Err(e) => tracing::warn!(error = %aws_sdk_ec2::error::DisplayErrorContext(&e), "cannot read AZ states; keeping the last known"),
+                    Err(e) => {
+                        tracing::warn!(error = %aws_sdk_ec2::error::DisplayErrorContext(&e), "cannot read AZ states; keeping the last known")
+                    }
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(10)) => {}
@@ -134,7 +138,11 @@ impl AzCache {
     }
 
     fn available(&self, az: &str) -> bool {
-        self.0.read().unwrap_or_else(|p| p.into_inner()).get(az).is_none_or(|s| s == "available")
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(az)
+            .is_none_or(|s| s == "available")
     }
 }
 
@@ -202,7 +210,10 @@ impl Manager {
                     self.keep_leading(&mut store, l).await
                 } else {
                     let _ = store.release(&l.lease).await;
-                    Some(format!("own Availability Zone {} is not available", self.az))
+                    Some(format!(
+                        "own Availability Zone {} is not available",
+                        self.az
+                    ))
                 };
                 if let Some(reason) = reason {
                     tracing::warn!(epoch = l.lease.epoch, "stepping down: {reason}");
@@ -260,7 +271,11 @@ impl Manager {
     }
 
     /// A follower's tick: judge the leader, hold a competition when needed.
-    async fn follow(&self, store: &mut ElectionStore, azs: &AzCache) -> redis::RedisResult<Option<Leadership>> {
+    async fn follow(
+        &self,
+        store: &mut ElectionStore,
+        azs: &AzCache,
+    ) -> redis::RedisResult<Option<Leadership>> {
         let lease = store.leader().await?;
         let age = store.heartbeat_age().await?;
         let leader_az_ok = match &lease {
