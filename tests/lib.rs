@@ -33,15 +33,19 @@ pub fn build_dir() -> PathBuf {
     target_dir().join(profile())
 }
 
-/// Builds the workspace's binaries and plugins (debug) once per test process. With the
-/// shared target directory this is a no-op after `.ci/run`'s build.
+/// Builds the workspace's binaries and plugins once per test process. With the shared
+/// target directory this is a no-op after `.ci/run`'s build.
 pub fn build_workspace() {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut args = vec!["build", "--workspace"];
+        // Exactly .ci/run's build (same packages, same targets, so the same features):
+        // anything else would build the dependency tree a second time.
+        let mut args = vec!["build", "--workspace", "--exclude", "warden-bench"];
         if profile() == "release" {
             args.push("--release");
+        } else {
+            args.push("--all-targets");
         }
         let status = Command::new(cargo)
             .args(&args)
