@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Starts warden's router (Debian nginx + Lua) on this machine.
-#   router/start.sh PREFIX PORT REDIS_HOST REDIS_PORT
+#   router/start.sh PREFIX PORT REDIS_HOST REDIS_PORT [random|round-robin]
 # PREFIX is a directory for nginx's files; warden writes PREFIX/ports.conf (set
 # registrar.router_ports_file = PREFIX/ports.conf and router_pid_file = PREFIX/nginx.pid).
 set -euo pipefail
-prefix=$(realpath -m "$1"); port=$2; redis_host=${3:-127.0.0.1}; redis_port=${4:-6379}
+prefix=$(realpath -m "$1"); port=$2; redis_host=${3:-127.0.0.1}; redis_port=${4:-6379}; balance=${5:-random}
 dir=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$prefix/logs"
 [ -f "$prefix/ports.conf" ] || echo "# no port front-ends yet" > "$prefix/ports.conf"
 sed -e "s#@PREFIX@#$prefix#g" -e "s#@ROUTER_DIR@#$dir#g" -e "s#@PORT@#$port#g" \
-    -e "s#@REDIS_HOST@#$redis_host#g" -e "s#@REDIS_PORT@#$redis_port#g" \
+    -e "s#@REDIS_HOST@#$redis_host#g" -e "s#@REDIS_PORT@#$redis_port#g" -e "s#@BALANCE@#$balance#g" \
     "$dir/nginx.conf.template" > "$prefix/nginx.conf"
 exec nginx -p "$prefix" -c "$prefix/nginx.conf" -g 'daemon off;'

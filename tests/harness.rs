@@ -128,6 +128,22 @@ impl Moto {
             ("AWS_EC2_METADATA_DISABLED".into(), "true".into()),
         ]
     }
+    /// Runs `tests/fixtures/aws.py` against this moto (ECS, EC2, S3 fixtures); its stdout.
+    pub fn fixture(&self, args: &[&str]) -> String {
+        let out = Command::new("python3")
+            .arg(workspace_root().join("tests/fixtures/aws.py"))
+            .arg(self.endpoint())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "aws.py {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
     pub async fn elb(&self) -> aws_sdk_elasticloadbalancing::Client {
         let creds = aws_sdk_elasticloadbalancing::config::Credentials::new(
             "testing", "testing", None, None, "test",
@@ -157,6 +173,11 @@ pub struct Router {
 
 impl Router {
     pub fn start(redis: &Redis) -> Router {
+        Self::start_with(redis, "random")
+    }
+
+    /// `balance`: `random` or `round-robin`.
+    pub fn start_with(redis: &Redis, balance: &str) -> Router {
         let port = free_port();
         let prefix = tempfile::tempdir().unwrap();
         let child = Command::new(workspace_root().join("router/start.sh"))
@@ -165,6 +186,7 @@ impl Router {
                 &port.to_string(),
                 "127.0.0.1",
                 &redis.port.to_string(),
+                balance,
             ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -2,26 +2,13 @@
 //! (test-chaos's `file:` step: the test writes the metric into a file).
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use redis::Commands;
 use warden_tests::harness::*;
-use warden_tests::workspace_root;
 
 fn aws(moto: &Moto, args: &[&str]) -> String {
-    let out = Command::new("python3")
-        .arg(workspace_root().join("tests/fixtures/aws.py"))
-        .arg(moto.endpoint())
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "aws.py {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    moto.fixture(args)
 }
 
 fn running(moto: &Moto) -> u32 {

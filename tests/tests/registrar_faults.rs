@@ -346,3 +346,30 @@ fn file_defined_services_match_by_image_and_name_and_follow_the_file() {
         },
     );
 }
+
+#[test]
+fn the_router_can_balance_round_robin() {
+    let redis = Redis::start();
+    let router = Router::start_with(&redis, "round-robin");
+    let _warden = Warden::start(&config(&redis), &[]);
+    let cs = Containers::new("rr");
+    let l = [("warden.service", "rrsvc"), ("warden.frontend", "rr.test")];
+    let a = cs.run("a", &l, &[]);
+    let b = cs.run("b", &l, &[]);
+    wait_servers(
+        &redis,
+        "rrsvc",
+        &BTreeSet::from([addr(&cs, &a), addr(&cs, &b)]),
+    );
+    let bodies: Vec<String> = (0..10)
+        .map(|_| http_get(router.port, "rr.test", "/").unwrap().1)
+        .collect();
+    for w in bodies.windows(2) {
+        assert_ne!(w[0], w[1], "round-robin alternates: {bodies:?}");
+    }
+    assert_eq!(
+        bodies.iter().filter(|b| **b == cs.full_name("a")).count(),
+        5,
+        "{bodies:?}"
+    );
+}

@@ -4,12 +4,10 @@
 //!
 //! Run: `cargo run --release -p warden-bench --bin manager_bench -- [kills] [chaos_rounds]`
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use redis::Commands;
 use warden_tests::harness::*;
-use warden_tests::workspace_root;
 
 fn config(central: &Redis, id: &str) -> String {
     format!(
@@ -135,19 +133,7 @@ fn main() {
 
     eprintln!("ECS calls per decision...");
     let moto = Moto::start();
-    let aws = |args: &[&str]| {
-        let out = Command::new("python3")
-            .arg(workspace_root().join("tests/fixtures/aws.py"))
-            .arg(moto.endpoint())
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let aws = |args: &[&str]| moto.fixture(args);
     aws(&["ecs-setup", "c1", "web", "3"]);
     let central2 = Redis::start();
     let dir = tempfile::tempdir().unwrap();
