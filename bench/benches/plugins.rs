@@ -12,6 +12,23 @@ use warden_plugin_api::host::Library;
 use warden_plugin_api::{Kind, MetricSource};
 use warden_plugin_template::{Config, Constant};
 
+/// Times `iters` calls made one after another inside a task on the runtime, as warden's
+/// own loops make them.
+fn in_task<F, Fut, T>(rt: &tokio::runtime::Runtime, iters: u64, call: F) -> Duration
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T> + Send,
+{
+    rt.block_on(rt.spawn(async move {
+        let start = Instant::now();
+        for _ in 0..iters {
+            std::hint::black_box(call().await);
+        }
+        start.elapsed()
+    }))
+    .unwrap()
+}
+
 fn calls(c: &mut Criterion) {
     let so = warden_bench::release_template_so();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -50,40 +67,28 @@ fn calls(c: &mut Criterion) {
     g.bench_function("rlib_direct", |b| {
         b.iter_custom(|iters| {
             let direct = direct.clone();
-            rt.block_on(rt.spawn(async move {
-                let start = Instant::now();
-                for _ in 0..iters {
-                    std::hint::black_box(direct.measure().await.unwrap());
-                }
-                start.elapsed()
-            }))
-            .unwrap()
+            in_task(&rt, iters, move || {
+                let direct = direct.clone();
+                async move { std::hint::black_box(direct.measure().await.unwrap()) }
+            })
         })
     });
     g.bench_function("abi_raw_instance", |b| {
         b.iter_custom(|iters| {
             let raw = raw.clone();
-            rt.block_on(rt.spawn(async move {
-                let start = Instant::now();
-                for _ in 0..iters {
-                    std::hint::black_box(raw.call("measure", "null").await.unwrap());
-                }
-                start.elapsed()
-            }))
-            .unwrap()
+            in_task(&rt, iters, move || {
+                let call = raw.call("measure", "null");
+                async move { call.await.unwrap() }
+            })
         })
     });
     g.bench_function("abi_host_client", |b| {
         b.iter_custom(|iters| {
             let client = client.clone();
-            rt.block_on(rt.spawn(async move {
-                let start = Instant::now();
-                for _ in 0..iters {
-                    std::hint::black_box(client.measure().await.unwrap());
-                }
-                start.elapsed()
-            }))
-            .unwrap()
+            in_task(&rt, iters, move || {
+                let client = client.clone();
+                async move { std::hint::black_box(client.measure().await.unwrap()) }
+            })
         })
     });
     g.finish();

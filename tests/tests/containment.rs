@@ -38,6 +38,16 @@ async fn chaos(host: &PluginHost, config: serde_json::Value, opts: CallOptions) 
     )
 }
 
+/// Waits up to 0.5 s for a file the plugin writes (the caller asserts it exists).
+async fn wait_for_file(path: &std::path::Path) {
+    for _ in 0..50 {
+        if path.exists() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 fn kind_of(r: Result<warden_plugin_api::Measurement, CallError>) -> ErrorKind {
     r.expect_err("expected a failure").kind()
 }
@@ -73,12 +83,7 @@ async fn panic_hang_garbage_and_error_are_contained_and_the_next_call_is_served(
         started.elapsed()
     );
     // The hanging call was cancelled inside the plugin, not left running.
-    for _ in 0..50 {
-        if marker.exists() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_for_file(&marker).await;
     assert!(
         marker.exists(),
         "the plugin's hanging future was not dropped"
@@ -110,12 +115,7 @@ async fn dropping_a_call_cancels_the_plugin_work() {
     assert!(tokio::time::timeout(Duration::from_millis(100), call)
         .await
         .is_err());
-    for _ in 0..50 {
-        if marker.exists() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_for_file(&marker).await;
     assert!(
         marker.exists(),
         "dropping the call did not cancel the plugin's future"
