@@ -97,36 +97,101 @@ impl Drop for Redis {
     }
 }
 
-/// moto_server: the AWS APIs on loopback.
+/// moto_server: the AWS APIs on loopback, started through `tests/fixtures/moto_server.py`
+/// (ECS answers the Rust SDK can read) with its request recorder on, so that tests count
+/// the calls on the AWS side.
 pub struct Moto {
     pub port: u16,
     child: Child,
+    _dir: tempfile::TempDir,
+    recording: PathBuf,
+}
+
+/// One request as moto's recorder saw it, in arrival order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recorded {
+    /// `RunTask`, `StopTask`, … (`X-Amz-Target` without its prefix), or the query's
+    /// `Action` for query protocols.
+    pub op: String,
+    /// The access key of the signature: which warden sent it.
+    pub key: String,
+    /// warden's `x-warden-epoch` header.
+    pub epoch: Option<u64>,
 }
 
 impl Moto {
     pub fn start() -> Moto {
         let port = free_port();
-        let child = Command::new("moto_server")
+        let dir = tempfile::tempdir().unwrap();
+        let recording = dir.path().join("recording.jsonl");
+        let child = Command::new("python3")
+            .arg(workspace_root().join("tests/fixtures/moto_server.py"))
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .env("MOTO_ENABLE_RECORDING", "1")
+            .env("MOTO_RECORDER_FILEPATH", &recording)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("moto_server (run scripts/setup.sh)");
+            .expect("python3 with moto[server] (run scripts/setup.sh)");
         wait_for_port(port, "moto_server");
-        Moto { port, child }
+        Moto {
+            port,
+            child,
+            _dir: dir,
+            recording,
+        }
     }
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
     /// Environment for an AWS SDK client (warden's or the test's) pointed at moto.
     pub fn env(&self) -> Vec<(String, String)> {
+        Self::env_for(&self.endpoint(), "testing")
+    }
+    /// Environment for a warden reaching AWS at `endpoint` (moto, or a proxy in front of
+    /// it) under its own access key, so that moto's recorder tells wardens apart.
+    pub fn env_for(endpoint: &str, key: &str) -> Vec<(String, String)> {
         vec![
-            ("AWS_ENDPOINT_URL".into(), self.endpoint()),
+            ("AWS_ENDPOINT_URL".into(), endpoint.to_owned()),
             ("AWS_REGION".into(), "eu-west-1".into()),
-            ("AWS_ACCESS_KEY_ID".into(), "testing".into()),
+            ("AWS_ACCESS_KEY_ID".into(), key.to_owned()),
             ("AWS_SECRET_ACCESS_KEY".into(), "testing".into()),
             ("AWS_EC2_METADATA_DISABLED".into(), "true".into()),
         ]
+    }
+    /// Every request moto's recorder has written so far, in arrival order.
+    pub fn recorded(&self) -> Vec<Recorded> {
+        let text = std::fs::read_to_string(&self.recording).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .map(|v| {
+                let h = &v["headers"];
+                let get = |name: &str| {
+                    h.as_object()
+                        .and_then(|o| {
+                            o.iter()
+                                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                                .and_then(|(_, v)| v.as_str())
+                        })
+                        .unwrap_or("")
+                        .to_owned()
+                };
+                let target = get("x-amz-target");
+                let op = target.rsplit('.').next().unwrap_or("").to_owned();
+                let auth = get("authorization");
+                let key = auth
+                    .split("Credential=")
+                    .nth(1)
+                    .and_then(|c| c.split('/').next())
+                    .unwrap_or("")
+                    .to_owned();
+                Recorded {
+                    op,
+                    key,
+                    epoch: get("x-warden-epoch").parse().ok(),
+                }
+            })
+            .collect()
     }
     /// Runs `tests/fixtures/aws.py` against this moto (ECS, EC2, S3 fixtures); its stdout.
     pub fn fixture(&self, args: &[&str]) -> String {
@@ -142,6 +207,42 @@ impl Moto {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// RUNNING and PENDING tasks of `family` started by `started_by`, counted in ECS.
+    pub async fn ecs_count(&self, cluster: &str, family: &str, started_by: &str) -> usize {
+        let ecs = self.ecs().await;
+        let mut n = 0;
+        let mut next = None;
+        loop {
+            let page = ecs
+                .list_tasks()
+                .cluster(cluster)
+                .family(family)
+                .started_by(started_by)
+                .desired_status(aws_sdk_ecs::types::DesiredStatus::Running)
+                .set_next_token(next)
+                .send()
+                .await
+                .unwrap();
+            n += page.task_arns().len();
+            match page.next_token() {
+                Some(t) => next = Some(t.to_owned()),
+                None => return n,
+            }
+        }
+    }
+
+    pub async fn ecs(&self) -> aws_sdk_ecs::Client {
+        let creds =
+            aws_sdk_ecs::config::Credentials::new("test-observer", "testing", None, None, "test");
+        let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new("eu-west-1"))
+            .endpoint_url(self.endpoint())
+            .credentials_provider(creds)
+            .load()
+            .await;
+        aws_sdk_ecs::Client::new(&conf)
     }
 
     pub async fn elb(&self) -> aws_sdk_elasticloadbalancing::Client {

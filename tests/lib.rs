@@ -3,6 +3,7 @@
 //! the permissions warden demands.
 
 pub mod harness;
+pub mod proxy;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

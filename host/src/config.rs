@@ -45,6 +45,9 @@ pub struct PluginsConfig {
     pub allow_insecure: bool,
     /// Longest a single plugin call may take before it is cancelled.
     pub call_timeout_ms: u64,
+    /// How long a plugin's `new` may take before warden reports it as hanging (it keeps
+    /// waiting for that attempt; nothing else waits for it).
+    pub create_timeout_ms: u64,
     /// Consecutive failures after which a plugin instance is not called for a while.
     pub breaker_failures: u32,
     /// How long a tripped instance rests (doubled on each repeated trip, up to 10 min).
@@ -60,6 +63,7 @@ impl Default for PluginsConfig {
             ],
             allow_insecure: false,
             call_timeout_ms: 5_000,
+            create_timeout_ms: 10_000,
             breaker_failures: 3,
             breaker_open_ms: 30_000,
         }
@@ -274,21 +278,48 @@ impl Config {
         for (name, metric) in &self.metrics {
             check_plugin_ref(metric).map_err(|m| bad(&format!("metrics.{name}"), m))?;
         }
+        if self.plugins.create_timeout_ms == 0 {
+            return Err(bad(
+                "plugins.create_timeout_ms",
+                "expected a positive number of milliseconds".into(),
+            ));
+        }
         let m = &self.manager;
-        if m.lease_ms < 3 * m.tick_ms || m.tick_ms == 0 {
-            return Err(bad(
-                "manager.lease_ms",
-                format!("expected at least 3 ticks (tick_ms = {})", m.tick_ms),
-            ));
-        }
-        if m.loop_secs == 0 {
-            return Err(bad(
-                "manager.loop_secs",
-                "expected a positive number of seconds".into(),
-            ));
-        }
+        self.check_manager_timing(file)?;
+        let mut names: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut started: BTreeMap<String, usize> = BTreeMap::new();
         for (i, s) in m.services.iter().enumerate() {
             let key = |k: &str| format!("manager.services[{i}].{k}");
+            if let Some(j) = names.insert(&s.name, i) {
+                return Err(bad(
+                    &key("name"),
+                    format!("{:?} is also the name of manager.services[{j}]", s.name),
+                ));
+            }
+            let tag = crate::manager::started_by(&s.name);
+            if let Some(j) = started.insert(tag.clone(), i) {
+                return Err(bad(
+                    &key("name"),
+                    format!(
+                        "{:?} and manager.services[{j}] ({:?}) would both tag their tasks startedBy {tag:?} (ECS keeps 36 characters): each would count the other's tasks",
+                        s.name, m.services[j].name
+                    ),
+                ));
+            }
+            if s.name.is_empty()
+                || !s
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                return Err(bad(
+                    &key("name"),
+                    format!("{:?}: expected letters, digits, '-', '_' or '.'", s.name),
+                ));
+            }
+            if let Some(td) = &s.task_definition {
+                crate::manager::ecs::family_of(td).map_err(|e| bad(&key("task_definition"), e))?;
+            }
             if s.task_definition.is_some() == s.ecs_service.is_some() {
                 return Err(bad(
                     &key("task_definition"),
@@ -316,6 +347,48 @@ impl Config {
                     format!("min {} is above max {}", s.policy.min, s.policy.max),
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// Election timing within bounds that keep it working (each reason in the message).
+    fn check_manager_timing(&self, file: &str) -> Result<(), ConfigError> {
+        let m = &self.manager;
+        let bad = |key: &str, message: String| ConfigError::Invalid {
+            file: file.to_owned(),
+            key: key.to_owned(),
+            message,
+        };
+        if !(10..=10_000).contains(&m.tick_ms) {
+            return Err(bad(
+                "manager.tick_ms",
+                format!("{} is outside 10..=10000 ms", m.tick_ms),
+            ));
+        }
+        if m.lease_ms < 3 * m.tick_ms || m.lease_ms > 120_000 {
+            return Err(bad(
+                "manager.lease_ms",
+                format!(
+                    "{} must be at least 3 ticks ({} ms, so a leader can miss two renewals) and at most 120000 ms",
+                    m.lease_ms,
+                    3 * m.tick_ms
+                ),
+            ));
+        }
+        if m.guard_ms < 50 || m.guard_ms > m.lease_ms {
+            return Err(bad(
+                "manager.guard_ms",
+                format!(
+                    "{} must be between 50 ms (time for every candidate's entry to land) and lease_ms ({} ms, or no host is ever elected in time)",
+                    m.guard_ms, m.lease_ms
+                ),
+            ));
+        }
+        if m.loop_secs == 0 || m.loop_secs > 86_400 {
+            return Err(bad(
+                "manager.loop_secs",
+                format!("{} is outside 1..=86400 seconds", m.loop_secs),
+            ));
         }
         Ok(())
     }

@@ -10,50 +10,17 @@ use tokio::sync::watch;
 use warden_plugin_api::Kind;
 
 use crate::config::{Config, PluginRef};
+use crate::identity;
+use crate::manager::ecs::AwsEcs;
 use crate::manager::election::Timing;
+use crate::manager::policy::Mapping;
 use crate::manager::{ManagedService, Manager, Target};
-use crate::plugins::{CallOptions, MetricClient, PluginClient, PluginHost, ServicesClient};
+use crate::plugins::slot::Slot;
+use crate::plugins::{CallOptions, PluginHost, ServicesClient};
 use crate::registrar::{self, redx::RedisRoutes, Registrar};
 
 /// The plugin that gives service definitions when none is configured.
 pub const DEFAULT_SOURCE: &str = "docker-labels";
-
-/// Loads the AWS SDK's shared config: default credential chain, `AWS_REGION`,
-/// `AWS_ENDPOINT_URL` (a moto_server in tests), bounded retries and timeouts.
-pub async fn aws_config() -> aws_config::SdkConfig {
-    use aws_config::retry::RetryConfig;
-    use aws_config::timeout::TimeoutConfig;
-    aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .retry_config(RetryConfig::standard().with_max_attempts(5))
-        .timeout_config(
-            TimeoutConfig::builder()
-                .connect_timeout(Duration::from_secs(3))
-                .operation_attempt_timeout(Duration::from_secs(10))
-                .operation_timeout(Duration::from_secs(30))
-                .build(),
-        )
-        .load()
-        .await
-}
-
-/// Instance id from config, else EC2 instance metadata (IMDSv2).
-async fn instance_id(config: &Config) -> Option<String> {
-    if let Some(id) = &config.host.instance_id {
-        return Some(id.clone());
-    }
-    let imds = aws_config::imds::client::Client::builder()
-        .connect_timeout(Duration::from_millis(500))
-        .read_timeout(Duration::from_millis(500))
-        .max_attempts(2)
-        .build();
-    match imds.get("/latest/meta-data/instance-id").await {
-        Ok(id) => Some(id.as_ref().to_owned()),
-        Err(e) => {
-            tracing::warn!(error = %e, "instance id unknown: set host.instance_id or WARDEN_INSTANCE_ID (not on EC2?); ELB membership is off");
-            None
-        }
-    }
-}
 
 fn hostname() -> String {
     std::fs::read_to_string("/etc/hostname")
@@ -104,6 +71,50 @@ async fn sources(
     }
 }
 
+/// Managed services from the config, each with its metric (and mapping) plugin slot.
+fn managed_services(
+    config: &Config,
+    slots: &BTreeMap<String, Slot>,
+) -> anyhow::Result<Vec<ManagedService>> {
+    let mut out = Vec::new();
+    for s in &config.manager.services {
+        let target = match (&s.task_definition, &s.ecs_service) {
+            (Some(t), _) => Target::Tasks {
+                task_definition: t.clone(),
+                family: crate::manager::ecs::family_of(t)
+                    .map_err(anyhow::Error::msg)?
+                    .to_owned(),
+            },
+            (None, Some(svc)) => Target::Service {
+                service: svc.clone(),
+            },
+            (None, None) => anyhow::bail!(
+                "manager.services {}: no target (checked by the config)",
+                s.name
+            ),
+        };
+        let slot = |name: &str| {
+            slots
+                .get(name)
+                .cloned()
+                .ok_or_else(|| anyhow::anyhow!("no [metrics.{name}] (checked by the config)"))
+        };
+        out.push(ManagedService {
+            name: s.name.clone(),
+            cluster: s.cluster.clone(),
+            target,
+            metric: slot(&s.metric)?,
+            mapper: match &s.mapping {
+                Mapping::Plugin(name) => Some(slot(name)?),
+                _ => None,
+            },
+            mapping: s.mapping.clone(),
+            policy: s.policy.clone(),
+        });
+    }
+    Ok(out)
+}
+
 /// Runs warden until `shutdown` resolves.
 pub async fn run(
     config: Config,
@@ -115,84 +126,66 @@ pub async fn run(
         insecure || config.plugins.allow_insecure,
     ));
     let options = CallOptions::from_config(&config.plugins);
-    let mut metrics: BTreeMap<String, Arc<dyn PluginClient>> = BTreeMap::new();
-    for (name, r) in &config.metrics {
-        match host
-            .create(&r.plugin, Kind::MetricSource, &r.config, options)
-            .await
-        {
-            Ok(c) => {
-                metrics.insert(name.clone(), c);
-            }
-            Err(e) => tracing::error!(metric = %name, "metric source not created: {e}"),
-        }
-    }
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
+    let me = identity::resolve(&config.host).await;
+    // One AWS configuration for every client, loaded only when something needs AWS.
+    let needs_aws = config.manager.central_redis.is_some()
+        || (config.registrar.enabled && me.instance_id.is_some());
+    let sdk = if needs_aws {
+        Some(crate::aws::load(me.availability_zone.as_deref()).await)
+    } else {
+        None
+    };
 
-    if let Some(url) = &config.manager.central_redis {
-        let central = redis::Client::open(url.as_str())
-            .map_err(|e| anyhow::anyhow!("manager.central_redis: {e}"))?;
-        let id = instance_id(&config).await.unwrap_or_else(hostname);
-        let az = config
-            .host
+    // Metric sources are created in the background, with a timeout and retries: a plugin
+    // whose `new` hangs or fails holds up nothing else.
+    let create_timeout = Duration::from_millis(config.plugins.create_timeout_ms);
+    let slots: BTreeMap<String, Slot> = config
+        .metrics
+        .iter()
+        .map(|(name, r)| {
+            let slot = Slot::spawn(
+                host.clone(),
+                &format!("metrics.{name}"),
+                r,
+                Kind::MetricSource,
+                options,
+                create_timeout,
+                stop_rx.clone(),
+            );
+            (name.clone(), slot)
+        })
+        .collect();
+
+    if let (Some(url), Some(sdk)) = (&config.manager.central_redis, &sdk) {
+        let central = redis::Client::open(url.as_str()).map_err(|e| {
+            anyhow::anyhow!(
+                "manager.central_redis {}: {}",
+                crate::redis_util::addr(url),
+                crate::redis_util::describe(&e)
+            )
+        })?;
+        let id = me.instance_id.clone().unwrap_or_else(hostname);
+        let az = me
             .availability_zone
             .clone()
             .unwrap_or_else(|| "unknown".into());
-        let mut services = Vec::new();
-        for s in &config.manager.services {
-            let Some(metric) = metrics.get(&s.metric) else {
-                tracing::error!(service = %s.name, metric = %s.metric, "managed service skipped: its metric source was not created");
-                continue;
-            };
-            services.push(ManagedService {
-                name: s.name.clone(),
-                cluster: s.cluster.clone(),
-                target: match (&s.task_definition, &s.ecs_service) {
-                    (Some(t), _) => Target::Tasks {
-                        task_definition: t.clone(),
-                    },
-                    (None, Some(svc)) => Target::Service {
-                        service: svc.clone(),
-                    },
-                    (None, None) => unreachable!("checked by the config"),
-                },
-                metric: MetricClient(metric.clone()),
-                mapper: match &s.mapping {
-                    crate::manager::policy::Mapping::Plugin(name) => match metrics.get(name) {
-                        Some(m) => Some(MetricClient(m.clone())),
-                        None => {
-                            tracing::error!(service = %s.name, mapping = %name, "managed service skipped: its mapping plugin was not created");
-                            continue;
-                        }
-                    },
-                    _ => None,
-                },
-                mapping: s.mapping.clone(),
-                policy: s.policy.clone(),
-            });
-        }
-        let sdk = aws_config().await;
-        let ecs = if config.manager.dry_run {
-            None
-        } else {
-            Some(aws_sdk_ecs::Client::new(&sdk))
-        };
-        let ec2 = Some(aws_sdk_ec2::Client::new(&sdk));
         let m = &config.manager;
         let manager = Manager {
             id: id.clone(),
             az,
             central,
+            central_addr: crate::redis_util::addr(url),
             timing: Timing {
                 lease: Duration::from_millis(m.lease_ms),
                 tick: Duration::from_millis(m.tick_ms),
                 guard: Duration::from_millis(m.guard_ms),
             },
             loop_interval: Duration::from_secs(m.loop_secs),
-            services,
-            ecs,
-            ec2,
+            services: managed_services(&config, &slots)?,
+            ecs: (!m.dry_run).then(|| AwsEcs::new(sdk)),
+            ec2: Some(aws_sdk_ec2::Client::new(sdk)),
         };
         tracing::info!(instance = %id, services = manager.services.len(), dry_run = m.dry_run, "manager started");
         tasks.spawn(manager.run(stop_rx.clone()));
@@ -201,10 +194,14 @@ pub async fn run(
     if config.registrar.enabled {
         let docker = bollard::Docker::connect_with_defaults()
             .map_err(|e| anyhow::anyhow!("cannot set up the Docker client (DOCKER_HOST?): {e}"))?;
-        let instance = instance_id(&config).await;
-        let owner = instance.clone().unwrap_or_else(hostname);
-        let routes = RedisRoutes::new(&config.registrar.local_redis, &owner)
-            .map_err(|e| anyhow::anyhow!("registrar.local_redis: {e}"))?;
+        let owner = me.instance_id.clone().unwrap_or_else(hostname);
+        let routes = RedisRoutes::new(&config.registrar.local_redis, &owner).map_err(|e| {
+            anyhow::anyhow!(
+                "registrar.local_redis {}: {}",
+                crate::redis_util::addr(&config.registrar.local_redis),
+                crate::redis_util::describe(&e)
+            )
+        })?;
         let (elb_tx, elb_rx) = watch::channel(BTreeMap::new());
         let (ports_tx, ports_rx) = watch::channel(BTreeSet::new());
         if let Some(file) = config.registrar.router_ports_file.clone() {
@@ -215,8 +212,8 @@ pub async fn run(
                 stop_rx.clone(),
             ));
         }
-        if let Some(instance) = instance {
-            let client = aws_sdk_elasticloadbalancing::Client::new(&aws_config().await);
+        if let (Some(instance), Some(sdk)) = (me.instance_id.clone(), &sdk) {
+            let client = aws_sdk_elasticloadbalancing::Client::new(sdk);
             tasks.spawn(registrar::elb::run(
                 client,
                 instance,
@@ -253,7 +250,7 @@ pub async fn run(
     tracing::info!(
         plugins = host.plugins().len(),
         failed = host.failures().len(),
-        metrics = metrics.len(),
+        metrics = slots.len(),
         registrar = config.registrar.enabled,
         "warden running; waiting for SIGTERM or SIGINT"
     );
@@ -264,8 +261,10 @@ pub async fn run(
         while tasks.join_next().await.is_some() {}
     })
     .await;
-    for m in metrics.values() {
-        m.shutdown();
+    for slot in slots.values() {
+        if let Ok(c) = slot.get() {
+            c.shutdown();
+        }
     }
     Ok(())
 }

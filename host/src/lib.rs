@@ -6,11 +6,15 @@
 //! [`plugins`] (loading `.so` plugins and calling them safely), [`registrar`]
 //! (containers → routes in the local Redis → router → ELB), [`logging`].
 
+pub mod aws;
 pub mod backoff;
 pub mod config;
 pub mod daemon;
+pub mod identity;
 pub mod logging;
+pub mod logs;
 pub mod manager;
 pub mod plugins;
+pub mod redis_util;
 pub mod registrar;
 pub mod status;

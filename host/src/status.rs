@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::manager::{election, Record};
+use crate::manager::{central, election, opt, Record};
 
 #[derive(Debug, Serialize)]
 pub struct Status {
@@ -61,13 +61,13 @@ pub async fn read(url: &str) -> anyhow::Result<Status> {
     .await
     .map_err(|_| anyhow::anyhow!("central redis {url}: no answer within 5 s"))??;
     let lease: Option<String> = redis::cmd("GET")
-        .arg(election::LEADER)
+        .arg(central::LEADER)
         .query_async(&mut conn)
         .await?;
     let (now_s, now_us): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await?;
     let now_ms = now_s * 1000 + now_us / 1000;
     let hb: Option<u64> = redis::cmd("HGET")
-        .arg(election::HEARTBEAT)
+        .arg(central::HEARTBEAT)
         .arg("time_ms")
         .query_async(&mut conn)
         .await?;
@@ -126,20 +126,27 @@ pub fn render(s: &Status) -> String {
     }
     out.push_str(&format!("services ({}):\n", s.services.len()));
     for r in &s.services {
+        let d = &r.decision;
+        let unit = r.unit.as_deref().map_or(String::new(), |u| format!(" {u}"));
+        let mapped_value = r
+            .mapped_value
+            .map_or(String::new(), |v| format!(" (mapping plugin: {v})"));
         out.push_str(&format!(
-            "  {}: metric {} desired {} running {} action {} ({}) by {} epoch {}: {}\n",
+            "  {}: metric {}{unit}{mapped_value} mapped {} desired {} running {} action {} ({}) by {} epoch {}: {}\n",
             r.service,
-            r.decision
-                .metric
-                .map_or("failed".to_owned(), |m| m.to_string()),
-            r.decision.desired,
-            r.decision.current,
-            r.decision.action,
+            r.metric.map_or("failed".to_owned(), |m| m.to_string()),
+            opt(&d.mapped),
+            d.desired,
+            opt(&r.running),
+            d.action,
             r.outcome,
             r.leader,
             r.epoch,
-            r.decision.reason
+            d.reason
         ));
+        if let Some(e) = &r.metric_error {
+            out.push_str(&format!("    metric error ({}): {}\n", e.kind, e.message));
+        }
     }
     out
 }

@@ -130,24 +130,38 @@ fn a_paused_leader_steps_down_when_it_resumes_and_records_nothing() {
     w.signal(libc::SIGSTOP);
     let (_, e2) = wait_leader(&central, Some(&first), Duration::from_secs(8));
     assert!(e2 > e1);
-    // Let the new leader record, then wake the old one up.
-    std::thread::sleep(Duration::from_millis(1500));
+    // The new leader records, then the old one wakes up.
+    eventually(Duration::from_secs(5), "a record of the new epoch", || {
+        history(&central)
+            .iter()
+            .any(|(_, e, _)| *e == e2)
+            .then_some(())
+    });
     w.signal(libc::SIGCONT);
     eventually(
         Duration::from_secs(5),
         "the old leader stepping down",
         || w.log_text().contains("stepping down").then_some(()),
     );
-    std::thread::sleep(Duration::from_millis(1500));
+    // Two more records of the new epoch after the old leader woke.
+    let n = history(&central).len();
+    eventually(Duration::from_secs(5), "two more records", || {
+        (history(&central).len() >= n + 2).then_some(())
+    });
     assert_no_overlap(&central);
-    let resumed_records = history(&central)
-        .iter()
-        .filter(|(id, e, _)| *id == first && *e == e1)
-        .count();
-    let before: Vec<_> = history(&central);
+    // What matters: no record of the old epoch after the new epoch's first.
+    let h = history(&central);
+    let first_new = h.iter().position(|(_, e, _)| *e == e2).unwrap();
+    let late = h[first_new..].iter().filter(|(_, e, _)| *e == e1).count();
+    assert_eq!(
+        late, 0,
+        "records of epoch {e1} after epoch {e2}'s first: {h:?}"
+    );
     assert!(
-        resumed_records > 0 && before.last().unwrap().1 == e2,
-        "{before:?}"
+        h[..first_new]
+            .iter()
+            .any(|(id, e, _)| *id == first && *e == e1),
+        "the old leader recorded before the pause: {h:?}"
     );
 }
 
@@ -221,5 +235,9 @@ fn warden_status_shows_the_leader_the_hosts_and_the_last_decision() {
         text.starts_with(&format!("leader: {lead} in eu-west-1a (epoch {epoch}")),
         "{text}"
     );
-    assert!(text.contains("web: metric 3 desired 3"), "{text}");
+    assert!(
+        text.contains("web: metric 3 tasks mapped 3 desired 3 running - action")
+            && text.contains("(dry-run) by"),
+        "{text}"
+    );
 }

@@ -129,10 +129,9 @@ fn tasks_follow_the_metric_within_min_max_and_step_and_a_metric_failure_holds() 
     assert_eq!(stops, 11, "12 -> 1 takes 11 StopTask calls");
 }
 
-/// moto_server answers RunTask with container cpu/memory as numbers, which the SDK cannot
-/// read: to warden every RunTask outcome there is unknown. It must re-count and never
-/// start more than the decision asked for. A RunTask refused outright (no such task
-/// definition yet) is logged with its reason and retried on the next loop.
+/// A RunTask refused outright (no such task definition yet) is logged with its reason and
+/// retried on the next loop; once it succeeds warden re-counts and never starts more than
+/// the decision asked for.
 #[test]
 fn a_failed_run_task_is_retried_and_an_unknown_outcome_never_doubles() {
     let central = Redis::start();

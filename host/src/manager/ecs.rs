@@ -1,16 +1,27 @@
-//! ECS task control for the leader: count warden's tasks, run or stop the difference.
+//! ECS for the leader: the calls warden makes, behind a small trait ([`Ecs`]) so that the
+//! worker is unit-tested with a fake; the AWS implementation; and the pure choices (the
+//! family of a task definition, which tasks to stop, the clientToken).
 //!
-//! Tasks are counted by task-definition family and `startedBy` (so warden never touches
-//! tasks it did not start), with paging. RunTask goes in batches of at most 10 with a
-//! spread-by-AZ placement and an idempotent `clientToken` derived from the epoch and the
-//! decision, so a retried call never starts tasks twice; partial failures are logged
-//! with their reasons and retried on the next loop. StopTask takes PENDING tasks first,
-//! then tasks from the AZ that holds the most.
+//! Every call takes the worker's [`Guard`]. The AWS implementation attaches it to the
+//! request as an interceptor that checks it right before *each attempt* is transmitted
+//! (the SDK's retries included) and tags the request with `x-warden-epoch`, so that a
+//! deposed leader's retry is never sent and every call can be attributed on the AWS side.
+//! Tasks are counted by family and `startedBy` (so warden never touches tasks it did not
+//! start). RunTask goes in batches of at most 10 with a spread-by-AZ placement and a
+//! clientToken that a successor deciding the same step derives too. StopTask takes
+//! PENDING tasks first, then from the fullest AZ, in an order every leader computes alike.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 
+use aws_sdk_ecs::config::interceptors::{
+    BeforeTransmitInterceptorContextMut, BeforeTransmitInterceptorContextRef,
+};
+use aws_sdk_ecs::config::{ConfigBag, Intercept, RuntimeComponents};
+use aws_sdk_ecs::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_ecs::types::{DesiredStatus, PlacementStrategy, PlacementStrategyType};
-use aws_sdk_ecs::Client;
+
+use super::leadership::Guard;
 
 /// One of warden's tasks.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,8 +31,9 @@ pub struct Task {
     pub az: String,
 }
 
-/// Counts from one loop, for the decision record and the benchmark.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Counts of the ECS calls one loop sent, for the decision record and the benchmark.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct Calls {
     pub list_tasks: u32,
     pub describe_tasks: u32,
@@ -30,73 +42,161 @@ pub struct Calls {
     pub update_service: u32,
 }
 
-fn err<E: std::error::Error>(e: E) -> String {
-    // The whole chain: the SDK's own Display says only "service error" or "response error".
-    aws_sdk_ecs::error::DisplayErrorContext(e).to_string()
+/// One RunTask call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunTask {
+    pub cluster: String,
+    pub task_definition: String,
+    pub started_by: String,
+    pub count: u32,
+    pub client_token: String,
 }
 
-/// The ARNs of the RUNNING and PENDING tasks of `family` started by `started_by`
-/// (ListTasks with desiredStatus RUNNING; one call a page of 100).
-pub async fn list(
-    client: &Client,
-    cluster: &str,
-    family: &str,
-    started_by: &str,
-    calls: &mut Calls,
-) -> Result<Vec<String>, String> {
-    let mut arns = Vec::new();
-    let mut pages = client
-        .list_tasks()
-        .cluster(cluster)
-        .family(family)
-        .started_by(started_by)
-        .desired_status(DesiredStatus::Running)
-        .into_paginator()
-        .send();
-    while let Some(page) = pages.try_next().await.map_err(err)? {
-        calls.list_tasks += 1;
-        arns.extend(page.task_arns().iter().cloned());
+/// What a RunTask answered.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Started {
+    pub arns: Vec<String>,
+    /// ECS's reasons for tasks it did not place (`RESOURCE:MEMORY`…).
+    pub failures: Vec<String>,
+}
+
+/// Why an ECS call failed, sorted by what it means for the caller.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EcsError {
+    /// Never transmitted: leadership was lost first (or the request could not be built).
+    #[error("ECS {op}: not sent: {why}")]
+    NotSent { op: &'static str, why: String },
+    /// ECS answered with an error: nothing was done.
+    #[error("ECS {op}: {message}")]
+    Refused { op: &'static str, message: String },
+    /// Sent, but the outcome is unknown (timeout, broken connection, unreadable answer).
+    #[error("ECS {op}: outcome unknown: {message}")]
+    Unknown { op: &'static str, message: String },
+}
+
+/// The ECS calls warden makes.
+pub trait Ecs: Send + Sync + 'static {
+    /// ARNs of the RUNNING and PENDING tasks of `family` started by `started_by` (paged).
+    fn list_tasks(
+        &self,
+        cluster: &str,
+        family: &str,
+        started_by: &str,
+        guard: &Guard,
+        calls: &mut Calls,
+    ) -> impl Future<Output = Result<Vec<String>, EcsError>> + Send;
+    /// Status and AZ of the given tasks.
+    fn describe_tasks(
+        &self,
+        cluster: &str,
+        arns: &[String],
+        guard: &Guard,
+        calls: &mut Calls,
+    ) -> impl Future<Output = Result<Vec<Task>, EcsError>> + Send;
+    fn run_task(
+        &self,
+        req: &RunTask,
+        guard: &Guard,
+    ) -> impl Future<Output = Result<Started, EcsError>> + Send;
+    fn stop_task(
+        &self,
+        cluster: &str,
+        arn: &str,
+        guard: &Guard,
+    ) -> impl Future<Output = Result<(), EcsError>> + Send;
+    fn service_desired(
+        &self,
+        cluster: &str,
+        service: &str,
+        guard: &Guard,
+    ) -> impl Future<Output = Result<u32, EcsError>> + Send;
+    fn set_service_desired(
+        &self,
+        cluster: &str,
+        service: &str,
+        desired: u32,
+        guard: &Guard,
+    ) -> impl Future<Output = Result<(), EcsError>> + Send;
+}
+
+/// The family of a task definition given as `family`, `family:revision` or a full ARN
+/// (`arn:aws:ecs:eu-west-1:123456789012:task-definition/worker:3` → `worker`).
+pub fn family_of(task_definition: &str) -> Result<&str, String> {
+    let name = if task_definition.starts_with("arn:") {
+        task_definition
+            .split_once(":task-definition/")
+            .map(|(_, rest)| rest)
+            .ok_or_else(|| {
+                format!("{task_definition:?} is an ARN but not of a task definition (expected arn:…:task-definition/family:revision)")
+            })?
+    } else {
+        task_definition
+    };
+    let (family, revision) = match name.split_once(':') {
+        Some((f, r)) => (f, Some(r)),
+        None => (name, None),
+    };
+    let family_ok = !family.is_empty()
+        && family.len() <= 255
+        && family
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if !family_ok {
+        return Err(format!(
+            "{task_definition:?}: the family {family:?} must be 1-255 letters, digits, '-' or '_'"
+        ));
     }
-    Ok(arns)
+    if let Some(r) = revision {
+        if r.is_empty() || !r.chars().all(|c| c.is_ascii_digit()) || r.starts_with('0') {
+            return Err(format!(
+                "{task_definition:?}: the revision {r:?} must be a positive whole number"
+            ));
+        }
+    }
+    Ok(family)
 }
 
-/// Status and AZ of the given tasks (DescribeTasks, 100 at a time), for choosing which to
-/// stop. If ECS's answer cannot be read, every task is taken as RUNNING in an unknown AZ
-/// (moto_server answers container cpu/memory as numbers, which the SDK refuses).
-pub async fn describe(
-    client: &Client,
-    cluster: &str,
-    arns: &[String],
-    calls: &mut Calls,
-) -> Vec<Task> {
-    let mut out = Vec::new();
-    for chunk in arns.chunks(100) {
-        calls.describe_tasks += 1;
-        match client
-            .describe_tasks()
-            .cluster(cluster)
-            .set_tasks(Some(chunk.to_vec()))
-            .send()
-            .await
-        {
-            Ok(d) => {
-                for t in d.tasks() {
-                    out.push(Task {
-                        arn: t.task_arn().unwrap_or_default().to_owned(),
-                        last_status: t.last_status().unwrap_or("PENDING").to_owned(),
-                        az: t.availability_zone().unwrap_or("").to_owned(),
-                    });
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %err(e), "DescribeTasks unreadable; choosing tasks to stop without status or AZ");
-                out.extend(chunk.iter().map(|arn| Task {
-                    arn: arn.clone(),
-                    last_status: "RUNNING".into(),
-                    az: String::new(),
-                }));
-            }
+/// FNV-1a, 64 bits: a stable hash (the std hasher may change between Rust releases).
+fn fnv1a(parts: &[&str]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for b in p.bytes().chain(std::iter::once(0u8)) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
         }
+    }
+    h
+}
+
+/// The clientToken of one RunTask batch: the same for every leader that takes the same
+/// step (service, task definition, the policy's action count, current → desired, batch),
+/// so a successor repeating a step its predecessor sent gets ECS's first answer instead of
+/// new tasks. At most 34 characters, whatever the names' length.
+pub fn client_token(
+    cluster: &str,
+    service: &str,
+    task_definition: &str,
+    action_seq: u64,
+    current: u32,
+    desired: u32,
+    batch: u32,
+) -> String {
+    let h = fnv1a(&[
+        cluster,
+        service,
+        task_definition,
+        &action_seq.to_string(),
+        &current.to_string(),
+        &desired.to_string(),
+    ]);
+    format!("warden-{h:016x}-{batch}")
+}
+
+/// RunTask counts for `n` tasks: batches of at most ten.
+pub fn batches(n: u32) -> Vec<u32> {
+    let mut out = vec![10; (n / 10) as usize];
+    if n % 10 > 0 {
+        out.push(n % 10);
     }
     out
 }
@@ -132,122 +232,232 @@ pub fn choose_to_stop(tasks: &[Task], n: usize) -> Vec<String> {
     chosen
 }
 
-/// Starts `n` tasks in batches of ten. Returns the number started and the failure reasons.
-pub async fn run(
-    client: &Client,
-    cluster: &str,
-    task_definition: &str,
-    started_by: &str,
-    n: u32,
-    token: &str,
-    calls: &mut Calls,
-) -> (u32, Vec<String>) {
-    let mut started = 0;
-    let mut failures = Vec::new();
-    let mut left = n;
-    let mut batch = 0;
-    while left > 0 {
-        let count = left.min(10);
-        left -= count;
-        calls.run_task += 1;
-        let client_token: String = format!("{token}-{batch}").chars().take(64).collect();
-        batch += 1;
-        let result = client
+/// Checks the guard right before each attempt is transmitted, and tags the request with
+/// its epoch (`x-warden-epoch`) so that calls can be attributed on the AWS side.
+#[derive(Debug)]
+struct LeaderOnly(Guard);
+
+impl Intercept for LeaderOnly {
+    fn name(&self) -> &'static str {
+        "warden-leader-only"
+    }
+
+    fn modify_before_signing(
+        &self,
+        context: &mut BeforeTransmitInterceptorContextMut<'_>,
+        _rc: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), aws_sdk_ecs::error::BoxError> {
+        context
+            .request_mut()
+            .headers_mut()
+            .insert("x-warden-epoch", self.0.epoch().to_string());
+        Ok(())
+    }
+
+    fn read_before_transmit(
+        &self,
+        _context: &BeforeTransmitInterceptorContextRef<'_>,
+        _rc: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), aws_sdk_ecs::error::BoxError> {
+        self.0.check().map_err(Into::into)
+    }
+}
+
+/// ECS through the AWS SDK.
+#[derive(Clone)]
+pub struct AwsEcs {
+    client: aws_sdk_ecs::Client,
+}
+
+impl AwsEcs {
+    pub fn new(sdk: &aws_config::SdkConfig) -> Self {
+        Self {
+            client: aws_sdk_ecs::Client::new(sdk),
+        }
+    }
+}
+
+fn classify<E, R>(op: &'static str, e: SdkError<E, R>, guard: &Guard) -> EcsError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    let message = crate::aws::describe(&e);
+    match e {
+        SdkError::ServiceError(_) => EcsError::Refused { op, message },
+        SdkError::ConstructionFailure(_) => EcsError::NotSent { op, why: message },
+        // An interceptor refusal surfaces as a dispatch failure: say why plainly.
+        SdkError::DispatchFailure(_) if guard.check().is_err() => EcsError::NotSent {
+            op,
+            why: guard.check().unwrap_err().to_string(),
+        },
+        _ => EcsError::Unknown { op, message },
+    }
+}
+
+impl Ecs for AwsEcs {
+    async fn list_tasks(
+        &self,
+        cluster: &str,
+        family: &str,
+        started_by: &str,
+        guard: &Guard,
+        calls: &mut Calls,
+    ) -> Result<Vec<String>, EcsError> {
+        let mut arns = Vec::new();
+        let mut next: Option<String> = None;
+        loop {
+            calls.list_tasks += 1;
+            let page = self
+                .client
+                .list_tasks()
+                .cluster(cluster)
+                .family(family)
+                .started_by(started_by)
+                .desired_status(DesiredStatus::Running)
+                .set_next_token(next.take())
+                .customize()
+                .interceptor(LeaderOnly(guard.clone()))
+                .send()
+                .await
+                .map_err(|e| classify("ListTasks", e, guard))?;
+            arns.extend(page.task_arns().iter().cloned());
+            match page.next_token() {
+                Some(t) if !t.is_empty() => next = Some(t.to_owned()),
+                _ => return Ok(arns),
+            }
+        }
+    }
+
+    async fn describe_tasks(
+        &self,
+        cluster: &str,
+        arns: &[String],
+        guard: &Guard,
+        calls: &mut Calls,
+    ) -> Result<Vec<Task>, EcsError> {
+        let mut out = Vec::new();
+        for chunk in arns.chunks(100) {
+            calls.describe_tasks += 1;
+            let d = self
+                .client
+                .describe_tasks()
+                .cluster(cluster)
+                .set_tasks(Some(chunk.to_vec()))
+                .customize()
+                .interceptor(LeaderOnly(guard.clone()))
+                .send()
+                .await
+                .map_err(|e| classify("DescribeTasks", e, guard))?;
+            out.extend(d.tasks().iter().map(|t| Task {
+                arn: t.task_arn().unwrap_or_default().to_owned(),
+                last_status: t.last_status().unwrap_or("PENDING").to_owned(),
+                az: t.availability_zone().unwrap_or("").to_owned(),
+            }));
+        }
+        Ok(out)
+    }
+
+    async fn run_task(&self, req: &RunTask, guard: &Guard) -> Result<Started, EcsError> {
+        let out = self
+            .client
             .run_task()
-            .cluster(cluster)
-            .task_definition(task_definition)
-            .count(count as i32)
-            .started_by(started_by)
-            .client_token(client_token)
+            .cluster(&req.cluster)
+            .task_definition(&req.task_definition)
+            .count(req.count as i32)
+            .started_by(&req.started_by)
+            .client_token(&req.client_token)
             .placement_strategy(
                 PlacementStrategy::builder()
                     .r#type(PlacementStrategyType::Spread)
                     .field("attribute:ecs.availability-zone")
                     .build(),
             )
+            .customize()
+            .interceptor(LeaderOnly(guard.clone()))
             .send()
-            .await;
-        match result {
-            Ok(out) => {
-                started += out.tasks().len() as u32;
-                for f in out.failures() {
-                    failures.push(format!(
+            .await
+            .map_err(|e| classify("RunTask", e, guard))?;
+        Ok(Started {
+            arns: out
+                .tasks()
+                .iter()
+                .filter_map(|t| t.task_arn().map(str::to_owned))
+                .collect(),
+            failures: out
+                .failures()
+                .iter()
+                .map(|f| {
+                    format!(
                         "{}: {}",
                         f.arn().unwrap_or("?"),
                         f.reason().unwrap_or("no reason given")
-                    ));
-                }
-                let missing = count as usize - out.tasks().len();
-                if missing > 0 && out.failures().is_empty() {
-                    failures.push(format!(
-                        "{missing} of {count} tasks not placed (no reason given)"
-                    ));
-                }
-            }
-            Err(e) => failures.push(err(e)),
-        }
+                    )
+                })
+                .collect(),
+        })
     }
-    (started, failures)
-}
 
-/// Stops the given tasks; returns how many stops were accepted and the errors.
-pub async fn stop(
-    client: &Client,
-    cluster: &str,
-    arns: &[String],
-    calls: &mut Calls,
-) -> (u32, Vec<String>) {
-    let mut stopped = 0;
-    let mut errors = Vec::new();
-    for arn in arns {
-        calls.stop_task += 1;
-        match client
+    async fn stop_task(&self, cluster: &str, arn: &str, guard: &Guard) -> Result<(), EcsError> {
+        self.client
             .stop_task()
             .cluster(cluster)
             .task(arn)
             .reason("warden: scaling down")
+            .customize()
+            .interceptor(LeaderOnly(guard.clone()))
             .send()
             .await
-        {
-            Ok(_) => stopped += 1,
-            Err(e) => errors.push(format!("{arn}: {}", err(e))),
-        }
+            .map_err(|e| classify("StopTask", e, guard))?;
+        Ok(())
     }
-    (stopped, errors)
-}
 
-/// ECS service mode: the service's desired count.
-pub async fn service_desired(client: &Client, cluster: &str, service: &str) -> Result<u32, String> {
-    let out = client
-        .describe_services()
-        .cluster(cluster)
-        .services(service)
-        .send()
-        .await
-        .map_err(err)?;
-    out.services()
-        .first()
-        .map(|s| s.desired_count().max(0) as u32)
-        .ok_or_else(|| format!("service {service} not found in cluster {cluster}"))
-}
+    async fn service_desired(
+        &self,
+        cluster: &str,
+        service: &str,
+        guard: &Guard,
+    ) -> Result<u32, EcsError> {
+        let out = self
+            .client
+            .describe_services()
+            .cluster(cluster)
+            .services(service)
+            .customize()
+            .interceptor(LeaderOnly(guard.clone()))
+            .send()
+            .await
+            .map_err(|e| classify("DescribeServices", e, guard))?;
+        out.services()
+            .first()
+            .map(|s| s.desired_count().max(0) as u32)
+            .ok_or_else(|| EcsError::Refused {
+                op: "DescribeServices",
+                message: format!("service {service} not found in cluster {cluster}"),
+            })
+    }
 
-pub async fn set_service_desired(
-    client: &Client,
-    cluster: &str,
-    service: &str,
-    n: u32,
-    calls: &mut Calls,
-) -> Result<(), String> {
-    calls.update_service += 1;
-    client
-        .update_service()
-        .cluster(cluster)
-        .service(service)
-        .desired_count(n as i32)
-        .send()
-        .await
-        .map_err(err)?;
-    Ok(())
+    async fn set_service_desired(
+        &self,
+        cluster: &str,
+        service: &str,
+        desired: u32,
+        guard: &Guard,
+    ) -> Result<(), EcsError> {
+        self.client
+            .update_service()
+            .cluster(cluster)
+            .service(service)
+            .desired_count(desired as i32)
+            .customize()
+            .interceptor(LeaderOnly(guard.clone()))
+            .send()
+            .await
+            .map_err(|e| classify("UpdateService", e, guard))?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -280,5 +490,54 @@ mod tests {
         );
         // After two from a, a and b hold 1 each.
         assert_eq!(choose_to_stop(&tasks, 10).len(), 5);
+    }
+
+    #[test]
+    fn task_definitions_as_family_revision_or_arn() {
+        assert_eq!(family_of("worker"), Ok("worker"));
+        assert_eq!(family_of("worker:3"), Ok("worker"));
+        assert_eq!(
+            family_of("arn:aws:ecs:eu-west-1:123456789012:task-definition/worker:3"),
+            Ok("worker")
+        );
+        assert_eq!(
+            family_of("arn:aws-cn:ecs:cn-north-1:123456789012:task-definition/my_app-2:14"),
+            Ok("my_app-2")
+        );
+        for bad in [
+            "",
+            "arn:aws:ecs",
+            "worker:",
+            "worker:x",
+            "worker:03",
+            "a b",
+            "arn:aws:ecs:eu-west-1:1:service/web",
+        ] {
+            assert!(family_of(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn client_tokens_are_stable_short_and_distinct_per_step() {
+        let long = "s".repeat(200);
+        let t = client_token("c1", &long, "web:3", 7, 5, 25, 1);
+        assert!(t.len() <= 64 && t.ends_with("-1"), "{t}");
+        assert_eq!(t, client_token("c1", &long, "web:3", 7, 5, 25, 1));
+        assert_ne!(t, client_token("c1", &long, "web:3", 7, 5, 25, 2));
+        assert_ne!(t, client_token("c1", &long, "web:3", 8, 5, 25, 1));
+        assert_ne!(t, client_token("c1", &long, "web:3", 7, 6, 25, 1));
+        // Field boundaries matter: ("ab", "c") is not ("a", "bc").
+        assert_ne!(
+            client_token("ab", "c", "t", 0, 0, 1, 0),
+            client_token("a", "bc", "t", 0, 0, 1, 0)
+        );
+    }
+
+    #[test]
+    fn batches_of_ten() {
+        assert_eq!(batches(0), Vec::<u32>::new());
+        assert_eq!(batches(7), vec![7]);
+        assert_eq!(batches(25), vec![10, 10, 5]);
+        assert_eq!(batches(30), vec![10, 10, 10]);
     }
 }

@@ -2,37 +2,29 @@
 //!
 //! It keeps the seed's shape (a heartbeat naming the leader and its Availability Zone; a
 //! competition of random numbers in a sorted set, won after a guard time by the highest
-//! live entry; a kill message left for a deposed leader) and makes it safe:
-//! leadership is a lease with a TTL in Redis, renewed by an atomic script; every new
-//! leader takes a new epoch from a counter (the fencing token), and the epoch is checked
-//! in Redis right before every batch of actions; ages are measured in Redis time. A
-//! leader that cannot renew before its deadline, finds a kill message, or sees its own
-//! AZ unavailable stops acting at once.
+//! live entry; a kill message left for a deposed leader) and makes it safe: leadership is
+//! a lease with a TTL in Redis, renewed by an atomic script; every new leader takes a new
+//! epoch (the fencing token), checked in Redis before every ECS call; ages are measured in
+//! Redis time.
 //!
-//! Keys: `warden:leader` (`<id>\t<epoch>\t<az>`, with the lease as TTL), `warden:epoch`,
-//! `warden:heartbeat` (hash id/az/epoch/time_ms), `warden:candidates` (sorted set) with
-//! `warden:candidate:<id>` liveness keys, `warden:kill:<id>` (the epoch that deposed it),
-//! `warden:host:<id>` (hash az/seen_ms, for `warden status`).
+//! The [`Elector`] runs in a task of its own and does nothing but keep the lease: no
+//! metric, mapping or AWS call can ever delay a renewal. It publishes "leading with epoch
+//! E until deadline D" on a watch channel ([`Leadership`]); the deadline is lease − 25 %
+//! after the last renewal was *sent*, so it always falls before Redis lets the lease go.
+//! It steps down (publishes `Following`) the moment the deadline passes without a
+//! renewal, a kill message arrives, or its own AZ becomes unavailable. On shutdown it
+//! stops acting first, then gives the lease up and names the most recently seen other
+//! host as successor, which is woken at once and takes the lease without a competition.
 
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
-use redis::Script;
+use tokio::sync::watch;
+use tokio::time::Instant;
 
-pub const LEADER: &str = "warden:leader";
-pub const EPOCH: &str = "warden:epoch";
-pub const HEARTBEAT: &str = "warden:heartbeat";
-pub const CANDIDATES: &str = "warden:candidates";
-
-pub fn candidate_key(id: &str) -> String {
-    format!("warden:candidate:{id}")
-}
-pub fn kill_key(id: &str) -> String {
-    format!("warden:kill:{id}")
-}
-pub fn host_key(id: &str) -> String {
-    format!("warden:host:{id}")
-}
+use super::az::AzCache;
+use super::central::{LeaseStore, LiveHost, StoreError};
+use super::leadership::Leadership;
+use crate::logs::Repeated;
 
 /// Timing of the election. Defaults replace a dead leader within about 3 s:
 /// lease expiry (2 s) + one tick (0.25 s) + guard (0.5 s) + acquisition.
@@ -55,77 +47,11 @@ impl Default for Timing {
 
 impl Timing {
     /// A leader stops acting this long before its lease would expire in Redis, to allow
-    /// for the time a renewal takes to travel.
+    /// for the time a renewal takes to travel; the fence also asks for this much left.
     pub fn margin(&self) -> Duration {
         self.lease / 4
     }
 }
-
-/// Renews the lease if it is still ours, and publishes the heartbeat in Redis time.
-const RENEW: &str = r#"
-local v = redis.call('GET', KEYS[1])
-if v ~= ARGV[1] then return 0 end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('HSET', KEYS[2], 'id', ARGV[3], 'az', ARGV[4], 'epoch', ARGV[5], 'time_ms', now)
-return 1
-"#;
-
-/// Takes the lease if it is free, or if it is exactly the holder we saw and chose to
-/// depose (its AZ is unavailable). Leaves a kill message for the previous leader. The
-/// epoch is the counter's next value, or Redis time in ms if that is larger, so fencing
-/// tokens keep growing across a restart of the central Redis.
-const ACQUIRE: &str = r#"
-local cur = redis.call('GET', KEYS[1])
-if cur and not (ARGV[4] ~= '' and cur == ARGV[4]) then return 0 end
-local t0 = redis.call('TIME')
-local now0 = tonumber(t0[1]) * 1000 + math.floor(tonumber(t0[2]) / 1000)
--- The epoch never goes back, even when Redis restarts empty: at least Redis time in ms.
-local e = redis.call('INCR', KEYS[2])
-if e < now0 then
-  e = now0
-  redis.call('SET', KEYS[2], e)
-end
-redis.call('SET', KEYS[1], ARGV[1] .. '\t' .. e .. '\t' .. ARGV[2], 'PX', ARGV[3])
-local old = nil
-if cur then
-  old = string.match(cur, '^([^\t]+)')
-else
-  old = redis.call('HGET', KEYS[3], 'id')
-end
-if old and old ~= ARGV[1] then
-  redis.call('SET', 'warden:kill:' .. old, e, 'PX', 3600000)
-end
-redis.call('DEL', 'warden:kill:' .. ARGV[1])
-redis.call('DEL', KEYS[4])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('HSET', KEYS[3], 'id', ARGV[1], 'az', ARGV[2], 'epoch', e, 'time_ms', now)
-return e
-"#;
-
-/// The fence: true only if the lease is ours and has at least ARGV[2] ms left.
-const FENCE: &str = r#"
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then return 0 end
-return 1
-"#;
-
-/// Gives the lease up (SIGTERM), if it is still ours.
-const RELEASE: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"#;
-
-/// Age of the heartbeat in Redis time (ms), or None without one.
-const HEARTBEAT_AGE: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local hb = redis.call('HGET', KEYS[1], 'time_ms')
-if not hb then return -1 end
-return now - tonumber(hb)
-"#;
 
 /// Who holds the lease, as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -149,167 +75,227 @@ impl Lease {
     }
 }
 
-/// The election's Redis operations.
-pub struct ElectionStore {
-    pub conn: ConnectionManager,
-    renew: Script,
-    acquire: Script,
-    fence: Script,
-    release: Script,
-    age: Script,
+/// Whom a departing leader names: the most recently seen other host whose AZ is
+/// available and that was seen within `max_age` (pure).
+pub fn choose_successor(
+    hosts: &[LiveHost],
+    me: &str,
+    max_age: Duration,
+    az_available: impl Fn(&str) -> bool,
+) -> Option<String> {
+    hosts
+        .iter()
+        .filter(|h| h.id != me && h.age <= max_age && az_available(&h.az))
+        .min_by_key(|h| h.age)
+        .map(|h| h.id.clone())
 }
 
-impl ElectionStore {
-    pub fn new(conn: ConnectionManager) -> Self {
-        Self {
-            conn,
-            renew: Script::new(RENEW),
-            acquire: Script::new(ACQUIRE),
-            fence: Script::new(FENCE),
-            release: Script::new(RELEASE),
-            age: Script::new(HEARTBEAT_AGE),
+/// Keeps (or competes for) the lease and publishes [`Leadership`].
+pub struct Elector<S: LeaseStore> {
+    pub id: String,
+    pub az: String,
+    pub store: S,
+    pub timing: Timing,
+    pub azs: AzCache,
+}
+
+/// What the elector holds while leading.
+struct Held {
+    lease: Lease,
+    deadline: Instant,
+}
+
+impl<S: LeaseStore> Elector<S> {
+    pub async fn run(self, tx: watch::Sender<Leadership>, mut shutdown: watch::Receiver<bool>) {
+        let mut held: Option<Held> = None;
+        let mut errors = Repeated::new("election: central redis");
+        loop {
+            // Between ticks a follower blocks on its wake list, so a departing leader
+            // can hand over at once.
+            let pause = async {
+                match &held {
+                    Some(_) => tokio::time::sleep(self.timing.tick).await,
+                    None => {
+                        if self
+                            .store
+                            .wait_wake(&self.id, self.timing.tick)
+                            .await
+                            .is_err()
+                        {
+                            tokio::time::sleep(self.timing.tick).await;
+                        }
+                    }
+                }
+            };
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => break,
+                _ = pause => {}
+            }
+            if *shutdown.borrow() {
+                break;
+            }
+            if let Err(e) = self
+                .store
+                .seen(&self.id, &self.az, self.timing.lease * 10)
+                .await
+            {
+                errors.failed(&e.0);
+            }
+            held = match held.take() {
+                Some(h) => self.keep(h, &tx, &mut errors).await,
+                None => {
+                    let followed = tokio::select! {
+                        biased;
+                        _ = shutdown.changed() => break,
+                        r = self.follow() => r,
+                    };
+                    match followed {
+                        Ok(Some(h)) => {
+                            errors.cleared();
+                            tracing::info!(epoch = h.lease.epoch, az = %self.az, "became leader");
+                            tx.send_replace(Leadership::Leading {
+                                lease: h.lease.clone(),
+                                deadline: h.deadline,
+                            });
+                            Some(h)
+                        }
+                        Ok(None) => {
+                            errors.cleared();
+                            None
+                        }
+                        Err(e) => {
+                            errors.failed(&e.0);
+                            None
+                        }
+                    }
+                }
+            };
+        }
+        // Stop acting first, then give the lease up.
+        tx.send_replace(Leadership::Following);
+        if let Some(h) = held {
+            self.release(&h.lease).await;
         }
     }
 
-    pub async fn leader(&mut self) -> redis::RedisResult<Option<Lease>> {
-        let v: Option<String> = redis::cmd("GET")
-            .arg(LEADER)
-            .query_async(&mut self.conn)
-            .await?;
-        Ok(v.as_deref().and_then(Lease::parse))
+    /// One leader's tick: renew within the deadline, or step down.
+    async fn keep(
+        &self,
+        mut h: Held,
+        tx: &watch::Sender<Leadership>,
+        errors: &mut Repeated,
+    ) -> Option<Held> {
+        let sent = Instant::now();
+        let step = tokio::time::timeout_at(h.deadline, self.renew(&h.lease)).await;
+        let reason = match step {
+            Ok(Ok(())) => {
+                errors.cleared();
+                h.deadline = sent + self.timing.lease - self.timing.margin();
+                tx.send_modify(|l| {
+                    if let Leadership::Leading { deadline, .. } = l {
+                        *deadline = h.deadline;
+                    }
+                });
+                return Some(h);
+            }
+            Ok(Err(reason)) => reason,
+            Err(_) => "the lease deadline passed without a renewal".to_owned(),
+        };
+        tx.send_replace(Leadership::Following);
+        tracing::warn!(epoch = h.lease.epoch, "stepping down: {reason}");
+        if reason.starts_with("own Availability Zone") {
+            self.release(&h.lease).await;
+        }
+        None
     }
 
-    pub async fn heartbeat_age(&mut self) -> redis::RedisResult<Option<Duration>> {
-        let ms: i64 = self.age.key(HEARTBEAT).invoke_async(&mut self.conn).await?;
-        Ok((ms >= 0).then(|| Duration::from_millis(ms as u64)))
+    /// Checks the kill message and the own AZ, then renews. `Err(reason)` to step down.
+    async fn renew(&self, lease: &Lease) -> Result<(), String> {
+        if !self.azs.available(&self.az) {
+            return Err(format!(
+                "own Availability Zone {} is not available",
+                self.az
+            ));
+        }
+        match self.store.kill_message(&self.id).await {
+            Ok(Some(e)) if e > lease.epoch => return Err(format!("kill message from epoch {e}")),
+            Err(e) => return Err(format!("cannot read the kill message: {e}")),
+            _ => {}
+        }
+        match self.store.renew(lease, self.timing.lease).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err("the lease is no longer ours".into()),
+            Err(e) => Err(format!("cannot renew the lease: {e}")),
+        }
     }
 
-    pub async fn renew(&mut self, lease: &Lease, timing: &Timing) -> redis::RedisResult<bool> {
-        let ok: i64 = self
-            .renew
-            .key(LEADER)
-            .key(HEARTBEAT)
-            .arg(lease.value())
-            .arg(timing.lease.as_millis() as u64)
-            .arg(&lease.id)
-            .arg(&lease.az)
-            .arg(lease.epoch)
-            .invoke_async(&mut self.conn)
-            .await?;
-        Ok(ok == 1)
-    }
-
-    /// Tries to take the lease; `depose` is the holder we saw and may replace.
-    pub async fn acquire(
-        &mut self,
-        id: &str,
-        az: &str,
-        timing: &Timing,
-        depose: Option<&Lease>,
-    ) -> redis::RedisResult<Option<Lease>> {
-        let e: i64 = self
-            .acquire
-            .key(LEADER)
-            .key(EPOCH)
-            .key(HEARTBEAT)
-            .key(CANDIDATES)
-            .arg(id)
-            .arg(az)
-            .arg(timing.lease.as_millis() as u64)
-            .arg(depose.map(Lease::value).unwrap_or_default())
-            .invoke_async(&mut self.conn)
-            .await?;
-        Ok((e > 0).then(|| Lease {
-            id: id.to_owned(),
-            epoch: e as u64,
-            az: az.to_owned(),
-        }))
-    }
-
-    pub async fn fence(&mut self, lease: &Lease, min_left: Duration) -> redis::RedisResult<bool> {
-        let ok: i64 = self
-            .fence
-            .key(LEADER)
-            .arg(lease.value())
-            .arg(min_left.as_millis() as u64)
-            .invoke_async(&mut self.conn)
-            .await?;
-        Ok(ok == 1)
-    }
-
-    pub async fn release(&mut self, lease: &Lease) -> redis::RedisResult<bool> {
-        let n: i64 = self
-            .release
-            .key(LEADER)
-            .arg(lease.value())
-            .invoke_async(&mut self.conn)
-            .await?;
-        Ok(n == 1)
-    }
-
-    /// The epoch that deposed `id`, if a kill message waits for it.
-    pub async fn kill_message(&mut self, id: &str) -> redis::RedisResult<Option<u64>> {
-        redis::cmd("GET")
-            .arg(kill_key(id))
-            .query_async(&mut self.conn)
+    /// Gives the lease up, naming the most recently seen other host.
+    async fn release(&self, lease: &Lease) {
+        let hosts = self
+            .store
+            .live_hosts(self.timing.tick * 4)
             .await
-    }
-
-    /// Enters the competition with a random number; the entry lives `ttl`.
-    pub async fn enter(&mut self, id: &str, ttl: Duration) -> redis::RedisResult<()> {
-        let score = fastrand::u32(0..1_000_000);
-        redis::pipe()
-            .atomic()
-            .zadd(CANDIDATES, id, score)
-            .ignore()
-            .cmd("SET")
-            .arg(candidate_key(id))
-            .arg(1)
-            .arg("PX")
-            .arg(ttl.as_millis() as u64)
-            .ignore()
-            .query_async::<()>(&mut self.conn)
+            .unwrap_or_default();
+        let successor = choose_successor(&hosts, &self.id, self.timing.tick * 4, |az| {
+            self.azs.available(az)
+        });
+        match self
+            .store
+            .release(lease, successor.as_deref(), self.timing.lease)
             .await
-    }
-
-    /// The highest-scoring candidate whose entry is still alive (ties: lowest id).
-    pub async fn winner(&mut self) -> redis::RedisResult<Option<String>> {
-        let entries: Vec<(String, f64)> = redis::cmd("ZRANGE")
-            .arg(CANDIDATES)
-            .arg(0)
-            .arg(-1)
-            .arg("WITHSCORES")
-            .query_async(&mut self.conn)
-            .await?;
-        let mut alive = Vec::new();
-        for (id, score) in entries {
-            let live: bool = redis::cmd("EXISTS")
-                .arg(candidate_key(&id))
-                .query_async(&mut self.conn)
-                .await?;
-            if live {
-                alive.push((id, score));
+        {
+            Ok(true) => tracing::info!(
+                epoch = lease.epoch,
+                successor = successor.as_deref().unwrap_or("none"),
+                "leadership given up"
+            ),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "could not give up the lease; it expires by itself")
             }
         }
-        Ok(pick_winner(&alive))
     }
 
-    /// Records that this host takes part (for `warden status`).
-    pub async fn seen(&mut self, id: &str, az: &str, ttl: Duration) -> redis::RedisResult<()> {
-        let key = host_key(id);
-        redis::pipe()
-            .atomic()
-            .cmd("HSET")
-            .arg(&key)
-            .arg("az")
-            .arg(az)
-            .ignore()
-            .cmd("PEXPIRE")
-            .arg(&key)
-            .arg(ttl.as_millis() as u64)
-            .ignore()
-            .query_async::<()>(&mut self.conn)
-            .await
+    /// A follower's tick: judge the leader, hold a competition when needed.
+    async fn follow(&self) -> Result<Option<Held>, StoreError> {
+        // A host in an unavailable AZ does not compete.
+        if !self.azs.available(&self.az) {
+            return Ok(None);
+        }
+        let lease = self.store.leader().await?;
+        let age = self.store.heartbeat_age().await?;
+        let leader_az_ok = lease.as_ref().is_none_or(|l| self.azs.available(&l.az));
+        let depose = match judge(lease, age, leader_az_ok, &self.timing) {
+            Verdict::Healthy => return Ok(None),
+            Verdict::Vacant => None,
+            Verdict::Depose(l) => Some(l),
+        };
+        // A departing leader named a successor: only that host takes the lease, at once.
+        let named = match &depose {
+            None => self.store.successor().await?,
+            Some(_) => None,
+        };
+        match named.as_deref() {
+            Some(s) if s == self.id => {}
+            Some(_) => return Ok(None),
+            None => {
+                self.store.enter(&self.id, self.timing.guard * 3).await?;
+                tokio::time::sleep(self.timing.guard).await;
+                if self.store.winner().await?.as_deref() != Some(self.id.as_str()) {
+                    return Ok(None);
+                }
+            }
+        }
+        let sent = Instant::now();
+        Ok(self
+            .store
+            .acquire(&self.id, &self.az, self.timing.lease, depose.as_ref())
+            .await?
+            .map(|lease| Held {
+                lease,
+                deadline: sent + self.timing.lease - self.timing.margin(),
+            }))
     }
 }
 

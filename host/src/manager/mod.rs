@@ -2,33 +2,54 @@
 //! service's metric through its plugin, decides the task count, and runs or stops ECS
 //! tasks (or sets an ECS service's desired count) until the right number run.
 //!
-//! Safety rests on [`election`]: the leader acts only while its lease is valid by its
-//! own monotonic clock *and* the fence in Redis confirms its epoch right before every
-//! batch of ECS calls. Every decision is logged with its inputs and kept in Redis
-//! (`warden:decision:<service>`, history in `warden:decisions:<service>`), written by a
-//! fenced script so a deposed leader cannot record one either.
+//! Two tasks, each with its own connection to the central Redis:
+//! * the [`election::Elector`] keeps the lease and publishes [`leadership::Leadership`];
+//!   nothing else runs in it, so slow work can never cost a renewal;
+//! * the [`worker::Worker`] does the scaling while, and only while, its epoch is
+//!   published, behind the fence before every ECS call (see `docs/manager-safety.md` for
+//!   what is guaranteed and where the guarantee ends).
+//!
+//! Every decision is logged with its inputs and kept in Redis (`warden:decision:<service>`,
+//! history in `warden:decisions:<service>`), written by a fenced script; every ECS call is
+//! journalled in `warden:calls:<service>` with its epoch before it is sent.
 
+pub mod az;
+pub mod central;
 pub mod ecs;
 pub mod election;
+pub mod leadership;
 pub mod policy;
+pub mod worker;
 
+#[cfg(test)]
+mod fakes;
+
+use std::collections::BTreeMap;
 use std::time::Duration;
 
-use redis::Script;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
-use tokio::time::Instant;
 
 use crate::backoff::Backoff;
-use crate::plugins::MetricClient;
-use election::{ElectionStore, Lease, Timing, Verdict};
-use policy::{Decision, Mapping, Policy, PolicyState};
+use crate::plugins::slot::Slot;
+use crate::plugins::CallError;
+use central::Central;
+use ecs::{AwsEcs, Calls};
+use election::{Elector, Timing};
+use leadership::Leadership;
+use policy::{Decision, Mapping, Policy};
+
+pub use central::{decision_key, history_key};
 
 /// How a service's count is applied.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Target {
-    /// Standalone tasks of a task definition (`family` or `family:revision`).
-    Tasks { task_definition: String },
+    /// Standalone tasks of a task definition (`family`, `family:revision` or an ARN),
+    /// counted by its family.
+    Tasks {
+        task_definition: String,
+        family: String,
+    },
     /// An ECS service's desiredCount.
     Service { service: String },
 }
@@ -37,455 +58,263 @@ pub struct ManagedService {
     pub name: String,
     pub cluster: String,
     pub target: Target,
-    pub metric: MetricClient,
+    pub metric: Slot,
     /// The plugin behind `Mapping::Plugin`.
-    pub mapper: Option<MetricClient>,
+    pub mapper: Option<Slot>,
     pub mapping: Mapping,
     pub policy: Policy,
 }
 
+/// `startedBy` for warden's tasks of a service (ECS allows 36 characters).
+pub fn started_by(service: &str) -> String {
+    format!("warden-{service}").chars().take(36).collect()
+}
+
 impl ManagedService {
-    /// `startedBy` for warden's tasks of this service (ECS allows 36 characters).
     pub fn started_by(&self) -> String {
-        format!("warden-{}", self.name).chars().take(36).collect()
+        started_by(&self.name)
     }
 }
 
-/// A decision as kept in Redis and shown by `warden status`.
+/// Why there is no metric reading: the error's kind (`config`, `transient`, `timeout`,
+/// `resting`, …) and its message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetricError {
+    pub kind: String,
+    pub message: String,
+}
+
+impl MetricError {
+    pub fn from_call(e: &CallError) -> Self {
+        let kind = match e {
+            CallError::Failed { error, .. } => error.kind.as_str().to_owned(),
+            CallError::Resting { .. } => "resting".to_owned(),
+        };
+        MetricError {
+            kind,
+            message: e.to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for MetricError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.message, self.kind)
+    }
+}
+
+/// What was done about a decision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    /// Decided and recorded; nothing called (`dry_run`).
+    DryRun,
+    /// Nothing to do.
+    None,
+    Ran {
+        asked: u32,
+        started: u32,
+        failures: Vec<String>,
+        /// A call's outcome is unknown (sent, no readable answer).
+        unknown: bool,
+    },
+    Stopped {
+        asked: u32,
+        stopped: u32,
+        errors: Vec<String>,
+        unknown: bool,
+    },
+    SetDesired {
+        desired: u32,
+    },
+    Failed {
+        error: String,
+        unknown: bool,
+    },
+    /// Leadership was lost part-way: `sent` mutating calls went out before the fence or
+    /// the deadline refused the next one.
+    Interrupted {
+        sent: u32,
+        why: String,
+    },
+}
+
+impl Outcome {
+    /// Some call's outcome is unknown.
+    pub fn unknown(&self) -> bool {
+        match self {
+            Outcome::Ran { unknown, .. }
+            | Outcome::Stopped { unknown, .. }
+            | Outcome::Failed { unknown, .. } => *unknown,
+            _ => false,
+        }
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outcome::DryRun => f.write_str("dry-run"),
+            Outcome::None => f.write_str("none"),
+            Outcome::Ran {
+                asked,
+                started,
+                failures,
+                ..
+            } => {
+                write!(f, "ran {started} of {asked}")?;
+                if !failures.is_empty() {
+                    write!(f, " ({} failures: {})", failures.len(), failures.join("; "))?;
+                }
+                Ok(())
+            }
+            Outcome::Stopped {
+                asked,
+                stopped,
+                errors,
+                ..
+            } => {
+                write!(f, "stopped {stopped} of {asked}")?;
+                if !errors.is_empty() {
+                    write!(f, " ({} errors: {})", errors.len(), errors.join("; "))?;
+                }
+                Ok(())
+            }
+            Outcome::SetDesired { desired } => write!(f, "set desired {desired}"),
+            Outcome::Failed { error, .. } => write!(f, "error: {error}"),
+            Outcome::Interrupted { sent, why } => {
+                write!(f, "interrupted after {sent} calls: {why}")
+            }
+        }
+    }
+}
+
+/// A decision as kept in Redis and shown by `warden status`: the metric read, the value a
+/// mapping plugin gave, the counted number and the decision are each kept apart.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Record {
     pub service: String,
     pub leader: String,
     pub epoch: u64,
     pub time_ms: u64,
+    /// The metric source's reading, before any mapping.
+    pub metric: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Why there is no reading (or no mapped value).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metric_error: Option<MetricError>,
+    /// What a mapping plugin answered for the reading.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mapped_value: Option<f64>,
+    /// RUNNING + PENDING tasks counted in ECS (or the service's desired count); none in
+    /// dry-run, which counts nothing.
+    pub running: Option<u32>,
     #[serde(flatten)]
     pub decision: Decision,
-    /// What was done: `dry-run`, `none`, `ran N`, `stopped N`, `set desired N`, or the error.
-    pub outcome: String,
-    pub list_tasks: u32,
-    pub run_task: u32,
-    pub stop_task: u32,
+    pub outcome: Outcome,
+    #[serde(flatten)]
+    pub calls: Calls,
 }
 
-pub fn decision_key(service: &str) -> String {
-    format!("warden:decision:{service}")
-}
-pub fn history_key(service: &str) -> String {
-    format!("warden:decisions:{service}")
-}
-fn policy_key(service: &str) -> String {
-    format!("warden:policy:{service}")
+/// An optional number as an operator reads it: the number, or `-`.
+pub fn opt<T: std::fmt::Display>(v: &Option<T>) -> String {
+    v.as_ref().map_or_else(|| "-".to_owned(), T::to_string)
 }
 
-/// Writes a decision and the policy state only if the lease is still ours.
-const RECORD: &str = r#"
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[2], ARGV[2])
-redis.call('RPUSH', KEYS[3], ARGV[2])
-redis.call('LTRIM', KEYS[3], -1000, -1)
-redis.call('SET', KEYS[4], ARGV[3])
-return 1
-"#;
+impl Record {
+    /// The decision in the log: inputs as plain fields, then the reason.
+    pub fn log(&self) {
+        let d = &self.decision;
+        let error = self.metric_error.as_ref().map(ToString::to_string);
+        tracing::info!(
+            service = %self.service,
+            epoch = self.epoch,
+            metric = %opt(&self.metric),
+            mapped = %opt(&d.mapped),
+            running = %opt(&self.running),
+            desired = d.desired,
+            action = %d.action,
+            outcome = %self.outcome,
+            metric_error = %opt(&error),
+            "{}", d.reason
+        );
+    }
+}
 
+/// The manager's parts, wired by `daemon`.
 pub struct Manager {
     pub id: String,
     pub az: String,
     pub central: redis::Client,
+    /// `host:port` of the central Redis, for messages.
+    pub central_addr: String,
     pub timing: Timing,
     pub loop_interval: Duration,
     pub services: Vec<ManagedService>,
-    /// `None`: dry-run, decide and log, call nothing.
-    pub ecs: Option<aws_sdk_ecs::Client>,
+    /// `None`: dry-run, decide and record, call nothing.
+    pub ecs: Option<AwsEcs>,
     /// For the Availability Zone check (EC2 DescribeAvailabilityZones).
     pub ec2: Option<aws_sdk_ec2::Client>,
 }
 
-/// AZ states from EC2, refreshed every 10 s by a task of its own so that a slow EC2 API
-/// never delays an election tick. An AZ is unavailable only on positive knowledge: an
-/// EC2 error, or an AZ that EC2 does not list, counts as available.
-#[derive(Clone, Default)]
-struct AzCache(std::sync::Arc<std::sync::RwLock<std::collections::BTreeMap<String, String>>>);
-
-impl AzCache {
-    fn start(ec2: Option<aws_sdk_ec2::Client>, mut shutdown: watch::Receiver<bool>) -> AzCache {
-        let cache = AzCache::default();
-        let Some(ec2) = ec2 else { return cache };
-        let c = cache.clone();
-        tokio::spawn(async move {
-            loop {
-                match ec2.describe_availability_zones().send().await {
-                    Ok(out) => {
-                        let states = out
-                            .availability_zones()
-                            .iter()
-                            .filter_map(|z| {
-                                Some((z.zone_name()?.to_owned(), z.state()?.as_str().to_owned()))
-                            })
-                            .collect();
-                        *c.0.write().unwrap_or_else(|p| p.into_inner()) = states;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %aws_sdk_ec2::error::DisplayErrorContext(&e), "cannot read AZ states; keeping the last known")
-                    }
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(10)) => {}
-                    _ = shutdown.changed() => return,
-                }
-            }
-        });
-        cache
-    }
-
-    fn available(&self, az: &str) -> bool {
-        self.0
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(az)
-            .is_none_or(|s| s == "available")
-    }
-}
-
-struct Leadership {
-    lease: Lease,
-    /// Monotonic instant after which this host must not act (lease − margin after the
-    /// last successful renewal was sent).
-    deadline: Instant,
-}
-
-async fn redis_now_ms(conn: &mut redis::aio::ConnectionManager) -> redis::RedisResult<u64> {
-    let (s, us): (u64, u64) = redis::cmd("TIME").query_async(conn).await?;
-    Ok(s * 1000 + us / 1000)
-}
-
 impl Manager {
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+    async fn connect(&self, shutdown: &mut watch::Receiver<bool>) -> Option<Central> {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
-        let conn = loop {
-            match redis::aio::ConnectionManager::new_with_config(
-                self.central.clone(),
-                redis::aio::ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(self.timing.lease / 2))
-                    .set_response_timeout(Some(self.timing.lease / 2))
-                    .set_number_of_retries(1),
-            )
-            .await
-            {
-                Ok(c) => break c,
-                Err(e) => {
-                    let d = backoff.next_delay();
-                    tracing::warn!(error = %e, retry_in = ?d, "central redis not answering");
-                    tokio::select! {
-                        _ = tokio::time::sleep(d) => {}
-                        _ = shutdown.changed() => return,
-                    }
-                }
-            }
-        };
-        let mut store = ElectionStore::new(conn);
-        let azs = AzCache::start(self.ec2.clone(), shutdown.clone());
-        let record = Script::new(RECORD);
-        let mut leading: Option<Leadership> = None;
-        let mut next_work = Instant::now();
-        let mut tick = tokio::time::interval(self.timing.tick);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut errors = crate::logs::Repeated::new("manager: central redis");
         loop {
+            let config = redis::aio::ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(self.timing.lease / 2))
+                .set_response_timeout(Some(self.timing.lease / 2))
+                .set_number_of_retries(1);
+            let connecting =
+                redis::aio::ConnectionManager::new_with_config(self.central.clone(), config);
+            match connecting.await {
+                Ok(c) => {
+                    errors.cleared();
+                    return Some(Central::new(c, self.central_addr.clone()));
+                }
+                Err(e) => errors.failed(&format!(
+                    "{}: {}",
+                    self.central_addr,
+                    crate::redis_util::describe(&e)
+                )),
+            }
             tokio::select! {
-                _ = shutdown.changed() => {
-                    if let Some(l) = &leading {
-                        match store.release(&l.lease).await {
-                            Ok(true) => tracing::info!(epoch = l.lease.epoch, "leadership given up for shutdown"),
-                            Ok(false) => {}
-                            Err(e) => tracing::warn!(error = %e, "could not give up the lease; it expires by itself"),
-                        }
-                    }
-                    return;
-                }
-                _ = tick.tick() => {}
-            }
-            let _ = store.seen(&self.id, &self.az, self.timing.lease * 10).await;
-            if let Some(l) = &mut leading {
-                let own_az_ok = azs.available(&self.az);
-                let reason = if own_az_ok {
-                    self.keep_leading(&mut store, l).await
-                } else {
-                    let _ = store.release(&l.lease).await;
-                    Some(format!(
-                        "own Availability Zone {} is not available",
-                        self.az
-                    ))
-                };
-                if let Some(reason) = reason {
-                    tracing::warn!(epoch = l.lease.epoch, "stepping down: {reason}");
-                    leading = None;
-                    continue;
-                }
-                if Instant::now() >= next_work {
-                    next_work = Instant::now() + self.loop_interval;
-                    for s in &self.services {
-                        if !self.work(&mut store, &record, l, s).await {
-                            tracing::warn!(
-                                epoch = l.lease.epoch,
-                                "stepping down: the fence refused this epoch"
-                            );
-                            leading = None;
-                            break;
-                        }
-                    }
-                }
-                continue;
-            }
-            match self.follow(&mut store, &azs).await {
-                Ok(Some(l)) => {
-                    tracing::info!(epoch = l.lease.epoch, az = %self.az, "became leader");
-                    next_work = Instant::now();
-                    leading = Some(l);
-                }
-                Ok(None) => {}
-                Err(e) => tracing::warn!(error = %e, "election: central redis error"),
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
+                _ = shutdown.changed() => return None,
             }
         }
     }
 
-    /// Renews the lease; `Some(reason)` if this host must stop acting now.
-    async fn keep_leading(&self, store: &mut ElectionStore, l: &mut Leadership) -> Option<String> {
-        if Instant::now() >= l.deadline {
-            return Some("the lease deadline passed without a renewal".into());
-        }
-        match store.kill_message(&self.id).await {
-            Ok(Some(e)) if e > l.lease.epoch => {
-                return Some(format!("kill message from epoch {e}"))
-            }
-            Err(e) => return Some(format!("central redis error: {e}")),
-            _ => {}
-        }
-        let sent = Instant::now();
-        match store.renew(&l.lease, &self.timing).await {
-            Ok(true) => {
-                l.deadline = sent + self.timing.lease - self.timing.margin();
-                None
-            }
-            Ok(false) => Some("the lease is no longer ours".into()),
-            Err(e) => Some(format!("cannot renew the lease: {e}")),
-        }
-    }
-
-    /// A follower's tick: judge the leader, hold a competition when needed.
-    async fn follow(
-        &self,
-        store: &mut ElectionStore,
-        azs: &AzCache,
-    ) -> redis::RedisResult<Option<Leadership>> {
-        let lease = store.leader().await?;
-        let age = store.heartbeat_age().await?;
-        let leader_az_ok = match &lease {
-            Some(l) => azs.available(&l.az),
-            None => true,
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let Some(elector_store) = self.connect(&mut shutdown).await else {
+            return;
         };
-        // A host in an unavailable AZ does not compete.
-        if !azs.available(&self.az) {
-            return Ok(None);
-        }
-        let verdict = election::judge(lease, age, leader_az_ok, &self.timing);
-        let depose = match verdict {
-            Verdict::Healthy => return Ok(None),
-            Verdict::Vacant => None,
-            Verdict::Depose(l) => Some(l),
+        let Some(ledger) = self.connect(&mut shutdown).await else {
+            return;
         };
-        store.enter(&self.id, self.timing.guard * 3).await?;
-        tokio::time::sleep(self.timing.guard).await;
-        if store.winner().await?.as_deref() != Some(self.id.as_str()) {
-            return Ok(None);
-        }
-        let sent = Instant::now();
-        Ok(store
-            .acquire(&self.id, &self.az, &self.timing, depose.as_ref())
-            .await?
-            .map(|lease| Leadership {
-                lease,
-                deadline: sent + self.timing.lease - self.timing.margin(),
-            }))
-    }
-
-    /// One loop for one service. False if the fence refused the epoch.
-    async fn work(
-        &self,
-        store: &mut ElectionStore,
-        record: &Script,
-        l: &Leadership,
-        s: &ManagedService,
-    ) -> bool {
-        let mut metric = s
-            .metric
-            .measure()
-            .await
-            .map(|m| m.value)
-            .map_err(|e| e.to_string());
-        if let (Ok(v), Some(mapper)) = (&metric, &s.mapper) {
-            // A mapping failure is a metric failure: the count is held.
-            metric = mapper
-                .map(*v)
-                .await
-                .map_err(|e| format!("mapping {v}: {e}"));
-        }
-        let conn = &mut store.conn;
-        let now_ms = match redis_now_ms(conn).await {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::warn!(service = %s.name, error = %e, "central redis error; loop skipped");
-                return true;
-            }
+        let azs = az::AzCache::start(self.ec2.clone(), shutdown.clone());
+        let (tx, rx) = watch::channel(Leadership::Following);
+        let elector = Elector {
+            id: self.id.clone(),
+            az: self.az.clone(),
+            store: elector_store,
+            timing: self.timing,
+            azs,
         };
-        let mut state: PolicyState = redis::cmd("GET")
-            .arg(policy_key(&s.name))
-            .query_async::<Option<String>>(conn)
-            .await
-            .ok()
-            .flatten()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or_default();
-        let mut calls = ecs::Calls::default();
-        let current = match (&self.ecs, &s.target) {
-            (None, _) => {
-                let last: Option<String> = redis::cmd("GET")
-                    .arg(decision_key(&s.name))
-                    .query_async(conn)
-                    .await
-                    .ok()
-                    .flatten();
-                last.and_then(|t| serde_json::from_str::<Record>(&t).ok())
-                    .map_or(0, |r| r.decision.desired)
-            }
-            (Some(c), Target::Tasks { task_definition }) => {
-                let family = task_definition.split(':').next().unwrap_or(task_definition);
-                match ecs::list(c, &s.cluster, family, &s.started_by(), &mut calls).await {
-                    Ok(t) => t.len() as u32,
-                    Err(e) => {
-                        tracing::warn!(service = %s.name, error = %e, "cannot count tasks; loop skipped");
-                        return true;
-                    }
-                }
-            }
-            (Some(c), Target::Service { service }) => {
-                match ecs::service_desired(c, &s.cluster, service).await {
-                    Ok(n) => n,
-                    Err(e) => {
-                        tracing::warn!(service = %s.name, error = %e, "cannot read the ECS service; loop skipped");
-                        return true;
-                    }
-                }
-            }
+        let elector = tokio::spawn(elector.run(tx, shutdown.clone()));
+        let worker = worker::Worker {
+            id: self.id,
+            ecs: self.ecs,
+            ledger,
+            services: self.services,
+            loop_interval: self.loop_interval,
+            margin: self.timing.margin(),
         };
-        let decision = policy::decide(metric, current, now_ms, &s.mapping, &s.policy, &mut state);
-        let mut outcome = if self.ecs.is_none() {
-            "dry-run".to_owned()
-        } else {
-            "none".to_owned()
-        };
-        if let (Some(c), true) = (&self.ecs, decision.desired != current) {
-            // The fence, right before the batch: is the lease still ours, with time left?
-            match store.fence(&l.lease, self.timing.margin()).await {
-                Ok(true) => {}
-                _ => return false,
-            }
-            if Instant::now() >= l.deadline {
-                return false;
-            }
-            outcome = match &s.target {
-                Target::Tasks { task_definition } if decision.desired > current => {
-                    let token = format!(
-                        "w{}-{}-{}-{}",
-                        l.lease.epoch,
-                        s.name,
-                        now_ms / 1000,
-                        decision.desired
-                    );
-                    let (n, failures) = ecs::run(
-                        c,
-                        &s.cluster,
-                        task_definition,
-                        &s.started_by(),
-                        decision.desired - current,
-                        &token,
-                        &mut calls,
-                    )
-                    .await;
-                    for f in &failures {
-                        tracing::warn!(service = %s.name, failure = %f, "RunTask placed fewer tasks; the next loop retries");
-                    }
-                    format!(
-                        "ran {n}{}",
-                        if failures.is_empty() {
-                            String::new()
-                        } else {
-                            format!(" ({} failures)", failures.len())
-                        }
-                    )
-                }
-                Target::Tasks { task_definition } => {
-                    let family = task_definition.split(':').next().unwrap_or(task_definition);
-                    match ecs::list(c, &s.cluster, family, &s.started_by(), &mut calls).await {
-                        Ok(arns) => {
-                            let tasks = ecs::describe(c, &s.cluster, &arns, &mut calls).await;
-                            let chosen =
-                                ecs::choose_to_stop(&tasks, (current - decision.desired) as usize);
-                            let (n, errors) = ecs::stop(c, &s.cluster, &chosen, &mut calls).await;
-                            for e in &errors {
-                                tracing::warn!(service = %s.name, error = %e, "StopTask failed; the next loop retries");
-                            }
-                            format!("stopped {n}")
-                        }
-                        Err(e) => format!("error: {e}"),
-                    }
-                }
-                Target::Service { service } => match ecs::set_service_desired(
-                    c,
-                    &s.cluster,
-                    service,
-                    decision.desired,
-                    &mut calls,
-                )
-                .await
-                {
-                    Ok(()) => format!("set desired {}", decision.desired),
-                    Err(e) => format!("error: {e}"),
-                },
-            };
-            state.last_action_ms = Some(now_ms);
-        }
-        tracing::info!(
-            service = %s.name,
-            epoch = l.lease.epoch,
-            metric = ?decision.metric,
-            mapped = ?decision.mapped,
-            clamped = ?decision.clamped,
-            current = decision.current,
-            desired = decision.desired,
-            action = %decision.action,
-            outcome = %outcome,
-            "{}", decision.reason
-        );
-        let rec = Record {
-            service: s.name.clone(),
-            leader: self.id.clone(),
-            epoch: l.lease.epoch,
-            time_ms: now_ms,
-            decision,
-            outcome,
-            list_tasks: calls.list_tasks,
-            run_task: calls.run_task,
-            stop_task: calls.stop_task,
-        };
-        let written: redis::RedisResult<i64> = record
-            .key(election::LEADER)
-            .key(decision_key(&s.name))
-            .key(history_key(&s.name))
-            .key(policy_key(&s.name))
-            .arg(l.lease.value())
-            .arg(serde_json::to_string(&rec).unwrap_or_default())
-            .arg(serde_json::to_string(&state).unwrap_or_default())
-            .invoke_async(&mut store.conn)
-            .await;
-        !matches!(written, Ok(0))
+        worker.run(rx, shutdown).await;
+        let _ = elector.await;
     }
 }

@@ -118,27 +118,55 @@ pub struct PolicyState {
     pub recommendations: Vec<(u64, u32)>,
     pub last_action_ms: Option<u64>,
     pub consecutive_failures: u32,
+    /// Actions taken so far (any leader): part of the RunTask clientToken, so a successor
+    /// repeating a step its predecessor took without recording it derives the same token.
+    #[serde(default)]
+    pub actions: u64,
 }
 
+/// What a decision does to the count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Action {
+    Hold,
+    ScaleUp,
+    ScaleDown,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Hold => "hold",
+            Action::ScaleUp => "scale-up",
+            Action::ScaleDown => "scale-down",
+        }
+    }
+}
+
+impl std::fmt::Display for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The policy's answer. The metric read and its mapping input are kept by the caller
+/// (the decision record has them apart); `mapped` is the task count the mapping gave.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Decision {
-    pub metric: Option<f64>,
     pub mapped: Option<u32>,
     pub clamped: Option<u32>,
     pub current: u32,
     pub desired: u32,
-    /// `hold`, `scale-up` or `scale-down`.
-    pub action: String,
+    pub action: Action,
     pub reason: String,
 }
 
-fn action(current: u32, desired: u32) -> String {
+fn action(current: u32, desired: u32) -> Action {
     match desired.cmp(&current) {
-        std::cmp::Ordering::Greater => "scale-up",
-        std::cmp::Ordering::Less => "scale-down",
-        std::cmp::Ordering::Equal => "hold",
+        std::cmp::Ordering::Greater => Action::ScaleUp,
+        std::cmp::Ordering::Less => Action::ScaleDown,
+        std::cmp::Ordering::Equal => Action::Hold,
     }
-    .into()
 }
 
 /// Decides the desired count. `metric` is the reading or why there is none.
@@ -150,13 +178,12 @@ pub fn decide(
     p: &Policy,
     st: &mut PolicyState,
 ) -> Decision {
-    let hold = |reason: String, metric: Option<f64>| Decision {
-        metric,
+    let hold = |reason: String| Decision {
         mapped: None,
         clamped: None,
         current,
         desired: current,
-        action: "hold".into(),
+        action: Action::Hold,
         reason,
     };
     let value = match metric {
@@ -170,26 +197,19 @@ pub fn decide(
                 .unwrap_or_else(|| "metric is not a finite number".into());
             st.consecutive_failures += 1;
             if st.consecutive_failures < p.failure_threshold {
-                return hold(
-                    format!(
-                        "metric failed ({why}); holding ({} of {} failures)",
-                        st.consecutive_failures, p.failure_threshold
-                    ),
-                    None,
-                );
+                return hold(format!(
+                    "metric failed ({why}); holding ({} of {} failures)",
+                    st.consecutive_failures, p.failure_threshold
+                ));
             }
             return match p.fallback {
-                Fallback::Hold => hold(
-                    format!(
-                        "metric failed {} times ({why}); fallback: hold",
-                        st.consecutive_failures
-                    ),
-                    None,
-                ),
+                Fallback::Hold => hold(format!(
+                    "metric failed {} times ({why}); fallback: hold",
+                    st.consecutive_failures
+                )),
                 Fallback::Fixed(n) => {
                     let desired = n.clamp(p.min, p.max);
                     Decision {
-                        metric: None,
                         mapped: None,
                         clamped: Some(desired),
                         current,
@@ -211,12 +231,11 @@ pub fn decide(
         .retain(|(t, _)| now_ms.saturating_sub(*t) < window);
     st.recommendations.push((now_ms, clamped));
     let mut d = Decision {
-        metric: Some(value),
         mapped: Some(mapped),
         clamped: Some(clamped),
         current,
         desired: clamped,
-        action: String::new(),
+        action: Action::Hold,
         reason: String::new(),
     };
     let mut why = vec![format!("metric {value} maps to {mapped}")];
@@ -313,8 +332,8 @@ mod tests {
         let mut st = PolicyState::default();
         let d = decide(Ok(50.0), 2, 0, &table(), &p, &mut st);
         assert_eq!(
-            (d.mapped, d.clamped, d.desired, d.action.as_str()),
-            (Some(12), Some(10), 10, "scale-up")
+            (d.mapped, d.clamped, d.desired, d.action),
+            (Some(12), Some(10), 10, Action::ScaleUp)
         );
     }
 
@@ -358,7 +377,7 @@ mod tests {
         assert_eq!(decide(Ok(10.0), 12, 0, &table(), &p, &mut st).desired, 12);
         // The metric drops: still 12 within the window...
         let d = decide(Ok(0.0), 12, 100_000, &table(), &p, &mut st);
-        assert_eq!((d.desired, d.action.as_str()), (12, "hold"), "{}", d.reason);
+        assert_eq!((d.desired, d.action), (12, Action::Hold), "{}", d.reason);
         // ...and the window's highest falls as old recommendations age out.
         assert_eq!(
             decide(Ok(0.0), 12, 301_000, &table(), &p, &mut st).desired,

@@ -10,6 +10,7 @@ pub mod breaker;
 pub mod client;
 pub mod schema;
 pub mod security;
+pub mod slot;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -5,6 +5,7 @@
 //! (a NaN value, which JSON carries as null), `error:<kind>` (transient, permanent,
 //! config), `sleep:<ms>` (then returns 1), `log` (emits a tracing event, returns 2),
 //! `file:<path>` (the number in that file; a transient error if it holds none).
+//! `create_delay_ms` makes `new` slow (or, with a large value, hang).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -23,6 +24,9 @@ pub struct Config {
     /// A file written when a `hang` step is cancelled by the host.
     #[serde(default)]
     pub cancel_marker: Option<String>,
+    /// `new` takes this long before it returns (a plugin slow or hanging at start).
+    #[serde(default)]
+    pub create_delay_ms: u64,
 }
 
 pub struct Chaos {
@@ -44,6 +48,9 @@ impl MetricSource for Chaos {
     type Config = Config;
 
     async fn new(config: Config) -> Result<Self, PluginError> {
+        if config.create_delay_ms > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(config.create_delay_ms)).await;
+        }
         if config.panic_on_create {
             panic!("asked to panic on create");
         }

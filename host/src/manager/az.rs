@@ -1,0 +1,59 @@
+//! Availability Zone states from EC2, refreshed every 10 s by a task of its own so that a
+//! slow EC2 API never delays an election tick. An AZ is unavailable only on positive
+//! knowledge: an EC2 error, or an AZ that EC2 does not list, counts as available.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::logs::Repeated;
+
+#[derive(Clone, Default)]
+pub struct AzCache(Arc<RwLock<BTreeMap<String, String>>>);
+
+impl AzCache {
+    /// Starts the refresher (none without an EC2 client: every AZ counts as available).
+    pub fn start(ec2: Option<aws_sdk_ec2::Client>, mut shutdown: watch::Receiver<bool>) -> AzCache {
+        let cache = AzCache::default();
+        let Some(ec2) = ec2 else { return cache };
+        let c = cache.clone();
+        tokio::spawn(async move {
+            let mut errors = Repeated::new("AZ check: EC2 DescribeAvailabilityZones");
+            loop {
+                match ec2.describe_availability_zones().send().await {
+                    Ok(out) => {
+                        errors.cleared();
+                        let states = out
+                            .availability_zones()
+                            .iter()
+                            .filter_map(|z| {
+                                Some((z.zone_name()?.to_owned(), z.state()?.as_str().to_owned()))
+                            })
+                            .collect();
+                        c.set(states);
+                    }
+                    Err(e) => errors.failed(&crate::aws::describe(&e)),
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+                    _ = shutdown.changed() => return,
+                }
+            }
+        });
+        cache
+    }
+
+    pub fn set(&self, states: BTreeMap<String, String>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = states;
+    }
+
+    pub fn available(&self, az: &str) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(az)
+            .is_none_or(|s| s == "available")
+    }
+}

@@ -1,0 +1,603 @@
+//! The manager's two edges to the central Redis, each a small trait so that the elector
+//! and the worker are unit-tested with fakes in paused time:
+//!
+//! * [`LeaseStore`]: the election (lease, heartbeat, competition, kill messages, handover);
+//! * [`Ledger`]: the fence before every ECS call, which also journals the call, and the
+//!   fenced decision records and policy state.
+//!
+//! [`Central`] implements both on Redis with one Lua script per step, so each step is
+//! atomic. Keys: `warden:leader` (`<id>\t<epoch>\t<az>`, TTL = lease), `warden:epoch`,
+//! `warden:heartbeat` (hash id/az/epoch/time_ms), `warden:candidates` (sorted set) with
+//! `warden:candidate:<id>` liveness keys, `warden:kill:<id>` (the epoch that deposed it),
+//! `warden:host:<id>` (hash az/seen_ms) and `warden:hosts` (sorted set by last seen),
+//! `warden:successor` (named by a leader giving up the lease), `warden:wake:<id>` (a
+//! follower blocks on it between ticks), `warden:decision:<service>` and
+//! `warden:decisions:<service>` (records), `warden:policy:<service>` (policy state),
+//! `warden:calls:<service>` (journal of every ECS call about to be sent, with its epoch).
+
+use std::future::Future;
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::Script;
+use serde::{Deserialize, Serialize};
+
+use super::election::Lease;
+use super::policy::PolicyState;
+use super::Record;
+
+pub const LEADER: &str = "warden:leader";
+pub const EPOCH: &str = "warden:epoch";
+pub const HEARTBEAT: &str = "warden:heartbeat";
+pub const CANDIDATES: &str = "warden:candidates";
+pub const HOSTS: &str = "warden:hosts";
+pub const SUCCESSOR: &str = "warden:successor";
+
+pub fn candidate_key(id: &str) -> String {
+    format!("warden:candidate:{id}")
+}
+pub fn kill_key(id: &str) -> String {
+    format!("warden:kill:{id}")
+}
+pub fn host_key(id: &str) -> String {
+    format!("warden:host:{id}")
+}
+pub fn wake_key(id: &str) -> String {
+    format!("warden:wake:{id}")
+}
+pub fn decision_key(service: &str) -> String {
+    format!("warden:decision:{service}")
+}
+pub fn history_key(service: &str) -> String {
+    format!("warden:decisions:{service}")
+}
+pub fn policy_key(service: &str) -> String {
+    format!("warden:policy:{service}")
+}
+pub fn calls_key(service: &str) -> String {
+    format!("warden:calls:{service}")
+}
+
+/// A central Redis operation that failed; the text names the address, never a password.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct StoreError(pub String);
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A host taking part in the election, as last seen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveHost {
+    pub id: String,
+    pub az: String,
+    pub age: Duration,
+}
+
+/// The election's operations.
+pub trait LeaseStore: Send + Sync + 'static {
+    fn leader(&self) -> impl Future<Output = StoreResult<Option<Lease>>> + Send;
+    fn heartbeat_age(&self) -> impl Future<Output = StoreResult<Option<Duration>>> + Send;
+    /// Extends the lease by `ttl` if it is still ours, and publishes the heartbeat.
+    fn renew(&self, lease: &Lease, ttl: Duration)
+        -> impl Future<Output = StoreResult<bool>> + Send;
+    /// Takes the lease if it is free (or exactly `depose`), with a new epoch.
+    fn acquire(
+        &self,
+        id: &str,
+        az: &str,
+        ttl: Duration,
+        depose: Option<&Lease>,
+    ) -> impl Future<Output = StoreResult<Option<Lease>>> + Send;
+    /// Gives the lease up if it is still ours, naming `successor` (woken at once).
+    fn release(
+        &self,
+        lease: &Lease,
+        successor: Option<&str>,
+        successor_ttl: Duration,
+    ) -> impl Future<Output = StoreResult<bool>> + Send;
+    /// The epoch that deposed `id`, if a kill message waits for it.
+    fn kill_message(&self, id: &str) -> impl Future<Output = StoreResult<Option<u64>>> + Send;
+    /// Enters the competition with a random number that lives `ttl`.
+    fn enter(&self, id: &str, ttl: Duration) -> impl Future<Output = StoreResult<()>> + Send;
+    /// The highest live entry of the competition.
+    fn winner(&self) -> impl Future<Output = StoreResult<Option<String>>> + Send;
+    /// The host a departing leader named, if it is still named.
+    fn successor(&self) -> impl Future<Output = StoreResult<Option<String>>> + Send;
+    /// Records that this host takes part (for `warden status` and handover).
+    fn seen(
+        &self,
+        id: &str,
+        az: &str,
+        ttl: Duration,
+    ) -> impl Future<Output = StoreResult<()>> + Send;
+    /// Hosts seen within `max_age`, most recent first.
+    fn live_hosts(
+        &self,
+        max_age: Duration,
+    ) -> impl Future<Output = StoreResult<Vec<LiveHost>>> + Send;
+    /// Waits up to `max` for a wake-up addressed to `id` (a follower's pause between ticks).
+    fn wait_wake(&self, id: &str, max: Duration) -> impl Future<Output = StoreResult<bool>> + Send;
+}
+
+/// One ECS call as journalled before it is sent (and, with `result`, after).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallEntry {
+    pub epoch: u64,
+    pub leader: String,
+    /// `RunTask`, `StopTask`, `UpdateService`.
+    pub op: String,
+    /// What the call asks for: `count 10 token …`, a task ARN, `desired 4`.
+    pub detail: String,
+    /// `None` in the entry written by the fence (the call is about to be sent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<String>,
+}
+
+/// The worker's operations on the central Redis.
+pub trait Ledger: Send + Sync + 'static {
+    /// Redis time in ms (one clock for every host's policy timing).
+    fn now_ms(&self) -> impl Future<Output = StoreResult<u64>> + Send;
+    fn policy_state(&self, service: &str) -> impl Future<Output = StoreResult<PolicyState>> + Send;
+    fn last_record(
+        &self,
+        service: &str,
+    ) -> impl Future<Output = StoreResult<Option<Record>>> + Send;
+    /// The fence before one ECS call: true only if `lease` is still the lease in Redis with
+    /// at least `min_left` to run; the call is journalled in the same atomic step.
+    fn fence(
+        &self,
+        lease: &Lease,
+        min_left: Duration,
+        service: &str,
+        call: &CallEntry,
+    ) -> impl Future<Output = StoreResult<bool>> + Send;
+    /// Journals the result of a call (not fenced: a deposed leader's results count too).
+    fn journal(
+        &self,
+        service: &str,
+        call: &CallEntry,
+    ) -> impl Future<Output = StoreResult<()>> + Send;
+    /// Writes a decision and the policy state only if `lease` is still the lease.
+    fn record(
+        &self,
+        lease: &Lease,
+        record: &Record,
+        state: &PolicyState,
+    ) -> impl Future<Output = StoreResult<bool>> + Send;
+}
+
+const NOW: &str = "local t = redis.call('TIME') local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)";
+
+/// Renews the lease if it is still ours, and publishes the heartbeat in Redis time.
+const RENEW: &str = r#"
+local v = redis.call('GET', KEYS[1])
+if v ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+@NOW@
+redis.call('HSET', KEYS[2], 'id', ARGV[3], 'az', ARGV[4], 'epoch', ARGV[5], 'time_ms', now)
+return 1
+"#;
+
+/// Takes the lease if it is free, or if it is exactly the holder we saw and chose to
+/// depose. Leaves a kill message for the previous leader. The epoch is the counter's next
+/// value, or Redis time in ms if that is larger, so fencing tokens keep growing across a
+/// restart of the central Redis.
+const ACQUIRE: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+if cur and not (ARGV[4] ~= '' and cur == ARGV[4]) then return 0 end
+@NOW@
+local e = redis.call('INCR', KEYS[2])
+if e < now then
+  e = now
+  redis.call('SET', KEYS[2], e)
+end
+redis.call('SET', KEYS[1], ARGV[1] .. '\t' .. e .. '\t' .. ARGV[2], 'PX', ARGV[3])
+local old = nil
+if cur then
+  old = string.match(cur, '^([^\t]+)')
+else
+  old = redis.call('HGET', KEYS[3], 'id')
+end
+if old and old ~= ARGV[1] then
+  redis.call('SET', 'warden:kill:' .. old, e, 'PX', 3600000)
+end
+redis.call('DEL', 'warden:kill:' .. ARGV[1])
+redis.call('DEL', KEYS[4])
+if redis.call('GET', KEYS[5]) == ARGV[1] then redis.call('DEL', KEYS[5]) end
+redis.call('HSET', KEYS[3], 'id', ARGV[1], 'az', ARGV[2], 'epoch', e, 'time_ms', now)
+return e
+"#;
+
+/// The fence before one call: the lease is ours with ARGV[2] ms left; journal the call.
+const FENCE: &str = r#"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then return 0 end
+@NOW@
+redis.call('RPUSH', KEYS[2], '{"time_ms":' .. now .. ',' .. string.sub(ARGV[3], 2))
+redis.call('LTRIM', KEYS[2], -1000, -1)
+return 1
+"#;
+
+/// Appends to a call journal with Redis time.
+const JOURNAL: &str = r#"
+@NOW@
+redis.call('RPUSH', KEYS[1], '{"time_ms":' .. now .. ',' .. string.sub(ARGV[1], 2))
+redis.call('LTRIM', KEYS[1], -1000, -1)
+return 1
+"#;
+
+/// Gives the lease up if it is still ours; names a successor and wakes it.
+const RELEASE: &str = r#"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+if ARGV[2] ~= '' then
+  redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+  redis.call('RPUSH', 'warden:wake:' .. ARGV[2], '1')
+  redis.call('PEXPIRE', 'warden:wake:' .. ARGV[2], ARGV[3])
+end
+return 1
+"#;
+
+/// Age of the heartbeat in Redis time (ms), or -1 without one.
+const HEARTBEAT_AGE: &str = r#"
+@NOW@
+local hb = redis.call('HGET', KEYS[1], 'time_ms')
+if not hb then return -1 end
+return now - tonumber(hb)
+"#;
+
+/// A host takes part: its hash (for status) and its place in the sorted set by time.
+const SEEN: &str = r#"
+@NOW@
+redis.call('HSET', KEYS[1], 'az', ARGV[2], 'seen_ms', now)
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('ZADD', KEYS[2], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[3]))
+return 1
+"#;
+
+/// Hosts seen within ARGV[1] ms: id, az, age, … most recent first.
+const LIVE_HOSTS: &str = r#"
+@NOW@
+local ids = redis.call('ZREVRANGEBYSCORE', KEYS[1], '+inf', now - tonumber(ARGV[1]), 'WITHSCORES')
+local out = {}
+for i = 1, #ids, 2 do
+  local az = redis.call('HGET', 'warden:host:' .. ids[i], 'az') or ''
+  out[#out + 1] = ids[i]
+  out[#out + 1] = az
+  out[#out + 1] = tostring(now - tonumber(ids[i + 1]))
+end
+return out
+"#;
+
+/// Writes a decision and the policy state only if the lease is still ours.
+const RECORD: &str = r#"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[2], ARGV[2])
+redis.call('RPUSH', KEYS[3], ARGV[2])
+redis.call('LTRIM', KEYS[3], -1000, -1)
+redis.call('SET', KEYS[4], ARGV[3])
+return 1
+"#;
+
+fn script(body: &str) -> Script {
+    Script::new(&body.replace("@NOW@", NOW))
+}
+
+/// The central Redis, for one loop (the elector and the worker each have their own).
+#[derive(Clone)]
+pub struct Central {
+    conn: ConnectionManager,
+    /// `host:port` for messages (never the URL: it may hold a password).
+    addr: String,
+    scripts: std::sync::Arc<Scripts>,
+}
+
+struct Scripts {
+    renew: Script,
+    acquire: Script,
+    fence: Script,
+    journal: Script,
+    release: Script,
+    age: Script,
+    seen: Script,
+    live: Script,
+    record: Script,
+}
+
+impl Central {
+    pub fn new(conn: ConnectionManager, addr: String) -> Self {
+        Self {
+            conn,
+            addr,
+            scripts: std::sync::Arc::new(Scripts {
+                renew: script(RENEW),
+                acquire: script(ACQUIRE),
+                fence: script(FENCE),
+                journal: script(JOURNAL),
+                release: script(RELEASE),
+                age: script(HEARTBEAT_AGE),
+                seen: script(SEEN),
+                live: script(LIVE_HOSTS),
+                record: script(RECORD),
+            }),
+        }
+    }
+
+    fn err(&self, e: redis::RedisError) -> StoreError {
+        StoreError(format!(
+            "central redis {}: {}",
+            self.addr,
+            crate::redis_util::describe(&e)
+        ))
+    }
+
+    fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    async fn get<T: redis::FromRedisValue>(&self, key: &str) -> StoreResult<T> {
+        redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|e| self.err(e))
+    }
+}
+
+impl LeaseStore for Central {
+    async fn leader(&self) -> StoreResult<Option<Lease>> {
+        let v: Option<String> = self.get(LEADER).await?;
+        Ok(v.as_deref().and_then(Lease::parse))
+    }
+
+    async fn heartbeat_age(&self) -> StoreResult<Option<Duration>> {
+        let ms: i64 = self
+            .scripts
+            .age
+            .key(HEARTBEAT)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok((ms >= 0).then(|| Duration::from_millis(ms as u64)))
+    }
+
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> StoreResult<bool> {
+        let ok: i64 = self
+            .scripts
+            .renew
+            .key(LEADER)
+            .key(HEARTBEAT)
+            .arg(lease.value())
+            .arg(ttl.as_millis() as u64)
+            .arg(&lease.id)
+            .arg(&lease.az)
+            .arg(lease.epoch)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(ok == 1)
+    }
+
+    async fn acquire(
+        &self,
+        id: &str,
+        az: &str,
+        ttl: Duration,
+        depose: Option<&Lease>,
+    ) -> StoreResult<Option<Lease>> {
+        let e: i64 = self
+            .scripts
+            .acquire
+            .key(LEADER)
+            .key(EPOCH)
+            .key(HEARTBEAT)
+            .key(CANDIDATES)
+            .key(SUCCESSOR)
+            .arg(id)
+            .arg(az)
+            .arg(ttl.as_millis() as u64)
+            .arg(depose.map(Lease::value).unwrap_or_default())
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok((e > 0).then(|| Lease {
+            id: id.to_owned(),
+            epoch: e as u64,
+            az: az.to_owned(),
+        }))
+    }
+
+    async fn release(
+        &self,
+        lease: &Lease,
+        successor: Option<&str>,
+        successor_ttl: Duration,
+    ) -> StoreResult<bool> {
+        let n: i64 = self
+            .scripts
+            .release
+            .key(LEADER)
+            .key(SUCCESSOR)
+            .arg(lease.value())
+            .arg(successor.unwrap_or(""))
+            .arg(successor_ttl.as_millis().max(1) as u64)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(n == 1)
+    }
+
+    async fn kill_message(&self, id: &str) -> StoreResult<Option<u64>> {
+        self.get(&kill_key(id)).await
+    }
+
+    async fn enter(&self, id: &str, ttl: Duration) -> StoreResult<()> {
+        let score = fastrand::u32(0..1_000_000);
+        redis::pipe()
+            .atomic()
+            .zadd(CANDIDATES, id, score)
+            .ignore()
+            .cmd("SET")
+            .arg(candidate_key(id))
+            .arg(1)
+            .arg("PX")
+            .arg(ttl.as_millis() as u64)
+            .ignore()
+            .query_async::<()>(&mut self.conn())
+            .await
+            .map_err(|e| self.err(e))
+    }
+
+    async fn winner(&self) -> StoreResult<Option<String>> {
+        let mut conn = self.conn();
+        let entries: Vec<(String, f64)> = redis::cmd("ZRANGE")
+            .arg(CANDIDATES)
+            .arg(0)
+            .arg(-1)
+            .arg("WITHSCORES")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.err(e))?;
+        let mut alive = Vec::new();
+        for (id, score) in entries {
+            let live: bool = redis::cmd("EXISTS")
+                .arg(candidate_key(&id))
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| self.err(e))?;
+            if live {
+                alive.push((id, score));
+            }
+        }
+        Ok(super::election::pick_winner(&alive))
+    }
+
+    async fn successor(&self) -> StoreResult<Option<String>> {
+        self.get(SUCCESSOR).await
+    }
+
+    async fn seen(&self, id: &str, az: &str, ttl: Duration) -> StoreResult<()> {
+        let _: i64 = self
+            .scripts
+            .seen
+            .key(host_key(id))
+            .key(HOSTS)
+            .arg(id)
+            .arg(az)
+            .arg(ttl.as_millis() as u64)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    async fn live_hosts(&self, max_age: Duration) -> StoreResult<Vec<LiveHost>> {
+        let flat: Vec<String> = self
+            .scripts
+            .live
+            .key(HOSTS)
+            .arg(max_age.as_millis() as u64)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(flat
+            .chunks_exact(3)
+            .map(|c| LiveHost {
+                id: c[0].clone(),
+                az: c[1].clone(),
+                age: Duration::from_millis(c[2].parse().unwrap_or(u64::MAX)),
+            })
+            .collect())
+    }
+
+    async fn wait_wake(&self, id: &str, max: Duration) -> StoreResult<bool> {
+        // BLPOP's timeout is in seconds, with decimals since Redis 6.
+        let secs = (max.as_secs_f64()).max(0.01);
+        let v: Option<(String, String)> = redis::cmd("BLPOP")
+            .arg(wake_key(id))
+            .arg(format!("{secs:.3}"))
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(v.is_some())
+    }
+}
+
+impl Ledger for Central {
+    async fn now_ms(&self) -> StoreResult<u64> {
+        let (s, us): (u64, u64) = redis::cmd("TIME")
+            .query_async(&mut self.conn())
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(s * 1000 + us / 1000)
+    }
+
+    async fn policy_state(&self, service: &str) -> StoreResult<PolicyState> {
+        let text: Option<String> = self.get(&policy_key(service)).await?;
+        // A state that does not parse (an older warden's, or damaged) starts afresh.
+        Ok(text
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default())
+    }
+
+    async fn last_record(&self, service: &str) -> StoreResult<Option<Record>> {
+        let text: Option<String> = self.get(&decision_key(service)).await?;
+        Ok(text.and_then(|t| serde_json::from_str(&t).ok()))
+    }
+
+    async fn fence(
+        &self,
+        lease: &Lease,
+        min_left: Duration,
+        service: &str,
+        call: &CallEntry,
+    ) -> StoreResult<bool> {
+        let ok: i64 = self
+            .scripts
+            .fence
+            .key(LEADER)
+            .key(calls_key(service))
+            .arg(lease.value())
+            .arg(min_left.as_millis() as u64)
+            .arg(serde_json::to_string(call).expect("a call entry serializes"))
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(ok == 1)
+    }
+
+    async fn journal(&self, service: &str, call: &CallEntry) -> StoreResult<()> {
+        let _: i64 = self
+            .scripts
+            .journal
+            .key(calls_key(service))
+            .arg(serde_json::to_string(call).expect("a call entry serializes"))
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    async fn record(
+        &self,
+        lease: &Lease,
+        record: &Record,
+        state: &PolicyState,
+    ) -> StoreResult<bool> {
+        let ok: i64 = self
+            .scripts
+            .record
+            .key(LEADER)
+            .key(decision_key(&record.service))
+            .key(history_key(&record.service))
+            .key(policy_key(&record.service))
+            .arg(lease.value())
+            .arg(serde_json::to_string(record).expect("a record serializes"))
+            .arg(serde_json::to_string(state).expect("a policy state serializes"))
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(ok == 1)
+    }
+}

@@ -1,0 +1,529 @@
+//! The leader's scaling work, kept apart from the lease.
+//!
+//! The worker waits until the elector publishes "leading with epoch E", then runs one loop
+//! per managed service, concurrently (a slow metric of one service delays no other), until
+//! that epoch stops being published: then the work in flight is dropped at once. Each
+//! loop: read the metric (and map it), count what runs in ECS, decide (a pure function),
+//! act, record. Every mutating ECS call (each RunTask batch, each StopTask, each
+//! UpdateService) is preceded by the fence in the central Redis, which also journals the
+//! call with its epoch, and by the local deadline check after the fence; the AWS client
+//! checks the deadline once more right before each attempt is transmitted.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+use warden_plugin_api::Measurement;
+
+use super::central::{CallEntry, Ledger};
+use super::ecs::{self, Calls, Ecs, EcsError, RunTask};
+use super::election::Lease;
+use super::leadership::{Guard, Leadership};
+use super::policy::{self, Decision, PolicyState};
+use super::{ManagedService, MetricError, Outcome, Record, Target};
+use crate::plugins::MetricClient;
+
+/// The scaling work; `ecs` is `None` in dry-run.
+pub struct Worker<E: Ecs, L: Ledger> {
+    pub id: String,
+    pub ecs: Option<E>,
+    pub ledger: L,
+    pub services: Vec<ManagedService>,
+    pub loop_interval: Duration,
+    /// Lease time the fence asks to be left before each call.
+    pub margin: Duration,
+}
+
+/// The metric as read, and as mapped by a mapping plugin.
+#[derive(Debug, Clone)]
+pub struct Reading {
+    pub metric: Result<Measurement, MetricError>,
+    pub mapped: Option<Result<f64, MetricError>>,
+}
+
+impl Reading {
+    /// The value the policy maps, or why there is none.
+    pub fn input(&self) -> Result<f64, String> {
+        match (&self.metric, &self.mapped) {
+            (Err(e), _) => Err(e.to_string()),
+            (Ok(_), Some(Err(e))) => Err(format!("mapping: {e}")),
+            (Ok(_), Some(Ok(v))) => Ok(*v),
+            (Ok(m), None) => Ok(m.value),
+        }
+    }
+}
+
+/// What runs now, as counted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Count {
+    /// Dry-run: nothing is counted; the last decision's desired count stands in.
+    NotCounted(u32),
+    Tasks(Vec<String>),
+    Service(u32),
+}
+
+impl Count {
+    fn current(&self) -> u32 {
+        match self {
+            Count::NotCounted(n) | Count::Service(n) => *n,
+            Count::Tasks(arns) => arns.len() as u32,
+        }
+    }
+    fn running(&self) -> Option<u32> {
+        match self {
+            Count::NotCounted(_) => None,
+            _ => Some(self.current()),
+        }
+    }
+}
+
+/// Waits for a term: leading with a deadline still ahead. `None` when the elector is gone.
+async fn next_term(rx: &mut watch::Receiver<Leadership>) -> Option<Lease> {
+    loop {
+        if let Leadership::Leading { lease, deadline } = &*rx.borrow_and_update() {
+            if *deadline > Instant::now() {
+                return Some(lease.clone());
+            }
+        }
+        rx.changed().await.ok()?;
+    }
+}
+
+async fn read_metric(s: &ManagedService) -> Reading {
+    let metric = match s.metric.get() {
+        Ok(c) => MetricClient(c)
+            .measure()
+            .await
+            .map_err(|e| MetricError::from_call(&e)),
+        Err(nc) => Err(MetricError {
+            kind: nc.kind.clone(),
+            message: format!("metric source {}: {nc}", s.metric.name()),
+        }),
+    };
+    let mapped = match (&metric, &s.mapper) {
+        (Ok(m), Some(slot)) => Some(match slot.get() {
+            Ok(c) => MetricClient(c)
+                .map(m.value)
+                .await
+                .map_err(|e| MetricError::from_call(&e)),
+            Err(nc) => Err(MetricError {
+                kind: nc.kind.clone(),
+                message: format!("mapping plugin {}: {nc}", slot.name()),
+            }),
+        }),
+        _ => None,
+    };
+    Reading { metric, mapped }
+}
+
+impl<E: Ecs, L: Ledger> Worker<E, L> {
+    pub async fn run(
+        self,
+        mut leadership: watch::Receiver<Leadership>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        loop {
+            let lease = tokio::select! {
+                biased;
+                _ = shutdown.changed() => return,
+                l = next_term(&mut leadership) => match l {
+                    Some(l) => l,
+                    None => return,
+                },
+            };
+            let guard = Guard::new(leadership.clone(), lease.epoch);
+            tracing::info!(
+                epoch = lease.epoch,
+                services = self.services.len(),
+                "leading: scaling work started"
+            );
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => return,
+                _ = guard.lost() => tracing::info!(epoch = lease.epoch, "scaling work stopped: this host no longer leads"),
+                _ = self.term(&lease, &guard) => {}
+            }
+        }
+    }
+
+    async fn term(&self, lease: &Lease, guard: &Guard) {
+        let loops = self.services.iter().map(|s| async move {
+            loop {
+                let next = Instant::now() + self.loop_interval;
+                self.once(s, lease, guard).await;
+                tokio::time::sleep_until(next).await;
+            }
+        });
+        futures_util::future::join_all(loops).await;
+    }
+
+    /// One loop for one service.
+    async fn once(&self, s: &ManagedService, lease: &Lease, guard: &Guard) {
+        let reading = read_metric(s).await;
+        let (now_ms, mut state) = match self.state(s).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(service = %s.name, error = %e, "central redis error; loop skipped");
+                return;
+            }
+        };
+        let mut calls = Calls::default();
+        let count = match self.count(s, guard, &mut calls).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(service = %s.name, error = %e, "cannot count what runs; loop skipped");
+                return;
+            }
+        };
+        let current = count.current();
+        let decision = policy::decide(
+            reading.input(),
+            current,
+            now_ms,
+            &s.mapping,
+            &s.policy,
+            &mut state,
+        );
+        let outcome = match (&self.ecs, decision.desired == current) {
+            (None, _) => Outcome::DryRun,
+            (Some(_), true) => Outcome::None,
+            (Some(ecs), false) => {
+                self.act(ecs, s, lease, guard, &decision, &count, &state, &mut calls)
+                    .await
+            }
+        };
+        if calls.run_task + calls.stop_task + calls.update_service > 0 {
+            state.last_action_ms = Some(now_ms);
+            // A step whose outcome is unknown keeps its sequence number, so that the next
+            // loop's retry of the same step carries the same clientToken.
+            if !outcome.unknown() {
+                state.actions += 1;
+            }
+        }
+        let record = Record::new(
+            s, &self.id, lease, now_ms, &reading, &count, decision, outcome, calls,
+        );
+        record.log();
+        match self.ledger.record(lease, &record, &state).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(service = %s.name, epoch = lease.epoch, "decision not recorded: this epoch no longer holds the lease")
+            }
+            Err(e) => tracing::warn!(service = %s.name, error = %e, "decision not recorded"),
+        }
+    }
+
+    async fn state(
+        &self,
+        s: &ManagedService,
+    ) -> Result<(u64, PolicyState), super::central::StoreError> {
+        Ok((
+            self.ledger.now_ms().await?,
+            self.ledger.policy_state(&s.name).await?,
+        ))
+    }
+
+    async fn count(
+        &self,
+        s: &ManagedService,
+        guard: &Guard,
+        calls: &mut Calls,
+    ) -> Result<Count, EcsError> {
+        let Some(ecs) = &self.ecs else {
+            let last = self.ledger.last_record(&s.name).await.ok().flatten();
+            return Ok(Count::NotCounted(last.map_or(0, |r| r.decision.desired)));
+        };
+        match &s.target {
+            Target::Tasks { family, .. } => ecs
+                .list_tasks(&s.cluster, family, &s.started_by(), guard, calls)
+                .await
+                .map(Count::Tasks),
+            Target::Service { service } => ecs
+                .service_desired(&s.cluster, service, guard)
+                .await
+                .map(Count::Service),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn act(
+        &self,
+        ecs: &E,
+        s: &ManagedService,
+        lease: &Lease,
+        guard: &Guard,
+        d: &Decision,
+        count: &Count,
+        state: &PolicyState,
+        calls: &mut Calls,
+    ) -> Outcome {
+        let call = Caller {
+            worker: self,
+            s,
+            lease,
+            guard,
+        };
+        match (&s.target, count) {
+            (
+                Target::Tasks {
+                    task_definition, ..
+                },
+                Count::Tasks(_),
+            ) if d.desired > d.current => {
+                call.run(ecs, task_definition, d, state.actions, calls)
+                    .await
+            }
+            (Target::Tasks { .. }, Count::Tasks(arns)) => {
+                call.stop(ecs, arns, (d.current - d.desired) as usize, calls)
+                    .await
+            }
+            (Target::Service { service }, _) => call.set(ecs, service, d.desired, calls).await,
+            _ => Outcome::DryRun,
+        }
+    }
+}
+
+/// The mutating calls of one action, each behind the fence.
+struct Caller<'a, E: Ecs, L: Ledger> {
+    worker: &'a Worker<E, L>,
+    s: &'a ManagedService,
+    lease: &'a Lease,
+    guard: &'a Guard,
+}
+
+impl<E: Ecs, L: Ledger> Caller<'_, E, L> {
+    fn entry(&self, op: &str, detail: String) -> CallEntry {
+        CallEntry {
+            epoch: self.lease.epoch,
+            leader: self.worker.id.clone(),
+            op: op.to_owned(),
+            detail,
+            result: None,
+        }
+    }
+
+    /// The fence (which journals `entry`), then the deadline again.
+    async fn fence(&self, entry: &CallEntry) -> Result<(), String> {
+        self.guard.check().map_err(|e| e.to_string())?;
+        match self
+            .worker
+            .ledger
+            .fence(self.lease, self.worker.margin, &self.s.name, entry)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => return Err(format!("the fence refused epoch {}", self.lease.epoch)),
+            Err(e) => return Err(format!("the fence could not be checked: {e}")),
+        }
+        self.guard.check().map_err(|e| e.to_string())
+    }
+
+    async fn journal(&self, mut entry: CallEntry, result: String) {
+        tracing::debug!(service = %self.s.name, epoch = entry.epoch, op = %entry.op, detail = %entry.detail, result = %result, "ECS call");
+        entry.result = Some(result);
+        if let Err(e) = self.worker.ledger.journal(&self.s.name, &entry).await {
+            tracing::warn!(service = %self.s.name, error = %e, "ECS call result not journalled");
+        }
+    }
+
+    async fn run(
+        &self,
+        ecs: &E,
+        task_definition: &str,
+        d: &Decision,
+        seq: u64,
+        calls: &mut Calls,
+    ) -> Outcome {
+        let asked = d.desired - d.current;
+        let (mut started, mut failures, mut unknown) = (0, Vec::new(), false);
+        for (i, count) in ecs::batches(asked).into_iter().enumerate() {
+            let req = RunTask {
+                cluster: self.s.cluster.clone(),
+                task_definition: task_definition.to_owned(),
+                started_by: self.s.started_by(),
+                count,
+                client_token: ecs::client_token(
+                    &self.s.cluster,
+                    &self.s.name,
+                    task_definition,
+                    seq,
+                    d.current,
+                    d.desired,
+                    i as u32,
+                ),
+            };
+            let entry = self.entry(
+                "RunTask",
+                format!("count {count} token {}", req.client_token),
+            );
+            if let Err(why) = self.fence(&entry).await {
+                return Outcome::Interrupted {
+                    sent: i as u32,
+                    why,
+                };
+            }
+            calls.run_task += 1;
+            let result = ecs.run_task(&req, self.guard).await;
+            let said = match &result {
+                Ok(st) => format!("started {}", st.arns.len()),
+                Err(e) => e.to_string(),
+            };
+            self.journal(entry, said).await;
+            match result {
+                Ok(st) => {
+                    let placed = st.arns.len() as u32;
+                    started += placed;
+                    if placed < count && st.failures.is_empty() {
+                        failures.push(format!(
+                            "{} of {count} tasks not placed (no reason given)",
+                            count - placed
+                        ));
+                    }
+                    failures.extend(st.failures);
+                }
+                Err(EcsError::NotSent { why, .. }) => {
+                    return Outcome::Interrupted {
+                        sent: i as u32,
+                        why,
+                    }
+                }
+                Err(e) => {
+                    unknown |= matches!(e, EcsError::Unknown { .. });
+                    failures.push(e.to_string());
+                }
+            }
+        }
+        for f in &failures {
+            tracing::warn!(service = %self.s.name, failure = %f, "RunTask placed fewer tasks; the next loop retries");
+        }
+        Outcome::Ran {
+            asked,
+            started,
+            failures,
+            unknown,
+        }
+    }
+
+    async fn stop(&self, ecs: &E, arns: &[String], n: usize, calls: &mut Calls) -> Outcome {
+        let tasks = match ecs
+            .describe_tasks(&self.s.cluster, arns, self.guard, calls)
+            .await
+        {
+            Ok(t) => t,
+            Err(EcsError::NotSent { why, .. }) => return Outcome::Interrupted { sent: 0, why },
+            Err(e) => {
+                tracing::warn!(service = %self.s.name, error = %e, "choosing tasks to stop without their status or AZ");
+                arns.iter()
+                    .map(|arn| ecs::Task {
+                        arn: arn.clone(),
+                        last_status: "RUNNING".into(),
+                        az: String::new(),
+                    })
+                    .collect()
+            }
+        };
+        let chosen = ecs::choose_to_stop(&tasks, n);
+        let (mut stopped, mut errors, mut unknown) = (0, Vec::new(), false);
+        for (i, arn) in chosen.iter().enumerate() {
+            let entry = self.entry("StopTask", arn.clone());
+            if let Err(why) = self.fence(&entry).await {
+                return Outcome::Interrupted {
+                    sent: i as u32,
+                    why,
+                };
+            }
+            calls.stop_task += 1;
+            let result = ecs.stop_task(&self.s.cluster, arn, self.guard).await;
+            let said = match &result {
+                Ok(()) => "stopped".to_owned(),
+                Err(e) => e.to_string(),
+            };
+            self.journal(entry, said).await;
+            match result {
+                Ok(()) => stopped += 1,
+                Err(EcsError::NotSent { why, .. }) => {
+                    return Outcome::Interrupted {
+                        sent: i as u32,
+                        why,
+                    }
+                }
+                Err(e) => {
+                    unknown |= matches!(e, EcsError::Unknown { .. });
+                    tracing::warn!(service = %self.s.name, error = %e, "StopTask failed; the next loop retries");
+                    errors.push(e.to_string());
+                }
+            }
+        }
+        Outcome::Stopped {
+            asked: n as u32,
+            stopped,
+            errors,
+            unknown,
+        }
+    }
+
+    async fn set(&self, ecs: &E, service: &str, desired: u32, calls: &mut Calls) -> Outcome {
+        let entry = self.entry("UpdateService", format!("{service} desired {desired}"));
+        if let Err(why) = self.fence(&entry).await {
+            return Outcome::Interrupted { sent: 0, why };
+        }
+        calls.update_service += 1;
+        let result = ecs
+            .set_service_desired(&self.s.cluster, service, desired, self.guard)
+            .await;
+        let said = match &result {
+            Ok(()) => format!("desired {desired}"),
+            Err(e) => e.to_string(),
+        };
+        self.journal(entry, said).await;
+        match result {
+            Ok(()) => Outcome::SetDesired { desired },
+            Err(EcsError::NotSent { why, .. }) => Outcome::Interrupted { sent: 0, why },
+            Err(e) => Outcome::Failed {
+                unknown: matches!(e, EcsError::Unknown { .. }),
+                error: e.to_string(),
+            },
+        }
+    }
+}
+
+impl Record {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        s: &ManagedService,
+        leader: &str,
+        lease: &Lease,
+        now_ms: u64,
+        reading: &Reading,
+        count: &Count,
+        decision: Decision,
+        outcome: Outcome,
+        calls: Calls,
+    ) -> Record {
+        let (metric, unit, labels, metric_error) = match &reading.metric {
+            Ok(m) => (Some(m.value), m.unit.clone(), m.labels.clone(), None),
+            Err(e) => (None, None, BTreeMap::new(), Some(e.clone())),
+        };
+        let (mapped_value, mapping_error) = match &reading.mapped {
+            Some(Ok(v)) => (Some(*v), None),
+            Some(Err(e)) => (None, Some(e.clone())),
+            None => (None, None),
+        };
+        Record {
+            service: s.name.clone(),
+            leader: leader.to_owned(),
+            epoch: lease.epoch,
+            time_ms: now_ms,
+            metric,
+            unit,
+            labels,
+            metric_error: metric_error.or(mapping_error),
+            mapped_value,
+            running: count.running(),
+            decision,
+            outcome,
+            calls,
+        }
+    }
+}

@@ -1,0 +1,40 @@
+//! Redis addresses and errors as an operator reads them: `host:port` without the
+//! password, and an error's text said once.
+
+/// The address part of a Redis URL: `redis://:secret@10.0.0.5:6379/2` → `10.0.0.5:6379`.
+pub fn addr(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    if rest.starts_with('/') {
+        // unix socket path
+        return rest.split('?').next().unwrap_or(rest).to_owned();
+    }
+    rest[..end].to_owned()
+}
+
+/// The error's text, without the repetition some I/O errors carry
+/// (`Connection refused (os error 111): Connection refused (os error 111)`).
+pub fn describe(e: &redis::RedisError) -> String {
+    let text = e.to_string();
+    match text.split_once(": ") {
+        Some((a, b)) if a == b => a.to_owned(),
+        _ => text,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_never_carry_a_password() {
+        assert_eq!(addr("redis://:secret@10.0.0.5:6379/2"), "10.0.0.5:6379");
+        assert_eq!(
+            addr("rediss://user:p%40ss@host.example:6380"),
+            "host.example:6380"
+        );
+        assert_eq!(addr("redis://127.0.0.1:6379"), "127.0.0.1:6379");
+        assert_eq!(addr("unix:///run/redis.sock"), "/run/redis.sock");
+    }
+}
