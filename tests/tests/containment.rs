@@ -60,7 +60,7 @@ async fn panic_hang_garbage_and_error_are_contained_and_the_next_call_is_served(
     let m = chaos(
         &host,
         json!({
-            "sequence": ["panic", "ok:7", "hang", "ok:8", "garbage", "error:transient", "error:permanent", "sleep:50", "ok:9"],
+            "sequence": ["panic", "ok:7", "hang", "ok:8", "garbage", "error:transient", "sleep:50", "ok:9", "error:permanent", "ok:10"],
             "cancel_marker": marker.to_str().unwrap()
         }),
         options(300, 100),
@@ -94,10 +94,20 @@ async fn panic_hang_garbage_and_error_are_contained_and_the_next_call_is_served(
     assert_eq!(e.kind(), ErrorKind::InvalidResponse, "{e}");
     assert!(e.to_string().contains("wrong shape"), "{e}");
     assert_eq!(kind_of(m.measure().await), ErrorKind::Transient);
-    assert_eq!(kind_of(m.measure().await), ErrorKind::Permanent);
     // tokio::time::sleep inside the plugin runs on the plugin's own runtime.
     assert_eq!(m.measure().await.unwrap().value, 1.0);
     assert_eq!(m.measure().await.unwrap().value, 9.0);
+    // A permanent error rests the plugin at once (it would be the same next time), and
+    // the refusal names it.
+    assert_eq!(kind_of(m.measure().await), ErrorKind::Permanent);
+    let e = m.measure().await.unwrap_err();
+    assert!(
+        matches!(e, CallError::Resting { failures: 1, .. })
+            && e.kind() == ErrorKind::Permanent
+            && e.to_string()
+                .contains("last error: permanent: chaos asked for a permanent error"),
+        "{e}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

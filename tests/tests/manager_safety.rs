@@ -536,3 +536,52 @@ fn warden_check_refuses_duplicate_and_colliding_service_names() {
         );
     }
 }
+
+/// A metric plugin's error kind reaches the record and `warden status`; a permanent error
+/// rests the plugin at once (the next loop does not call it) and the rest names it.
+#[test]
+fn metric_error_kinds_are_shown_and_a_permanent_error_rests_the_plugin() {
+    let central = Redis::start();
+    let body = r#"dry_run = true
+[plugins]
+breaker_open_ms = 60000
+[metrics.m]
+plugin = "test-chaos"
+config = { sequence = ["error:permanent", "ok:5"] }
+[[manager.services]]
+name = "web"
+task_definition = "web"
+metric = "m"
+mapping = { target_per_task = 1.0 }
+"#;
+    let _w = Warden::start(&manager_config(&central, "i-kinds", body), &[]);
+    let recs = eventually(Duration::from_secs(20), "two records", || {
+        let r = records(&central, "web");
+        (r.len() >= 2).then_some(r)
+    });
+    assert_eq!(recs[0]["metric_error"]["kind"], "permanent", "{}", recs[0]);
+    assert_eq!(
+        recs[1]["metric_error"]["kind"], "resting after permanent",
+        "the plugin was called again instead of resting: {}",
+        recs[1]
+    );
+    assert!(
+        recs[1]["metric_error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("last error: permanent: chaos asked for a permanent error"),
+        "{}",
+        recs[1]
+    );
+    let out = std::process::Command::new(warden_tests::warden_bin())
+        .args(["status"])
+        .env("WARDEN_CENTRAL_REDIS", central.url())
+        .env_remove("WARDEN_CONFIG")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("metric error (resting after permanent)"),
+        "{text}"
+    );
+}

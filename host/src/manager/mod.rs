@@ -88,7 +88,10 @@ impl MetricError {
     pub fn from_call(e: &CallError) -> Self {
         let kind = match e {
             CallError::Failed { error, .. } => error.kind.as_str().to_owned(),
-            CallError::Resting { .. } => "resting".to_owned(),
+            // Resting: the kind of the failure that made it rest.
+            CallError::Resting { last, .. } => last.as_ref().map_or("resting".to_owned(), |e| {
+                format!("resting after {}", e.kind)
+            }),
         };
         MetricError {
             kind,

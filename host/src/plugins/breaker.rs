@@ -67,9 +67,19 @@ impl Breaker {
 
     /// Records a failure; returns the rest period when this failure trips the breaker.
     pub fn on_failure(&mut self, now: Instant) -> Option<Duration> {
+        self.record_failure(now, false)
+    }
+
+    /// Records a failure that retrying soon will not fix (a `permanent` or `config`
+    /// error): the breaker trips at once.
+    pub fn on_lasting_failure(&mut self, now: Instant) -> Option<Duration> {
+        self.record_failure(now, true)
+    }
+
+    fn record_failure(&mut self, now: Instant, trip: bool) -> Option<Duration> {
         self.consecutive_failures += 1;
         let was_trial = std::mem::take(&mut self.trial_in_flight);
-        if was_trial || self.consecutive_failures >= self.threshold {
+        if trip || was_trial || self.consecutive_failures >= self.threshold {
             let rest = self
                 .base_rest
                 .saturating_mul(1u32 << self.trips.min(16))
@@ -129,6 +139,17 @@ mod tests {
             last = b.on_failure(Instant::now()).unwrap();
         }
         assert_eq!(last, Duration::from_secs(600));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lasting_failure_trips_at_once() {
+        let mut b = Breaker::new(3, Duration::from_secs(10));
+        b.allow(Instant::now()).unwrap();
+        assert_eq!(
+            b.on_lasting_failure(Instant::now()),
+            Some(Duration::from_secs(10))
+        );
+        assert!(b.allow(Instant::now()).is_err());
     }
 
     #[test]

@@ -49,12 +49,14 @@ pub enum CallError {
         op: String,
         error: PluginError,
     },
-    #[error("plugin {plugin} {op}: not called, resting after {failures} consecutive failures (next try in {retry_in:?})")]
+    #[error("plugin {plugin} {op}: not called, resting after {failures} consecutive failures (next try in {}){}", crate::logs::humantime(*retry_in), last.as_ref().map_or(String::new(), |e| format!("; last error: {e}")))]
     Resting {
         plugin: String,
         op: String,
         failures: u32,
         retry_in: Duration,
+        /// The failure that made it rest.
+        last: Option<PluginError>,
     },
 }
 
@@ -62,7 +64,9 @@ impl CallError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             CallError::Failed { error, .. } => error.kind,
-            CallError::Resting { .. } => ErrorKind::Transient,
+            CallError::Resting { last, .. } => {
+                last.as_ref().map_or(ErrorKind::Transient, |e| e.kind)
+            }
         }
     }
 }
@@ -88,6 +92,7 @@ pub struct InProcessClient {
     instance: Arc<RawInstance>,
     timeout: Duration,
     breaker: Arc<Mutex<Breaker>>,
+    last_error: Arc<Mutex<Option<PluginError>>>,
 }
 
 impl InProcessClient {
@@ -106,6 +111,7 @@ impl InProcessClient {
                 options.breaker_failures,
                 options.breaker_rest,
             ))),
+            last_error: Arc::new(Mutex::new(None)),
         }
     }
 }
@@ -136,6 +142,7 @@ impl PluginClient for InProcessClient {
         let plugin = self.plugin_name().to_owned();
         let op = op.to_owned();
         let breaker = self.breaker.clone();
+        let last_error = self.last_error.clone();
         let allowed = breaker
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -146,6 +153,7 @@ impl PluginClient for InProcessClient {
                 op,
                 failures: r.failures,
                 retry_in: r.retry_in,
+                last: last_error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             })));
         }
         let call = self.instance.call(&op, args);
@@ -175,12 +183,20 @@ impl PluginClient for InProcessClient {
             match outcome {
                 Ok(value) => {
                     b.on_success();
+                    *last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
                     Ok(value)
                 }
                 Err(error) => {
-                    if let Some(rest) = b.on_failure(tokio::time::Instant::now()) {
-                        tracing::warn!(plugin = %plugin, op = %op, rest = ?rest, "plugin keeps failing; resting it");
+                    let now = tokio::time::Instant::now();
+                    // A permanent or config error will not pass by itself: rest at once.
+                    let rest = match error.kind {
+                        ErrorKind::Permanent | ErrorKind::Config => b.on_lasting_failure(now),
+                        _ => b.on_failure(now),
+                    };
+                    if let Some(rest) = rest {
+                        tracing::warn!(plugin = %plugin, op = %op, kind = %error.kind, rest = %crate::logs::humantime(rest), "plugin resting after its error: {}", error.message);
                     }
+                    *last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.clone());
                     Err(CallError::Failed { plugin, op, error })
                 }
             }
