@@ -119,6 +119,28 @@ pub struct Recorded {
     pub epoch: Option<u64>,
 }
 
+/// Calls of deposed epochs: for each epoch, the calls of older epochs that moto recorded
+/// after that epoch's first call (with their place in the recording).
+pub fn late_calls(rec: &[Recorded]) -> Vec<(usize, Recorded)> {
+    let mut first: std::collections::BTreeMap<u64, usize> = std::collections::BTreeMap::new();
+    for (i, r) in rec.iter().enumerate() {
+        if let Some(e) = r.epoch {
+            first.entry(e).or_insert(i);
+        }
+    }
+    rec.iter()
+        .enumerate()
+        .filter(|(i, r)| {
+            r.epoch.is_some_and(|e| {
+                first
+                    .range(e + 1..)
+                    .any(|(_, &successor_first)| *i > successor_first)
+            })
+        })
+        .map(|(i, r)| (i, r.clone()))
+        .collect()
+}
+
 impl Moto {
     pub fn start() -> Moto {
         let port = free_port();

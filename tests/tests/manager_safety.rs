@@ -3,7 +3,6 @@
 //! 5xx). What warden promises is counted on the far side: leader changes in Redis, ECS
 //! calls and their epochs in moto's request recorder, tasks with ListTasks.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -72,28 +71,6 @@ mapping = {{ target_per_task = 1.0 }}
 policy = {{ {policy} }}
 "#
     )
-}
-
-/// Calls sent by an epoch after a later epoch's first call reached moto: for each epoch,
-/// the calls of older epochs recorded after that epoch's first one.
-fn late_calls(rec: &[Recorded]) -> Vec<(usize, Recorded)> {
-    let mut first: BTreeMap<u64, usize> = BTreeMap::new();
-    for (i, r) in rec.iter().enumerate() {
-        if let Some(e) = r.epoch {
-            first.entry(e).or_insert(i);
-        }
-    }
-    rec.iter()
-        .enumerate()
-        .filter(|(i, r)| {
-            r.epoch.is_some_and(|e| {
-                first
-                    .range(e + 1..)
-                    .any(|(_, &successor_first)| *i > successor_first)
-            })
-        })
-        .map(|(i, r)| (i, r.clone()))
-        .collect()
 }
 
 /// With 1.5 s per AWS call and a metric plugin that takes 6 s, three hosts keep one
