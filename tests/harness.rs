@@ -339,6 +339,32 @@ impl Drop for Router {
     }
 }
 
+/// What warden `instance`'s registrar says of its containers, conflicts and blocked keys
+/// (`warden:registrar:<instance>` in its local Redis; `warden routes` reads the same).
+pub fn account(redis: &Redis, instance: &str) -> serde_json::Value {
+    let text: Option<String> = redis::Commands::get(
+        &mut redis.conn(),
+        format!("warden:registrar:{instance}"),
+    )
+    .unwrap();
+    text.map_or(serde_json::Value::Null, |t| serde_json::from_str(&t).unwrap())
+}
+
+/// Waits until warden's account lists the container `name`; returns its entry.
+pub fn wait_account_container(redis: &Redis, instance: &str, name: &str) -> serde_json::Value {
+    eventually(
+        Duration::from_secs(15),
+        &format!("warden's account listing container {name}"),
+        || {
+            account(redis, instance)["containers"]
+                .as_array()?
+                .iter()
+                .find(|c| c["name"] == name)
+                .cloned()
+        },
+    )
+}
+
 /// One HTTP/1.0 GET; returns (status, body).
 pub fn http_get(port: u16, host: &str, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
@@ -399,6 +425,23 @@ pub fn docker_ok(args: &[&str]) -> bool {
         .unwrap_or(false)
 }
 
+/// The label every container of this test process carries; every warden the harness
+/// starts considers only containers with it (`registrar.require_label`), so the suite
+/// passes beside containers it did not start.
+pub fn run_label() -> String {
+    format!("warden-test-run={}", std::process::id())
+}
+
+/// Puts `require_label` for this run into a config's `[registrar]` table.
+fn with_run_label(config: &str) -> String {
+    let line = format!("require_label = \"{}\"\n", run_label());
+    if config.contains("[registrar]\n") {
+        config.replacen("[registrar]\n", &format!("[registrar]\n{line}"), 1)
+    } else {
+        format!("{config}\n[registrar]\n{line}")
+    }
+}
+
 /// Containers (and networks) made by one test, removed when dropped.
 pub struct Containers {
     pub tag: String,
@@ -425,6 +468,8 @@ impl Containers {
             full.clone(),
             "-l".into(),
             format!("warden-test={}", self.tag),
+            "-l".into(),
+            run_label(),
             "-e".into(),
             format!("NAME={full}"),
         ];
@@ -499,6 +544,7 @@ pub struct Warden {
     pub log: PathBuf,
     pub config: PathBuf,
     env: Vec<(String, String)>,
+    registrar: bool,
     _plugins: tempfile::TempDir,
     _dir: tempfile::TempDir,
 }
@@ -523,18 +569,37 @@ impl Warden {
         } else {
             format!("[plugins]\n{dirs}\n{config}")
         };
-        std::fs::write(&cfg, text).unwrap();
+        let registrar = !text.contains("enabled = false");
+        std::fs::write(&cfg, with_run_label(&text)).unwrap();
         let log = dir.path().join("warden.log");
         let mut w = Warden {
             child: Command::new("true").spawn().unwrap(),
             log,
             config: cfg,
             env: env.to_vec(),
+            registrar,
             _plugins: plugins,
             _dir: dir,
         };
         w.spawn();
+        w.wait_ready(0);
         w
+    }
+
+    /// Waits for warden's own signs of readiness in the log written after byte `from`:
+    /// its signal handlers are in place ("warden running"), and, with the registrar on,
+    /// the routes of the containers running now are written ("registrar ready").
+    fn wait_ready(&self, from: usize) {
+        let want: &[&str] = if self.registrar {
+            &["warden running", "registrar ready"]
+        } else {
+            &["warden running"]
+        };
+        eventually(Duration::from_secs(30), "warden ready", || {
+            let log = self.log_text();
+            let new = log.get(from..).unwrap_or("");
+            want.iter().all(|w| new.contains(w)).then_some(())
+        });
     }
 
     fn spawn(&mut self) {
@@ -569,7 +634,15 @@ impl Warden {
         kill(&mut self.child);
     }
 
+    /// Starts it again and waits until it is ready.
     pub fn restart(&mut self) {
+        let from = self.log_text().len();
+        self.spawn();
+        self.wait_ready(from);
+    }
+
+    /// Starts it again without waiting (a test that measures the start itself).
+    pub fn restart_no_wait(&mut self) {
         self.spawn();
     }
 

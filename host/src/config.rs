@@ -89,6 +89,8 @@ pub struct RegistrarConfig {
     pub router_ports_file: Option<PathBuf>,
     /// nginx master's pid file, to reload the router when its ports change.
     pub router_pid_file: Option<PathBuf>,
+    /// Consider only containers carrying this label: `key` or `key=value` (default: all).
+    pub require_label: Option<String>,
 }
 
 impl Default for RegistrarConfig {
@@ -101,6 +103,7 @@ impl Default for RegistrarConfig {
             sources: Vec::new(),
             router_ports_file: None,
             router_pid_file: None,
+            require_label: None,
         }
     }
 }
@@ -270,6 +273,16 @@ impl Config {
             return Err(bad(
                 "registrar.resync_secs",
                 "expected a positive number of seconds".into(),
+            ));
+        }
+        if let Some(l) = &self.registrar.require_label {
+            crate::registrar::store::Selector::parse(l)
+                .map_err(|m| bad("registrar.require_label", m))?;
+        }
+        if self.registrar.resync_secs > 86_400 {
+            return Err(bad(
+                "registrar.resync_secs",
+                format!("{} is more than a day (86400)", self.registrar.resync_secs),
             ));
         }
         for (i, source) in self.registrar.sources.iter().enumerate() {

@@ -17,7 +17,7 @@ use crate::manager::policy::Mapping;
 use crate::manager::{ManagedService, Manager, Target};
 use crate::plugins::slot::Slot;
 use crate::plugins::{CallOptions, PluginHost, ServicesClient};
-use crate::registrar::{self, redx::RedisRoutes, Registrar};
+use crate::registrar::{self, redx, Registrar};
 
 /// The plugin that gives service definitions when none is configured.
 pub const DEFAULT_SOURCE: &str = "docker-labels";
@@ -195,13 +195,10 @@ pub async fn run(
         let docker = bollard::Docker::connect_with_defaults()
             .map_err(|e| anyhow::anyhow!("cannot set up the Docker client (DOCKER_HOST?): {e}"))?;
         let owner = me.instance_id.clone().unwrap_or_else(hostname);
-        let routes = RedisRoutes::new(&config.registrar.local_redis, &owner).map_err(|e| {
-            anyhow::anyhow!(
-                "registrar.local_redis {}: {}",
-                crate::redis_util::addr(&config.registrar.local_redis),
-                crate::redis_util::describe(&e)
-            )
-        })?;
+        let routes = redx::Routes::new(
+            redx::RedisStore::new(&config.registrar.local_redis, &owner)
+                .map_err(|e| anyhow::anyhow!("registrar.local_redis: {e}"))?,
+        );
         let (elb_tx, elb_rx) = watch::channel(BTreeMap::new());
         let (ports_tx, ports_rx) = watch::channel(BTreeSet::new());
         if let Some(file) = config.registrar.router_ports_file.clone() {
@@ -226,6 +223,13 @@ pub async fn run(
             Duration::from_secs(config.registrar.resync_secs),
         );
         let drain_on_stop = config.registrar.drain_on_stop;
+        let selector = config
+            .registrar
+            .require_label
+            .as_deref()
+            .map(registrar::store::Selector::parse)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("registrar.require_label: {e}"))?;
         let host = host.clone();
         let mut stop = stop_rx.clone();
         tasks.spawn(async move {
@@ -241,6 +245,7 @@ pub async fn run(
                 drain_on_stop,
                 elbs: elb_tx,
                 ports: ports_tx,
+                selector,
             }
             .run(stop)
             .await

@@ -137,21 +137,154 @@ pub struct ListArgs {
     pub containers: Vec<ContainerView>,
 }
 
-/// `Host/Path` → `host/path/`: Redx matches hosts lower-cased (port stripped) and path
-/// front-ends only with a trailing slash.
+/// The most path segments a front-end may have: warden's router tries up to three
+/// (stock Redx reads one by default, `max_path_length = 1`).
+pub const MAX_PATH_SEGMENTS: usize = 3;
+
+/// Checks and normalises a front-end: `Host/Path` → `host/path/` (Redx matches hosts
+/// lower-cased, port stripped, and path front-ends only with a trailing slash).
+///
+/// The host follows RFC 1123: letters, digits and hyphens in dot-separated labels of at
+/// most 63 characters, no label starting or ending with a hyphen, 253 characters in all.
+/// Path segments are URL path characters (letters, digits, `-._~`, `%XX`,
+/// `!$&'()+,;=:@`); no whitespace, control character, `*`, `.` or `..` segment, empty
+/// segment, and at most [`MAX_PATH_SEGMENTS`] of them. The error names what is wrong.
 pub fn normalise_frontend(f: &str) -> Result<String, String> {
+    let raw = f;
     let f = f.trim();
     let (host, path) = f.split_once('/').map_or((f, None), |(h, p)| (h, Some(p)));
-    if host.is_empty() || host.contains(':') || host.chars().any(char::is_whitespace) {
+    let host = host.to_ascii_lowercase();
+    check_host(&host).map_err(|why| format!("{raw:?}: host {why}"))?;
+    let Some(path) = path.map(|p| p.strip_suffix('/').unwrap_or(p)) else {
+        return Ok(host);
+    };
+    if path.is_empty() {
+        return Ok(host);
+    }
+    let segments: Vec<&str> = path.split('/').collect();
+    if segments.len() > MAX_PATH_SEGMENTS {
         return Err(format!(
-            "{f:?} is not `host` or `host/path/` (no scheme, no port)"
+            "{raw:?}: {} path segments; the router reads at most {MAX_PATH_SEGMENTS}",
+            segments.len()
         ));
     }
-    let host = host.to_ascii_lowercase();
-    Ok(match path.map(|p| p.trim_matches('/')) {
-        None | Some("") => host,
-        Some(p) => format!("{host}/{p}/"),
-    })
+    for seg in &segments {
+        check_segment(seg).map_err(|why| format!("{raw:?}: path segment {seg:?} {why}"))?;
+    }
+    Ok(format!("{host}/{}/", segments.join("/")))
+}
+
+fn check_host(host: &str) -> Result<(), String> {
+    if host.is_empty() {
+        return Err("is empty (expected `host` or `host/path/`, no scheme, no port)".into());
+    }
+    if host.len() > 253 {
+        return Err(format!("is {} characters long (at most 253)", host.len()));
+    }
+    for label in host.split('.') {
+        if label.is_empty() {
+            return Err("has an empty label (two dots, or a dot at an end)".into());
+        }
+        if label.len() > 63 {
+            return Err(format!(
+                "has a label of {} characters (at most 63)",
+                label.len()
+            ));
+        }
+        if let Some(c) = label
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || *c == '-'))
+        {
+            return Err(format!(
+                "has {c:?}: only letters, digits, '-' and '.' (no scheme, port, wildcard or space)"
+            ));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err(format!("label {label:?} starts or ends with '-'"));
+        }
+    }
+    Ok(())
+}
+
+fn check_segment(seg: &str) -> Result<(), String> {
+    match seg {
+        "" => return Err("is empty (two slashes)".into()),
+        "." | ".." => return Err("is a relative step".into()),
+        _ => {}
+    }
+    let bytes = seg.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == b'%' {
+            let hex = |j: usize| bytes.get(j).is_some_and(|c| c.is_ascii_hexdigit());
+            if !(hex(i + 1) && hex(i + 2)) {
+                return Err("has a '%' not followed by two hex digits".into());
+            }
+            i += 3;
+            continue;
+        }
+        if !(b.is_ascii_alphanumeric() || b"-._~!$&'()+,;=:@".contains(&b)) {
+            let c = seg[i..].chars().next().unwrap_or('?');
+            return Err(format!(
+                "has {c:?}: only URL path characters (letters, digits, -._~ %XX !$&'()+,;=:@)"
+            ));
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod frontend_tests {
+    use super::*;
+
+    #[test]
+    fn front_ends_are_normalised() {
+        assert_eq!(normalise_frontend("Example.com").unwrap(), "example.com");
+        assert_eq!(
+            normalise_frontend(" example.com/api ").unwrap(),
+            "example.com/api/"
+        );
+        assert_eq!(
+            normalise_frontend("a-b.example.com/v1/users/").unwrap(),
+            "a-b.example.com/v1/users/"
+        );
+        assert_eq!(normalise_frontend("example.com/").unwrap(), "example.com");
+        assert_eq!(
+            normalise_frontend("example.com/~me/a%20b").unwrap(),
+            "example.com/~me/a%20b/"
+        );
+    }
+
+    #[test]
+    fn bad_front_ends_are_refused_with_the_reason() {
+        let long_label = format!("{}.example", "a".repeat(64));
+        let long_host = vec!["abcdefghi"; 30].join(".");
+        for (bad, why) in [
+            ("p-web.example/x\tzz-evil", "'\\t'"),
+            ("p-web.example/x\nzz", "'\\n'"),
+            ("p-web.example/x zz", "' '"),
+            ("*.example.com", "'*'"),
+            ("example.com/*", "'*'"),
+            ("example.com/../admin", "relative step"),
+            ("example.com/a//b", "empty"),
+            ("exämple.com", "'ä'"),
+            ("example.com/ä", "'ä'"),
+            ("http://example.com", "':'"),
+            ("example.com:8080", "':'"),
+            ("example.com/a/b/c/d", "4 path segments"),
+            (long_label.as_str(), "label of 64"),
+            (long_host.as_str(), "at most 253"),
+            ("-a.example", "starts or ends"),
+            ("", "empty"),
+            ("example.com/a%2", "hex"),
+            ("a.example/x\u{7f}", "'\\u{7f}'"),
+        ] {
+            let e = normalise_frontend(bad).expect_err(bad);
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
+    }
 }
 
 /// Arguments of a metric source's `map` operation.

@@ -64,9 +64,9 @@ fn after_a_sigkill_and_restart_redis_holds_exactly_the_current_containers() {
     let mut c = redis.conn();
     let owned: BTreeSet<String> = c.smembers("warden:owned:i-test").unwrap();
     let expect: BTreeSet<String> = [
-        format!("server\tsk\t{}", addr(&cs, &c2)),
-        format!("server\tsk\t{}", addr(&cs, &c3)),
-        "string\tfrontend:sk.test\tsk".to_string(),
+        format!("[\"s\",\"sk\",\"{}\"]", addr(&cs, &c2)),
+        format!("[\"s\",\"sk\",\"{}\"]", addr(&cs, &c3)),
+        "[\"k\",\"frontend:sk.test\",\"sk\"]".to_string(),
     ]
     .into();
     assert_eq!(
@@ -255,9 +255,17 @@ async fn the_docker_stream_breaking_reconnects_and_resyncs() {
     tokio::task::block_in_place(|| wait_servers(&redis, "rc", &want1));
 
     proxy.cut();
-    // While Docker is away: routes are kept, containers change unseen.
+    // While Docker is away: routes are kept, containers change unseen. The check follows
+    // warden's own sign that it lost Docker and failed to reach it again.
     let c2 = cs.run("c2", &[("warden.service", "rc")], &[]);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::task::block_in_place(|| {
+        eventually(Duration::from_secs(10), "warden failing to reach docker", || {
+            warden
+                .log_text()
+                .contains("docker not answering")
+                .then_some(())
+        })
+    });
     assert_eq!(
         servers(&redis, "rc"),
         want1,
@@ -289,7 +297,9 @@ fn a_container_with_a_healthcheck_is_routed_only_while_healthy() {
         ],
     );
     let member = addr(&cs, &id);
-    std::thread::sleep(Duration::from_millis(1500));
+    // warden's account shows it saw the container and why it is not routed.
+    let seen = wait_account_container(&redis, "i-test", &cs.full_name("h"));
+    assert_eq!(seen["not_routed"], "health: starting", "{seen}");
     assert!(
         servers(&redis, "hc").is_empty(),
         "not routed while its health is starting"

@@ -20,7 +20,7 @@ use bollard::query_parameters::EventsOptions;
 use futures_util::StreamExt;
 use redis::Commands;
 use warden::registrar::desired::{desired, owned_entries};
-use warden::registrar::redx::RedisRoutes;
+use warden::registrar::redx::{RedisStore, Routes};
 use warden::registrar::store::{Container, Health};
 use warden_plugin_api::{ContainerMatch, ServiceDefinition};
 use warden_tests::harness::*;
@@ -269,7 +269,7 @@ async fn reconcile_200() -> Vec<(String, f64, usize, u64, usize)> {
             paused: false,
         })
         .collect();
-    let mut routes = RedisRoutes::new(&redis.url(), "bench").unwrap();
+    let mut routes = Routes::new(RedisStore::new(&redis.url(), "bench").unwrap());
     let mut c = redis.conn();
     let mut out = Vec::new();
     for case in [
@@ -282,7 +282,7 @@ async fn reconcile_200() -> Vec<(String, f64, usize, u64, usize)> {
         }
         let before = redis_commands(&mut c);
         let t = Instant::now();
-        let (routing, _) = desired(&services, &containers);
+        let (routing, _) = desired(&services, &containers, &BTreeMap::new());
         let applied = routes.apply(&owned_entries(&routing)).await.unwrap();
         let took = t.elapsed().as_secs_f64() * 1e3;
         // The INFO that took `before` is counted in the second reading.
@@ -293,6 +293,38 @@ async fn reconcile_200() -> Vec<(String, f64, usize, u64, usize)> {
             applied.commands,
             counted,
             applied.writes,
+        ));
+    }
+    // The full verification (every 2 s, at every resync and reconnect): median of 50.
+    let (routing, _) = desired(&services, &containers, &BTreeMap::new());
+    let entries = owned_entries(&routing);
+    for case in [
+        "full verification (read back every key and field), nothing drifted",
+        "full verification after the 20 front-end keys were deleted by hand (all rewritten)",
+    ] {
+        let mut times = Vec::new();
+        let mut last = None;
+        let before = redis_commands(&mut c);
+        for _ in 0..50 {
+            if case.contains("deleted") {
+                for s in 0..20 {
+                    let _: () = c.del(format!("frontend:svc{s}.example.com")).unwrap();
+                }
+            }
+            let t = Instant::now();
+            last = Some(routes.verify(&entries).await.unwrap());
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        let deletes = if case.contains("deleted") { 20 * 50 } else { 0 };
+        let counted = (redis_commands(&mut c) - before - 1 - deletes) / 50;
+        let v = last.unwrap();
+        assert!(case.contains("nothing") || v.repaired == 20, "{v:?}");
+        out.push((
+            format!("{case} (median of 50; max {:.2} ms)", pct(&mut times.clone(), 100.0)),
+            pct(&mut times, 50.0),
+            v.commands,
+            counted,
+            v.writes,
         ));
     }
     out

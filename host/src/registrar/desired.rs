@@ -10,13 +10,22 @@
 //!
 //! A front-end is only emitted for a backend with at least one server, so the router
 //! never sees a front-end pointing at a missing or empty backend.
+//!
+//! Conflicts are first come, first served: a front-end (host or host/path) or a front-end
+//! port belongs to the service that holds it (`held`: what warden last wrote, read back
+//! from Redis after a restart); a later claimant is refused and reported. With no holder
+//! (a first start, or the holder gone) the service with the oldest routable container
+//! takes it; names never decide. Front-ends from any source are checked again here
+//! ([`normalise_frontend`]), so a plugin cannot put a malformed key into Redis.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use warden_plugin_api::model::normalise_frontend;
 use warden_plugin_api::{ContainerMatch, ServiceDefinition};
 
-use super::store::Container;
+use super::entry::Entry;
+use super::store::{Container, Health};
 
 /// The ECS agent's label naming a container's task-definition family.
 pub const ECS_FAMILY_LABEL: &str = "com.amazonaws.ecs.task-definition-family";
@@ -41,6 +50,75 @@ pub struct Routing {
     /// The router's port front-ends (from service definitions, whether or not they
     /// have containers, so that listen ports change only with the definitions).
     pub ports: BTreeSet<u16>,
+    /// Claims refused because another service holds the front-end or port.
+    pub conflicts: Vec<Conflict>,
+    /// Every container a service matched, and what became of it.
+    pub containers: Vec<ContainerRoute>,
+}
+
+/// A claim on a front-end or front-end port that another service holds.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Conflict {
+    /// The Redis key claimed (`frontend:…` or `warden:port:…`).
+    pub key: String,
+    pub holder: String,
+    pub holder_containers: Vec<String>,
+    pub refused: String,
+    pub refused_containers: Vec<String>,
+}
+
+impl Conflict {
+    pub fn what(&self) -> String {
+        match self.key.strip_prefix("warden:port:") {
+            Some(p) => format!("front-end port {p}"),
+            None => format!(
+                "front-end {}",
+                self.key.strip_prefix("frontend:").unwrap_or(&self.key)
+            ),
+        }
+    }
+}
+
+impl std::fmt::Display for Conflict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} belongs to service {:?} (containers {}); service {:?} (containers {}) claims it too and is refused",
+            self.what(),
+            self.holder,
+            self.holder_containers.join(", "),
+            self.refused,
+            self.refused_containers.join(", ")
+        )
+    }
+}
+
+/// A container matched by a service: routed to `address`, or why not.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ContainerRoute {
+    pub id: String,
+    pub name: String,
+    pub service: String,
+    pub backend: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// Why it is not routed (stopping, health, no address…); `None` when routed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_routed: Option<String>,
+}
+
+/// A comparable form of Docker's `StartedAt` (RFC 3339 with up to nine fraction digits,
+/// trailing zeros trimmed): string order is wrong for `…:00.1Z` against `…:00.123Z`.
+pub fn start_order(started_at: &str) -> (String, u64) {
+    let s = started_at.trim_end_matches('Z');
+    match s.split_once('.') {
+        Some((whole, frac)) => {
+            let digits: String = frac.chars().take_while(char::is_ascii_digit).take(9).collect();
+            let nanos = format!("{digits:0<9}").parse().unwrap_or(0);
+            (whole.to_owned(), nanos)
+        }
+        None => (s.to_owned(), 0),
+    }
 }
 
 pub fn frontend_key(frontend: &str) -> String {
@@ -142,11 +220,66 @@ fn pick_port(service: &ServiceDefinition, c: &Container) -> Result<u16, String> 
     }
 }
 
+/// Why a matched container is not routed now (`None`: routable).
+fn not_routable(c: &Container) -> Option<String> {
+    if c.stopping {
+        Some("being stopped".into())
+    } else if c.paused {
+        Some("paused".into())
+    } else {
+        match c.health {
+            Health::Starting => Some("health: starting".into()),
+            Health::Unhealthy => Some("health: unhealthy".into()),
+            Health::None | Health::Healthy => None,
+        }
+    }
+}
+
+/// One service's claim on a key, with what decides it.
+struct Claim<'a> {
+    service: &'a str,
+    backend: &'a str,
+    oldest: (String, u64),
+    containers: Vec<String>,
+}
+
+/// Decides who holds each claimed key (pure): the holder, if it still claims it; else
+/// the claimant with the oldest routable container (then the name, for a stable order).
+fn resolve<'a>(
+    claims: BTreeMap<String, Vec<Claim<'a>>>,
+    held: &BTreeMap<String, String>,
+) -> (BTreeMap<String, &'a str>, Vec<Conflict>) {
+    let mut winners = BTreeMap::new();
+    let mut conflicts = Vec::new();
+    for (key, mut cs) in claims {
+        cs.sort_by(|a, b| (&a.oldest, a.service).cmp(&(&b.oldest, b.service)));
+        let holder = held
+            .get(&key)
+            .and_then(|b| cs.iter().position(|c| c.backend == b.as_str()))
+            .unwrap_or(0);
+        let win = &cs[holder];
+        for c in cs.iter().filter(|c| c.backend != win.backend) {
+            conflicts.push(Conflict {
+                key: key.clone(),
+                holder: win.service.to_owned(),
+                holder_containers: win.containers.clone(),
+                refused: c.service.to_owned(),
+                refused_containers: c.containers.clone(),
+            });
+        }
+        winners.insert(key, win.backend);
+    }
+    (winners, conflicts)
+}
+
 /// Computes the routing table. Services earlier in `services` win a name clash and a
-/// container matched by several services. Warnings name the container or service.
+/// container matched by several services; front-ends and ports go by [`resolve`]
+/// (`held`: key → backend as warden last wrote it). Warnings name the container or
+/// service.
 pub fn desired<'a>(
     services: &[ServiceDefinition],
     containers: impl IntoIterator<Item = &'a Container>,
+    held: &BTreeMap<String, String>,
 ) -> (Routing, Vec<String>) {
     let mut warnings = Vec::new();
     let mut unique: Vec<&ServiceDefinition> = Vec::new();
@@ -161,29 +294,14 @@ pub fn desired<'a>(
         }
     }
     let mut routing = Routing::default();
-    let mut port_owner: BTreeMap<u16, &str> = BTreeMap::new();
     for s in &unique {
-        if let Some(p) = s.frontend_port {
-            match port_owner.get(&p) {
-                Some(other) => warnings.push(format!(
-                    "service {:?}: front-end port {p} is already service {other:?}'s; ignored",
-                    s.name
-                )),
-                None => {
-                    port_owner.insert(p, &s.name);
-                    routing.ports.insert(p);
-                }
-            }
-        }
+        routing.ports.extend(s.frontend_port);
     }
 
     // Each routable container: its service and address. On an IP clash (a stale entry
     // and a new container given the same address) only the newest start counts.
     let mut by_ip: BTreeMap<&str, (&Container, &ServiceDefinition, String)> = BTreeMap::new();
     for c in containers {
-        if !c.routable() {
-            continue;
-        }
         let mut matched = unique.iter().filter(|s| matches(&s.matches, c));
         let Some(s) = matched.next() else { continue };
         if let Some(other) = matched.next() {
@@ -191,6 +309,18 @@ pub fn desired<'a>(
                 "container {} matches services {:?} and {:?}; routed to {:?}",
                 c.name, s.name, other.name, s.name
             ));
+        }
+        let mut route = ContainerRoute {
+            id: c.id.clone(),
+            name: c.name.clone(),
+            service: s.name.clone(),
+            backend: s.backend_name().to_owned(),
+            address: None,
+            not_routed: not_routable(c),
+        };
+        if route.not_routed.is_some() {
+            routing.containers.push(route);
+            continue;
         }
         let addr =
             match pick_ip(s, c).and_then(|ip| pick_port(s, c).map(|p| (ip, format!("{ip}:{p}")))) {
@@ -200,39 +330,88 @@ pub fn desired<'a>(
                         "container {} of service {:?} {why}; not routed",
                         c.name, s.name
                     ));
+                    route.not_routed = Some(why);
+                    routing.containers.push(route);
                     continue;
                 }
             };
         match by_ip.get(addr.0) {
-            Some((old, _, _)) if old.started_at >= c.started_at => continue,
+            Some((old, _, _)) if start_order(&old.started_at) >= start_order(&c.started_at) => {
+                route.not_routed = Some(format!(
+                    "address {} is also that of the newer container {}",
+                    addr.0, old.name
+                ));
+                routing.containers.push(route);
+                continue;
+            }
             _ => {
                 by_ip.insert(addr.0, (c, s, addr.1));
             }
         }
     }
-    for (_, s, addr) in by_ip.values() {
+    // Per service: its routed containers' names and the oldest start among them.
+    let mut routed: BTreeMap<&str, (Vec<String>, (String, u64))> = BTreeMap::new();
+    for (c, s, addr) in by_ip.values() {
         routing
             .servers
             .entry(s.backend_name().to_owned())
             .or_default()
             .insert(addr.clone());
+        let e = routed
+            .entry(s.name.as_str())
+            .or_insert_with(|| (Vec::new(), start_order(&c.started_at)));
+        e.0.push(c.name.clone());
+        e.1 = e.1.clone().min(start_order(&c.started_at));
+        routing.containers.push(ContainerRoute {
+            id: c.id.clone(),
+            name: c.name.clone(),
+            service: s.name.clone(),
+            backend: s.backend_name().to_owned(),
+            address: Some(addr.clone()),
+            not_routed: None,
+        });
     }
+    routing.containers.sort_by(|a, b| (&a.service, &a.name).cmp(&(&b.service, &b.name)));
+
+    // Claims of services with a live backend, then who holds each key.
+    let mut claims: BTreeMap<String, Vec<Claim>> = BTreeMap::new();
+    for s in &unique {
+        let Some((names, oldest)) = routed.get(s.name.as_str()) else {
+            continue;
+        };
+        let mut keys: Vec<String> = Vec::new();
+        for f in &s.frontends {
+            match normalise_frontend(f) {
+                Ok(f) => keys.push(frontend_key(&f)),
+                Err(why) => warnings.push(format!(
+                    "service {:?}: front-end refused: {why}",
+                    s.name
+                )),
+            }
+        }
+        keys.extend(s.frontend_port.map(port_key));
+        keys.sort();
+        keys.dedup();
+        for key in keys {
+            claims.entry(key).or_default().push(Claim {
+                service: &s.name,
+                backend: s.backend_name(),
+                oldest: oldest.clone(),
+                containers: names.clone(),
+            });
+        }
+    }
+    let (winners, conflicts) = resolve(claims, held);
+    routing.strings = winners
+        .into_iter()
+        .map(|(k, b)| (k, b.to_owned()))
+        .collect();
+    routing.conflicts = conflicts;
 
     let mut explicit_drain: BTreeMap<String, Duration> = BTreeMap::new();
     for s in &unique {
         let backend = s.backend_name();
         let live = routing.servers.get(backend).is_some_and(|v| !v.is_empty());
-        if live {
-            for f in &s.frontends {
-                routing.strings.insert(frontend_key(f), backend.to_owned());
-            }
-            if let Some(p) = s
-                .frontend_port
-                .filter(|p| port_owner.get(p) == Some(&s.name.as_str()))
-            {
-                routing.strings.insert(port_key(p), backend.to_owned());
-            }
-        }
         if let Some(elb) = &s.elb {
             let want = routing.elbs.entry(elb.clone()).or_insert(ElbWant {
                 wanted: false,
@@ -250,14 +429,13 @@ pub fn desired<'a>(
     (routing, warnings)
 }
 
-/// The routing table as the set of entries warden owns in Redis: `server\t<backend>\t<ip:port>`
-/// and `string\t<key>\t<backend>`.
-pub fn owned_entries(r: &Routing) -> BTreeSet<String> {
+/// The routing table as the entries warden should own in Redis.
+pub fn owned_entries(r: &Routing) -> BTreeSet<Entry> {
     let servers = r
         .servers
         .iter()
-        .flat_map(|(b, addrs)| addrs.iter().map(move |a| format!("server\t{b}\t{a}")));
-    let strings = r.strings.iter().map(|(k, b)| format!("string\t{k}\t{b}"));
+        .flat_map(|(b, addrs)| addrs.iter().map(move |a| Entry::server(b, a)));
+    let strings = r.strings.iter().map(|(k, b)| Entry::key(k, b));
     servers.chain(strings).collect()
 }
 
@@ -297,7 +475,7 @@ mod tests {
         let mut c = container("c", "web-3", &[("svc", "web")], "172.17.0.4");
         c.stopping = true;
         let other = container("d", "db", &[("svc", "db")], "172.17.0.5");
-        let (r, w) = desired(&[web], [&a, &b, &c, &other]);
+        let (r, w) = desired(&[web], [&a, &b, &c, &other], &BTreeMap::new());
         assert!(w.is_empty(), "{w:?}");
         assert_eq!(
             r.servers["web"],
@@ -319,7 +497,7 @@ mod tests {
         web.drain_seconds = Some(5);
         let mut a = container("a", "web-1", &[("svc", "web")], "172.17.0.2");
         a.stopping = true;
-        let (r, _) = desired(&[web], [&a]);
+        let (r, _) = desired(&[web], [&a], &BTreeMap::new());
         assert!(r.servers.is_empty() && r.strings.is_empty());
         assert_eq!(
             r.ports,
@@ -340,14 +518,14 @@ mod tests {
         let mut c = container("a", "web-1", &[("svc", "web")], "172.17.0.2");
         c.networks.insert("alpha".into(), "10.1.0.2".into());
         c.networks.insert("zeta".into(), "10.9.0.2".into());
-        let (r, _) = desired(&[service("web", &[("svc", "web")])], [&c]);
+        let (r, _) = desired(&[service("web", &[("svc", "web")])], [&c], &BTreeMap::new());
         assert_eq!(r.servers["web"], BTreeSet::from(["10.1.0.2:80".into()]));
         let mut s = service("web", &[("svc", "web")]);
         s.network = Some("zeta".into());
-        let (r, _) = desired(&[s.clone()], [&c]);
+        let (r, _) = desired(&[s.clone()], [&c], &BTreeMap::new());
         assert_eq!(r.servers["web"], BTreeSet::from(["10.9.0.2:80".into()]));
         s.network = Some("nope".into());
-        let (r, w) = desired(&[s], [&c]);
+        let (r, w) = desired(&[s], [&c], &BTreeMap::new());
         assert!(r.servers.is_empty());
         assert!(w[0].contains("web-1") && w[0].contains("nope"), "{w:?}");
     }
@@ -356,12 +534,12 @@ mod tests {
     fn port_comes_from_the_service_or_the_single_exposed_port() {
         let mut c = container("a", "web-1", &[("svc", "web")], "172.17.0.2");
         c.exposed_tcp = BTreeSet::from([80, 443]);
-        let (r, w) = desired(&[service("web", &[("svc", "web")])], [&c]);
+        let (r, w) = desired(&[service("web", &[("svc", "web")])], [&c], &BTreeMap::new());
         assert!(r.servers.is_empty());
         assert!(w[0].contains("several ports (80, 443)"), "{w:?}");
         let mut s = service("web", &[("svc", "web")]);
         s.port = Some(443);
-        let (r, _) = desired(&[s], [&c]);
+        let (r, _) = desired(&[s], [&c], &BTreeMap::new());
         assert_eq!(r.servers["web"], BTreeSet::from(["172.17.0.2:443".into()]));
     }
 
@@ -375,7 +553,7 @@ mod tests {
             service("web", &[("svc", "web")]),
             service("api", &[("svc", "api")]),
         ];
-        let (r, _) = desired(&services, [&old, &new]);
+        let (r, _) = desired(&services, [&old, &new], &BTreeMap::new());
         assert_eq!(r.servers.get("web"), None);
         assert_eq!(r.servers["api"], BTreeSet::from(["172.17.0.2:80".into()]));
     }
@@ -419,19 +597,105 @@ mod tests {
     }
 
     #[test]
-    fn owned_entries_encode_servers_and_strings() {
+    fn owned_entries_are_servers_and_keys() {
         let mut r = Routing::default();
         r.servers
             .insert("web".into(), BTreeSet::from(["1.2.3.4:80".into()]));
         r.strings
             .insert("frontend:example.com".into(), "web".into());
-        let e = owned_entries(&r);
         assert_eq!(
-            e,
+            owned_entries(&r),
             BTreeSet::from([
-                "server\tweb\t1.2.3.4:80".into(),
-                "string\tfrontend:example.com\tweb".into()
+                Entry::server("web", "1.2.3.4:80"),
+                Entry::key("frontend:example.com", "web")
             ])
         );
+    }
+
+    fn claimant(name: &str, frontend: &str, port: Option<u16>) -> ServiceDefinition {
+        let mut s = service(name, &[("svc", name)]);
+        s.frontends = vec![frontend.into()];
+        s.frontend_port = port;
+        s
+    }
+
+    #[test]
+    fn the_holder_keeps_its_frontend_and_port_whatever_the_names() {
+        let mut web = container("a", "p-web-1", &[("svc", "p-web")], "172.17.0.2");
+        web.started_at = "2026-11-27T02:00:00Z".into();
+        let mut evil = container("b", "zz-evil-1", &[("svc", "zz-evil")], "172.17.0.3");
+        evil.started_at = "2026-11-27T01:00:00Z".into();
+        let services = [
+            claimant("p-web", "p-web.example", Some(8001)),
+            claimant("zz-evil", "p-web.example", Some(8001)),
+        ];
+        let held = BTreeMap::from([
+            ("frontend:p-web.example".to_owned(), "p-web".to_owned()),
+            ("warden:port:8001".to_owned(), "p-web".to_owned()),
+        ]);
+        // zz-evil's container is even older: the holder still keeps both.
+        let (r, _) = desired(&services, [&web, &evil], &held);
+        assert_eq!(r.strings["frontend:p-web.example"], "p-web");
+        assert_eq!(r.strings["warden:port:8001"], "p-web");
+        assert_eq!(r.conflicts.len(), 2, "{:?}", r.conflicts);
+        let c = &r.conflicts[0];
+        assert_eq!(
+            (c.holder.as_str(), c.refused.as_str()),
+            ("p-web", "zz-evil")
+        );
+        assert_eq!(c.refused_containers, vec!["zz-evil-1".to_owned()]);
+        assert!(c.to_string().contains("front-end p-web.example belongs to service \"p-web\""), "{c}");
+        assert!(r.servers.contains_key("zz-evil"), "its servers are still routed");
+    }
+
+    #[test]
+    fn without_a_holder_the_oldest_container_wins_never_the_name() {
+        let mut a = container("a", "aa-1", &[("svc", "aa")], "172.17.0.2");
+        a.started_at = "2026-11-27T01:00:00.5Z".into();
+        let mut z = container("z", "zz-1", &[("svc", "zz")], "172.17.0.3");
+        z.started_at = "2026-11-27T01:00:00.123Z".into();
+        let services = [
+            claimant("aa", "x.example", None),
+            claimant("zz", "x.example", None),
+        ];
+        let (r, _) = desired(&services, [&a, &z], &BTreeMap::new());
+        assert_eq!(
+            r.strings["frontend:x.example"], "zz",
+            "0.123 s is earlier than 0.5 s"
+        );
+    }
+
+    #[test]
+    fn when_the_holder_goes_the_claimant_takes_it_in_the_same_decision() {
+        let mut web = container("a", "p-web-1", &[("svc", "p-web")], "172.17.0.2");
+        web.stopping = true;
+        let evil = container("b", "zz-evil-1", &[("svc", "zz-evil")], "172.17.0.3");
+        let services = [
+            claimant("p-web", "p-web.example", None),
+            claimant("zz-evil", "p-web.example", None),
+        ];
+        let held = BTreeMap::from([("frontend:p-web.example".to_owned(), "p-web".to_owned())]);
+        let (r, _) = desired(&services, [&web, &evil], &held);
+        assert_eq!(r.strings["frontend:p-web.example"], "zz-evil");
+        assert!(r.conflicts.is_empty());
+        let stopped = r.containers.iter().find(|c| c.name == "p-web-1").unwrap();
+        assert_eq!(stopped.not_routed.as_deref(), Some("being stopped"));
+    }
+
+    #[test]
+    fn a_bad_frontend_from_any_source_is_refused_here_too() {
+        let mut s = service("web", &[("svc", "web")]);
+        s.frontends = vec!["ok.example".into(), "bad.example/x\tevil".into()];
+        let c = container("a", "web-1", &[("svc", "web")], "172.17.0.2");
+        let (r, w) = desired(&[s], [&c], &BTreeMap::new());
+        assert_eq!(r.strings.len(), 1);
+        assert!(w[0].contains("front-end refused") && w[0].contains("web"), "{w:?}");
+    }
+
+    #[test]
+    fn start_times_order_by_value() {
+        assert!(start_order("2026-11-27T01:00:00.123Z") < start_order("2026-11-27T01:00:00.5Z"));
+        assert!(start_order("2026-11-27T01:00:00Z") < start_order("2026-11-27T01:00:00.000000001Z"));
+        assert!(start_order("2026-11-27T01:00:01Z") > start_order("2026-11-27T01:00:00.999Z"));
     }
 }

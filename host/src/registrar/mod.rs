@@ -2,14 +2,18 @@
 //!
 //! watch → store → decide → apply. Docker events and periodic re-lists feed the
 //! [`store::Store`]; [`desired::desired`] computes the routing table from the store and
-//! the service definitions; [`redx::RedisRoutes`] writes only the difference, atomically.
-//! ELB membership and router listen ports are handed to their own loops through watch
-//! channels, so a slow AWS call never delays a route. The Docker stream reconnects with
-//! jittered backoff and re-lists after every reconnect; the loop never exits on its own.
+//! the service definitions; [`redx::Routes`] writes only the difference, atomically, and
+//! every 2 s (and at every resync and reconnect) verifies key by key that Redis still
+//! holds what warden wrote, rewriting what drifted and leaving other writers' values
+//! alone. ELB membership and router listen ports are handed to their own loops through
+//! watch channels, so a slow AWS call never delays a route. The Docker stream reconnects
+//! with jittered backoff and re-lists after every reconnect; the loop never exits on its
+//! own.
 
 pub mod desired;
 pub mod docker;
 pub mod elb;
+pub mod entry;
 pub mod redx;
 pub mod router;
 pub mod store;
@@ -26,6 +30,7 @@ use warden_plugin_api::ServiceDefinition;
 use crate::backoff::Backoff;
 use crate::plugins::ServicesClient;
 use desired::ElbWant;
+use redx::RouteStore;
 use docker::InspectError;
 use store::{Need, Store};
 
@@ -33,7 +38,7 @@ use store::{Need, Store};
 pub struct Registrar {
     pub docker: Docker,
     pub sources: Vec<ServicesClient>,
-    pub routes: redx::RedisRoutes,
+    pub routes: redx::Routes<redx::RedisStore>,
     pub resync: Duration,
     /// See `RegistrarConfig::drain_on_stop`.
     pub drain_on_stop: bool,
@@ -41,6 +46,8 @@ pub struct Registrar {
     pub elbs: watch::Sender<BTreeMap<String, ElbWant>>,
     /// The router's port front-ends.
     pub ports: watch::Sender<BTreeSet<u16>>,
+    /// Only containers with this label are considered.
+    pub selector: Option<store::Selector>,
 }
 
 /// State kept between reconciles.
@@ -53,20 +60,34 @@ struct Loop {
     warned: BTreeSet<String>,
     redis_backoff: Backoff,
     retry_at: Option<Instant>,
+    /// Who holds each front-end and port (key → backend) as last written; `None` until
+    /// read back from Redis.
+    held: Option<BTreeMap<String, String>>,
+    /// The entries of the last decision, for the verification.
+    last_desired: Option<BTreeSet<entry::Entry>>,
+    /// The account last published for `warden routes`.
+    published: String,
+    ready: bool,
 }
 
 impl Registrar {
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let n = self.sources.len();
         let die_only = !self.drain_on_stop;
+        let mut store = Store::new(die_only);
+        store.selector = self.selector.clone();
         let mut l = Loop {
             r: self,
-            store: Store::new(die_only),
+            store,
             last_services: vec![None; n],
             generations: vec![None; n],
             warned: BTreeSet::new(),
             redis_backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(10)),
             retry_at: None,
+            held: None,
+            last_desired: None,
+            published: String::new(),
+            ready: false,
         };
         let mut docker_backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(15));
         loop {
@@ -82,6 +103,8 @@ impl Registrar {
                     }
                     docker_backoff.reset();
                     l.store.replace_all(list);
+                    // After a reconnect, verify Redis key by key too.
+                    l.r.routes.invalidate();
                 }
                 Err(e) => {
                     let delay = docker_backoff.next_delay();
@@ -93,6 +116,7 @@ impl Registrar {
                 }
             }
             l.reconcile().await;
+            l.verify().await;
             let mut events = docker::events(&l.r.docker, since);
             let mut resync = tokio::time::interval_at(Instant::now() + l.r.resync, l.r.resync);
             let mut poll_sources = tokio::time::interval(Duration::from_secs(2));
@@ -127,9 +151,8 @@ impl Registrar {
                                 break;
                             }
                         }
-                        // Read the owned set back too, so drift in Redis is repaired.
-                        l.r.routes.invalidate();
                         l.reconcile().await;
+                        l.verify().await;
                     }
                     _ = poll_sources.tick() => {
                         if l.sources_changed().await {
@@ -137,17 +160,8 @@ impl Registrar {
                         }
                     }
                     _ = check_redis.tick() => {
-                        match l.r.routes.verify().await {
-                            Ok(true) => {}
-                            Ok(false) => if l.retry_at.is_none() {
-                                tracing::warn!("routes in the local redis are not what warden wrote (redis restarted?); rewriting");
-                                l.reconcile().await;
-                            },
-                            Err(e) => if l.retry_at.is_none() {
-                                tracing::warn!(error = %e, "local redis not answering; routes will be rewritten when it is back");
-                                l.r.routes.invalidate();
-                                l.schedule_retry();
-                            },
+                        if l.retry_at.is_none() {
+                            l.verify().await;
                         }
                     }
                     _ = async { tokio::time::sleep_until(retry.unwrap()).await }, if retry.is_some() => {
@@ -212,6 +226,16 @@ impl Loop {
             self.schedule_retry();
             return;
         }
+        if self.held.is_none() {
+            match self.r.routes.held().await {
+                Ok(h) => self.held = Some(h),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read what warden holds; will retry");
+                    self.schedule_retry();
+                    return;
+                }
+            }
+        }
         let services: Vec<ServiceDefinition> = self
             .last_services
             .iter()
@@ -219,11 +243,13 @@ impl Loop {
             .flatten()
             .cloned()
             .collect();
-        let (routing, warnings) = desired::desired(&services, self.store.containers());
+        let held = self.held.clone().unwrap_or_default();
+        let (routing, warnings) = desired::desired(&services, self.store.containers(), &held);
         for w in warnings {
-            if self.warned.insert(w.clone()) {
-                tracing::warn!("{w}");
-            }
+            self.warn_once(w);
+        }
+        for c in &routing.conflicts {
+            self.warn_once(c.to_string());
         }
         self.r
             .ports
@@ -234,6 +260,7 @@ impl Loop {
                 .send_if_modified(|e| replace_if_changed(e, &routing.elbs));
         }
         let entries = desired::owned_entries(&routing);
+        let before = self.last_desired.replace(entries.clone());
         match self.r.routes.apply(&entries).await {
             Ok(applied) => {
                 if self.redis_backoff.attempts() > 0 {
@@ -241,20 +268,98 @@ impl Loop {
                 }
                 self.redis_backoff.reset();
                 self.retry_at = None;
+                self.note_blocked(&applied.blocked);
+                self.held = Some(
+                    routing
+                        .strings
+                        .iter()
+                        .filter(|(k, _)| !applied.blocked.iter().any(|b| &b.key == *k))
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
+                );
                 if applied.writes > 0 {
                     tracing::info!(
-                        writes = applied.writes,
                         backends = routing.servers.len(),
                         servers = routing.servers.values().map(BTreeSet::len).sum::<usize>(),
-                        took = ?started.elapsed(),
-                        "routes updated"
+                        took = %crate::logs::humantime(started.elapsed()),
+                        "routes updated: {}",
+                        entry::describe_change(before.as_ref(), &entries)
+                    );
+                }
+                self.publish(&routing, &applied.blocked).await;
+                if !self.ready {
+                    self.ready = true;
+                    tracing::info!(
+                        containers = routing.containers.len(),
+                        "registrar ready: routes written for the containers running now"
                     );
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, "cannot write routes to the local redis; will retry");
+                tracing::warn!(error = %e, "cannot write routes; will retry");
                 self.schedule_retry();
             }
+        }
+    }
+
+    /// Verifies key by key that Redis holds what warden wants, and repairs drift.
+    async fn verify(&mut self) {
+        let Some(desired) = self.last_desired.clone() else {
+            return;
+        };
+        match self.r.routes.verify(&desired).await {
+            Ok(v) => {
+                if self.redis_backoff.attempts() > 0 {
+                    tracing::info!("local redis answering again; routes verified");
+                    self.redis_backoff.reset();
+                }
+                if v.repaired > 0 {
+                    tracing::warn!(
+                        repaired = v.repaired,
+                        "routes in the local redis had drifted from what warden wrote (deleted or changed by someone, or redis restarted); rewritten"
+                    );
+                }
+                self.note_blocked(&v.blocked);
+            }
+            Err(e) => {
+                if self.retry_at.is_none() {
+                    tracing::warn!(error = %e, "local redis not answering; routes will be verified and rewritten when it is back");
+                }
+                self.r.routes.invalidate();
+                self.schedule_retry();
+            }
+        }
+    }
+
+    fn note_blocked(&mut self, blocked: &[entry::Blocked]) {
+        for b in blocked {
+            self.warn_once(format!(
+                "{} holds {:?}, which warden did not write; warden wants {:?} there and leaves it alone",
+                b.key, b.found, b.wanted
+            ));
+        }
+    }
+
+    fn warn_once(&mut self, w: String) {
+        if self.warned.insert(w.clone()) {
+            tracing::warn!("{w}");
+        }
+    }
+
+    /// Publishes the account of containers, conflicts and blocked keys when it changed.
+    async fn publish(&mut self, routing: &desired::Routing, blocked: &[entry::Blocked]) {
+        let state = serde_json::json!({
+            "containers": routing.containers,
+            "conflicts": routing.conflicts,
+            "blocked": blocked.iter().map(|b| serde_json::json!({"key": b.key, "wanted": b.wanted, "found": b.found})).collect::<Vec<_>>(),
+        })
+        .to_string();
+        if state == self.published {
+            return;
+        }
+        match self.r.routes.store.publish_state(&state).await {
+            Ok(()) => self.published = state,
+            Err(e) => tracing::debug!(error = %e, "registrar account not published"),
         }
     }
 

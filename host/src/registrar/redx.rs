@@ -1,125 +1,158 @@
-//! The apply step for routes: writes the difference between what warden owns in the
-//! local Redis and what it should own, in one atomic Lua script.
+//! The apply step for routes: Redx's keys in the local Redis, written so that nothing
+//! anyone else wrote is ever changed.
 //!
-//! Ownership is recorded per host in the set `warden:owned:<instance>`, updated by the
-//! same script, so after a restart warden removes exactly its stale entries and never
-//! touches keys or servers written by anyone else: a server is removed with HDEL of its
-//! own field only, a front-end is deleted only if it still names warden's backend.
-//! A reconcile with nothing to change sends no write.
+//! [`RouteStore`] is the I/O edge (a trait, so the registrar loop is tested with a fake):
+//! read what warden owns, read what Redis holds for a set of entries (one round trip),
+//! and run a batch of writes in one atomic Lua script. [`Routes`] keeps what was last
+//! applied, so a reconcile that changes nothing sends nothing, and runs the full
+//! verification (every few seconds, at every resync and after every reconnect): what
+//! warden should own is compared key by key with what Redis holds, and whatever drifted
+//! is rewritten — unless another writer's value is there, which is left alone and
+//! reported.
+//!
+//! The script's rules: a front-end key is set only if it is absent, already holds the
+//! value, or holds warden's own earlier value; it is deleted only if it still holds
+//! warden's value and no other writer has a server behind it. Server fields are warden's
+//! own (`ip:port` of its containers); it adds and removes only those. Every batch that
+//! changes a route bumps `warden:routes:version` and publishes it on `warden:routes`, for
+//! the router.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
 
 use redis::aio::ConnectionManager;
 use redis::Script;
 
-/// Applies a batch of changes atomically. ARGV is a list of (op, a, b) triples:
-/// `HSET backend addr`, `HDEL backend addr`, `SET key backend`, `DEL key backend`.
+use super::entry::{self, Actual, Blocked, Entry, Op};
+
+pub const VERSION_KEY: &str = "warden:routes:version";
+pub const CHANNEL: &str = "warden:routes";
+
+pub fn owned_key(instance: &str) -> String {
+    format!("warden:owned:{instance}")
+}
+
+/// `warden routes` reads what each warden says of its containers here.
+pub fn state_key(instance: &str) -> String {
+    format!("warden:registrar:{instance}")
+}
+
+/// Applies a batch of writes atomically. ARGV: (op, a, b, c, d, e) six at a time.
 const APPLY: &str = r#"
 local owned = KEYS[1]
-for i = 1, #ARGV, 3 do
-  local op, a, b = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+local blocked = {}
+local changed = 0
+local function others_have_servers(backend, ours)
+  local mine = {}
+  for a in string.gmatch(ours, '%S+') do mine[a] = true end
+  for _, f in ipairs(redis.call('HKEYS', 'backend:' .. backend)) do
+    if string.sub(f, 1, 1) ~= '_' and not mine[f] then return true end
+  end
+  return false
+end
+for i = 1, #ARGV, 6 do
+  local op, a, b, c, d, e = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
   if op == 'HSET' then
-    redis.call('HSET', 'backend:' .. a, b, '0')
-    redis.call('SADD', owned, 'server\t' .. a .. '\t' .. b)
+    changed = changed + redis.call('HSET', 'backend:' .. a, b, '0')
+    redis.call('SADD', owned, c)
   elseif op == 'HDEL' then
-    redis.call('HDEL', 'backend:' .. a, b)
-    redis.call('SREM', owned, 'server\t' .. a .. '\t' .. b)
+    changed = changed + redis.call('HDEL', 'backend:' .. a, b)
+    redis.call('SREM', owned, c)
   elseif op == 'SET' then
-    local old = redis.call('GET', a)
-    if old then
-      redis.call('SREM', owned, 'string\t' .. a .. '\t' .. old)
+    local cur = redis.call('GET', a)
+    if e ~= '' then redis.call('SREM', owned, e) end
+    if cur == false or cur == b or (d ~= '' and cur == d) then
+      if cur ~= b then
+        redis.call('SET', a, b)
+        changed = changed + 1
+      end
+      redis.call('SADD', owned, c)
+    else
+      blocked[#blocked + 1] = a
+      blocked[#blocked + 1] = cur
     end
-    redis.call('SET', a, b)
-    redis.call('SADD', owned, 'string\t' .. a .. '\t' .. b)
   elseif op == 'DEL' then
-    if redis.call('GET', a) == b then
-      redis.call('DEL', a)
+    if redis.call('GET', a) == b and not others_have_servers(b, d) then
+      changed = changed + redis.call('DEL', a)
     end
-    redis.call('SREM', owned, 'string\t' .. a .. '\t' .. b)
+    redis.call('SREM', owned, c)
+  elseif op == 'MIG' then
+    redis.call('SREM', owned, a)
+    redis.call('SADD', owned, c)
+  elseif op == 'FORGET' then
+    redis.call('SREM', owned, c)
   else
     return redis.error_reply('unknown op ' .. tostring(op))
   end
 end
-return #ARGV / 3
+if changed > 0 then
+  local v = redis.call('INCR', KEYS[2])
+  redis.call('PUBLISH', KEYS[3], v)
+end
+return blocked
 "#;
 
-/// The ordered operations that turn `current` into `desired`. Order does not matter for
-/// atomicity (one script), but adds come before removals so that a read of the script's
-/// effect in a debugger never shows an empty backend.
-pub fn plan(current: &BTreeSet<String>, desired: &BTreeSet<String>) -> Vec<[String; 3]> {
-    let mut adds_servers = Vec::new();
-    let mut adds_strings = Vec::new();
-    let mut dels_strings = Vec::new();
-    let mut dels_servers = Vec::new();
-    for e in desired.difference(current) {
-        match split(e) {
-            Some(("server", a, b)) => adds_servers.push(["HSET".into(), a.into(), b.into()]),
-            Some(("string", a, b)) => adds_strings.push(["SET".into(), a.into(), b.into()]),
-            _ => {}
-        }
-    }
-    for e in current.difference(desired) {
-        match split(e) {
-            Some(("server", a, b)) => dels_servers.push(["HDEL".into(), a.into(), b.into()]),
-            // A key whose backend merely changes is overwritten by its SET, not deleted.
-            Some(("string", a, b)) if !adds_strings.iter().any(|op| op[1] == a) => {
-                dels_strings.push(["DEL".into(), a.into(), b.into()])
-            }
-            _ => {}
-        }
-    }
-    let mut ops = adds_servers;
-    ops.extend(dels_strings);
-    ops.extend(adds_strings);
-    ops.extend(dels_servers);
-    ops
+/// A local Redis operation that failed; the text names the address.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("local redis {addr}: {message}")]
+pub struct RouteError {
+    pub addr: String,
+    pub message: String,
 }
 
-fn split(entry: &str) -> Option<(&str, &str, &str)> {
-    let mut it = entry.splitn(3, '\t');
-    Some((it.next()?, it.next()?, it.next()?))
+/// The registrar's edge to the local Redis.
+pub trait RouteStore: Send + 'static {
+    /// The owned set's members, decoded (`None` for a member warden cannot read).
+    fn owned(&mut self) -> impl Future<Output = Result<Vec<(String, Option<Entry>)>, RouteError>> + Send;
+    /// What Redis holds for these entries, in one round trip.
+    fn read(&mut self, entries: &BTreeSet<Entry>) -> impl Future<Output = Result<Actual, RouteError>> + Send;
+    /// Runs the writes atomically; `after` is what warden owns once they ran (its
+    /// remaining servers decide whether a key may go). Returns the keys left alone (key,
+    /// value found).
+    fn write(
+        &mut self,
+        ops: &[Op],
+        after: &BTreeSet<Entry>,
+    ) -> impl Future<Output = Result<Vec<(String, String)>, RouteError>> + Send;
+    /// Publishes the registrar's account of its containers for `warden routes`.
+    fn publish_state(&mut self, json: &str) -> impl Future<Output = Result<(), RouteError>> + Send;
 }
 
-/// What one apply did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Applied {
-    /// Redis commands sent (reads and the script call).
-    pub commands: usize,
-    /// Operations written (0: nothing changed, no write sent).
-    pub writes: usize,
-}
-
-pub struct RedisRoutes {
+/// The local Redis.
+pub struct RedisStore {
     client: redis::Client,
     conn: Option<ConnectionManager>,
+    addr: String,
     owned_key: String,
-    /// What warden believes it owns in Redis; `None` until read (after start, a resync
-    /// or an error), so the next apply reads it back first.
-    applied: Option<BTreeSet<String>>,
+    state_key: String,
     script: Script,
 }
 
-impl RedisRoutes {
-    pub fn new(url: &str, instance: &str) -> Result<Self, redis::RedisError> {
+impl RedisStore {
+    pub fn new(url: &str, instance: &str) -> Result<Self, RouteError> {
+        let addr = crate::redis_util::addr(url);
+        let client = redis::Client::open(url).map_err(|e| RouteError {
+            addr: addr.clone(),
+            message: crate::redis_util::describe(&e),
+        })?;
         Ok(Self {
-            client: redis::Client::open(url)?,
+            client,
             conn: None,
-            owned_key: format!("warden:owned:{instance}"),
-            applied: None,
+            addr,
+            owned_key: owned_key(instance),
+            state_key: state_key(instance),
             script: Script::new(APPLY),
         })
     }
 
-    pub fn owned_key(&self) -> &str {
-        &self.owned_key
+    fn err(&self, e: redis::RedisError) -> RouteError {
+        RouteError {
+            addr: self.addr.clone(),
+            message: crate::redis_util::describe(&e),
+        }
     }
 
-    /// Forget what was applied: the next apply reads the owned set back from Redis.
-    pub fn invalidate(&mut self) {
-        self.applied = None;
-    }
-
-    async fn conn(&mut self) -> Result<ConnectionManager, redis::RedisError> {
+    async fn conn(&mut self) -> Result<ConnectionManager, RouteError> {
         if let Some(c) = &self.conn {
             return Ok(c.clone());
         }
@@ -127,37 +160,234 @@ impl RedisRoutes {
             .set_connection_timeout(Some(std::time::Duration::from_secs(2)))
             .set_response_timeout(Some(std::time::Duration::from_secs(2)))
             .set_number_of_retries(1);
-        let c = ConnectionManager::new_with_config(self.client.clone(), config).await?;
+        let c = ConnectionManager::new_with_config(self.client.clone(), config)
+            .await
+            .map_err(|e| self.err(e))?;
         self.conn = Some(c.clone());
         Ok(c)
     }
+}
 
-    /// Cheap drift check (one read): false if the owned set in Redis no longer has the
-    /// size warden applied (Redis restarted empty, or someone removed it); the next
-    /// apply then reads it back and rewrites what is missing.
-    pub async fn verify(&mut self) -> Result<bool, redis::RedisError> {
-        let Some(applied) = &self.applied else {
-            return Ok(true);
+/// Our servers of `backend` among `entries`, space-separated (for the DEL rule).
+fn ours_in(backend: &str, entries: &BTreeSet<Entry>) -> String {
+    entries
+        .iter()
+        .filter_map(|e| match e {
+            Entry::Server { backend: b, addr } if b == backend => Some(addr.as_str()),
+            _ => None,
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The script's arguments for `ops`; `after` is what warden owns once they ran.
+fn args(ops: &[Op], after: &BTreeSet<Entry>) -> Vec<String> {
+    let mut out = Vec::with_capacity(ops.len() * 6);
+    for op in ops {
+        let six: [String; 6] = match op {
+            Op::AddServer(e @ Entry::Server { backend, addr }) => {
+                ["HSET".into(), backend.clone(), addr.clone(), e.encode(), String::new(), String::new()]
+            }
+            Op::RemoveServer(e @ Entry::Server { backend, addr }) => {
+                ["HDEL".into(), backend.clone(), addr.clone(), e.encode(), String::new(), String::new()]
+            }
+            Op::SetKey {
+                entry: e @ Entry::Key { key, backend },
+                replaces,
+            } => {
+                let (old, old_member) = match replaces {
+                    Some(r @ Entry::Key { backend, .. }) => (backend.clone(), r.encode()),
+                    _ => (String::new(), String::new()),
+                };
+                ["SET".into(), key.clone(), backend.clone(), e.encode(), old, old_member]
+            }
+            Op::RemoveKey(e @ Entry::Key { key, backend }) => [
+                "DEL".into(),
+                key.clone(),
+                backend.clone(),
+                e.encode(),
+                ours_in(backend, after),
+                String::new(),
+            ],
+            Op::Reencode { member, entry } => {
+                ["MIG".into(), member.clone(), String::new(), entry.encode(), String::new(), String::new()]
+            }
+            Op::Forget(e) => {
+                ["FORGET".into(), String::new(), String::new(), e.encode(), String::new(), String::new()]
+            }
+            other => unreachable!("malformed op {other:?}"),
         };
-        let expected = applied.len();
+        out.extend(six);
+    }
+    out
+}
+
+impl RouteStore for RedisStore {
+    async fn owned(&mut self) -> Result<Vec<(String, Option<Entry>)>, RouteError> {
         let mut conn = self.conn().await?;
-        let n: usize = redis::cmd("SCARD")
+        let members: Vec<String> = redis::cmd("SMEMBERS")
             .arg(&self.owned_key)
             .query_async(&mut conn)
-            .await?;
-        if n != expected {
-            self.applied = None;
-            return Ok(false);
-        }
-        Ok(true)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(members
+            .into_iter()
+            .map(|m| {
+                let e = Entry::decode(&m);
+                (m, e)
+            })
+            .collect())
     }
 
-    /// Makes Redis hold exactly `desired` of warden's entries.
-    pub async fn apply(
+    async fn read(&mut self, entries: &BTreeSet<Entry>) -> Result<Actual, RouteError> {
+        let mut keys: Vec<&str> = Vec::new();
+        let mut backends: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for e in entries {
+            match e {
+                Entry::Key { key, .. } => keys.push(key),
+                Entry::Server { backend, addr } => backends.entry(backend).or_default().push(addr),
+            }
+        }
+        let mut pipe = redis::pipe();
+        if !keys.is_empty() {
+            pipe.cmd("MGET").arg(&keys);
+        }
+        for (b, addrs) in &backends {
+            pipe.cmd("HMGET").arg(format!("backend:{b}")).arg(addrs);
+        }
+        let mut actual = Actual::default();
+        if keys.is_empty() && backends.is_empty() {
+            return Ok(actual);
+        }
+        let mut conn = self.conn().await?;
+        let mut replies: Vec<Vec<Option<String>>> =
+            pipe.query_async(&mut conn).await.map_err(|e| self.err(e))?;
+        if !keys.is_empty() {
+            let values = replies.remove(0);
+            actual.keys = keys.iter().map(|k| k.to_string()).zip(values).collect();
+        }
+        for ((b, addrs), values) in backends.iter().zip(replies) {
+            for (a, v) in addrs.iter().zip(values) {
+                if v.is_some() {
+                    actual.servers.insert((b.to_string(), a.to_string()));
+                }
+            }
+        }
+        Ok(actual)
+    }
+
+    async fn write(
         &mut self,
-        desired: &BTreeSet<String>,
-    ) -> Result<Applied, redis::RedisError> {
+        ops: &[Op],
+        after: &BTreeSet<Entry>,
+    ) -> Result<Vec<(String, String)>, RouteError> {
+        let mut conn = self.conn().await?;
+        let mut invocation = self.script.key(&self.owned_key);
+        invocation.key(VERSION_KEY).key(CHANNEL);
+        for a in args(ops, after) {
+            invocation.arg(a);
+        }
+        let flat: Vec<String> = invocation
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(flat
+            .chunks_exact(2)
+            .map(|c| (c[0].clone(), c[1].clone()))
+            .collect())
+    }
+
+    async fn publish_state(&mut self, json: &str) -> Result<(), RouteError> {
+        let mut conn = self.conn().await?;
+        redis::cmd("SET")
+            .arg(&self.state_key)
+            .arg(json)
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| self.err(e))
+    }
+}
+
+/// What one apply or verification did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Redis commands sent (reads and the script call).
+    pub commands: usize,
+    /// Writes in the script (0: nothing changed, no write sent).
+    pub writes: usize,
+    /// Keys warden wants that hold another writer's value (left alone).
+    pub blocked: Vec<Blocked>,
+    /// Entries that were missing or changed in Redis and were written back.
+    pub repaired: usize,
+}
+
+/// What warden last applied, over a [`RouteStore`].
+pub struct Routes<S: RouteStore> {
+    pub store: S,
+    /// What warden believes it owns; `None` until read (start, error, resync).
+    applied: Option<BTreeSet<Entry>>,
+    /// The desired entries that were left alone last time (another writer's value).
+    blocked: BTreeSet<Entry>,
+}
+
+impl<S: RouteStore> Routes<S> {
+    pub fn new(store: S) -> Self {
+        Self {
+            store,
+            applied: None,
+            blocked: BTreeSet::new(),
+        }
+    }
+
+    /// Forget what was applied: the next apply reads the owned set back first.
+    pub fn invalidate(&mut self) {
+        self.applied = None;
+    }
+
+    /// The string keys warden owns now (key → backend), reading them back if unknown:
+    /// who holds a front-end, for the conflict rule.
+    pub async fn held(&mut self) -> Result<BTreeMap<String, String>, RouteError> {
+        let owned = match &self.applied {
+            Some(a) => a.clone(),
+            None => self.read_owned().await?.0,
+        };
+        Ok(owned
+            .into_iter()
+            .filter_map(|e| match e {
+                Entry::Key { key, backend } => Some((key, backend)),
+                Entry::Server { .. } => None,
+            })
+            .collect())
+    }
+
+    /// The owned set decoded, and the writes that re-encode members in the older form.
+    async fn read_owned(&mut self) -> Result<(BTreeSet<Entry>, Vec<Op>), RouteError> {
+        let mut owned = BTreeSet::new();
+        let mut reencode = Vec::new();
+        for (member, entry) in self.store.owned().await? {
+            match entry {
+                Some(e) => {
+                    if member != e.encode() {
+                        reencode.push(Op::Reencode {
+                            member,
+                            entry: e.clone(),
+                        });
+                    }
+                    owned.insert(e);
+                }
+                None => tracing::warn!(member = %member, "an owned-set member warden cannot read; left as it is"),
+            }
+        }
+        Ok((owned, reencode))
+    }
+
+    /// Makes Redis hold `desired` of warden's entries. Sends nothing when nothing changed
+    /// since the last apply.
+    pub async fn apply(&mut self, desired: &BTreeSet<Entry>) -> Result<Applied, RouteError> {
         let mut stats = Applied::default();
+        if self.applied.as_ref() == Some(desired) {
+            return Ok(stats);
+        }
         let result = self.apply_inner(desired, &mut stats).await;
         if result.is_err() {
             self.applied = None;
@@ -167,35 +397,105 @@ impl RedisRoutes {
 
     async fn apply_inner(
         &mut self,
-        desired: &BTreeSet<String>,
+        desired: &BTreeSet<Entry>,
         stats: &mut Applied,
-    ) -> Result<(), redis::RedisError> {
-        if self.applied.as_ref() == Some(desired) {
-            return Ok(());
-        }
-        let mut conn = self.conn().await?;
-        let current = match self.applied.take() {
-            Some(c) => c,
+    ) -> Result<(), RouteError> {
+        let (owned, mut ops) = match self.applied.take() {
+            // Keys left alone earlier are not owned; they are retried by the verification.
+            Some(a) => (a.difference(&self.blocked).cloned().collect(), Vec::new()),
             None => {
                 stats.commands += 1;
-                redis::cmd("SMEMBERS")
-                    .arg(&self.owned_key)
-                    .query_async(&mut conn)
-                    .await?
+                self.read_owned().await?
             }
         };
-        let ops = plan(&current, desired);
-        if !ops.is_empty() {
-            let mut invocation = self.script.key(&self.owned_key);
-            for op in &ops {
-                invocation.arg(&op[0]).arg(&op[1]).arg(&op[2]);
-            }
-            stats.commands += 1;
-            stats.writes = ops.len();
-            let _: i64 = invocation.invoke_async(&mut conn).await?;
-        }
+        ops.extend(entry::plan(&owned, desired).into_iter().filter(
+            |op| !matches!(op, Op::SetKey { entry, .. } if self.blocked.contains(entry)),
+        ));
+        let blocked = self.run(ops, desired, stats).await?;
+        self.blocked.retain(|e| desired.contains(e));
+        self.blocked.extend(blocked);
         self.applied = Some(desired.clone());
         Ok(())
+    }
+
+    /// The full verification: reads back what warden owns and what Redis holds for every
+    /// desired entry (two round trips), and writes whatever drifted.
+    pub async fn verify(&mut self, desired: &BTreeSet<Entry>) -> Result<Applied, RouteError> {
+        let mut stats = Applied::default();
+        let result = self.verify_inner(desired, &mut stats).await;
+        if result.is_err() {
+            self.applied = None;
+        }
+        result.map(|()| stats)
+    }
+
+    async fn verify_inner(
+        &mut self,
+        desired: &BTreeSet<Entry>,
+        stats: &mut Applied,
+    ) -> Result<(), RouteError> {
+        let (owned, mut ops) = self.read_owned().await?;
+        let actual = self.store.read(desired).await?;
+        stats.commands += 2;
+        // Leftovers warden owns but no longer wants go as in any apply.
+        ops.extend(
+            entry::plan(&owned, desired)
+                .into_iter()
+                .filter(|op| matches!(op, Op::RemoveServer(_) | Op::RemoveKey(_))),
+        );
+        let (repairs, blocked) = entry::repairs(&owned, desired, &actual);
+        stats.repaired = repairs
+            .iter()
+            .filter(|op| match op {
+                Op::AddServer(e) | Op::SetKey { entry: e, .. } => owned.contains(e),
+                _ => false,
+            })
+            .count();
+        ops.extend(repairs);
+        stats.blocked = blocked;
+        let mut now_blocked: BTreeSet<Entry> = stats
+            .blocked
+            .iter()
+            .map(|b| Entry::key(&b.key, &b.wanted))
+            .collect();
+        now_blocked.extend(self.run(ops, desired, stats).await?);
+        self.blocked = now_blocked;
+        self.applied = Some(desired.clone());
+        Ok(())
+    }
+
+    /// Runs `ops` (if any); returns the entries the script left alone, adding them to
+    /// `stats.blocked`.
+    async fn run(
+        &mut self,
+        ops: Vec<Op>,
+        desired: &BTreeSet<Entry>,
+        stats: &mut Applied,
+    ) -> Result<Vec<Entry>, RouteError> {
+        if ops.is_empty() {
+            return Ok(Vec::new());
+        }
+        stats.commands += 1;
+        stats.writes = ops.len();
+        let wanted: BTreeMap<String, String> = ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::SetKey {
+                    entry: Entry::Key { key, backend },
+                    ..
+                } => Some((key.clone(), backend.clone())),
+                _ => None,
+            })
+            .collect();
+        let mut left = Vec::new();
+        for (key, found) in self.store.write(&ops, desired).await? {
+            let wanted = wanted.get(&key).cloned().unwrap_or_default();
+            left.push(Entry::key(&key, &wanted));
+            stats.blocked.push(Blocked { key, wanted, found });
+        }
+        stats.blocked.sort();
+        stats.blocked.dedup();
+        Ok(left)
     }
 }
 
@@ -203,53 +503,18 @@ impl RedisRoutes {
 mod tests {
     use super::*;
 
-    fn set(items: &[&str]) -> BTreeSet<String> {
-        items.iter().map(|s| s.to_string()).collect()
-    }
-
     #[test]
-    fn nothing_changed_plans_nothing() {
-        let s = set(&["server\tweb\t1.1.1.1:80", "string\tfrontend:a\tweb"]);
-        assert!(plan(&s, &s).is_empty());
-    }
-
-    #[test]
-    fn adds_and_removes_exactly_the_difference() {
-        let current = set(&[
-            "server\tweb\t1.1.1.1:80",
-            "server\tweb\t1.1.1.2:80",
-            "string\tfrontend:a\tweb",
-        ]);
-        let desired = set(&[
-            "server\tweb\t1.1.1.2:80",
-            "server\tweb\t1.1.1.3:80",
-            "string\tfrontend:a\tweb",
-        ]);
-        assert_eq!(
-            plan(&current, &desired),
-            vec![
-                ["HSET".to_string(), "web".into(), "1.1.1.3:80".into()],
-                ["HDEL".to_string(), "web".into(), "1.1.1.1:80".into()],
-            ]
+    fn script_arguments_come_six_at_a_time_and_name_our_remaining_servers() {
+        let after = BTreeSet::from([Entry::server("web", "10.0.0.3:80")]);
+        let a = args(
+            &[
+                Op::RemoveServer(Entry::server("web", "10.0.0.2:80")),
+                Op::RemoveKey(Entry::key("frontend:a", "web")),
+            ],
+            &after,
         );
-    }
-
-    #[test]
-    fn a_frontend_moving_backend_is_overwritten_not_deleted() {
-        let current = set(&["string\tfrontend:a\tweb"]);
-        let desired = set(&["string\tfrontend:a\tweb2"]);
-        assert_eq!(
-            plan(&current, &desired),
-            vec![["SET".to_string(), "frontend:a".into(), "web2".into()]]
-        );
-    }
-
-    #[test]
-    fn the_last_server_and_its_frontend_go_together() {
-        let current = set(&["server\tweb\t1.1.1.1:80", "string\tfrontend:a\tweb"]);
-        let ops = plan(&current, &BTreeSet::new());
-        assert_eq!(ops.len(), 2);
-        assert_eq!(ops[0][0], "DEL");
-        assert_eq!(ops[1][0], "HDEL");
+        assert_eq!(a.len(), 12);
+        assert_eq!(a[6..9], ["DEL", "frontend:a", "web"]);
+        assert_eq!(a[10], "10.0.0.3:80");
     }
 }

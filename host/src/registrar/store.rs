@@ -102,8 +102,45 @@ pub fn is_stop_signal(signal: &str) -> bool {
     )
 }
 
+/// Only containers carrying this label are considered (`key`, or `key=value`), like
+/// Traefik's `exposedByDefault = false`: others on the engine are none of warden's business.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Selector {
+    pub key: String,
+    pub value: Option<String>,
+}
+
+impl Selector {
+    /// `key` or `key=value`; the error says what is wrong.
+    pub fn parse(s: &str) -> Result<Selector, String> {
+        let (key, value) = match s.split_once('=') {
+            Some((k, v)) => (k.trim(), Some(v.trim().to_owned())),
+            None => (s.trim(), None),
+        };
+        if key.is_empty() || key.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(format!(
+                "{s:?}: expected a label name, or name=value (no spaces)"
+            ));
+        }
+        Ok(Selector {
+            key: key.to_owned(),
+            value,
+        })
+    }
+
+    pub fn admits(&self, labels: &BTreeMap<String, String>) -> bool {
+        match (labels.get(&self.key), &self.value) {
+            (Some(v), Some(want)) => v == want,
+            (Some(_), None) => true,
+            (None, _) => false,
+        }
+    }
+}
+
 #[derive(Debug, Default, Clone)]
 pub struct Store {
+    /// Containers without the label are left out entirely.
+    pub selector: Option<Selector>,
     containers: BTreeMap<String, Container>,
     /// True once a full list has been read since the last (re)connection to Docker:
     /// only then is "no container of this service" positive knowledge.
@@ -202,6 +239,9 @@ impl Store {
     /// Stores a freshly inspected running container. A container that just started is no
     /// longer stopping; otherwise a stopping mark is kept.
     pub fn upsert(&mut self, mut c: Container, started: bool) {
+        if !self.admits(&c) {
+            return;
+        }
         if let Some(old) = self.containers.get(&c.id) {
             if !started {
                 c.stopping |= old.stopping;
@@ -210,10 +250,15 @@ impl Store {
         self.containers.insert(c.id.clone(), c);
     }
 
+    fn admits(&self, c: &Container) -> bool {
+        self.selector.as_ref().is_none_or(|s| s.admits(&c.labels))
+    }
+
     /// Replaces everything with a full list of running containers, keeping the stopping
     /// marks of those still listed (a container being stopped still runs for a while).
     pub fn replace_all(&mut self, list: Vec<Container>) {
         let old = std::mem::take(&mut self.containers);
+        let list: Vec<Container> = list.into_iter().filter(|c| self.admits(c)).collect();
         for mut c in list {
             if let Some(prev) = old.get(&c.id) {
                 c.stopping |= prev.stopping;
@@ -227,6 +272,27 @@ impl Store {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn a_selector_leaves_other_containers_out() {
+        let sel = Selector::parse("warden.enable=true").unwrap();
+        let mut s = Store {
+            selector: Some(sel),
+            ..Store::default()
+        };
+        let yes = container("a", "a", &[("warden.enable", "true")], "172.17.0.2");
+        let no = container("b", "b", &[("warden.enable", "false")], "172.17.0.3");
+        let bare = container("c", "c", &[], "172.17.0.4");
+        s.replace_all(vec![yes, no.clone(), bare]);
+        s.upsert(no, true);
+        assert_eq!(s.len(), 1);
+        assert!(Selector::parse("").is_err());
+        assert!(Selector::parse("a b").is_err());
+        assert!(Selector::parse("warden").unwrap().admits(&BTreeMap::from([(
+            "warden".to_owned(),
+            String::new()
+        )])));
+    }
 
     pub fn container(id: &str, name: &str, labels: &[(&str, &str)], ip: &str) -> Container {
         Container {
