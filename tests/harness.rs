@@ -342,12 +342,11 @@ impl Drop for Router {
 /// What warden `instance`'s registrar says of its containers, conflicts and blocked keys
 /// (`warden:registrar:<instance>` in its local Redis; `warden routes` reads the same).
 pub fn account(redis: &Redis, instance: &str) -> serde_json::Value {
-    let text: Option<String> = redis::Commands::get(
-        &mut redis.conn(),
-        format!("warden:registrar:{instance}"),
-    )
-    .unwrap();
-    text.map_or(serde_json::Value::Null, |t| serde_json::from_str(&t).unwrap())
+    let text: Option<String> =
+        redis::Commands::get(&mut redis.conn(), format!("warden:registrar:{instance}")).unwrap();
+    text.map_or(serde_json::Value::Null, |t| {
+        serde_json::from_str(&t).unwrap()
+    })
 }
 
 /// Waits until warden's account lists the container `name`; returns its entry.
@@ -434,6 +433,9 @@ pub fn run_label() -> String {
 
 /// Puts `require_label` for this run into a config's `[registrar]` table.
 fn with_run_label(config: &str) -> String {
+    if config.contains("require_label") {
+        return config.to_owned();
+    }
     let line = format!("require_label = \"{}\"\n", run_label());
     if config.contains("[registrar]\n") {
         config.replacen("[registrar]\n", &format!("[registrar]\n{line}"), 1)

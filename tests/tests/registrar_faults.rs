@@ -259,12 +259,16 @@ async fn the_docker_stream_breaking_reconnects_and_resyncs() {
     // warden's own sign that it lost Docker and failed to reach it again.
     let c2 = cs.run("c2", &[("warden.service", "rc")], &[]);
     tokio::task::block_in_place(|| {
-        eventually(Duration::from_secs(10), "warden failing to reach docker", || {
-            warden
-                .log_text()
-                .contains("docker not answering")
-                .then_some(())
-        })
+        eventually(
+            Duration::from_secs(10),
+            "warden failing to reach docker",
+            || {
+                warden
+                    .log_text()
+                    .contains("docker not answering")
+                    .then_some(())
+            },
+        )
     });
     assert_eq!(
         servers(&redis, "rc"),

@@ -320,7 +320,10 @@ async fn reconcile_200() -> Vec<(String, f64, usize, u64, usize)> {
         let v = last.unwrap();
         assert!(case.contains("nothing") || v.repaired == 20, "{v:?}");
         out.push((
-            format!("{case} (median of 50; max {:.2} ms)", pct(&mut times.clone(), 100.0)),
+            format!(
+                "{case} (median of 50; max {:.2} ms)",
+                pct(&mut times.clone(), 100.0)
+            ),
             pct(&mut times, 50.0),
             v.commands,
             counted,

@@ -113,7 +113,11 @@ pub fn start_order(started_at: &str) -> (String, u64) {
     let s = started_at.trim_end_matches('Z');
     match s.split_once('.') {
         Some((whole, frac)) => {
-            let digits: String = frac.chars().take_while(char::is_ascii_digit).take(9).collect();
+            let digits: String = frac
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .take(9)
+                .collect();
             let nanos = format!("{digits:0<9}").parse().unwrap_or(0);
             (whole.to_owned(), nanos)
         }
@@ -371,7 +375,9 @@ pub fn desired<'a>(
             not_routed: None,
         });
     }
-    routing.containers.sort_by(|a, b| (&a.service, &a.name).cmp(&(&b.service, &b.name)));
+    routing
+        .containers
+        .sort_by(|a, b| (&a.service, &a.name).cmp(&(&b.service, &b.name)));
 
     // Claims of services with a live backend, then who holds each key.
     let mut claims: BTreeMap<String, Vec<Claim>> = BTreeMap::new();
@@ -383,10 +389,9 @@ pub fn desired<'a>(
         for f in &s.frontends {
             match normalise_frontend(f) {
                 Ok(f) => keys.push(frontend_key(&f)),
-                Err(why) => warnings.push(format!(
-                    "service {:?}: front-end refused: {why}",
-                    s.name
-                )),
+                Err(why) => {
+                    warnings.push(format!("service {:?}: front-end refused: {why}", s.name))
+                }
             }
         }
         keys.extend(s.frontend_port.map(port_key));
@@ -644,8 +649,15 @@ mod tests {
             ("p-web", "zz-evil")
         );
         assert_eq!(c.refused_containers, vec!["zz-evil-1".to_owned()]);
-        assert!(c.to_string().contains("front-end p-web.example belongs to service \"p-web\""), "{c}");
-        assert!(r.servers.contains_key("zz-evil"), "its servers are still routed");
+        assert!(
+            c.to_string()
+                .contains("front-end p-web.example belongs to service \"p-web\""),
+            "{c}"
+        );
+        assert!(
+            r.servers.contains_key("zz-evil"),
+            "its servers are still routed"
+        );
     }
 
     #[test]
@@ -689,13 +701,18 @@ mod tests {
         let c = container("a", "web-1", &[("svc", "web")], "172.17.0.2");
         let (r, w) = desired(&[s], [&c], &BTreeMap::new());
         assert_eq!(r.strings.len(), 1);
-        assert!(w[0].contains("front-end refused") && w[0].contains("web"), "{w:?}");
+        assert!(
+            w[0].contains("front-end refused") && w[0].contains("web"),
+            "{w:?}"
+        );
     }
 
     #[test]
     fn start_times_order_by_value() {
         assert!(start_order("2026-11-27T01:00:00.123Z") < start_order("2026-11-27T01:00:00.5Z"));
-        assert!(start_order("2026-11-27T01:00:00Z") < start_order("2026-11-27T01:00:00.000000001Z"));
+        assert!(
+            start_order("2026-11-27T01:00:00Z") < start_order("2026-11-27T01:00:00.000000001Z")
+        );
         assert!(start_order("2026-11-27T01:00:01Z") > start_order("2026-11-27T01:00:00.999Z"));
     }
 }

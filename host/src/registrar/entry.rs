@@ -76,7 +76,10 @@ pub enum Op {
     RemoveServer(Entry),
     /// SET the key unless another writer's value is there (then it is left alone and
     /// reported); `replaces` is warden's earlier value of the key, which it may overwrite.
-    SetKey { entry: Entry, replaces: Option<Entry> },
+    SetKey {
+        entry: Entry,
+        replaces: Option<Entry>,
+    },
     /// Disown the key; DEL it only if it still holds this value and no other writer has
     /// a server behind it (another warden sharing the backend keeps its front-end).
     RemoveKey(Entry),
@@ -149,10 +152,10 @@ pub struct Blocked {
     pub found: String,
 }
 
-/// Drift repair (pure): the writes that bring Redis back to `desired` where it drifted
-/// (a key or field removed, a key of warden's changed), and the keys left alone because
-/// another writer's value is there. A key holding another value is never overwritten;
-/// if warden owned it, it is disowned (and so not deleted later either).
+/// Drift repair (pure): the writes that bring Redis back to `desired` where it drifted,
+/// and the keys left alone. Ownership goes by who wrote the key first: a key warden wrote
+/// (it is in the owned set) that was deleted or changed is restored; a key warden never
+/// wrote that holds another value is another writer's and is left alone.
 pub fn repairs(
     owned: &BTreeSet<Entry>,
     desired: &BTreeSet<Entry>,
@@ -163,7 +166,8 @@ pub fn repairs(
     for e in desired {
         match e {
             Entry::Server { backend, addr } => {
-                if !actual.servers.contains(&(backend.clone(), addr.clone())) {
+                let present = actual.servers.contains(&(backend.clone(), addr.clone()));
+                if !present || !owned.contains(e) {
                     ops.push(Op::AddServer(e.clone()));
                 }
             }
@@ -181,16 +185,15 @@ pub fn repairs(
                         });
                     }
                 }
-                Some(v) => {
-                    if owned.contains(e) {
-                        ops.push(Op::Forget(e.clone()));
-                    }
-                    blocked.push(Blocked {
-                        key: key.clone(),
-                        wanted: backend.clone(),
-                        found: v,
-                    });
-                }
+                Some(v) if owned.contains(e) => ops.push(Op::SetKey {
+                    entry: e.clone(),
+                    replaces: Some(Entry::key(key, &v)),
+                }),
+                Some(v) => blocked.push(Blocked {
+                    key: key.clone(),
+                    wanted: backend.clone(),
+                    found: v,
+                }),
             },
         }
     }
@@ -450,7 +453,10 @@ mod tests {
         // A's containers stop: A removes its server only; the front-end stays for B.
         r.apply(&plan(&a, &BTreeSet::new()));
         assert_eq!(r.strings.get("frontend:a").map(String::as_str), Some("web"));
-        assert_eq!(r.hashes["backend:web"], BTreeSet::from(["10.0.0.3:80".into()]));
+        assert_eq!(
+            r.hashes["backend:web"],
+            BTreeSet::from(["10.0.0.3:80".into()])
+        );
         // Then B's go too: now the front-end goes with the last server.
         r.owned = owned_b;
         r.apply(&plan(&b, &BTreeSet::new()));
@@ -458,7 +464,7 @@ mod tests {
     }
 
     #[test]
-    fn drift_is_repaired_and_another_writers_value_left_alone() {
+    fn drift_of_warden_keys_is_repaired_and_another_writers_key_left_alone() {
         let desired = set(&[
             Entry::server("web", "1.1.1.1:80"),
             Entry::key("frontend:a", "web"),
@@ -466,25 +472,32 @@ mod tests {
         ]);
         let mut r = Redis::default();
         r.apply(&plan(&BTreeSet::new(), &desired));
-        // Someone deletes one key and a field, and changes the other key.
+        // Someone deletes one of warden's keys and its field, and changes the other key.
         r.strings.remove("frontend:a");
         r.hashes.clear();
         r.strings.insert("frontend:b".into(), "theirs".into());
+        // A key warden wants but never wrote holds someone's value from the start.
+        r.strings.insert("frontend:c".into(), "hand".into());
+        let mut want = desired.clone();
+        want.insert(Entry::key("frontend:c", "web"));
         let owned: BTreeSet<Entry> = r.owned.iter().filter_map(|m| Entry::decode(m)).collect();
-        let (ops, blocked) = repairs(&owned, &desired, &r.actual(&desired));
+        let (ops, blocked) = repairs(&owned, &want, &r.actual(&want));
         r.apply(&ops);
         assert_eq!(r.strings["frontend:a"], "web");
+        assert_eq!(
+            r.strings["frontend:b"], "web",
+            "warden's own key is restored"
+        );
         assert!(r.hashes["backend:web"].contains("1.1.1.1:80"));
-        assert_eq!(r.strings["frontend:b"], "theirs");
+        assert_eq!(r.strings["frontend:c"], "hand");
         assert_eq!(
             blocked,
             vec![Blocked {
-                key: "frontend:b".into(),
+                key: "frontend:c".into(),
                 wanted: "web".into(),
-                found: "theirs".into()
+                found: "hand".into()
             }]
         );
-        assert!(!r.owned.contains(&Entry::key("frontend:b", "web").encode()));
     }
 
     fn entry() -> impl Strategy<Value = Entry> {
@@ -510,7 +523,9 @@ mod tests {
                 })
                 .collect();
             s.retain(|e| match e {
-                Entry::Key { key, backend } => backends.contains(backend) && keys.insert(key.clone()),
+                Entry::Key { key, backend } => {
+                    backends.contains(backend) && keys.insert(key.clone())
+                }
                 _ => true,
             });
             s
@@ -539,16 +554,20 @@ mod tests {
             prop_assert!(r.holds_exactly(&after), "{r:?}");
         }
 
-        /// Whatever someone deleted, the repair brings it back.
+        /// Whatever someone deleted or changed of warden's, the repair brings it back.
         #[test]
-        fn repairs_restore_any_deletion(
+        fn repairs_restore_any_deletion_or_change(
             state in routing(),
             drop_keys in any::<bool>(),
+            change_keys in any::<bool>(),
             drop_fields in any::<bool>(),
         ) {
             let mut r = Redis::default();
             r.apply(&plan(&BTreeSet::new(), &state));
             if drop_keys { r.strings.clear(); }
+            if change_keys {
+                for v in r.strings.values_mut() { *v = "theirs".into(); }
+            }
             if drop_fields { r.hashes.clear(); }
             let (ops, blocked) = repairs(&state, &state, &r.actual(&state));
             prop_assert!(blocked.is_empty());

@@ -30,8 +30,8 @@ use warden_plugin_api::ServiceDefinition;
 use crate::backoff::Backoff;
 use crate::plugins::ServicesClient;
 use desired::ElbWant;
-use redx::RouteStore;
 use docker::InspectError;
+use redx::RouteStore;
 use store::{Need, Store};
 
 /// What the registrar loop is given; `main` wires it.

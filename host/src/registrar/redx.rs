@@ -103,9 +103,14 @@ pub struct RouteError {
 /// The registrar's edge to the local Redis.
 pub trait RouteStore: Send + 'static {
     /// The owned set's members, decoded (`None` for a member warden cannot read).
-    fn owned(&mut self) -> impl Future<Output = Result<Vec<(String, Option<Entry>)>, RouteError>> + Send;
+    fn owned(
+        &mut self,
+    ) -> impl Future<Output = Result<Vec<(String, Option<Entry>)>, RouteError>> + Send;
     /// What Redis holds for these entries, in one round trip.
-    fn read(&mut self, entries: &BTreeSet<Entry>) -> impl Future<Output = Result<Actual, RouteError>> + Send;
+    fn read(
+        &mut self,
+        entries: &BTreeSet<Entry>,
+    ) -> impl Future<Output = Result<Actual, RouteError>> + Send;
     /// Runs the writes atomically; `after` is what warden owns once they ran (its
     /// remaining servers decide whether a key may go). Returns the keys left alone (key,
     /// value found).
@@ -185,12 +190,22 @@ fn args(ops: &[Op], after: &BTreeSet<Entry>) -> Vec<String> {
     let mut out = Vec::with_capacity(ops.len() * 6);
     for op in ops {
         let six: [String; 6] = match op {
-            Op::AddServer(e @ Entry::Server { backend, addr }) => {
-                ["HSET".into(), backend.clone(), addr.clone(), e.encode(), String::new(), String::new()]
-            }
-            Op::RemoveServer(e @ Entry::Server { backend, addr }) => {
-                ["HDEL".into(), backend.clone(), addr.clone(), e.encode(), String::new(), String::new()]
-            }
+            Op::AddServer(e @ Entry::Server { backend, addr }) => [
+                "HSET".into(),
+                backend.clone(),
+                addr.clone(),
+                e.encode(),
+                String::new(),
+                String::new(),
+            ],
+            Op::RemoveServer(e @ Entry::Server { backend, addr }) => [
+                "HDEL".into(),
+                backend.clone(),
+                addr.clone(),
+                e.encode(),
+                String::new(),
+                String::new(),
+            ],
             Op::SetKey {
                 entry: e @ Entry::Key { key, backend },
                 replaces,
@@ -199,7 +214,14 @@ fn args(ops: &[Op], after: &BTreeSet<Entry>) -> Vec<String> {
                     Some(r @ Entry::Key { backend, .. }) => (backend.clone(), r.encode()),
                     _ => (String::new(), String::new()),
                 };
-                ["SET".into(), key.clone(), backend.clone(), e.encode(), old, old_member]
+                [
+                    "SET".into(),
+                    key.clone(),
+                    backend.clone(),
+                    e.encode(),
+                    old,
+                    old_member,
+                ]
             }
             Op::RemoveKey(e @ Entry::Key { key, backend }) => [
                 "DEL".into(),
@@ -209,12 +231,22 @@ fn args(ops: &[Op], after: &BTreeSet<Entry>) -> Vec<String> {
                 ours_in(backend, after),
                 String::new(),
             ],
-            Op::Reencode { member, entry } => {
-                ["MIG".into(), member.clone(), String::new(), entry.encode(), String::new(), String::new()]
-            }
-            Op::Forget(e) => {
-                ["FORGET".into(), String::new(), String::new(), e.encode(), String::new(), String::new()]
-            }
+            Op::Reencode { member, entry } => [
+                "MIG".into(),
+                member.clone(),
+                String::new(),
+                entry.encode(),
+                String::new(),
+                String::new(),
+            ],
+            Op::Forget(e) => [
+                "FORGET".into(),
+                String::new(),
+                String::new(),
+                e.encode(),
+                String::new(),
+                String::new(),
+            ],
             other => unreachable!("malformed op {other:?}"),
         };
         out.extend(six);
@@ -375,7 +407,9 @@ impl<S: RouteStore> Routes<S> {
                     }
                     owned.insert(e);
                 }
-                None => tracing::warn!(member = %member, "an owned-set member warden cannot read; left as it is"),
+                None => {
+                    tracing::warn!(member = %member, "an owned-set member warden cannot read; left as it is")
+                }
             }
         }
         Ok((owned, reencode))
@@ -408,9 +442,11 @@ impl<S: RouteStore> Routes<S> {
                 self.read_owned().await?
             }
         };
-        ops.extend(entry::plan(&owned, desired).into_iter().filter(
-            |op| !matches!(op, Op::SetKey { entry, .. } if self.blocked.contains(entry)),
-        ));
+        ops.extend(
+            entry::plan(&owned, desired).into_iter().filter(
+                |op| !matches!(op, Op::SetKey { entry, .. } if self.blocked.contains(entry)),
+            ),
+        );
         let blocked = self.run(ops, desired, stats).await?;
         self.blocked.retain(|e| desired.contains(e));
         self.blocked.extend(blocked);

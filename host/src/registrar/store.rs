@@ -288,10 +288,9 @@ pub(crate) mod tests {
         assert_eq!(s.len(), 1);
         assert!(Selector::parse("").is_err());
         assert!(Selector::parse("a b").is_err());
-        assert!(Selector::parse("warden").unwrap().admits(&BTreeMap::from([(
-            "warden".to_owned(),
-            String::new()
-        )])));
+        assert!(Selector::parse("warden")
+            .unwrap()
+            .admits(&BTreeMap::from([("warden".to_owned(), String::new())])));
     }
 
     pub fn container(id: &str, name: &str, labels: &[(&str, &str)], ip: &str) -> Container {
