@@ -17,4 +17,5 @@ pub mod manager;
 pub mod plugins;
 pub mod redis_util;
 pub mod registrar;
+pub mod routes;
 pub mod status;

@@ -50,6 +50,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show this host's routing table as the router sees it: front-ends, backends, servers
+    /// and their containers, conflicts, keys left alone, containers not routed.
+    Routes {
+        #[arg(long, env = "WARDEN_CONFIG")]
+        config: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the daemon until SIGTERM or SIGINT.
     Run {
         #[arg(long, env = "WARDEN_CONFIG")]
@@ -134,6 +143,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => plugins_check(file, config, kind, insecure),
         Command::Check { config } => check(config, insecure),
         Command::Run { config } => daemon(config, insecure),
+        Command::Routes { config, json } => {
+            let config = load_config(config.as_deref())?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let routes = rt.block_on(warden::routes::read(&config.registrar.local_redis))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&routes)?);
+            } else {
+                print!("{}", warden::routes::render(&routes));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Status { config, json } => {
             let config = load_config(config.as_deref())?;
             let url = config.manager.central_redis.context(

@@ -108,6 +108,25 @@ fn a_takeover_is_refused_survives_a_restart_and_the_claimant_follows_the_holder(
     assert_eq!(conflicts.as_array().map(Vec::len), Some(2), "{conflicts}");
     assert_eq!(conflicts[0]["holder"], "p-web");
     assert_eq!(conflicts[0]["refused"], "zz-evil");
+    // `warden routes` shows the table and the refusal.
+    let out = std::process::Command::new(warden_tests::warden_bin())
+        .args(["routes"])
+        .env("WARDEN_LOCAL_REDIS", redis.url())
+        .env_remove("WARDEN_CONFIG")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with("p-web.example ")
+            && l.contains("p-web")
+            && l.contains(&format!("({})", cs.full_name("web")))),
+        "{text}"
+    );
+    assert!(
+        text.contains("p-web.example: held by p-web") && text.contains("refused to zz-evil"),
+        "{text}"
+    );
 
     // A restart reads back who holds what: still p-web.
     w.sigkill();

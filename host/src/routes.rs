@@ -1,0 +1,219 @@
+//! `warden routes`: the routing table as the router sees it in the local Redis — every
+//! front-end and port front-end with its backend and servers, which container each server
+//! is — and what the registrars on this Redis say of conflicts, keys left alone and
+//! containers not routed.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Serialize;
+
+#[derive(Debug, Serialize)]
+pub struct Routes {
+    pub frontends: Vec<Frontend>,
+    /// From every warden writing to this Redis (`warden:registrar:<instance>`).
+    pub conflicts: Vec<serde_json::Value>,
+    pub blocked: Vec<serde_json::Value>,
+    pub not_routed: Vec<serde_json::Value>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Frontend {
+    /// The Redis key (`frontend:…` or `warden:port:…`).
+    pub key: String,
+    pub backend: String,
+    pub servers: Vec<Server>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Server {
+    pub address: String,
+    /// The container behind it, when a warden on this Redis routed it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+}
+
+async fn scan(
+    conn: &mut redis::aio::MultiplexedConnection,
+    pattern: &str,
+) -> redis::RedisResult<Vec<String>> {
+    let mut keys = Vec::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await?;
+        keys.extend(batch);
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    keys.sort();
+    Ok(keys)
+}
+
+pub async fn read(url: &str) -> anyhow::Result<Routes> {
+    let addr = crate::redis_util::addr(url);
+    let fail = |e: redis::RedisError| {
+        anyhow::anyhow!("local redis {addr}: {}", crate::redis_util::describe(&e))
+    };
+    let client = redis::Client::open(url).map_err(fail)?;
+    let mut conn = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.get_multiplexed_async_connection(),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("local redis {addr}: no answer within 5 s"))?
+    .map_err(fail)?;
+    // Which container each address is, from the registrars' accounts.
+    let mut containers: BTreeMap<String, String> = BTreeMap::new();
+    let (mut conflicts, mut blocked, mut not_routed) = (Vec::new(), Vec::new(), Vec::new());
+    for key in scan(&mut conn, "warden:registrar:*").await.map_err(fail)? {
+        let text: Option<String> = redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .map_err(fail)?;
+        let Some(v) = text.and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok()) else {
+            continue;
+        };
+        for c in v["containers"].as_array().into_iter().flatten() {
+            match (c["address"].as_str(), c["name"].as_str()) {
+                (Some(a), Some(n)) => {
+                    containers.insert(a.to_owned(), n.to_owned());
+                }
+                _ => not_routed.push(c.clone()),
+            }
+        }
+        conflicts.extend(v["conflicts"].as_array().into_iter().flatten().cloned());
+        blocked.extend(v["blocked"].as_array().into_iter().flatten().cloned());
+    }
+    let mut keys = scan(&mut conn, "frontend:*").await.map_err(fail)?;
+    keys.extend(scan(&mut conn, "warden:port:*").await.map_err(fail)?);
+    let mut frontends = Vec::new();
+    for key in keys {
+        let backend: Option<String> = redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .map_err(fail)?;
+        let Some(backend) = backend else { continue };
+        let fields: Vec<String> = redis::cmd("HKEYS")
+            .arg(format!("backend:{backend}"))
+            .query_async(&mut conn)
+            .await
+            .map_err(fail)?;
+        let servers = fields
+            .into_iter()
+            .filter(|f| !f.starts_with('_'))
+            .map(|address| Server {
+                container: containers.get(&address).cloned(),
+                address,
+            })
+            .collect();
+        frontends.push(Frontend {
+            key,
+            backend,
+            servers,
+        });
+    }
+    Ok(Routes {
+        frontends,
+        conflicts,
+        blocked,
+        not_routed,
+    })
+}
+
+/// The table an operator reads.
+pub fn render(r: &Routes) -> String {
+    let mut out = String::new();
+    let name = |key: &str| match key.strip_prefix("warden:port:") {
+        Some(p) => format!("port {p}"),
+        None => key.strip_prefix("frontend:").unwrap_or(key).to_owned(),
+    };
+    let width = r
+        .frontends
+        .iter()
+        .map(|f| name(&f.key).len())
+        .max()
+        .unwrap_or(9)
+        .max(9);
+    out.push_str(&format!(
+        "{:width$}  {:12}  servers\n",
+        "front-end", "backend"
+    ));
+    for f in &r.frontends {
+        let servers: Vec<String> = f
+            .servers
+            .iter()
+            .map(|s| match &s.container {
+                Some(c) => format!("{} ({c})", s.address),
+                None => s.address.clone(),
+            })
+            .collect();
+        let servers = if servers.is_empty() {
+            "none (the router answers 500 here: an empty backend)".to_owned()
+        } else {
+            servers.join(", ")
+        };
+        out.push_str(&format!(
+            "{:width$}  {:12}  {servers}\n",
+            name(&f.key),
+            f.backend
+        ));
+    }
+    if !r.conflicts.is_empty() {
+        out.push_str("conflicts (claims refused):\n");
+        for c in &r.conflicts {
+            out.push_str(&format!(
+                "  {}: held by {} ({}), refused to {} ({})\n",
+                name(c["key"].as_str().unwrap_or("?")),
+                c["holder"].as_str().unwrap_or("?"),
+                join(&c["holder_containers"]),
+                c["refused"].as_str().unwrap_or("?"),
+                join(&c["refused_containers"]),
+            ));
+        }
+    }
+    if !r.blocked.is_empty() {
+        out.push_str("left alone (another writer's value):\n");
+        for b in &r.blocked {
+            out.push_str(&format!(
+                "  {} holds {}; warden wants {}\n",
+                b["key"].as_str().unwrap_or("?"),
+                b["found"],
+                b["wanted"]
+            ));
+        }
+    }
+    if !r.not_routed.is_empty() {
+        out.push_str("not routed:\n");
+        for c in &r.not_routed {
+            out.push_str(&format!(
+                "  {} (service {}): {}\n",
+                c["name"].as_str().unwrap_or("?"),
+                c["service"].as_str().unwrap_or("?"),
+                c["not_routed"].as_str().unwrap_or("?")
+            ));
+        }
+    }
+    out
+}
+
+fn join(v: &serde_json::Value) -> String {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_default()
+}
