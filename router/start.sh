@@ -3,12 +3,25 @@
 #   router/start.sh PREFIX PORT REDIS_HOST REDIS_PORT [random|round-robin]
 # PREFIX is a directory for nginx's files; warden writes PREFIX/ports.conf (set
 # registrar.router_ports_file = PREFIX/ports.conf and router_pid_file = PREFIX/nginx.pid).
+# Environment:
+#   WARDEN_ROUTER_WORKERS     nginx worker processes (default 1; `auto`: one a core)
+#   WARDEN_ROUTER_ACCESS_LOG  access log path, or `off` (default PREFIX/access.log,
+#                             written in 64 kB buffers flushed every second)
 set -euo pipefail
 prefix=$(realpath -m "$1"); port=$2; redis_host=${3:-127.0.0.1}; redis_port=${4:-6379}; balance=${5:-random}
+workers=${WARDEN_ROUTER_WORKERS:-1}
+access=${WARDEN_ROUTER_ACCESS_LOG:-$prefix/access.log}
+case "$balance" in random|round-robin) ;; *) echo "start.sh: balance must be random or round-robin, not $balance" >&2; exit 2;; esac
+if [ "$access" = off ]; then
+  access_log="access_log off;"
+else
+  access_log="access_log $access combined buffer=64k flush=1s;"
+fi
 dir=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$prefix/logs"
 [ -f "$prefix/ports.conf" ] || echo "# no port front-ends yet" > "$prefix/ports.conf"
 sed -e "s#@PREFIX@#$prefix#g" -e "s#@ROUTER_DIR@#$dir#g" -e "s#@PORT@#$port#g" \
     -e "s#@REDIS_HOST@#$redis_host#g" -e "s#@REDIS_PORT@#$redis_port#g" -e "s#@BALANCE@#$balance#g" \
+    -e "s#@WORKERS@#$workers#g" -e "s#@ACCESS_LOG@#$access_log#g" \
     "$dir/nginx.conf.template" > "$prefix/nginx.conf"
 exec nginx -p "$prefix" -c "$prefix/nginx.conf" -g 'daemon off;'

@@ -1,11 +1,24 @@
 -- warden's router: Redx's lookup (host, then longest path prefix first) plus warden's
--- port front-ends, served from the local Redis on every request (no reload for route
--- changes). Loaded by nginx.conf; needs lua-resty-redis (Debian: `nginx.redis`) and
--- lua-resty-core (ngx.balancer).
+-- port front-ends, served from a routing table held in each nginx worker's memory.
+-- No request waits on Redis: a hung, slow or absent Redis costs no request anything.
+--
+-- The table is read from Redis as one atomic snapshot (a read-only Lua script run by
+-- Redis) and replaced whole, never half updated, when:
+--   * warden publishes on `warden:routes` (it does so with every write that changes a
+--     route): a subscriber in each worker reloads at once;
+--   * `warden:routes:version` differs from the table's (checked every `check_ms`);
+--   * every `full_ms`, whatever the version says: the safety net that picks up writers
+--     that follow only Redx's model (stock Redx's API, redis-cli).
+-- When Redis is lost the last table keeps serving (one log line when lost, one when back).
+-- A snapshot without a version after the table had one means Redis restarted empty: the
+-- last table keeps serving until warden has rewritten it (the version is back).
 --
 -- Keys: `warden:port:<port>` -> backend (looked up first, by the port the request came
 -- in on); `frontend:<host>` or `frontend:<host>/<seg>/.../` -> backend;
 -- `backend:<name>` hash of `ip:port` -> score (fields starting with `_` are config).
+--
+-- Debian's lua-resty-redis 0.27 turns any unknown name looked up on a client into a Redis
+-- command: call only the methods `CLIENT_METHODS` lists (checked at start) and commands.
 
 local ok_redis, redis = pcall(require, "nginx.redis")
 if not ok_redis then
@@ -13,7 +26,18 @@ if not ok_redis then
 end
 local balancer = require "ngx.balancer"
 
-local _M = { redis_host = "127.0.0.1", redis_port = 6379, max_path_length = 3, balance = "random" }
+local _M = {
+  redis_host = "127.0.0.1",
+  redis_port = 6379,
+  max_path_length = 3,
+  balance = "random",
+  check_ms = 1000,
+  full_ms = 5000,
+  timeout_ms = 500,
+}
+
+-- The client methods the router calls; anything else would be sent to Redis as a command.
+local CLIENT_METHODS = { "new", "set_timeout", "connect", "set_keepalive", "read_reply", "close" }
 
 function _M.configure(opts)
   for k, v in pairs(opts or {}) do
@@ -21,63 +45,265 @@ function _M.configure(opts)
   end
 end
 
-local function candidates(host, uri)
-  local segs = {}
-  for seg in string.gmatch(uri, "[^/]+") do
-    if #segs >= _M.max_path_length then
-      break
-    end
-    segs[#segs + 1] = seg
-  end
-  local keys = {}
-  for n = #segs, 1, -1 do
-    keys[#keys + 1] = "frontend:" .. host .. "/" .. table.concat(segs, "/", 1, n) .. "/"
-  end
-  keys[#keys + 1] = "frontend:" .. host
-  return keys
-end
-
+-- The table this worker serves: nil until the first snapshot.
+local routes = nil
 local rr = {}
+local redis_lost = false
 
--- access phase: find the backend and its servers, or go to the fallback.
-function _M.route()
+-- Returns version (or false), then a flat list: n frontends, key/value pairs, then per
+-- backend: name, n servers, servers.
+local SNAPSHOT = [[
+local out = {}
+local v = redis.call('GET', 'warden:routes:version')
+out[1] = v or ''
+local keys = {}
+for _, pattern in ipairs({'frontend:*', 'warden:port:*'}) do
+  local cursor = '0'
+  repeat
+    local r = redis.call('SCAN', cursor, 'MATCH', pattern, 'COUNT', 1000)
+    cursor = r[1]
+    for _, k in ipairs(r[2]) do keys[#keys + 1] = k end
+  until cursor == '0'
+end
+out[#out + 1] = #keys
+local backends = {}
+for _, k in ipairs(keys) do
+  local b = redis.call('GET', k)
+  out[#out + 1] = k
+  out[#out + 1] = b or ''
+  if b then backends[b] = true end
+end
+for b in pairs(backends) do
+  local fields = redis.call('HKEYS', 'backend:' .. b)
+  local servers = {}
+  for _, f in ipairs(fields) do
+    if string.sub(f, 1, 1) ~= '_' then servers[#servers + 1] = f end
+  end
+  out[#out + 1] = b
+  out[#out + 1] = #servers
+  for _, s in ipairs(servers) do out[#out + 1] = s end
+end
+return out
+]]
+
+local function connect(timeout_ms)
   local red = redis:new()
-  red:set_timeouts(200, 500, 500)
+  red:set_timeout(timeout_ms)
   local ok, err = red:connect(_M.redis_host, _M.redis_port)
   if not ok then
-    ngx.log(ngx.ERR, "warden router: redis unreachable: ", err)
-    return ngx.exec("@warden_fallback")
+    return nil, err
   end
-  local backend = red:get("warden:port:" .. ngx.var.server_port)
-  if not backend or backend == ngx.null then
-    backend = nil
-    local host = string.lower(ngx.var.host or "")
-    local keys = candidates(host, ngx.var.uri or "/")
-    local res = red:mget(unpack(keys))
-    if type(res) == "table" then
-      for i = 1, #keys do
-        if res[i] and res[i] ~= ngx.null then
-          backend = res[i]
-          break
+  return red
+end
+
+local function lost(err)
+  if not redis_lost and not ngx.worker.exiting() then
+    redis_lost = true
+    ngx.log(ngx.WARN, "warden router: redis ", _M.redis_host, ":", _M.redis_port,
+      " lost (", tostring(err), "); serving the last routing table from memory")
+  end
+end
+
+local function back()
+  if redis_lost then
+    redis_lost = false
+    ngx.log(ngx.WARN, "warden router: redis ", _M.redis_host, ":", _M.redis_port,
+      " answering again; routing table reloaded")
+  end
+end
+
+-- Builds a table from a snapshot reply.
+local function build(res)
+  local t = { version = res[1], frontends = {}, ports = {}, backends = {} }
+  local i = 2
+  local n = tonumber(res[i])
+  i = i + 1
+  for _ = 1, n do
+    local k, b = res[i], res[i + 1]
+    i = i + 2
+    if b ~= "" then
+      local port = string.match(k, "^warden:port:(%d+)$")
+      if port then
+        t.ports[port] = b
+      else
+        t.frontends[string.sub(k, 10)] = b
+      end
+    end
+  end
+  while i <= #res do
+    local b, count = res[i], tonumber(res[i + 1])
+    i = i + 2
+    local servers = {}
+    for j = 1, count do
+      servers[j] = res[i + j - 1]
+    end
+    i = i + count
+    t.backends[b] = servers
+  end
+  return t
+end
+
+local function count(t)
+  local n = 0
+  for _ in pairs(t) do
+    n = n + 1
+  end
+  return n
+end
+
+-- Reads a snapshot and swaps it in. Returns true when a table is in place and current.
+function _M.reload(why)
+  local red, err = connect(_M.timeout_ms)
+  if not red then
+    lost(err)
+    return false
+  end
+  local res, eerr = red:eval(SNAPSHOT, 0)
+  if not res or type(res) ~= "table" then
+    red:close()
+    lost(eerr or "bad snapshot")
+    return false
+  end
+  red:set_keepalive(60000, 4)
+  back()
+  local t = build(res)
+  if t.version == "" and routes and routes.version ~= "" then
+    -- Redis restarted empty (or lost warden's keys): keep serving until warden rewrites.
+    if not routes.waiting then
+      routes.waiting = true
+      ngx.log(ngx.WARN, "warden router: redis holds no routes version (restarted empty?);",
+        " serving the last table until warden has rewritten it")
+    end
+    return false
+  end
+  routes = t
+  ngx.log(ngx.INFO, "warden router: routing table v", t.version, " loaded (", why, "): ",
+    count(t.frontends), " front-ends, ", count(t.ports), " port front-ends")
+  return true
+end
+
+-- The version now in Redis, or nil if Redis did not answer.
+local function version()
+  local red, err = connect(_M.timeout_ms)
+  if not red then
+    lost(err)
+    return nil
+  end
+  local v, gerr = red:get("warden:routes:version")
+  if not v then
+    red:close()
+    lost(gerr)
+    return nil
+  end
+  red:set_keepalive(60000, 4)
+  back()
+  if v == ngx.null then
+    v = ""
+  end
+  return v
+end
+
+-- Follows warden's publications; reconnects with backoff.
+local function subscriber(premature)
+  local delay = 0.1
+  while not premature and not ngx.worker.exiting() do
+    local red, err = connect(_M.timeout_ms)
+    if red then
+      local res, serr = red:subscribe("warden:routes")
+      if res then
+        delay = 0.1
+        -- Catch up on whatever changed while not subscribed.
+        _M.reload("subscribed")
+        red:set_timeout(1000)
+        while not ngx.worker.exiting() do
+          local msg, rerr = red:read_reply()
+          if msg then
+            if msg[1] == "message" then
+              _M.reload("published")
+            end
+          elseif rerr ~= "timeout" then
+            lost(rerr)
+            break
+          end
         end
+      else
+        lost(serr)
       end
+      red:close()
+    else
+      lost(err)
+    end
+    ngx.sleep(delay)
+    delay = math.min(delay * 2, 5)
+  end
+end
+
+local last_full = 0
+
+local function check(premature)
+  if premature then
+    return
+  end
+  local now = ngx.now() * 1000
+  if not routes or now - last_full >= _M.full_ms then
+    last_full = now
+    _M.reload(routes and "safety net" or "start")
+    return
+  end
+  local v = version()
+  if v and v ~= routes.version and not (v == "" and routes.waiting) then
+    _M.reload("version " .. v)
+  end
+end
+
+-- init_worker phase: check the client methods, load the table, start the timers.
+function _M.init_worker()
+  for _, m in ipairs(CLIENT_METHODS) do
+    if type(rawget(redis, m)) ~= "function" then
+      ngx.log(ngx.ERR, "warden router: the redis client module has no method ", m,
+        "; calling it would send a Redis command instead")
     end
   end
-  if not backend then
-    red:set_keepalive(10000, 64)
+  math.randomseed(ngx.now() * 1000 + ngx.worker.pid())
+  ngx.timer.at(0, subscriber)
+  ngx.timer.at(0, check)
+  ngx.timer.every(_M.check_ms / 1000, check)
+end
+
+local function lookup(t)
+  local backend = t.ports[ngx.var.server_port]
+  if backend then
+    return backend
+  end
+  local host = string.lower(ngx.var.host or "")
+  local frontends = t.frontends
+  local uri = ngx.var.uri or "/"
+  local segs, n = {}, 0
+  for seg in string.gmatch(uri, "[^/]+") do
+    if n >= _M.max_path_length then
+      break
+    end
+    n = n + 1
+    segs[n] = seg
+  end
+  for k = n, 1, -1 do
+    local b = frontends[host .. "/" .. table.concat(segs, "/", 1, k) .. "/"]
+    if b then
+      return b
+    end
+  end
+  return frontends[host]
+end
+
+-- access phase: find the backend and its servers in memory, or go to the fallback.
+function _M.route()
+  local t = routes
+  if not t then
     return ngx.exec("@warden_fallback")
   end
-  local all = red:hgetall("backend:" .. backend)
-  red:set_keepalive(10000, 64)
-  local servers = {}
-  if type(all) == "table" then
-    for i = 1, #all, 2 do
-      if string.sub(all[i], 1, 1) ~= "_" then
-        servers[#servers + 1] = all[i]
-      end
-    end
-  end
-  if #servers == 0 then
+  local backend = lookup(t)
+  local servers = backend and t.backends[backend]
+  if not servers or #servers == 0 then
     return ngx.exec("@warden_fallback")
   end
   local start

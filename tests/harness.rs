@@ -54,6 +54,13 @@ pub struct Redis {
 }
 
 impl Redis {
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(self.pid(), sig) };
+    }
     pub fn start() -> Redis {
         Self::start_on(free_port())
     }
@@ -325,6 +332,20 @@ impl Router {
     pub fn ports_file(&self) -> PathBuf {
         self.prefix.path().join("ports.conf")
     }
+    /// Adds a `listen` line, as warden does for a port front-end, and reloads nginx.
+    pub fn listen(&self, port: u16) {
+        let mut text = std::fs::read_to_string(self.ports_file()).unwrap_or_default();
+        text.push_str(&format!("listen {port};\n"));
+        std::fs::write(self.ports_file(), text).unwrap();
+        let pid: i32 = std::fs::read_to_string(self.pid_file())
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(pid, libc::SIGHUP) };
+        wait_for_port(port, "nginx router's port front-end");
+    }
     pub fn pid_file(&self) -> PathBuf {
         self.prefix.path().join("nginx.pid")
     }
@@ -362,6 +383,44 @@ pub fn wait_account_container(redis: &Redis, instance: &str, name: &str) -> serd
                 .cloned()
         },
     )
+}
+
+/// A static HTTP backend on loopback (busybox httpd) answering `body` at `/` and at
+/// `/api/v1/`.
+pub struct Backend {
+    pub port: u16,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Backend {
+    pub fn start(body: &str) -> Backend {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("index.html"), body).unwrap();
+        std::fs::create_dir_all(dir.path().join("api/v1")).unwrap();
+        std::fs::write(dir.path().join("api/v1/index.html"), body).unwrap();
+        let port = free_port();
+        let child = Command::new("/bin/busybox")
+            .args(["httpd", "-f", "-p", &format!("127.0.0.1:{port}"), "-h"])
+            .arg(dir.path())
+            .spawn()
+            .expect("busybox httpd (run scripts/setup.sh)");
+        wait_for_port(port, "busybox httpd");
+        Backend {
+            port,
+            child,
+            _dir: dir,
+        }
+    }
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+    }
 }
 
 /// One HTTP/1.0 GET; returns (status, body).

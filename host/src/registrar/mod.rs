@@ -65,8 +65,9 @@ struct Loop {
     held: Option<BTreeMap<String, String>>,
     /// The entries of the last decision, for the verification.
     last_desired: Option<BTreeSet<entry::Entry>>,
-    /// The account last published for `warden routes`.
+    /// The account last published for `warden routes`, and the decision it was made from.
     published: String,
+    last_routing: Option<desired::Routing>,
     ready: bool,
 }
 
@@ -87,6 +88,7 @@ impl Registrar {
             held: None,
             last_desired: None,
             published: String::new(),
+            last_routing: None,
             ready: false,
         };
         let mut docker_backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(15));
@@ -286,7 +288,8 @@ impl Loop {
                         entry::describe_change(before.as_ref(), &entries)
                     );
                 }
-                self.publish(&routing, &applied.blocked).await;
+                self.last_routing = Some(routing.clone());
+                self.publish().await;
                 if !self.ready {
                     self.ready = true;
                     tracing::info!(
@@ -320,6 +323,7 @@ impl Loop {
                     );
                 }
                 self.note_blocked(&v.blocked);
+                self.publish().await;
             }
             Err(e) => {
                 if self.retry_at.is_none() {
@@ -347,7 +351,11 @@ impl Loop {
     }
 
     /// Publishes the account of containers, conflicts and blocked keys when it changed.
-    async fn publish(&mut self, routing: &desired::Routing, blocked: &[entry::Blocked]) {
+    async fn publish(&mut self) {
+        let Some(routing) = &self.last_routing else {
+            return;
+        };
+        let blocked = self.r.routes.blocked();
         let state = serde_json::json!({
             "containers": routing.containers,
             "conflicts": routing.conflicts,

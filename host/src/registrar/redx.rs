@@ -358,8 +358,8 @@ pub struct Routes<S: RouteStore> {
     pub store: S,
     /// What warden believes it owns; `None` until read (start, error, resync).
     applied: Option<BTreeSet<Entry>>,
-    /// The desired entries that were left alone last time (another writer's value).
-    blocked: BTreeSet<Entry>,
+    /// Desired keys left alone (another writer's value), as last seen.
+    blocked: BTreeMap<Entry, Blocked>,
 }
 
 impl<S: RouteStore> Routes<S> {
@@ -367,8 +367,13 @@ impl<S: RouteStore> Routes<S> {
         Self {
             store,
             applied: None,
-            blocked: BTreeSet::new(),
+            blocked: BTreeMap::new(),
         }
+    }
+
+    /// The keys warden wants that hold another writer's value, as last seen.
+    pub fn blocked(&self) -> Vec<Blocked> {
+        self.blocked.values().cloned().collect()
     }
 
     /// Forget what was applied: the next apply reads the owned set back first.
@@ -436,20 +441,27 @@ impl<S: RouteStore> Routes<S> {
     ) -> Result<(), RouteError> {
         let (owned, mut ops) = match self.applied.take() {
             // Keys left alone earlier are not owned; they are retried by the verification.
-            Some(a) => (a.difference(&self.blocked).cloned().collect(), Vec::new()),
+            Some(a) => (
+                a.iter()
+                    .filter(|e| !self.blocked.contains_key(e))
+                    .cloned()
+                    .collect(),
+                Vec::new(),
+            ),
             None => {
                 stats.commands += 1;
                 self.read_owned().await?
             }
         };
-        ops.extend(
-            entry::plan(&owned, desired).into_iter().filter(
-                |op| !matches!(op, Op::SetKey { entry, .. } if self.blocked.contains(entry)),
-            ),
-        );
-        let blocked = self.run(ops, desired, stats).await?;
-        self.blocked.retain(|e| desired.contains(e));
-        self.blocked.extend(blocked);
+        ops.extend(entry::plan(&owned, desired).into_iter().filter(
+            |op| !matches!(op, Op::SetKey { entry, .. } if self.blocked.contains_key(entry)),
+        ));
+        self.run(ops, desired, stats).await?;
+        self.blocked.retain(|e, _| desired.contains(e));
+        for b in &stats.blocked {
+            self.blocked
+                .insert(Entry::key(&b.key, &b.wanted), b.clone());
+        }
         self.applied = Some(desired.clone());
         Ok(())
     }
@@ -489,27 +501,25 @@ impl<S: RouteStore> Routes<S> {
             .count();
         ops.extend(repairs);
         stats.blocked = blocked;
-        let mut now_blocked: BTreeSet<Entry> = stats
+        self.run(ops, desired, stats).await?;
+        self.blocked = stats
             .blocked
             .iter()
-            .map(|b| Entry::key(&b.key, &b.wanted))
+            .map(|b| (Entry::key(&b.key, &b.wanted), b.clone()))
             .collect();
-        now_blocked.extend(self.run(ops, desired, stats).await?);
-        self.blocked = now_blocked;
         self.applied = Some(desired.clone());
         Ok(())
     }
 
-    /// Runs `ops` (if any); returns the entries the script left alone, adding them to
-    /// `stats.blocked`.
+    /// Runs `ops` (if any); adds the keys the script left alone to `stats.blocked`.
     async fn run(
         &mut self,
         ops: Vec<Op>,
         desired: &BTreeSet<Entry>,
         stats: &mut Applied,
-    ) -> Result<Vec<Entry>, RouteError> {
+    ) -> Result<(), RouteError> {
         if ops.is_empty() {
-            return Ok(Vec::new());
+            return Ok(());
         }
         stats.commands += 1;
         stats.writes = ops.len();
@@ -523,15 +533,13 @@ impl<S: RouteStore> Routes<S> {
                 _ => None,
             })
             .collect();
-        let mut left = Vec::new();
         for (key, found) in self.store.write(&ops, desired).await? {
             let wanted = wanted.get(&key).cloned().unwrap_or_default();
-            left.push(Entry::key(&key, &wanted));
             stats.blocked.push(Blocked { key, wanted, found });
         }
         stats.blocked.sort();
         stats.blocked.dedup();
-        Ok(left)
+        Ok(())
     }
 }
 
