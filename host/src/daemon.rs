@@ -6,18 +6,19 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
-use warden_plugin_api::Kind;
+use tokio::sync::{mpsc, watch, OnceCell};
+use warden_plugin_api::{ErrorKind, Kind};
 
-use crate::config::{Config, PluginRef};
+use crate::config::{Config, PluginRef, PluginsConfig};
 use crate::identity;
 use crate::manager::ecs::AwsEcs;
 use crate::manager::election::Timing;
 use crate::manager::policy::Mapping;
 use crate::manager::{ManagedService, Manager, Target};
 use crate::plugins::slot::Slot;
-use crate::plugins::{CallOptions, PluginHost, ServicesClient};
+use crate::plugins::{CallOptions, CreateError, PluginHost, ServicesClient};
 use crate::registrar::{self, redx, Registrar};
+use crate::supervisor::{Fatal, Supervisor};
 
 /// The plugin that gives service definitions when none is configured.
 pub const DEFAULT_SOURCE: &str = "docker-labels";
@@ -31,12 +32,14 @@ fn hostname() -> String {
 }
 
 /// Creates the service sources, retrying until every one is created (a source that
-/// cannot start must not make its services' routes disappear).
+/// cannot start must not make its services' routes disappear). A source that refuses its
+/// configuration is fatal: retrying cannot help until an operator fixes it.
 async fn sources(
     host: &PluginHost,
     refs: &[PluginRef],
     options: CallOptions,
-    shutdown: &mut watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<bool>,
+    fatal: mpsc::UnboundedSender<Fatal>,
 ) -> Option<Vec<ServicesClient>> {
     let default = [PluginRef {
         plugin: DEFAULT_SOURCE.into(),
@@ -52,12 +55,17 @@ async fn sources(
                 .await
             {
                 Ok(c) => out.push(ServicesClient(c)),
-                Err(e) => {
+                Err(e) if matches!(&e, CreateError::Plugin { error, .. } if error.kind != ErrorKind::Config) =>
+                {
                     tracing::error!(
                         source = i,
                         "service source not created; the registrar waits for it: {e}"
                     );
                     failed = true;
+                }
+                Err(e) => {
+                    let _ = fatal.send(Fatal::Config(format!("registrar.sources[{i}]: {e}")));
+                    std::future::pending::<()>().await;
                 }
             }
         }
@@ -115,19 +123,68 @@ fn managed_services(
     Ok(out)
 }
 
-/// Runs warden until `shutdown` resolves.
+/// What makes a configuration unable to work, one line each: the same checks for
+/// `warden check` and before `warden run` starts anything.
+pub fn problems(config: &Config, host: &PluginHost) -> Vec<String> {
+    let mut out = Vec::new();
+    if config.plugins.dirs != PluginsConfig::default().dirs {
+        for d in &config.plugins.dirs {
+            if !d.is_dir() {
+                out.push(format!(
+                    "plugins.dirs: {} does not exist or is not a directory",
+                    d.display()
+                ));
+            }
+        }
+    }
+    let failed_loads = || {
+        host.failures()
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    for (key, kind, r) in config.plugin_refs() {
+        if let Err(e) = host.check_config(&r.plugin, kind, &r.config) {
+            let mut line = format!("{key}: {e}");
+            if matches!(e, CreateError::UnknownPlugin { .. }) && !host.failures().is_empty() {
+                line.push_str(&format!(" (files not loaded: {})", failed_loads()));
+            }
+            out.push(line);
+        }
+    }
+    if config.registrar.enabled && config.registrar.sources.is_empty() {
+        if let Err(e) = host.check_config(
+            DEFAULT_SOURCE,
+            Kind::ServiceDefinitions,
+            &serde_json::json!({}),
+        ) {
+            out.push(format!(
+                "registrar: enabled with no [[registrar.sources]], and the default source cannot be used: {e}; on a host that runs only the manager, set registrar.enabled = false"
+            ));
+        }
+    }
+    out
+}
+
+/// Runs warden until `shutdown` resolves, or a fatal condition ends it.
 pub async fn run(
     config: Config,
     insecure: bool,
     shutdown: impl std::future::Future<Output = ()>,
-) -> anyhow::Result<()> {
+) -> Result<(), Fatal> {
     let host = Arc::new(PluginHost::load_dirs(
         &config.plugins.dirs,
         insecure || config.plugins.allow_insecure,
     ));
+    let found = problems(&config, &host);
+    if !found.is_empty() {
+        return Err(Fatal::Config(found.join("\n")));
+    }
     let options = CallOptions::from_config(&config.plugins);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut tasks = tokio::task::JoinSet::new();
+    let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
+    let mut sup = Supervisor::new(fatal_tx.clone(), stop_rx.clone());
     let me = identity::resolve(&config.host).await;
     // One AWS configuration for every client, loaded only when something needs AWS.
     let needs_aws = config.manager.central_redis.is_some()
@@ -153,6 +210,7 @@ pub async fn run(
                 options,
                 create_timeout,
                 stop_rx.clone(),
+                fatal_tx.clone(),
             );
             (name.clone(), slot)
         })
@@ -160,11 +218,11 @@ pub async fn run(
 
     if let (Some(url), Some(sdk)) = (&config.manager.central_redis, &sdk) {
         let central = redis::Client::open(url.as_str()).map_err(|e| {
-            anyhow::anyhow!(
+            Fatal::Config(format!(
                 "manager.central_redis {}: {}",
                 crate::redis_util::addr(url),
                 crate::redis_util::describe(&e)
-            )
+            ))
         })?;
         let id = me.instance_id.clone().unwrap_or_else(hostname);
         let az = me
@@ -183,45 +241,49 @@ pub async fn run(
                 guard: Duration::from_millis(m.guard_ms),
             },
             loop_interval: Duration::from_secs(m.loop_secs),
-            services: managed_services(&config, &slots)?,
+            services: managed_services(&config, &slots)
+                .map_err(|e| Fatal::Config(e.to_string()))?,
             ecs: (!m.dry_run).then(|| AwsEcs::new(sdk)),
             ec2: Some(aws_sdk_ec2::Client::new(sdk)),
         };
         tracing::info!(instance = %id, services = manager.services.len(), dry_run = m.dry_run, "manager started");
-        tasks.spawn(manager.run(stop_rx.clone()));
+        let stop = stop_rx.clone();
+        sup.spawn("manager", move || manager.clone().run(stop.clone()));
     }
 
     if config.registrar.enabled {
-        let docker = bollard::Docker::connect_with_defaults()
-            .map_err(|e| anyhow::anyhow!("cannot set up the Docker client (DOCKER_HOST?): {e}"))?;
+        let docker = bollard::Docker::connect_with_defaults().map_err(|e| {
+            Fatal::Config(format!(
+                "cannot set up the Docker client (DOCKER_HOST?): {e}"
+            ))
+        })?;
         let owner = me.instance_id.clone().unwrap_or_else(hostname);
-        let routes = redx::Routes::new(
-            redx::RedisStore::new(&config.registrar.local_redis, &owner)
-                .map_err(|e| anyhow::anyhow!("registrar.local_redis: {e}"))?,
-        );
+        let local_redis = config.registrar.local_redis.clone();
+        redx::RedisStore::new(&local_redis, &owner)
+            .map_err(|e| Fatal::Config(format!("registrar.local_redis: {e}")))?;
         let (elb_tx, elb_rx) = watch::channel(BTreeMap::new());
         let (ports_tx, ports_rx) = watch::channel(BTreeSet::new());
+        let (elb_tx, ports_tx) = (Arc::new(elb_tx), Arc::new(ports_tx));
         if let Some(file) = config.registrar.router_ports_file.clone() {
-            tasks.spawn(registrar::router::run(
-                file,
-                config.registrar.router_pid_file.clone(),
-                ports_rx,
-                stop_rx.clone(),
-            ));
+            let (pid, stop) = (config.registrar.router_pid_file.clone(), stop_rx.clone());
+            sup.spawn("router ports", move || {
+                registrar::router::run(file.clone(), pid.clone(), ports_rx.clone(), stop.clone())
+            });
         }
         if let (Some(instance), Some(sdk)) = (me.instance_id.clone(), &sdk) {
             let client = aws_sdk_elasticloadbalancing::Client::new(sdk);
-            tasks.spawn(registrar::elb::run(
-                client,
-                instance,
-                elb_rx,
-                stop_rx.clone(),
-            ));
+            let stop = stop_rx.clone();
+            sup.spawn("elb membership", move || {
+                registrar::elb::run(
+                    client.clone(),
+                    instance.clone(),
+                    elb_rx.clone(),
+                    stop.clone(),
+                )
+            });
         }
-        let (refs, resync) = (
-            config.registrar.sources.clone(),
-            Duration::from_secs(config.registrar.resync_secs),
-        );
+        let refs = config.registrar.sources.clone();
+        let resync = Duration::from_secs(config.registrar.resync_secs);
         let drain_on_stop = config.registrar.drain_on_stop;
         let selector = config
             .registrar
@@ -229,26 +291,49 @@ pub async fn run(
             .as_deref()
             .map(registrar::store::Selector::parse)
             .transpose()
-            .map_err(|e| anyhow::anyhow!("registrar.require_label: {e}"))?;
-        let host = host.clone();
-        let mut stop = stop_rx.clone();
-        tasks.spawn(async move {
-            let Some(sources) = sources(&host, &refs, options, &mut stop).await else {
-                return;
-            };
-            tracing::info!(owner = %owner, sources = sources.len(), "registrar started");
-            Registrar {
-                docker,
-                sources,
-                routes,
-                resync,
-                drain_on_stop,
-                elbs: elb_tx,
-                ports: ports_tx,
-                selector,
+            .map_err(|e| Fatal::Config(format!("registrar.require_label: {e}")))?;
+        // The sources are created once; a restarted registrar loop reuses them.
+        let created: Arc<OnceCell<Option<Vec<ServicesClient>>>> = Arc::new(OnceCell::new());
+        let (host, stop, fatal) = (host.clone(), stop_rx.clone(), fatal_tx.clone());
+        sup.spawn("registrar", move || {
+            let (created, host, refs, stop, fatal) = (
+                created.clone(),
+                host.clone(),
+                refs.clone(),
+                stop.clone(),
+                fatal.clone(),
+            );
+            let (docker, owner, local_redis, selector) = (
+                docker.clone(),
+                owner.clone(),
+                local_redis.clone(),
+                selector.clone(),
+            );
+            let (elbs, ports) = (elb_tx.clone(), ports_tx.clone());
+            async move {
+                let sources = created
+                    .get_or_init(|| sources(&host, &refs, options, stop.clone(), fatal))
+                    .await;
+                let Some(sources) = sources.clone() else {
+                    return;
+                };
+                let Ok(store) = redx::RedisStore::new(&local_redis, &owner) else {
+                    return;
+                };
+                tracing::info!(owner = %owner, sources = sources.len(), "registrar started");
+                Registrar {
+                    docker,
+                    sources,
+                    routes: redx::Routes::new(store),
+                    resync,
+                    drain_on_stop,
+                    elbs,
+                    ports,
+                    selector,
+                }
+                .run(stop)
+                .await
             }
-            .run(stop)
-            .await
         });
     }
 
@@ -259,17 +344,29 @@ pub async fn run(
         registrar = config.registrar.enabled,
         "warden running; waiting for SIGTERM or SIGINT"
     );
-    shutdown.await;
-    tracing::info!("shutting down");
+    let fatal = tokio::select! {
+        biased;
+        _ = shutdown => None,
+        f = fatal_rx.recv() => f,
+    };
+    match &fatal {
+        None => tracing::info!("shutting down"),
+        Some(f) => tracing::error!(exit_code = f.exit_code(), "shutting down: {f}"),
+    }
     let _ = stop_tx.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(10), async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
+    if !sup.join(SHUTDOWN_LIMIT).await {
+        tracing::warn!(
+            limit = %crate::logs::humantime(SHUTDOWN_LIMIT),
+            "some work did not end in time; exiting anyway"
+        );
+    }
     for slot in slots.values() {
         if let Ok(c) = slot.get() {
             c.shutdown();
         }
     }
-    Ok(())
+    fatal.map_or(Ok(()), Err)
 }
+
+/// The longest shutdown takes: work in flight is cancelled, not waited for.
+pub const SHUTDOWN_LIMIT: Duration = Duration::from_secs(2);

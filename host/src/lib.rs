@@ -19,3 +19,4 @@ pub mod redis_util;
 pub mod registrar;
 pub mod routes;
 pub mod status;
+pub mod supervisor;

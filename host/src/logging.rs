@@ -1,4 +1,8 @@
 //! Log setup: structured `tracing` events to stderr, as text or one JSON object a line.
+//! Colours only when stderr is a terminal and `NO_COLOR` is not set (journald and log
+//! files get plain text).
+
+use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
@@ -8,15 +12,41 @@ pub enum LogFormat {
     Json,
 }
 
+/// Whether text logs may carry ANSI colours (pure, for the test).
+pub fn colours(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
 /// Installs the global subscriber. `RUST_LOG` overrides `default_level`.
 pub fn init(format: LogFormat, default_level: &str) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    let ansi = colours(
+        std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR").as_deref(),
+    );
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colours_only_on_a_terminal_without_no_color() {
+        assert!(colours(true, None));
+        assert!(!colours(false, None));
+        assert!(!colours(true, Some(std::ffi::OsStr::new("1"))));
+        assert!(
+            colours(true, Some(std::ffi::OsStr::new(""))),
+            "an empty NO_COLOR is unset"
+        );
+    }
 }

@@ -76,6 +76,10 @@ enum PluginsCommand {
         #[arg(long, env = "WARDEN_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Loads one file as warden would and prints a JSON report (used by warden itself, in
+    /// a child process, before it loads a file into the daemon).
+    #[command(hide = true)]
+    Probe { file: PathBuf },
     /// Load one plugin file and validate it (and a config for it).
     Check {
         file: PathBuf,
@@ -90,6 +94,21 @@ enum PluginsCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Plugins {
+        command: PluginsCommand::Probe { file },
+    } = &cli.command
+    {
+        let report = plugins::probe::run_here(file);
+        println!(
+            "{}",
+            serde_json::to_string(&report).expect("a report serializes")
+        );
+        return ExitCode::SUCCESS;
+    }
+    // Every plugin file is probed in a child (this same binary) before it is loaded here.
+    if let Ok(exe) = std::env::current_exe() {
+        plugins::probe::set_command(exe);
+    }
     // The daemon logs what it does; one-shot commands print results and log only problems.
     let level = if matches!(cli.command, Command::Run { .. }) {
         "info"
@@ -141,6 +160,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Plugins {
             command: PluginsCommand::Check { file, config, kind },
         } => plugins_check(file, config, kind, insecure),
+        Command::Plugins {
+            command: PluginsCommand::Probe { .. },
+        } => unreachable!("handled before logging is set up"),
         Command::Check { config } => check(config, insecure),
         Command::Run { config } => daemon(config, insecure),
         Command::Routes { config, json } => {
@@ -248,18 +270,15 @@ fn check(path: Option<PathBuf>, insecure: bool) -> anyhow::Result<ExitCode> {
         &config.plugins.dirs,
         insecure || config.plugins.allow_insecure,
     );
-    let mut problems = 0;
-    for (key, kind, r) in config.plugin_refs() {
-        if let Err(e) = host.check_config(&r.plugin, kind, &r.config) {
-            println!("{file}: {key}: {e}");
-            problems += 1;
-        }
+    let problems = warden::daemon::problems(&config, &host);
+    for p in &problems {
+        println!("{file}: {p}");
     }
     for f in host.failures() {
         println!("warning: plugin not loaded: {f}");
     }
-    if problems > 0 {
-        return Ok(ExitCode::FAILURE);
+    if !problems.is_empty() {
+        return Ok(ExitCode::from(warden::supervisor::EXIT_CONFIG));
     }
     println!(
         "{file}: ok ({} plugins loaded, {} plugin configs checked)",
@@ -270,17 +289,61 @@ fn check(path: Option<PathBuf>, insecure: bool) -> anyhow::Result<ExitCode> {
 }
 
 fn daemon(path: Option<PathBuf>, insecure: bool) -> anyhow::Result<ExitCode> {
-    let config = load_config(path.as_deref())?;
+    // The same checks as `warden check`: a configuration that cannot work stops here.
+    let config = match load_config(path.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("warden: {e:#}");
+            return Ok(ExitCode::from(warden::supervisor::EXIT_CONFIG));
+        }
+    };
+    // A panic anywhere is said in the log, with where it happened.
+    std::panic::set_hook(Box::new(|info| {
+        let at = info
+            .location()
+            .map_or(String::new(), |l| format!(" at {}:{}", l.file(), l.line()));
+        let text = warden::supervisor::panic_text(info.payload());
+        tracing::error!("panic{at}: {text}");
+    }));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(async move {
+    let outcome = rt.block_on(async move {
         // Listen before anything else, so that a signal sent once we say we run is never
         // taken by the default action.
         let shutdown = shutdown_signal()?;
-        warden::daemon::run(config, insecure, shutdown).await
+        ignored_signals()?;
+        Ok::<_, anyhow::Error>(warden::daemon::run(config, insecure, shutdown).await)
     })?;
-    Ok(ExitCode::SUCCESS)
+    // A plugin stuck in `new` holds a blocking thread: do not wait for it.
+    rt.shutdown_timeout(std::time::Duration::from_millis(200));
+    match outcome {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(fatal) => {
+            for line in fatal.to_string().lines() {
+                eprintln!("warden: {line}");
+            }
+            Ok(ExitCode::from(fatal.exit_code()))
+        }
+    }
+}
+
+/// SIGHUP and SIGUSR1 are logged and ignored (never fatal): their default action would
+/// end warden without a word and without giving up its lease.
+fn ignored_signals() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
+    let mut usr1 = signal(SignalKind::user_defined1()).context("cannot listen for SIGUSR1")?;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                Some(()) = hup.recv() => tracing::warn!("SIGHUP received: this warden has no configuration reload; ignored (restart it to apply a new configuration)"),
+                Some(()) = usr1.recv() => tracing::info!("SIGUSR1 received; ignored"),
+                else => return,
+            }
+        }
+    });
+    Ok(())
 }
 
 /// Resolves on the first SIGTERM or SIGINT; the handlers are in place when this returns.

@@ -61,7 +61,10 @@ fn a_file_that_is_no_library_is_refused() {
     std::fs::write(&f, "just text").unwrap();
     let (code, out, _) = warden(&["plugins", "check", f.to_str().unwrap()]);
     assert_eq!(code, 1);
-    assert!(out.contains("cannot open it as a shared library"), "{out}");
+    assert!(
+        out.contains("not an ELF file (not a shared library)"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -146,8 +149,12 @@ fn check_names_file_key_and_expectation() {
     )
     .unwrap();
     let (code, out, _) = warden(&["check", "--config", cfg.to_str().unwrap()]);
-    assert_eq!(code, 1, "{out}");
+    assert_eq!(code, 78, "{out}");
     let cfg_name = cfg.display().to_string();
+    assert!(
+        out.contains(&format!("{cfg_name}: registrar: enabled with no [[registrar.sources]], and the default source cannot be used: no plugin named \"docker-labels\" is loaded")),
+        "{out}"
+    );
     assert!(
         out.contains(&format!("{cfg_name}: metrics.upstream: config does not match plugin \"template\"'s schema: value: \"five\" is not of type \"number\"")),
         "{out}"
@@ -159,7 +166,7 @@ fn check_names_file_key_and_expectation() {
         "{out}"
     );
 
-    std::fs::write(&cfg, format!("[plugins]\ndirs = [{:?}]\n[metrics.upstream]\nplugin = \"template\"\nconfig = {{ value = 5 }}\n", dir.path())).unwrap();
+    std::fs::write(&cfg, format!("[plugins]\ndirs = [{:?}]\n[registrar]\nenabled = false\n[metrics.upstream]\nplugin = \"template\"\nconfig = {{ value = 5 }}\n", dir.path())).unwrap();
     let (code, out, _) = warden(&["check", "--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}");
     assert!(

@@ -130,11 +130,16 @@ fn main() {
     let b = [free_port(), free_port(), free_port()];
     let servers: String = b
         .iter()
-        .map(|p| format!("  server {{ listen 127.0.0.1:{p}; location / {{ return 200 \"ok\\n\"; }} }}\n"))
+        .map(|p| {
+            format!("  server {{ listen 127.0.0.1:{p}; location / {{ return 200 \"ok\\n\"; }} }}\n")
+        })
         .collect();
     let _backends = nginx("1", &servers, &b);
     let upstream = |keepalive: bool| {
-        let list: String = b.iter().map(|p| format!("    server 127.0.0.1:{p};\n")).collect();
+        let list: String = b
+            .iter()
+            .map(|p| format!("    server 127.0.0.1:{p};\n"))
+            .collect();
         let ka = if keepalive { "    keepalive 32;\n" } else { "" };
         let port = free_port();
         let http = format!(
@@ -169,8 +174,16 @@ fn main() {
 
     eprintln!("throughput: {rounds} rounds of {secs} s each...");
     let cases: [(&str, u16, &str); 4] = [
-        ("plain nginx, static upstream, keepalive 32", ka_port, "web.test"),
-        ("plain nginx, static upstream, no keepalive", nk_port, "web.test"),
+        (
+            "plain nginx, static upstream, keepalive 32",
+            ka_port,
+            "web.test",
+        ),
+        (
+            "plain nginx, static upstream, no keepalive",
+            nk_port,
+            "web.test",
+        ),
         ("warden's router, host front-end", r.port, "web.test"),
         ("warden's router, port front-end", svc_port, "anything.test"),
     ];
@@ -240,9 +253,7 @@ fn main() {
         "| router with its Redis answering / stopped (SIGSTOP) for the whole {secs} s run | {base_rps:.0} / {hung_rps:.0} req/s; p99 {base_p99:.2} / {hung_p99:.2} ms ({:.2}×); errors {base_err} / {hung_err} | p99 within 2×, 0 errors |",
         hung_p99 / base_p99
     );
-    println!(
-        "| error.log lines after the throughput runs | {error_log_lines} | 0 |"
-    );
+    println!("| error.log lines after the throughput runs | {error_log_lines} | 0 |");
     println!(
         "| error.log lines of the router whose Redis was stopped | {} (\"lost\", then \"answering again\") | one each |",
         hung_log.lines().count()

@@ -54,6 +54,7 @@ pub enum Target {
     Service { service: String },
 }
 
+#[derive(Clone)]
 pub struct ManagedService {
     pub name: String,
     pub cluster: String,
@@ -248,6 +249,7 @@ impl Record {
 }
 
 /// The manager's parts, wired by `daemon`.
+#[derive(Clone)]
 pub struct Manager {
     pub id: String,
     pub az: String,

@@ -8,6 +8,8 @@
 
 pub mod breaker;
 pub mod client;
+pub mod elf;
+pub mod probe;
 pub mod schema;
 pub mod security;
 pub mod slot;
@@ -78,10 +80,20 @@ pub struct PluginHost {
     failures: Vec<LoadFailure>,
 }
 
-/// Loads one file: permission check (unless `allow_insecure`), then the library.
+/// Loads one file: permission check (unless `allow_insecure`), the ELF structure (no
+/// code of the file runs), a probe in a child process, and only then the library in this
+/// process.
 pub fn load_file(path: &Path, allow_insecure: bool) -> Result<Plugin, String> {
     if !allow_insecure {
         security::check_plugin_file(path)?;
+    }
+    elf::check_file(path)?;
+    if let Some(report) = probe::in_child(path)? {
+        if !report.ok {
+            return Err(report
+                .reason
+                .unwrap_or_else(|| "refused by the probe".to_owned()));
+        }
     }
     let library = Library::load(path).map_err(|e| e.to_string())?;
     Ok(Plugin { library })
@@ -97,7 +109,7 @@ impl PluginHost {
                 continue;
             }
             if !allow_insecure {
-                if let Err(reason) = security::check(dir) {
+                if let Err(reason) = security::check_plugin_dir(dir) {
                     host.fail(dir.clone(), reason);
                     continue;
                 }

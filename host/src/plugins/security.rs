@@ -1,6 +1,11 @@
 //! Who may put code into warden: plugin files and their directories must not be writable
 //! by group or others, and must be owned by root or by warden's own user. Anyone who
 //! can write such a file could otherwise run code as warden.
+//!
+//! Like sshd's StrictModes, the check follows a symlink to the file it names and covers
+//! every directory from there up to `/`: whoever can rename a directory on the way can
+//! swap the plugin. A directory writable by others is accepted only with the sticky bit
+//! and owned by root (`/tmp`): there nobody but its owner can rename an entry.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -34,12 +39,57 @@ pub fn check(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Checks a plugin file and the directory that holds it.
+/// Checks a directory on the way to a plugin: owned by root or warden's user, and not
+/// writable by group or others unless sticky and owned by root.
+pub fn check_ancestor(dir: &Path) -> Result<(), String> {
+    let meta = std::fs::metadata(dir).map_err(|e| format!("cannot stat {}: {e}", dir.display()))?;
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o1000 != 0 && meta.uid() == 0 {
+        return Ok(());
+    }
+    check(dir).map_err(|e| format!("on the way to the plugin: {e}"))
+}
+
+/// Checks a plugin file: the directory its entry is in, the file it resolves to (through
+/// any symlink), and every directory from that file up to `/`.
 pub fn check_plugin_file(path: &Path) -> Result<(), String> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         check(dir)?;
     }
-    check(path)
+    let real = std::fs::canonicalize(path)
+        .map_err(|e| format!("cannot resolve {}: {e}", path.display()))?;
+    check(&real).map_err(|e| {
+        if real != path {
+            format!("{e} (the target of symlink {})", path.display())
+        } else {
+            e
+        }
+    })?;
+    let mut dir = real.parent();
+    while let Some(d) = dir.filter(|d| !d.as_os_str().is_empty()) {
+        check_ancestor(d).map_err(|e| {
+            if real != path {
+                format!("{e} (holding the target of symlink {})", path.display())
+            } else {
+                e
+            }
+        })?;
+        dir = d.parent();
+    }
+    Ok(())
+}
+
+/// Checks a plugin directory and every directory above it.
+pub fn check_plugin_dir(dir: &Path) -> Result<(), String> {
+    check(dir)?;
+    let real =
+        std::fs::canonicalize(dir).map_err(|e| format!("cannot resolve {}: {e}", dir.display()))?;
+    let mut d = real.parent();
+    while let Some(p) = d.filter(|p| !p.as_os_str().is_empty()) {
+        check_ancestor(p)?;
+        d = p.parent();
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -65,5 +115,42 @@ mod tests {
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o775)).unwrap();
         let e = check_plugin_file(&f).unwrap_err();
         assert!(e.starts_with("directory") && e.contains("its group"), "{e}");
+    }
+
+    #[test]
+    fn a_symlink_into_a_writable_directory_and_a_writable_parent_are_refused() {
+        let base = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let plugins = base.path().join("plugins");
+        let open = base.path().join("open");
+        std::fs::create_dir(&plugins).unwrap();
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&plugins, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let target = open.join("p.so");
+        std::fs::write(&target, b"x").unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let link = plugins.join("p.so");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let e = check_plugin_file(&link).unwrap_err();
+        assert!(
+            e.contains("open") && e.contains("others") && e.contains("symlink"),
+            "{e}"
+        );
+        // A plugin whose directory is fine but whose parent is group-writable.
+        let nested = base.path().join("loose/plugins");
+        std::fs::create_dir_all(&nested).unwrap();
+        std::fs::set_permissions(&nested, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(
+            base.path().join("loose"),
+            std::fs::Permissions::from_mode(0o775),
+        )
+        .unwrap();
+        let f = nested.join("q.so");
+        std::fs::write(&f, b"x").unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = check_plugin_file(&f).unwrap_err();
+        assert!(e.contains("loose") && e.contains("on the way"), "{e}");
+        assert!(check_plugin_dir(&nested).is_err());
     }
 }

@@ -96,6 +96,9 @@ impl Slot {
     }
 
     /// Starts creating `r` (named `name` in logs) in the background.
+    /// A configuration the plugin refuses on the first attempt is fatal (`fatal`):
+    /// warden exits and says why.
+    #[allow(clippy::too_many_arguments)]
     pub fn spawn(
         host: Arc<PluginHost>,
         name: &str,
@@ -104,6 +107,7 @@ impl Slot {
         options: CallOptions,
         timeout: Duration,
         shutdown: watch::Receiver<bool>,
+        fatal: tokio::sync::mpsc::UnboundedSender<crate::supervisor::Fatal>,
     ) -> Slot {
         let (tx, rx) = watch::channel(SlotState::Pending(NotCreated {
             kind: "pending".into(),
@@ -116,6 +120,7 @@ impl Slot {
             kind,
             options,
             timeout,
+            fatal,
         };
         tokio::spawn(task.run(tx, shutdown));
         Slot {
@@ -132,6 +137,7 @@ struct Creator {
     kind: Kind,
     options: CallOptions,
     timeout: Duration,
+    fatal: tokio::sync::mpsc::UnboundedSender<crate::supervisor::Fatal>,
 }
 
 impl Creator {
@@ -185,6 +191,12 @@ impl Creator {
             };
             let retry = retry_after(&error, &mut backoff);
             let message = error.to_string();
+            if last_error.is_none() && kind_of(&error) == "config" {
+                let _ = self.fatal.send(crate::supervisor::Fatal::Config(format!(
+                    "{}: {message}",
+                    self.name
+                )));
+            }
             if last_error.as_deref() != Some(&message) {
                 match retry {
                     Retry::Never => {

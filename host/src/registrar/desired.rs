@@ -31,6 +31,8 @@ use super::store::{Container, Health};
 pub const ECS_FAMILY_LABEL: &str = "com.amazonaws.ecs.task-definition-family";
 /// Default time between a service's last container leaving and ELB deregistration.
 pub const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
+/// The longest drain (a classic ELB's connection draining goes up to 3600 s).
+pub const MAX_DRAIN_SECS: u64 = 3600;
 
 /// Whether the host should be in an ELB.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -423,7 +425,14 @@ pub fn desired<'a>(
                 drain: DEFAULT_DRAIN,
             });
             want.wanted |= live;
-            if let Some(d) = s.drain_seconds.map(Duration::from_secs) {
+            if let Some(secs) = s.drain_seconds {
+                if secs > MAX_DRAIN_SECS {
+                    warnings.push(format!(
+                        "service {:?}: drain of {secs} s is above {MAX_DRAIN_SECS} s; {MAX_DRAIN_SECS} s is used",
+                        s.name
+                    ));
+                }
+                let d = Duration::from_secs(secs.min(MAX_DRAIN_SECS));
                 // The longest drain of the services sharing the ELB.
                 let longest = explicit_drain.entry(elb.clone()).or_insert(d);
                 *longest = (*longest).max(d);

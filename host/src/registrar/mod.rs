@@ -43,9 +43,9 @@ pub struct Registrar {
     /// See `RegistrarConfig::drain_on_stop`.
     pub drain_on_stop: bool,
     /// ELB membership wanted, published only while the store is in sync with Docker.
-    pub elbs: watch::Sender<BTreeMap<String, ElbWant>>,
+    pub elbs: std::sync::Arc<watch::Sender<BTreeMap<String, ElbWant>>>,
     /// The router's port front-ends.
-    pub ports: watch::Sender<BTreeSet<u16>>,
+    pub ports: std::sync::Arc<watch::Sender<BTreeSet<u16>>>,
     /// Only containers with this label are considered.
     pub selector: Option<store::Selector>,
 }

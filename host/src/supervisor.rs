@@ -1,0 +1,206 @@
+//! Every long-running loop runs under a supervisor: a loop that panics (or returns when it
+//! should not) is logged at ERROR with its name and restarted with backoff; a loop that
+//! keeps failing (5 failures within 10 minutes) makes warden exit non-zero, so that
+//! systemd restarts the whole process rather than leaving it up doing nothing.
+//!
+//! Fatal conditions (that one, and a plugin refusing its configuration) reach `main`
+//! through one channel, each with the exit code it stands for.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::backoff::Backoff;
+
+/// EX_CONFIG: a configuration that cannot work.
+pub const EXIT_CONFIG: u8 = 78;
+/// EX_SOFTWARE: warden itself keeps failing.
+pub const EXIT_SOFTWARE: u8 = 70;
+
+/// Why warden must stop on its own.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Fatal {
+    #[error("{0}")]
+    Config(String),
+    #[error("loop {name} keeps failing ({failures} times in 10 minutes), last: {last}")]
+    LoopFailing {
+        name: &'static str,
+        failures: usize,
+        last: String,
+    },
+}
+
+impl Fatal {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Fatal::Config(_) => EXIT_CONFIG,
+            Fatal::LoopFailing { .. } => EXIT_SOFTWARE,
+        }
+    }
+}
+
+/// How many failures within `WINDOW` make a loop fatal.
+pub const MAX_FAILURES: usize = 5;
+pub const WINDOW: Duration = Duration::from_secs(600);
+
+/// Counts failures in a sliding window (pure): true when the loop must be given up.
+#[derive(Debug, Default)]
+pub struct Failures(VecDeque<Instant>);
+
+impl Failures {
+    pub fn record(&mut self, now: Instant) -> bool {
+        self.0.push_back(now);
+        while self
+            .0
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > WINDOW)
+        {
+            self.0.pop_front();
+        }
+        self.0.len() >= MAX_FAILURES
+    }
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// The text of a panic payload.
+pub fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
+}
+
+pub struct Supervisor {
+    tasks: JoinSet<()>,
+    fatal: mpsc::UnboundedSender<Fatal>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Supervisor {
+    pub fn new(fatal: mpsc::UnboundedSender<Fatal>, shutdown: watch::Receiver<bool>) -> Self {
+        Self {
+            tasks: JoinSet::new(),
+            fatal,
+            shutdown,
+        }
+    }
+
+    /// Runs the loop `make()` builds, and builds it again after a failure.
+    pub fn spawn<F, Fut>(&mut self, name: &'static str, make: F)
+    where
+        F: Fn() -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let fatal = self.fatal.clone();
+        let mut shutdown = self.shutdown.clone();
+        self.tasks.spawn(async move {
+            let mut failures = Failures::default();
+            let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+            loop {
+                let outcome = tokio::spawn(make()).await;
+                if *shutdown.borrow() {
+                    return;
+                }
+                let why = match outcome {
+                    Err(e) if e.is_panic() => format!("panicked: {}", panic_text(&*e.into_panic())),
+                    Err(e) => format!("ended: {e}"),
+                    Ok(()) => "returned on its own".to_owned(),
+                };
+                if failures.record(Instant::now()) {
+                    tracing::error!(loop_name = name, failures = failures.len(), "loop {name} {why}; it keeps failing: warden exits so that it is restarted whole");
+                    let _ = fatal.send(Fatal::LoopFailing {
+                        name,
+                        failures: failures.len(),
+                        last: why,
+                    });
+                    return;
+                }
+                let delay = backoff.next_delay();
+                tracing::error!(loop_name = name, restart_in = %crate::logs::humantime(delay), "loop {name} {why}; restarting it");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.changed() => return,
+                }
+            }
+        });
+    }
+
+    /// Waits for every loop to end, at most `limit`.
+    pub async fn join(mut self, limit: Duration) -> bool {
+        tokio::time::timeout(limit, async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await
+        .is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_panicking_loop_is_restarted_then_given_up() {
+        let (ftx, mut frx) = mpsc::unbounded_channel();
+        let (stop, shutdown) = watch::channel(false);
+        let runs = Arc::new(AtomicU32::new(0));
+        let mut s = Supervisor::new(ftx, shutdown);
+        let r = runs.clone();
+        s.spawn("boom", move || {
+            let r = r.clone();
+            async move {
+                r.fetch_add(1, Ordering::SeqCst);
+                panic!("overflow when adding duration to instant");
+            }
+        });
+        let fatal = frx.recv().await.unwrap();
+        assert_eq!(runs.load(Ordering::SeqCst), MAX_FAILURES as u32);
+        assert_eq!(fatal.exit_code(), EXIT_SOFTWARE);
+        assert!(
+            fatal.to_string().contains("overflow when adding"),
+            "{fatal}"
+        );
+        drop(stop);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_loop_ended_by_shutdown_is_not_a_failure() {
+        let (ftx, mut frx) = mpsc::unbounded_channel();
+        let (stop, shutdown) = watch::channel(false);
+        let mut s = Supervisor::new(ftx, shutdown.clone());
+        s.spawn("quiet", move || {
+            let mut sd = shutdown.clone();
+            async move {
+                let _ = sd.changed().await;
+            }
+        });
+        stop.send_replace(true);
+        assert!(s.join(Duration::from_secs(1)).await);
+        assert!(frx.try_recv().is_err());
+    }
+
+    #[test]
+    fn failures_age_out_of_the_window() {
+        let mut f = Failures::default();
+        let t = Instant::now();
+        for i in 0..4 {
+            assert!(!f.record(t + Duration::from_secs(i * 200)));
+        }
+        assert!(
+            !f.record(t + Duration::from_secs(1000)),
+            "the first ones aged out"
+        );
+        assert_eq!(f.len(), 3);
+    }
+}
