@@ -257,33 +257,52 @@ impl Config {
         if let Some(url) = &self.manager.central_redis {
             check_redis_url(url).map_err(|m| bad("manager.central_redis", m))?;
         }
-        if self.plugins.call_timeout_ms == 0 {
-            return Err(bad(
-                "plugins.call_timeout_ms",
-                "expected a positive number of milliseconds".into(),
-            ));
-        }
-        if self.plugins.breaker_failures == 0 {
-            return Err(bad(
-                "plugins.breaker_failures",
-                "expected at least 1".into(),
-            ));
-        }
-        if self.registrar.resync_secs == 0 {
-            return Err(bad(
-                "registrar.resync_secs",
-                "expected a positive number of seconds".into(),
-            ));
-        }
+        let within = |key: &str, v: u64, lo: u64, hi: u64, why: &str| {
+            if (lo..=hi).contains(&v) {
+                Ok(())
+            } else {
+                Err(bad(key, format!("{v} is outside {lo}..={hi} ({why})")))
+            }
+        };
+        let p = &self.plugins;
+        within(
+            "plugins.call_timeout_ms",
+            p.call_timeout_ms,
+            1,
+            600_000,
+            "ms; a call longer than 10 min is a hang",
+        )?;
+        within(
+            "plugins.create_timeout_ms",
+            p.create_timeout_ms,
+            1,
+            600_000,
+            "ms; a `new` longer than 10 min is reported as hanging anyway",
+        )?;
+        within(
+            "plugins.breaker_failures",
+            u64::from(p.breaker_failures),
+            1,
+            1000,
+            "consecutive failures before a plugin rests",
+        )?;
+        within(
+            "plugins.breaker_open_ms",
+            p.breaker_open_ms,
+            1,
+            3_600_000,
+            "ms; the rest doubles up to 10 min",
+        )?;
+        within(
+            "registrar.resync_secs",
+            self.registrar.resync_secs,
+            1,
+            86_400,
+            "seconds; at least one full re-list a day",
+        )?;
         if let Some(l) = &self.registrar.require_label {
             crate::registrar::store::Selector::parse(l)
                 .map_err(|m| bad("registrar.require_label", m))?;
-        }
-        if self.registrar.resync_secs > 86_400 {
-            return Err(bad(
-                "registrar.resync_secs",
-                format!("{} is more than a day (86400)", self.registrar.resync_secs),
-            ));
         }
         for (i, source) in self.registrar.sources.iter().enumerate() {
             check_plugin_ref(source).map_err(|m| bad(&format!("registrar.sources[{i}]"), m))?;
@@ -360,6 +379,7 @@ impl Config {
                     format!("min {} is above max {}", s.policy.min, s.policy.max),
                 ));
             }
+            check_policy(&s.policy).map_err(|(k, m)| bad(&key(&format!("policy.{k}")), m))?;
         }
         Ok(())
     }
@@ -424,6 +444,34 @@ impl Config {
     }
 }
 
+/// A policy's numbers within bounds that keep the arithmetic and the behaviour sane.
+fn check_policy(p: &crate::manager::policy::Policy) -> Result<(), (&'static str, String)> {
+    if p.max > 10_000 {
+        return Err(("max", format!("{} tasks is above 10000", p.max)));
+    }
+    if !(p.tolerance.is_finite() && (0.0..1.0).contains(&p.tolerance)) {
+        return Err((
+            "tolerance",
+            format!("{} is not a fraction in [0, 1)", p.tolerance),
+        ));
+    }
+    for (k, v) in [
+        ("scale_down_window_secs", p.scale_down_window_secs),
+        ("cooldown_secs", p.cooldown_secs),
+    ] {
+        if v > 86_400 {
+            return Err((k, format!("{v} seconds is more than a day (86400)")));
+        }
+    }
+    if p.failure_threshold == 0 || p.failure_threshold > 1000 {
+        return Err((
+            "failure_threshold",
+            format!("{} is outside 1..=1000", p.failure_threshold),
+        ));
+    }
+    Ok(())
+}
+
 fn check_plugin_ref(r: &PluginRef) -> Result<(), String> {
     if r.plugin.trim().is_empty() {
         return Err("plugin: expected a plugin name".into());
@@ -441,8 +489,10 @@ fn check_redis_url(url: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
+        // Never echo a password: only the address part is shown.
         Err(format!(
-            "expected a Redis URL such as redis://127.0.0.1:6379, got {url:?}"
+            "expected a Redis URL such as redis://127.0.0.1:6379, got {:?}",
+            crate::redis_util::redact(url)
         ))
     }
 }
@@ -627,6 +677,52 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("min 5 is above max 2"), "{e}");
+    }
+
+    #[test]
+    fn every_setting_is_bounded_with_the_reason() {
+        for (text, key) in [
+            (
+                "[registrar]\nresync_secs = 9223372036854775807\n",
+                "registrar.resync_secs",
+            ),
+            ("[manager]\nguard_ms = 999999999\n", "manager.guard_ms"),
+            ("[manager]\nguard_ms = 0\n", "manager.guard_ms"),
+            ("[manager]\ntick_ms = 0\n", "manager.tick_ms"),
+            ("[manager]\nlease_ms = 100\n", "manager.lease_ms"),
+            ("[manager]\nloop_secs = 0\n", "manager.loop_secs"),
+            (
+                "[plugins]\ncall_timeout_ms = 0\n",
+                "plugins.call_timeout_ms",
+            ),
+            (
+                "[plugins]\nbreaker_open_ms = 99999999999\n",
+                "plugins.breaker_open_ms",
+            ),
+        ] {
+            let e = Config::parse(text, "w.toml").unwrap_err().to_string();
+            assert!(
+                e.contains(key) && (e.contains("outside") || e.contains("must")),
+                "{text}: {e}"
+            );
+        }
+        let e = Config::parse(
+            "[manager]\ncentral_redis = \"redis://c:1\"\n[metrics.m]\nplugin = \"p\"\n[[manager.services]]\nname = \"w\"\ntask_definition = \"w\"\nmetric = \"m\"\nmapping = { target_per_task = 1.0 }\npolicy = { tolerance = 2.0 }\n",
+            "w.toml",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("policy.tolerance"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_redis_url_is_shown_without_its_password() {
+        let e = Config::parse(
+            "[registrar]\nlocal_redis = \"tcp://:hunter2@h:6379\"\n",
+            "w.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(!e.contains("hunter2") && e.contains("h:6379"), "{e}");
     }
 
     #[test]

@@ -17,10 +17,25 @@ pub fn colours(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> 
     stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
+/// The filter: `RUST_LOG`, else `default_level`; the AWS SDK's credential chain logs
+/// each provider it tries at WARN with a Debug dump of the error, so it is held to ERROR
+/// unless `RUST_LOG` names it.
+pub fn filter_text(rust_log: Option<&str>, default_level: &str) -> String {
+    let base = rust_log
+        .filter(|s| !s.trim().is_empty())
+        .unwrap_or(default_level)
+        .to_owned();
+    if base.contains("aws_config") {
+        base
+    } else {
+        format!("{base},aws_config=error")
+    }
+}
+
 /// Installs the global subscriber. `RUST_LOG` overrides `default_level`.
 pub fn init(format: LogFormat, default_level: &str) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    let text = filter_text(std::env::var("RUST_LOG").ok().as_deref(), default_level);
+    let filter = EnvFilter::try_new(&text).unwrap_or_else(|_| EnvFilter::new(default_level));
     let ansi = colours(
         std::io::stderr().is_terminal(),
         std::env::var_os("NO_COLOR").as_deref(),
@@ -38,6 +53,16 @@ pub fn init(format: LogFormat, default_level: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sdk_credential_chain_is_held_to_errors() {
+        assert_eq!(filter_text(None, "info"), "info,aws_config=error");
+        assert_eq!(filter_text(Some("debug"), "info"), "debug,aws_config=error");
+        assert_eq!(
+            filter_text(Some("aws_config=debug"), "info"),
+            "aws_config=debug"
+        );
+    }
 
     #[test]
     fn colours_only_on_a_terminal_without_no_color() {

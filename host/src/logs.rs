@@ -30,8 +30,6 @@ pub enum Say {
     First,
     /// Still failing: how many times since the first.
     Again(u64),
-    /// A different error than the one logged.
-    Changed,
 }
 
 impl Repeated {
@@ -60,11 +58,9 @@ impl Repeated {
             }
             Some(f) => {
                 f.count += 1;
-                if f.message != message {
-                    f.message = message.to_owned();
-                    f.last_logged = now;
-                    Say::Changed
-                } else if now.duration_since(f.last_logged) >= REPEAT_EVERY {
+                // The latest cause is what the next reminder says.
+                f.message = message.to_owned();
+                if now.duration_since(f.last_logged) >= REPEAT_EVERY {
                     f.last_logged = now;
                     Say::Again(f.count)
                 } else {
@@ -78,7 +74,7 @@ impl Repeated {
     pub fn failed(&mut self, message: &str) {
         match self.note(message, Instant::now()) {
             Say::Nothing => {}
-            Say::First | Say::Changed => {
+            Say::First => {
                 tracing::warn!(error = %message, "{}: failing; retrying", self.what)
             }
             Say::Again(n) => {
@@ -123,11 +119,7 @@ mod tests {
         assert_eq!(r.note("refused", t0), Say::First);
         for i in 1..240 {
             let said = r.note("refused", t0 + Duration::from_millis(250 * i));
-            let expect_again = i % 240 == 0;
-            assert!(
-                said == Say::Nothing || (said == Say::Again(i + 1) && !expect_again),
-                "{i}: {said:?}"
-            );
+            assert_eq!(said, Say::Nothing, "{i}");
         }
         assert_eq!(
             r.note("refused", t0 + Duration::from_secs(60)),
@@ -135,7 +127,8 @@ mod tests {
         );
         assert_eq!(
             r.note("timeout", t0 + Duration::from_secs(61)),
-            Say::Changed
+            Say::Nothing,
+            "another cause is said at the next reminder, not at once"
         );
         r.cleared();
         assert!(!r.is_failing());

@@ -13,6 +13,18 @@ pub fn addr(url: &str) -> String {
     rest[..end].to_owned()
 }
 
+/// A URL with its password (and user) replaced by `***`, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.split_once("://"), url.rfind('@')) {
+        (Some((scheme, rest)), Some(_)) => {
+            let after = rest.rsplit_once('@').map_or(rest, |(_, a)| a);
+            format!("{scheme}://***@{after}")
+        }
+        (None, Some(at)) => format!("***@{}", &url[at + 1..]),
+        _ => url.to_owned(),
+    }
+}
+
 /// The error's text, without the repetition some I/O errors carry
 /// (`Connection refused (os error 111): Connection refused (os error 111)`).
 pub fn describe(e: &redis::RedisError) -> String {
@@ -36,5 +48,8 @@ mod tests {
         );
         assert_eq!(addr("redis://127.0.0.1:6379"), "127.0.0.1:6379");
         assert_eq!(addr("unix:///run/redis.sock"), "/run/redis.sock");
+        assert_eq!(redact("redis://:secret@h:1/2"), "redis://***@h:1/2");
+        assert_eq!(redact("redis://h:1"), "redis://h:1");
+        assert_eq!(redact("secret@h"), "***@h");
     }
 }

@@ -53,13 +53,18 @@ async fn scan(
 }
 
 pub async fn read(url: &str) -> anyhow::Result<Status> {
-    let client = redis::Client::open(url)?;
+    let addr = crate::redis_util::addr(url);
+    let fail = |e: redis::RedisError| {
+        anyhow::anyhow!("central redis {addr}: {}", crate::redis_util::describe(&e))
+    };
+    let client = redis::Client::open(url).map_err(fail)?;
     let mut conn = tokio::time::timeout(
         Duration::from_secs(5),
         client.get_multiplexed_async_connection(),
     )
     .await
-    .map_err(|_| anyhow::anyhow!("central redis {url}: no answer within 5 s"))??;
+    .map_err(|_| anyhow::anyhow!("central redis {addr}: no answer within 5 s"))?
+    .map_err(fail)?;
     let lease: Option<String> = redis::cmd("GET")
         .arg(central::LEADER)
         .query_async(&mut conn)

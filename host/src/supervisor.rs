@@ -71,6 +71,18 @@ impl Failures {
     }
 }
 
+/// Test builds only: `WARDEN_TEST_PANIC=<loop>:<n>` makes the first `n` runs of that
+/// loop panic, so the supervision is tested in the real binary. Release builds ignore it.
+fn injected_panic(name: &str, run: u32) -> bool {
+    if !cfg!(debug_assertions) {
+        return false;
+    }
+    std::env::var("WARDEN_TEST_PANIC").ok().is_some_and(|v| {
+        v.split_once(':')
+            .is_some_and(|(n, times)| n == name && times.parse::<u32>().is_ok_and(|t| run <= t))
+    })
+}
+
 /// The text of a panic payload.
 pub fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
     p.downcast_ref::<&str>()
@@ -105,8 +117,15 @@ impl Supervisor {
         self.tasks.spawn(async move {
             let mut failures = Failures::default();
             let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+            let mut runs = 0u32;
             loop {
-                let outcome = tokio::spawn(make()).await;
+                runs += 1;
+                let outcome = if injected_panic(name, runs) {
+                    tokio::spawn(async move { panic!("injected by WARDEN_TEST_PANIC (run {runs})") })
+                        .await
+                } else {
+                    tokio::spawn(make()).await
+                };
                 if *shutdown.borrow() {
                     return;
                 }

@@ -109,6 +109,7 @@ impl<S: LeaseStore> Elector<S> {
     pub async fn run(self, tx: watch::Sender<Leadership>, mut shutdown: watch::Receiver<bool>) {
         let mut held: Option<Held> = None;
         let mut errors = Repeated::new("election: central redis");
+        let mut seen_errors = Repeated::new("host registration in the central redis");
         loop {
             // Between ticks a follower blocks on its wake list, so a departing leader
             // can hand over at once.
@@ -135,12 +136,13 @@ impl<S: LeaseStore> Elector<S> {
             if *shutdown.borrow() {
                 break;
             }
-            if let Err(e) = self
+            match self
                 .store
                 .seen(&self.id, &self.az, self.timing.lease * 10)
                 .await
             {
-                errors.failed(&e.0);
+                Ok(()) => seen_errors.cleared(),
+                Err(e) => seen_errors.failed(&e.0),
             }
             held = match held.take() {
                 Some(h) => self.keep(h, &tx, &mut errors).await,

@@ -149,33 +149,29 @@ impl<E: Ecs, L: Ledger> Worker<E, L> {
 
     async fn term(&self, lease: &Lease, guard: &Guard) {
         let loops = self.services.iter().map(|s| async move {
+            // A loop skipped for the same reason is said once, then once a minute.
+            let mut skipped = crate::logs::Repeated::new("scaling loop skipped");
             loop {
                 let next = Instant::now() + self.loop_interval;
-                self.once(s, lease, guard).await;
+                match self.once(s, lease, guard).await {
+                    Ok(()) => skipped.cleared(),
+                    Err(why) => skipped.failed(&format!("service {}: {why}", s.name)),
+                }
                 tokio::time::sleep_until(next).await;
             }
         });
         futures_util::future::join_all(loops).await;
     }
 
-    /// One loop for one service.
-    async fn once(&self, s: &ManagedService, lease: &Lease, guard: &Guard) {
+    /// One loop for one service; `Err` says why it was skipped.
+    async fn once(&self, s: &ManagedService, lease: &Lease, guard: &Guard) -> Result<(), String> {
         let reading = read_metric(s).await;
-        let (now_ms, mut state) = match self.state(s).await {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::warn!(service = %s.name, error = %e, "central redis error; loop skipped");
-                return;
-            }
-        };
+        let (now_ms, mut state) = self.state(s).await.map_err(|e| e.to_string())?;
         let mut calls = Calls::default();
-        let count = match self.count(s, guard, &mut calls).await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(service = %s.name, error = %e, "cannot count what runs; loop skipped");
-                return;
-            }
-        };
+        let count = self
+            .count(s, guard, &mut calls)
+            .await
+            .map_err(|e| format!("cannot count what runs: {e}"))?;
         let current = count.current();
         let decision = policy::decide(
             reading.input(),
@@ -206,11 +202,12 @@ impl<E: Ecs, L: Ledger> Worker<E, L> {
         );
         record.log();
         match self.ledger.record(lease, &record, &state).await {
-            Ok(true) => {}
+            Ok(true) => Ok(()),
             Ok(false) => {
-                tracing::warn!(service = %s.name, epoch = lease.epoch, "decision not recorded: this epoch no longer holds the lease")
+                tracing::warn!(service = %s.name, epoch = lease.epoch, "decision not recorded: this epoch no longer holds the lease");
+                Ok(())
             }
-            Err(e) => tracing::warn!(service = %s.name, error = %e, "decision not recorded"),
+            Err(e) => Err(format!("decision not recorded: {e}")),
         }
     }
 

@@ -32,6 +32,7 @@ struct ElbState {
     leave_at: Option<Instant>,
     next_try: Instant,
     backoff: Backoff,
+    errors: crate::logs::Repeated,
 }
 
 /// The action for one ELB now (pure; tested in paused time).
@@ -97,7 +98,10 @@ async fn is_member(client: &Client, elb: &str, instance: &str) -> Result<bool, E
 
 fn classify<E, R>(elb: &str, e: aws_sdk_elasticloadbalancing::error::SdkError<E, R>) -> ElbError
 where
-    E: aws_sdk_elasticloadbalancing::error::ProvideErrorMetadata + std::fmt::Debug,
+    E: aws_sdk_elasticloadbalancing::error::ProvideErrorMetadata
+        + std::error::Error
+        + std::fmt::Debug
+        + 'static,
     R: std::fmt::Debug,
 {
     let code = e
@@ -108,19 +112,7 @@ where
     if code == "LoadBalancerNotFound" || code == "AccessPointNotFound" {
         ElbError::NotFound(elb.to_owned())
     } else {
-        let message = e
-            .as_service_error()
-            .and_then(|s| s.message())
-            .map(str::to_owned);
-        ElbError::Aws(format!(
-            "{} {}",
-            if code.is_empty() {
-                format!("{e:?}")
-            } else {
-                code
-            },
-            message.unwrap_or_default()
-        ))
+        ElbError::Aws(crate::aws::describe(&e))
     }
 }
 
@@ -175,6 +167,7 @@ pub async fn run(
                     leave_at: None,
                     next_try: now,
                     backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
+                    errors: crate::logs::Repeated::new("load balancer call"),
                 });
         }
         for (elb, st) in states.iter_mut() {
@@ -209,6 +202,7 @@ pub async fn run(
                     st.member = Some(register);
                     st.checked_at = Some(Instant::now());
                     st.backoff.reset();
+                    st.errors.cleared();
                     if acted {
                         tracing::info!(elb = %elb, instance = %instance, "{}", if register { "registered in the load balancer" } else { "deregistered from the load balancer" });
                     }
@@ -219,11 +213,13 @@ pub async fn run(
                     wake = wake.min(st.next_try);
                     match e {
                         ElbError::NotFound(_) => {
-                            tracing::error!(elb = %elb, retry_in = ?delay, "{e}: fix the service's elb setting")
+                            if st.errors.note(&e.to_string(), Instant::now())
+                                != crate::logs::Say::Nothing
+                            {
+                                tracing::error!(elb = %elb, "{e}: fix the service's elb setting (retrying)")
+                            }
                         }
-                        ElbError::Aws(_) => {
-                            tracing::warn!(elb = %elb, retry_in = ?delay, error = %e, "load balancer call failed; will retry")
-                        }
+                        ElbError::Aws(_) => st.errors.failed(&format!("ELB {elb}: {e}")),
                     }
                 }
             }

@@ -68,6 +68,8 @@ struct Loop {
     /// The account last published for `warden routes`, and the decision it was made from.
     published: String,
     last_routing: Option<desired::Routing>,
+    /// Local Redis errors, said once then once a minute.
+    redis_errors: crate::logs::Repeated,
     ready: bool,
 }
 
@@ -89,9 +91,11 @@ impl Registrar {
             last_desired: None,
             published: String::new(),
             last_routing: None,
+            redis_errors: crate::logs::Repeated::new("local redis"),
             ready: false,
         };
         let mut docker_backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(15));
+        let mut docker_errors = crate::logs::Repeated::new("docker");
         loop {
             // Replay events from just before the list, so none is missed in between.
             let since = unix_now() - 1;
@@ -103,6 +107,7 @@ impl Registrar {
                             "docker answering again; containers re-listed"
                         );
                     }
+                    docker_errors.cleared();
                     docker_backoff.reset();
                     l.store.replace_all(list);
                     // After a reconnect, verify Redis key by key too.
@@ -110,7 +115,9 @@ impl Registrar {
                 }
                 Err(e) => {
                     let delay = docker_backoff.next_delay();
-                    tracing::warn!(error = %e, retry_in = ?delay, "docker not answering; keeping the last routes");
+                    docker_errors.failed(&format!(
+                        "docker not answering ({e}); keeping the last routes"
+                    ));
                     if sleep_or_shutdown(delay, &mut shutdown).await {
                         return;
                     }
@@ -232,7 +239,8 @@ impl Loop {
             match self.r.routes.held().await {
                 Ok(h) => self.held = Some(h),
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot read what warden holds; will retry");
+                    self.redis_errors
+                        .failed(&format!("cannot read what warden holds: {e}"));
                     self.schedule_retry();
                     return;
                 }
@@ -265,9 +273,7 @@ impl Loop {
         let before = self.last_desired.replace(entries.clone());
         match self.r.routes.apply(&entries).await {
             Ok(applied) => {
-                if self.redis_backoff.attempts() > 0 {
-                    tracing::info!("local redis answering again; routes rewritten");
-                }
+                self.redis_errors.cleared();
                 self.redis_backoff.reset();
                 self.retry_at = None;
                 self.note_blocked(&applied.blocked);
@@ -299,7 +305,8 @@ impl Loop {
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, "cannot write routes; will retry");
+                self.redis_errors
+                    .failed(&format!("cannot write routes: {e}"));
                 self.schedule_retry();
             }
         }
@@ -312,10 +319,8 @@ impl Loop {
         };
         match self.r.routes.verify(&desired).await {
             Ok(v) => {
-                if self.redis_backoff.attempts() > 0 {
-                    tracing::info!("local redis answering again; routes verified");
-                    self.redis_backoff.reset();
-                }
+                self.redis_errors.cleared();
+                self.redis_backoff.reset();
                 if v.repaired > 0 {
                     tracing::warn!(
                         repaired = v.repaired,
@@ -326,9 +331,9 @@ impl Loop {
                 self.publish().await;
             }
             Err(e) => {
-                if self.retry_at.is_none() {
-                    tracing::warn!(error = %e, "local redis not answering; routes will be verified and rewritten when it is back");
-                }
+                self.redis_errors.failed(&format!(
+                    "{e}; routes will be verified and rewritten when it is back"
+                ));
                 self.r.routes.invalidate();
                 self.schedule_retry();
             }
