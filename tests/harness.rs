@@ -691,6 +691,11 @@ impl Warden {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Whether the process is still running.
+    pub fn child_alive(&mut self) -> bool {
+        self.child.try_wait().ok().flatten().is_none()
+    }
+
     pub fn sigkill(&mut self) {
         kill(&mut self.child);
     }

@@ -1,5 +1,7 @@
 //! Plugin call and load costs: a metric call through the ABI and the plugin's runtime,
-//! the same plugin called directly as an rlib, and loading 10 plugin files.
+//! the same plugin called directly as an rlib, the same in a child process
+//! (`isolation = "process"`), and loading 10 plugin files with and without the probe of
+//! each file in a child process.
 
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
@@ -31,6 +33,7 @@ where
 
 fn calls(c: &mut Criterion) {
     let so = warden_bench::release_template_so();
+    warden::plugins::probe::set_command(warden_bench::release_warden_bin());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -53,6 +56,21 @@ fn calls(c: &mut Criterion) {
                 Kind::MetricSource,
                 &json!({"value": 3}),
                 CallOptions::default(),
+            )
+            .await
+            .unwrap(),
+        )
+    });
+    let isolated = rt.block_on(async {
+        MetricClient(
+            host.create(
+                "template",
+                Kind::MetricSource,
+                &json!({"value": 3}),
+                CallOptions {
+                    isolation: warden::config::Isolation::Process,
+                    ..CallOptions::default()
+                },
             )
             .await
             .unwrap(),
@@ -91,6 +109,15 @@ fn calls(c: &mut Criterion) {
             })
         })
     });
+    g.bench_function("isolated_process_client", |b| {
+        b.iter_custom(|iters| {
+            let client = isolated.clone();
+            in_task(&rt, iters, move || {
+                let client = client.clone();
+                async move { std::hint::black_box(client.measure().await.unwrap()) }
+            })
+        })
+    });
     g.finish();
 }
 
@@ -102,26 +129,29 @@ fn loading(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(2));
     // Every iteration loads 10 fresh copies: a library is never unloaded, and loading the
     // same path twice would only bump a reference count.
-    g.bench_function("10_plugins", |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                let dir = tempfile::tempdir().unwrap();
-                std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
-                    .unwrap();
-                for i in 0..10 {
-                    std::fs::copy(&so, dir.path().join(format!("p{i}.so"))).unwrap();
+    for (name, probed) in [("10_plugins", false), ("10_plugins_probed", true)] {
+        g.bench_function(name, |b| {
+            warden::plugins::probe::set_enabled(probed);
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let dir = tempfile::tempdir().unwrap();
+                    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+                        .unwrap();
+                    for i in 0..10 {
+                        std::fs::copy(&so, dir.path().join(format!("p{i}.so"))).unwrap();
+                    }
+                    let start = Instant::now();
+                    let host = PluginHost::load_dirs(&[dir.path().to_owned()], true);
+                    total += start.elapsed();
+                    // Same manifest name ten times: the first loads, the rest are named duplicates,
+                    // but each file is still opened and checked in full.
+                    assert_eq!(host.plugins().len() + host.failures().len(), 10);
                 }
-                let start = Instant::now();
-                let host = PluginHost::load_dirs(&[dir.path().to_owned()], true);
-                total += start.elapsed();
-                // Same manifest name ten times: the first loads, the rest are named duplicates,
-                // but each file is still opened and checked in full.
-                assert_eq!(host.plugins().len() + host.failures().len(), 10);
-            }
-            total
-        })
-    });
+                total
+            })
+        });
+    }
     g.finish();
 }
 

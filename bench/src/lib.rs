@@ -24,3 +24,19 @@ pub fn release_template_so() -> PathBuf {
     assert!(status.success());
     target.join("release/libwarden_plugin_template.so")
 }
+
+/// Builds the `warden` binary in release mode and returns its path (it probes plugin
+/// files and hosts isolated plugins).
+pub fn release_warden_bin() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "--release", "-p", "warden", "--bin", "warden"])
+        .current_dir(workspace_root())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    target.join("release/warden")
+}

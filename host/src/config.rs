@@ -52,6 +52,21 @@ pub struct PluginsConfig {
     pub breaker_failures: u32,
     /// How long a tripped instance rests (doubled on each repeated trip, up to 10 min).
     pub breaker_open_ms: u64,
+    /// Where plugin instances live by default: `in-process`, or `process` (each in a
+    /// supervised child of its own, so a crash costs only that child).
+    pub isolation: Isolation,
+}
+
+/// Where a plugin instance lives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Isolation {
+    /// In warden's own process: calls cost about a microsecond; a crash ends warden.
+    #[default]
+    InProcess,
+    /// In a child process (`warden plugin-host`), over a Unix socket: a crash, abort or
+    /// endless loop costs that child, which is restarted with backoff.
+    Process,
 }
 
 impl Default for PluginsConfig {
@@ -66,6 +81,7 @@ impl Default for PluginsConfig {
             create_timeout_ms: 10_000,
             breaker_failures: 3,
             breaker_open_ms: 30_000,
+            isolation: Isolation::InProcess,
         }
     }
 }
@@ -169,6 +185,9 @@ pub struct PluginRef {
     pub plugin: String,
     #[serde(default = "empty_object")]
     pub config: serde_json::Value,
+    /// Overrides `plugins.isolation` for this instance.
+    #[serde(default)]
+    pub isolation: Option<Isolation>,
 }
 
 fn empty_object() -> serde_json::Value {

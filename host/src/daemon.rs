@@ -44,12 +44,17 @@ async fn sources(
     let default = [PluginRef {
         plugin: DEFAULT_SOURCE.into(),
         config: serde_json::json!({}),
+        isolation: None,
     }];
     let refs = if refs.is_empty() { &default[..] } else { refs };
     loop {
         let mut out = Vec::new();
         let mut failed = false;
         for (i, r) in refs.iter().enumerate() {
+            let options = CallOptions {
+                isolation: r.isolation.unwrap_or(options.isolation),
+                ..options
+            };
             match host
                 .create(&r.plugin, Kind::ServiceDefinitions, &r.config, options)
                 .await
@@ -202,6 +207,10 @@ pub async fn run(
         .metrics
         .iter()
         .map(|(name, r)| {
+            let options = CallOptions {
+                isolation: r.isolation.unwrap_or(options.isolation),
+                ..options
+            };
             let slot = Slot::spawn(
                 host.clone(),
                 &format!("metrics.{name}"),

@@ -12,6 +12,22 @@ pub enum LogFormat {
     Json,
 }
 
+impl LogFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
+static FORMAT: std::sync::OnceLock<LogFormat> = std::sync::OnceLock::new();
+
+/// The format chosen at start (a plugin's child process logs the same way).
+pub fn current_format() -> LogFormat {
+    FORMAT.get().copied().unwrap_or(LogFormat::Text)
+}
+
 /// Whether text logs may carry ANSI colours (pure, for the test).
 pub fn colours(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
     stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
@@ -34,6 +50,7 @@ pub fn filter_text(rust_log: Option<&str>, default_level: &str) -> String {
 
 /// Installs the global subscriber. `RUST_LOG` overrides `default_level`.
 pub fn init(format: LogFormat, default_level: &str) {
+    let _ = FORMAT.set(format);
     let text = filter_text(std::env::var("RUST_LOG").ok().as_deref(), default_level);
     let filter = EnvFilter::try_new(&text).unwrap_or_else(|_| EnvFilter::new(default_level));
     let ansi = colours(

@@ -59,6 +59,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Hosts one isolated plugin instance for a warden daemon (started by warden itself).
+    #[command(hide = true, name = "plugin-host")]
+    PluginHost {
+        #[arg(long)]
+        file: PathBuf,
+        #[arg(long)]
+        socket: PathBuf,
+    },
     /// Run the daemon until SIGTERM or SIGINT.
     Run {
         #[arg(long, env = "WARDEN_CONFIG")]
@@ -110,7 +118,10 @@ fn main() -> ExitCode {
         plugins::probe::set_command(exe);
     }
     // The daemon logs what it does; one-shot commands print results and log only problems.
-    let level = if matches!(cli.command, Command::Run { .. }) {
+    let level = if matches!(
+        cli.command,
+        Command::Run { .. } | Command::PluginHost { .. }
+    ) {
         "info"
     } else {
         "warn"
@@ -165,6 +176,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => unreachable!("handled before logging is set up"),
         Command::Check { config } => check(config, insecure),
         Command::Run { config } => daemon(config, insecure),
+        Command::PluginHost { file, socket } => {
+            plugins::isolated::serve(&file, &socket)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Routes { config, json } => {
             let config = load_config(config.as_deref())?;
             let rt = tokio::runtime::Builder::new_current_thread()

@@ -27,6 +27,7 @@ fn options(timeout_ms: u64, breaker_failures: u32) -> CallOptions {
         timeout: Duration::from_millis(timeout_ms),
         breaker_failures,
         breaker_rest: Duration::from_secs(60),
+        ..CallOptions::default()
     }
 }
 

@@ -352,3 +352,72 @@ fn a_central_redis_down_for_30s_is_said_a_handful_of_times() {
     });
     drop(central);
 }
+
+/// With `isolation = "process"`, a plugin that segfaults in `measure`, or spins in an
+/// endless loop, costs only its child: warden stays up, the call fails as transient (or
+/// timeout), the child is restarted, and the next calls are served.
+#[test]
+fn an_isolated_plugin_that_crashes_or_spins_costs_only_its_child() {
+    let central = Redis::start();
+    let body = r#"[plugins]
+call_timeout_ms = 1000
+breaker_failures = 10
+[metrics.m]
+plugin = "test-chaos"
+isolation = "process"
+config = { sequence = ["ok:3", "segfault", "ok:4"] }
+[metrics.s]
+plugin = "test-chaos"
+isolation = "process"
+config = { sequence = ["ok:5", "spin"] }
+[[manager.services]]
+name = "web"
+task_definition = "web"
+metric = "m"
+mapping = { target_per_task = 1.0 }
+[[manager.services]]
+name = "spin"
+task_definition = "spin"
+metric = "s"
+mapping = { target_per_task = 1.0 }
+"#;
+    let mut w = manager_warden(&central, "i-iso", body, &[]);
+    let history = |svc: &str| -> Vec<serde_json::Value> {
+        let items: Vec<String> = central
+            .conn()
+            .lrange(format!("warden:decisions:{svc}"), 0, -1)
+            .unwrap();
+        items
+            .iter()
+            .map(|t| serde_json::from_str(t).unwrap())
+            .collect()
+    };
+    // The crash: one failed reading, then readings again from the restarted child.
+    let crashed = eventually(Duration::from_secs(30), "a reading after the crash", || {
+        let h = history("web");
+        let at = h.iter().position(|r| {
+            r["metric_error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("plugin process ended during the call"))
+        })?;
+        h[at + 1..].iter().any(|r| r["metric"] == 3.0).then_some(h)
+    });
+    assert_eq!(crashed[0]["metric"], 3.0, "{:?}", crashed[0]);
+    // The endless loop: a timeout, the child killed, readings again.
+    eventually(Duration::from_secs(30), "a reading after the spin", || {
+        let h = history("spin");
+        let at = h.iter().position(|r| {
+            r["metric_error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("plugin process restarted"))
+        })?;
+        h[at + 1..].iter().any(|r| r["metric"] == 5.0).then_some(())
+    });
+    assert!(w.child_alive(), "warden died");
+    let log = w.log_text();
+    assert!(log.contains("plugin process killed by signal 11"), "{log}");
+    assert!(
+        log.contains("not answering a call in time; killing it"),
+        "{log}"
+    );
+}

@@ -29,6 +29,8 @@ pub struct CallOptions {
     pub timeout: Duration,
     pub breaker_failures: u32,
     pub breaker_rest: Duration,
+    /// Where the instance lives: in warden's process, or in a child of its own.
+    pub isolation: crate::config::Isolation,
 }
 
 impl Default for CallOptions {
@@ -37,6 +39,7 @@ impl Default for CallOptions {
             timeout: Duration::from_secs(5),
             breaker_failures: 3,
             breaker_rest: Duration::from_secs(30),
+            isolation: crate::config::Isolation::InProcess,
         }
     }
 }
@@ -85,14 +88,94 @@ pub trait PluginClient: Send + Sync {
     fn shutdown(&self);
 }
 
+/// An instance's circuit breaker and last error: the same rules for every kind of client.
+#[derive(Clone)]
+pub(crate) struct Health {
+    breaker: Arc<Mutex<Breaker>>,
+    last_error: Arc<Mutex<Option<PluginError>>>,
+}
+
+impl Health {
+    pub(crate) fn new(options: &CallOptions) -> Self {
+        Self {
+            breaker: Arc::new(Mutex::new(Breaker::new(
+                options.breaker_failures,
+                options.breaker_rest,
+            ))),
+            last_error: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// May a call be made now? If not, why (resting, with the error that caused it).
+    pub(crate) fn admit(&self, plugin: &str, op: &str) -> Result<(), CallError> {
+        let allowed = self
+            .breaker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .allow(tokio::time::Instant::now());
+        allowed.map_err(|r| CallError::Resting {
+            plugin: plugin.to_owned(),
+            op: op.to_owned(),
+            failures: r.failures,
+            retry_in: r.retry_in,
+            last: self
+                .last_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        })
+    }
+
+    /// Records a call's outcome: a permanent or config error rests the instance at once.
+    pub(crate) fn settle(
+        &self,
+        plugin: String,
+        op: String,
+        outcome: Result<Box<dyn Any + Send>, PluginError>,
+    ) -> Result<Box<dyn Any + Send>, CallError> {
+        let mut b = self.breaker.lock().unwrap_or_else(|p| p.into_inner());
+        match outcome {
+            Ok(value) => {
+                b.on_success();
+                *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                Ok(value)
+            }
+            Err(error) => {
+                let now = tokio::time::Instant::now();
+                let rest = match error.kind {
+                    ErrorKind::Permanent | ErrorKind::Config => b.on_lasting_failure(now),
+                    _ => b.on_failure(now),
+                };
+                if let Some(rest) = rest {
+                    tracing::warn!(plugin = %plugin, op = %op, kind = %error.kind, rest = %crate::logs::humantime(rest), "plugin resting after its error: {}", error.message);
+                }
+                *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.clone());
+                Err(CallError::Failed { plugin, op, error })
+            }
+        }
+    }
+}
+
+/// Decodes an answer; a wrong shape is the plugin's failure.
+pub(crate) fn decode_answer(
+    text: &str,
+    decode: Decode,
+) -> Result<Box<dyn Any + Send>, PluginError> {
+    decode(text).map_err(|why| {
+        PluginError::new(
+            ErrorKind::InvalidResponse,
+            format!("answer of the wrong shape: {why}"),
+        )
+    })
+}
+
 /// A plugin instance loaded into this process.
 pub struct InProcessClient {
     plugin: Arc<Plugin>,
     kind: Kind,
     instance: Arc<RawInstance>,
     timeout: Duration,
-    breaker: Arc<Mutex<Breaker>>,
-    last_error: Arc<Mutex<Option<PluginError>>>,
+    health: Health,
 }
 
 impl InProcessClient {
@@ -107,11 +190,7 @@ impl InProcessClient {
             kind,
             instance: Arc::new(instance),
             timeout: options.timeout,
-            breaker: Arc::new(Mutex::new(Breaker::new(
-                options.breaker_failures,
-                options.breaker_rest,
-            ))),
-            last_error: Arc::new(Mutex::new(None)),
+            health: Health::new(&options),
         }
     }
 }
@@ -141,33 +220,17 @@ impl PluginClient for InProcessClient {
     ) -> BoxFuture<Result<Box<dyn Any + Send>, CallError>> {
         let plugin = self.plugin_name().to_owned();
         let op = op.to_owned();
-        let breaker = self.breaker.clone();
-        let last_error = self.last_error.clone();
-        let allowed = breaker
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .allow(tokio::time::Instant::now());
-        if let Err(r) = allowed {
-            return Box::pin(std::future::ready(Err(CallError::Resting {
-                plugin,
-                op,
-                failures: r.failures,
-                retry_in: r.retry_in,
-                last: last_error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
-            })));
+        if let Err(resting) = self.health.admit(&plugin, &op) {
+            return Box::pin(std::future::ready(Err(resting)));
         }
+        let health = self.health.clone();
         let call = self.instance.call(&op, args);
         let timeout = self.timeout;
         let task = tokio::spawn(async move { tokio::time::timeout(timeout, call).await });
         let guard = AbortOnDrop(task.abort_handle());
         Box::pin(async move {
             let outcome = match task.await {
-                Ok(Ok(Ok(text))) => decode(&text).map_err(|why| {
-                    PluginError::new(
-                        ErrorKind::InvalidResponse,
-                        format!("answer of the wrong shape: {why}"),
-                    )
-                }),
+                Ok(Ok(Ok(text))) => decode_answer(&text, decode),
                 Ok(Ok(Err(e))) => Err(e),
                 Ok(Err(_elapsed)) => Err(PluginError::new(
                     ErrorKind::Timeout,
@@ -179,27 +242,7 @@ impl PluginClient for InProcessClient {
                 )),
             };
             drop(guard);
-            let mut b = breaker.lock().unwrap_or_else(|p| p.into_inner());
-            match outcome {
-                Ok(value) => {
-                    b.on_success();
-                    *last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                    Ok(value)
-                }
-                Err(error) => {
-                    let now = tokio::time::Instant::now();
-                    // A permanent or config error will not pass by itself: rest at once.
-                    let rest = match error.kind {
-                        ErrorKind::Permanent | ErrorKind::Config => b.on_lasting_failure(now),
-                        _ => b.on_failure(now),
-                    };
-                    if let Some(rest) = rest {
-                        tracing::warn!(plugin = %plugin, op = %op, kind = %error.kind, rest = %crate::logs::humantime(rest), "plugin resting after its error: {}", error.message);
-                    }
-                    *last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.clone());
-                    Err(CallError::Failed { plugin, op, error })
-                }
-            }
+            health.settle(plugin, op, outcome)
         })
     }
 

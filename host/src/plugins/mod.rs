@@ -9,6 +9,7 @@
 pub mod breaker;
 pub mod client;
 pub mod elf;
+pub mod isolated;
 pub mod probe;
 pub mod schema;
 pub mod security;
@@ -197,16 +198,43 @@ impl PluginHost {
         Ok(plugin.clone())
     }
 
-    /// Creates an instance and wraps it in a client with timeout and circuit breaker.
+    /// Creates an instance and wraps it in a client with timeout and circuit breaker, in
+    /// this process or in a child of its own (`options.isolation`).
     pub async fn create(
         &self,
         name: &str,
         kind: Kind,
         config: &serde_json::Value,
         options: CallOptions,
-    ) -> Result<Arc<InProcessClient>, CreateError> {
+    ) -> Result<Arc<dyn PluginClient>, CreateError> {
         let plugin = self.check_config(name, kind, config)?;
-        create_instance(plugin, kind, config, options).await
+        match options.isolation {
+            crate::config::Isolation::InProcess => {
+                let c: Arc<dyn PluginClient> =
+                    create_instance(plugin, kind, config, options).await?;
+                Ok(c)
+            }
+            crate::config::Isolation::Process => {
+                let exe = probe::command().cloned().ok_or_else(|| CreateError::Plugin {
+                    plugin: name.to_owned(),
+                    error: warden_plugin_api::PluginError::new(
+                        warden_plugin_api::ErrorKind::Config,
+                        "process isolation needs the warden executable (it runs `warden plugin-host`)",
+                    ),
+                })?;
+                let c: Arc<dyn PluginClient> = isolated::ProcessClient::start(
+                    exe,
+                    plugin.path().to_owned(),
+                    name,
+                    kind,
+                    config,
+                    options,
+                    Duration::from_secs(10),
+                )
+                .await?;
+                Ok(c)
+            }
+        }
     }
 }
 
@@ -261,6 +289,7 @@ impl CallOptions {
             timeout: Duration::from_millis(c.call_timeout_ms),
             breaker_failures: c.breaker_failures,
             breaker_rest: Duration::from_millis(c.breaker_open_ms),
+            isolation: c.isolation,
         }
     }
 }

@@ -21,6 +21,18 @@ pub fn set_command(exe: PathBuf) {
     let _ = COMMAND.set(exe);
 }
 
+static ENABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Turns the child probe off or on (the benchmark compares both).
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// The warden executable, when known (it also hosts isolated plugins).
+pub fn command() -> Option<&'static PathBuf> {
+    COMMAND.get()
+}
+
 /// How long a probe may take (a constructor that hangs).
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -74,6 +86,9 @@ pub fn in_child(path: &Path) -> Result<Option<Report>, String> {
     let Some(exe) = COMMAND.get() else {
         return Ok(None);
     };
+    if !ENABLED.load(std::sync::atomic::Ordering::SeqCst) {
+        return Ok(None);
+    }
     let mut child = Command::new(exe)
         .args(["plugins", "probe"])
         .arg(path)

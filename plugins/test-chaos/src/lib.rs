@@ -5,7 +5,8 @@
 //! (a NaN value, which JSON carries as null), `error:<kind>` (transient, permanent,
 //! config), `sleep:<ms>` (then returns 1), `log` (emits a tracing event, returns 2),
 //! `file:<path>` (the number in that file; a transient error if it holds none).
-//! `create_delay_ms` makes `new` slow (or, with a large value, hang).
+//! `create_delay_ms` makes `new` slow (or, with a large value, hang). `segfault` and
+//! `spin` (an endless loop that never yields) are for process isolation.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -80,6 +81,16 @@ impl MetricSource for Chaos {
                 Ok(Measurement::new(0.0))
             }
             "garbage" => Ok(Measurement::new(f64::NAN)),
+            // A crash no guard can catch: only process isolation contains it.
+            "segfault" => {
+                // SAFETY: deliberately unsound: the point is to die with SIGSEGV.
+                unsafe { std::ptr::null_mut::<u32>().write_volatile(1) };
+                Ok(Measurement::new(0.0))
+            }
+            // An endless loop that never yields: cancellation cannot reach it.
+            "spin" => loop {
+                std::hint::spin_loop();
+            },
             "error" => Err(match arg {
                 "permanent" => PluginError::permanent("chaos asked for a permanent error"),
                 "config" => PluginError::config("chaos asked for a config error"),
