@@ -10,6 +10,12 @@
 --   * every `full_ms`, whatever the version says: the safety net that picks up writers
 --     that follow only Redx's model (stock Redx's API, redis-cli).
 -- When Redis is lost the last table keeps serving (one log line when lost, one when back).
+--
+-- All routing happens in the balancer phase, which runs without a coroutine of its own:
+-- no per-request table, no pattern matching (LuaJIT cannot compile string.match: every
+-- server's ip and port are split when the table is loaded). A retry finds the servers
+-- already tried in $upstream_addr. A miss goes to the fallback server on a local socket,
+-- which answers 404.
 -- A snapshot without a version after the table had one means Redis restarted empty: the
 -- last table keeps serving until warden has rewritten it (the version is back).
 --
@@ -114,7 +120,7 @@ end
 
 -- Builds a table from a snapshot reply.
 local function build(res)
-  local t = { version = res[1], frontends = {}, ports = {}, backends = {} }
+  local t = { version = res[1], frontends = {}, paths = {}, ports = {}, backends = {} }
   local i = 2
   local n = tonumber(res[i])
   i = i + 1
@@ -126,7 +132,12 @@ local function build(res)
       if port then
         t.ports[port] = b
       else
-        t.frontends[string.sub(k, 10)] = b
+        local f = string.sub(k, 10)
+        t.frontends[f] = b
+        local host = string.match(f, "^([^/]+)/")
+        if host then
+          t.paths[host] = true
+        end
       end
     end
   end
@@ -135,7 +146,11 @@ local function build(res)
     i = i + 2
     local servers = {}
     for j = 1, count do
-      servers[j] = res[i + j - 1]
+      local addr = res[i + j - 1]
+      local ip, port = string.match(addr, "^(.+):(%d+)$")
+      if ip then
+        servers[#servers + 1] = { addr = addr, ip = ip, port = tonumber(port) }
+      end
     end
     i = i + count
     t.backends[b] = servers
@@ -271,12 +286,18 @@ function _M.init_worker()
 end
 
 local function lookup(t)
-  local backend = t.ports[ngx.var.server_port]
-  if backend then
-    return backend
+  if next(t.ports) then
+    local backend = t.ports[ngx.var.server_port]
+    if backend then
+      return backend
+    end
   end
-  local host = string.lower(ngx.var.host or "")
+  -- nginx's $host is lower-cased, without the port.
+  local host = ngx.var.host or ""
   local frontends = t.frontends
+  if not t.paths[host] then
+    return frontends[host]
+  end
   local uri = ngx.var.uri or "/"
   local segs, n = {}, 0
   for seg in string.gmatch(uri, "[^/]+") do
@@ -295,44 +316,56 @@ local function lookup(t)
   return frontends[host]
 end
 
--- access phase: find the backend and its servers in memory, or go to the fallback.
-function _M.route()
-  local t = routes
-  if not t then
-    return ngx.exec("@warden_fallback")
-  end
-  local backend = lookup(t)
-  local servers = backend and t.backends[backend]
-  if not servers or #servers == 0 then
-    return ngx.exec("@warden_fallback")
-  end
-  local start
-  if _M.balance == "round-robin" then
-    rr[backend] = ((rr[backend] or 0) % #servers) + 1
-    start = rr[backend]
-  else
-    start = math.random(#servers)
-  end
-  ngx.ctx.warden = { servers = servers, start = start, tries = 0 }
-  ngx.var.warden_backend = backend
-end
-
--- balancer phase: the chosen server, then the next ones if it fails.
+-- balancer phase: route from memory. The first attempt picks a server (random or
+-- round-robin); a retry takes the next server not yet tried, read from $upstream_addr
+-- (no per-request state). A miss goes to the fallback server on a local socket.
 function _M.balance_peer()
-  local st = ngx.ctx.warden
-  if not st then
-    return ngx.exit(502)
+  local t = routes
+  local backend = t and lookup(t)
+  local servers = backend and t.backends[backend]
+  local n = servers and #servers or 0
+  if n == 0 then
+    local ok, err = balancer.set_current_peer(_M.fallback)
+    if not ok then
+      ngx.log(ngx.ERR, "warden router: fallback: ", err)
+      return ngx.exit(502)
+    end
+    return
   end
-  local n = #st.servers
-  local pick = st.servers[((st.start - 1 + st.tries) % n) + 1]
-  if st.tries == 0 and n > 1 then
-    balancer.set_more_tries(n - 1)
+  local pick
+  local state = balancer.get_last_failure()
+  if not state then
+    if n > 1 then
+      balancer.set_more_tries(n - 1)
+    end
+    if _M.balance == "round-robin" then
+      rr[backend] = ((rr[backend] or 0) % n) + 1
+      pick = servers[rr[backend]]
+    else
+      pick = servers[math.random(n)]
+    end
+  else
+    local tried = ngx.var.upstream_addr or ""
+    local last = 0
+    for i = 1, n do
+      if string.find(tried, servers[i].addr, 1, true) then
+        last = i
+      end
+    end
+    for k = 1, n do
+      local s = servers[((last - 1 + k) % n) + 1]
+      if not string.find(tried, s.addr, 1, true) then
+        pick = s
+        break
+      end
+    end
+    if not pick then
+      return ngx.exit(502)
+    end
   end
-  st.tries = st.tries + 1
-  local ip, port = string.match(pick, "^(.+):(%d+)$")
-  local ok, err = balancer.set_current_peer(ip, tonumber(port))
+  local ok, err = balancer.set_current_peer(pick.ip, pick.port)
   if not ok then
-    ngx.log(ngx.ERR, "warden router: bad server ", pick, ": ", err)
+    ngx.log(ngx.ERR, "warden router: bad server ", pick.addr, ": ", err)
     return ngx.exit(502)
   end
 end

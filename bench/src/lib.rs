@@ -17,7 +17,14 @@ pub fn release_template_so() -> PathBuf {
         .unwrap_or_else(|| workspace_root().join("target"));
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
-        .args(["build", "--release", "-p", "warden-plugin-template"])
+        // The same packages as the harness's release build: one dependency build for all.
+        .args([
+            "build",
+            "--release",
+            "--workspace",
+            "--exclude",
+            "warden-bench",
+        ])
         .current_dir(workspace_root())
         .status()
         .unwrap();
@@ -33,7 +40,13 @@ pub fn release_warden_bin() -> PathBuf {
         .unwrap_or_else(|| workspace_root().join("target"));
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
-        .args(["build", "--release", "-p", "warden", "--bin", "warden"])
+        .args([
+            "build",
+            "--release",
+            "--workspace",
+            "--exclude",
+            "warden-bench",
+        ])
         .current_dir(workspace_root())
         .status()
         .unwrap();

@@ -260,12 +260,10 @@ fn tasks_never_exceed_max_under_leader_chaos() {
     };
     eventually(Duration::from_secs(20), "a leader", || leader(&central));
     let values = ["0", "4", "8", "12", "20", "3"];
+    let mut paused = 0;
     for round in 0..rounds {
-        let Some((lead, _)) = leader(&central) else {
-            snapshot(&mut highest);
-            std::thread::sleep(Duration::from_millis(500));
-            continue;
-        };
+        // Each round acts on the leader of the moment (after a kill, the next one).
+        let (lead, _) = eventually(Duration::from_secs(15), "a leader", || leader(&central));
         let w = ids.iter().position(|i| *i == lead).unwrap();
         set_metric(&metric, values[fastrand::usize(0..values.len())]);
         match round % 3 {
@@ -280,6 +278,7 @@ fn tasks_never_exceed_max_under_leader_chaos() {
                     std::thread::sleep(Duration::from_millis(500));
                 }
                 wardens[w].signal(libc::SIGCONT);
+                paused += 1;
             }
             _ => {}
         }
@@ -288,6 +287,7 @@ fn tasks_never_exceed_max_under_leader_chaos() {
             std::thread::sleep(Duration::from_millis(500));
         }
     }
+    assert_eq!(paused, rounds / 3 + usize::from(rounds % 3 == 2));
     let late = late_calls(&moto.recorded());
     assert!(late.is_empty(), "calls of deposed epochs: {late:?}");
     assert!(highest > 0, "nothing was ever started");

@@ -89,8 +89,9 @@ fn a_normal_run_leaves_the_error_log_empty() {
 }
 
 /// Redis stopped (SIGSTOP) for 10 s under steady load: every request is answered from
-/// memory, none waits on Redis (the router's Redis timeout is 500 ms), and the loss and
-/// the recovery are each said once.
+/// memory, none waits on Redis (the router's Redis timeout is 500 ms: any request that
+/// touched Redis would take at least that), and the loss and the recovery are each said
+/// once. The latency ratio against an unpaused run is a benchmark figure.
 #[test]
 fn a_hung_redis_costs_no_request_anything() {
     let redis = Redis::start();
@@ -159,7 +160,7 @@ fn a_hung_redis_costs_no_request_anything() {
     );
     let slowest = during.iter().max().unwrap();
     assert!(
-        *slowest < Duration::from_millis(250),
+        *slowest < Duration::from_millis(400),
         "a request waited {slowest:?} while redis was stopped"
     );
     let log = router.error_log();
@@ -251,4 +252,34 @@ fn removals_are_followed_and_plain_redx_writes_are_picked_up() {
         "took {:?}",
         t.elapsed()
     );
+}
+
+/// Servers that refuse connections are skipped: every request reaches the live one (the
+/// retry takes the next server not yet tried), and a miss gets the fallback's 404.
+#[test]
+fn a_request_is_retried_on_the_next_server_and_a_miss_gets_the_fallback() {
+    let redis = Redis::start();
+    let live = Backend::start("live");
+    let router = Router::start(&redis);
+    let dead = [free_port(), free_port()];
+    write(
+        &redis,
+        &[
+            Entry::server("web", &format!("127.0.0.1:{}", dead[0])),
+            Entry::server("web", &format!("127.0.0.1:{}", dead[1])),
+            Entry::server("web", &live.addr()),
+            Entry::key("frontend:web.test", "web"),
+        ],
+    );
+    wait_body(&router, "web.test", "/", "live");
+    for i in 0..300 {
+        assert_eq!(
+            status_and_body(&router, router.port, "web.test", "/"),
+            (200, "live".to_owned()),
+            "request {i}"
+        );
+    }
+    let (status, body) = status_and_body(&router, router.port, "nowhere.test", "/x");
+    assert_eq!(status, 404);
+    assert_eq!(body, "warden: no route for nowhere.test/x");
 }

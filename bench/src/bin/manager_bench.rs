@@ -127,7 +127,9 @@ fn chaos(rounds: usize) -> Chaos {
     let (mut kills, mut pauses) = (0, 0);
     for round in 0..rounds {
         set_metric(&metric, values[fastrand::usize(0..values.len())]);
-        if let Some((lead, _)) = leader(&central) {
+        // Each round acts on the leader of the moment (after a kill, the next one).
+        let (lead, _) = eventually(Duration::from_secs(15), "a leader", || leader(&central));
+        {
             let w = IDS.iter().position(|i| *i == lead).unwrap();
             match round % 3 {
                 0 => {

@@ -228,6 +228,11 @@ fn main() {
     hung_redis.signal(libc::SIGSTOP);
     let (hung_rps, hung_p99, hung_err) = wrk(hr.port, "web.test", secs);
     hung_redis.signal(libc::SIGCONT);
+    eventually(
+        Duration::from_secs(10),
+        "the router seeing redis back",
+        || hr.error_log().contains("answering again").then_some(()),
+    );
     let hung_log = hr.error_log();
 
     let (ka_rps, ka_p99) = (median(results[0].0.clone()), median(results[0].1.clone()));

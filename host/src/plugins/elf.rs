@@ -7,17 +7,17 @@
 
 use object::elf;
 use object::read::elf::{FileHeader, ProgramHeader};
-use object::Endianness;
+use object::{Endianness, ReadRef};
 
-/// Checks the ELF structure of `data` (a whole file); the error says what is wrong.
-pub fn check(data: &[u8]) -> Result<(), String> {
-    if data.len() < 4 || &data[..4] != b"\x7fELF" {
+/// Checks the ELF structure of a file of `len` bytes read through `data` (a slice, or a
+/// cache that reads only the ranges asked for); the error says what is wrong.
+pub fn check_in<'a, R: ReadRef<'a>>(data: R, len: u64) -> Result<(), String> {
+    if data.read_bytes_at(0, 4).ok() != Some(&b"\x7fELF"[..]) {
         return Err("not an ELF file (not a shared library)".into());
     }
     let header = elf::FileHeader64::<Endianness>::parse(data).map_err(|e| {
         format!(
-            "not a complete 64-bit ELF file ({e}): truncated, or still being copied? ({} bytes)",
-            data.len()
+            "not a complete 64-bit ELF file ({e}): truncated, or still being copied? ({len} bytes)"
         )
     })?;
     let endian = header
@@ -26,7 +26,6 @@ pub fn check(data: &[u8]) -> Result<(), String> {
     if header.e_type(endian) != elf::ET_DYN {
         return Err("an ELF file, but not a shared library (ET_DYN)".into());
     }
-    let len = data.len() as u64;
     let segments = header.program_headers(endian, data).map_err(|e| {
         format!("program headers cut off ({e}): the file is truncated or still being copied ({len} bytes)")
     })?;
@@ -44,10 +43,20 @@ pub fn check(data: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
-/// Reads and checks a file.
+/// Checks the ELF structure of `data` (a whole file in memory).
+pub fn check(data: &[u8]) -> Result<(), String> {
+    check_in(data, data.len() as u64)
+}
+
+/// Checks a file, reading only its headers (a plugin is megabytes; its headers are not).
 pub fn check_file(path: &std::path::Path) -> Result<(), String> {
-    let data = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
-    check(&data)
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot read: {e}"))?;
+    let len = file
+        .metadata()
+        .map_err(|e| format!("cannot read: {e}"))?
+        .len();
+    let cache = object::ReadCache::new(file);
+    check_in(&cache, len)
 }
 
 #[cfg(test)]
@@ -78,5 +87,17 @@ mod tests {
             );
         }
         assert!(check(b"#!/bin/sh\n").unwrap_err().contains("not an ELF"));
+    }
+
+    #[test]
+    fn a_file_is_checked_through_its_headers_alone() {
+        let data = real_so();
+        let dir = tempfile::tempdir().unwrap();
+        let whole = dir.path().join("whole.so");
+        let cut = dir.path().join("cut.so");
+        std::fs::write(&whole, &data).unwrap();
+        std::fs::write(&cut, &data[..data.len() / 3]).unwrap();
+        check_file(&whole).unwrap();
+        assert!(check_file(&cut).unwrap_err().contains("truncated"));
     }
 }
