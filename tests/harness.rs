@@ -4,6 +4,7 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -44,6 +45,15 @@ pub fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Optio
 
 fn kill(child: &mut Child) {
     let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Kills a child started in a process group of its own (`process_group(0)`) with all
+/// its descendants: killing only nginx's master would leave its workers running, still
+/// listening, and holding whatever stdout they inherited.
+pub fn kill_group(child: &mut Child) {
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
     let _ = child.wait();
 }
 
@@ -311,6 +321,7 @@ impl Router {
         let port = free_port();
         let prefix = tempfile::tempdir().unwrap();
         let child = Command::new(workspace_root().join("router/start.sh"))
+            .process_group(0)
             .args([
                 prefix.path().to_str().unwrap(),
                 &port.to_string(),
@@ -356,7 +367,7 @@ impl Router {
 
 impl Drop for Router {
     fn drop(&mut self) {
-        kill(&mut self.child);
+        kill_group(&mut self.child);
     }
 }
 
@@ -401,6 +412,7 @@ impl Backend {
         std::fs::write(dir.path().join("api/v1/index.html"), body).unwrap();
         let port = free_port();
         let child = Command::new("/bin/busybox")
+            .process_group(0)
             .args(["httpd", "-f", "-p", &format!("127.0.0.1:{port}"), "-h"])
             .arg(dir.path())
             .spawn()
@@ -419,7 +431,7 @@ impl Backend {
 
 impl Drop for Backend {
     fn drop(&mut self) {
-        kill(&mut self.child);
+        kill_group(&mut self.child);
     }
 }
 

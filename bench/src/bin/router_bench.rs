@@ -14,6 +14,7 @@
 //! Run: `cargo run --release -p warden-bench --bin router_bench -- [seconds] [rounds] [workers] [samples]`
 
 use std::collections::BTreeSet;
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -28,8 +29,7 @@ struct Nginx {
 
 impl Drop for Nginx {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        kill_group(&mut self.child);
     }
 }
 
@@ -41,6 +41,7 @@ fn nginx(workers: &str, http: &str, ports: &[u16]) -> Nginx {
     );
     std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
     let child = Command::new("nginx")
+        .process_group(0)
         .arg("-p")
         .arg(dir.path())
         .arg("-c")
@@ -188,13 +189,24 @@ fn main() {
         ("warden's router, port front-end", svc_port, "anything.test"),
     ];
     let mut results: Vec<(Vec<f64>, Vec<f64>, u64)> = vec![(vec![], vec![], 0); cases.len()];
+    // The no-keepalive runs go last: each leaves ~100k sockets in TIME_WAIT for a minute,
+    // which would burden whichever run came next.
+    let order = [0, 2, 3];
     for _ in 0..rounds {
-        for (i, (_, port, host)) in cases.iter().enumerate() {
-            let (rps, p99, errors) = wrk(*port, host, secs);
+        for i in order {
+            let (_, port, host) = cases[i];
+            let (rps, p99, errors) = wrk(port, host, secs);
             results[i].0.push(rps);
             results[i].1.push(p99);
             results[i].2 += errors;
         }
+    }
+    for _ in 0..rounds {
+        let (_, port, host) = cases[1];
+        let (rps, p99, errors) = wrk(port, host, secs);
+        results[1].0.push(rps);
+        results[1].1.push(p99);
+        results[1].2 += errors;
     }
     let error_log_lines = r.error_log().lines().count();
 
@@ -216,6 +228,8 @@ fn main() {
         table = next;
     }
 
+    // Let the no-keepalive runs' TIME_WAIT sockets go before the next comparison.
+    std::thread::sleep(Duration::from_secs(60));
     eprintln!("redis stopped for a whole run...");
     let hung_redis = Redis::start();
     let hr = router(&hung_redis, &workers);
@@ -236,7 +250,7 @@ fn main() {
     let hung_log = hr.error_log();
 
     let (ka_rps, ka_p99) = (median(results[0].0.clone()), median(results[0].1.clone()));
-    println!("Workers: {workers}; wrk -t2 -c16 -d{secs}s; {rounds} rounds interleaved, medians.\n");
+    println!("Workers: {workers}; wrk -t2 -c16 -d{secs}s; {rounds} rounds interleaved (the no-keepalive runs after the others), medians.\n");
     println!("| path | req/s | p99 | vs plain nginx + keepalive | errors |\n|---|---|---|---|---|");
     for (i, (name, _, _)) in cases.iter().enumerate() {
         let rps = median(results[i].0.clone());

@@ -19,7 +19,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 use warden_plugin_api::{ErrorKind, Kind, PluginError};
 
 use super::client::{decode_answer, BoxFuture, CallError, Decode, Health};
@@ -88,22 +88,14 @@ pub fn serve(file: &Path, socket: &Path) -> anyhow::Result<()> {
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
     let library = warden_plugin_api::host::Library::load(file)
         .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(async move {
         let listener = UnixListener::bind(socket)?;
         let (stream, _) = listener.accept().await?;
-        let (rd, mut wr) = stream.into_split();
-        let (tx, mut rx) = mpsc::unbounded_channel::<String>();
-        let writer = tokio::spawn(async move {
-            while let Some(l) = rx.recv().await {
-                if wr.write_all(l.as_bytes()).await.is_err() {
-                    return;
-                }
-            }
-        });
+        let (rd, wr) = stream.into_split();
+        let wr = Arc::new(tokio::sync::Mutex::new(wr));
         let mut instance = None;
         let mut calls: HashMap<u64, tokio::task::AbortHandle> = HashMap::new();
         let mut lines = BufReader::new(rd).lines();
@@ -138,28 +130,22 @@ pub fn serve(file: &Path, socket: &Path) -> anyhow::Result<()> {
                             ),
                         },
                     };
-                    let _ = tx.send(line(&answer));
+                    send(&wr, &answer).await;
                 }
                 Request::Call { id, name, args } => {
                     let Some(inst) = instance.clone() else {
                         continue;
                     };
-                    let tx = tx.clone();
-                    let call = inst.call(&name, &args);
+                    let mut call = Box::pin(inst.call(&name, &args));
+                    // Most calls are ready at once: answer them here, without a task.
+                    if let Some(r) = futures_util::FutureExt::now_or_never(&mut call) {
+                        send(&wr, &answer_of(id, r)).await;
+                        continue;
+                    }
+                    let wr = wr.clone();
                     let task = tokio::spawn(async move {
-                        let answer = match call.await {
-                            Ok(text) => Answer {
-                                id,
-                                ok: Some(text),
-                                err: None,
-                            },
-                            Err(e) => Answer {
-                                id,
-                                ok: None,
-                                err: Some(e.into()),
-                            },
-                        };
-                        let _ = tx.send(line(&answer));
+                        let r = call.await;
+                        send(&wr, &answer_of(id, r)).await;
                     });
                     calls.retain(|_, h| !h.is_finished());
                     calls.insert(id, task.abort_handle());
@@ -177,19 +163,49 @@ pub fn serve(file: &Path, socket: &Path) -> anyhow::Result<()> {
                 }
             }
         }
-        drop(tx);
-        let _ = writer.await;
         Ok::<_, anyhow::Error>(())
     })
 }
 
+fn answer_of(id: u64, r: Result<String, PluginError>) -> Answer {
+    match r {
+        Ok(text) => Answer {
+            id,
+            ok: Some(text),
+            err: None,
+        },
+        Err(e) => Answer {
+            id,
+            ok: None,
+            err: Some(e.into()),
+        },
+    }
+}
+
+type Writer = Arc<tokio::sync::Mutex<tokio::net::unix::OwnedWriteHalf>>;
+
+async fn send<T: Serialize>(wr: &Writer, v: &T) {
+    let l = line(v);
+    let _ = wr.lock().await.write_all(l.as_bytes()).await;
+}
+
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<String, PluginError>>>>>;
 
-/// A live connection to a child.
+/// A live connection to a child: callers write their request themselves.
 #[derive(Clone)]
 struct Conn {
-    tx: mpsc::UnboundedSender<String>,
+    wr: Writer,
     pending: Pending,
+}
+
+impl Conn {
+    /// Sends from a place that cannot wait (a `Drop`).
+    fn send_later(&self, req: Request) {
+        let wr = self.wr.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move { send(&wr, &req).await });
+        }
+    }
 }
 
 /// How to start a child for one instance.
@@ -259,15 +275,8 @@ async fn start_child(spec: &Spec) -> Result<Child, PluginError> {
             }
         }
     };
-    let (rd, mut wr) = stream.into_split();
-    let (tx, mut rx) = mpsc::unbounded_channel::<String>();
-    tokio::spawn(async move {
-        while let Some(l) = rx.recv().await {
-            if wr.write_all(l.as_bytes()).await.is_err() {
-                return;
-            }
-        }
-    });
+    let (rd, wr) = stream.into_split();
+    let wr: Writer = Arc::new(tokio::sync::Mutex::new(wr));
     let pending: Pending = Arc::default();
     let p = pending.clone();
     let reader = tokio::spawn(async move {
@@ -290,15 +299,19 @@ async fn start_child(spec: &Spec) -> Result<Child, PluginError> {
         // The child is gone: every call waiting on it ends now.
         lock(&p).clear();
     });
-    let conn = Conn { tx, pending };
+    let conn = Conn { wr, pending };
     let id = IDS.fetch_add(1, Ordering::Relaxed);
     let (otx, orx) = oneshot::channel();
     lock(&conn.pending).insert(id, otx);
-    let _ = conn.tx.send(line(&Request::Create {
-        id,
-        kind: spec.kind.as_str().to_owned(),
-        config: spec.config.clone(),
-    }));
+    send(
+        &conn.wr,
+        &Request::Create {
+            id,
+            kind: spec.kind.as_str().to_owned(),
+            config: spec.config.clone(),
+        },
+    )
+    .await;
     match tokio::time::timeout_at(deadline, orx).await {
         Ok(Ok(Ok(_))) => Ok(Child {
             conn,
@@ -388,7 +401,7 @@ async fn keep(
     loop {
         let status = tokio::select! {
             _ = stop.changed() => {
-                let _ = child.conn.tx.send(line(&Request::Shutdown));
+                send(&child.conn.wr, &Request::Shutdown).await;
                 let _ = tokio::time::timeout(Duration::from_secs(1), child.process.wait()).await;
                 return;
             }
@@ -441,7 +454,7 @@ impl Drop for CancelOnDrop {
     fn drop(&mut self) {
         if !self.done {
             lock(&self.conn.pending).remove(&self.id);
-            let _ = self.conn.tx.send(line(&Request::Cancel { id: self.id }));
+            self.conn.send_later(Request::Cancel { id: self.id });
         }
     }
 }
@@ -476,11 +489,11 @@ impl PluginClient for ProcessClient {
         let id = IDS.fetch_add(1, Ordering::Relaxed);
         let (otx, orx) = oneshot::channel();
         lock(&conn.pending).insert(id, otx);
-        let _ = conn.tx.send(line(&Request::Call {
+        let request = Request::Call {
             id,
             name: op.clone(),
             args: args.to_owned(),
-        }));
+        };
         let mut guard = CancelOnDrop {
             conn,
             id,
@@ -489,6 +502,7 @@ impl PluginClient for ProcessClient {
         let timeout = self.timeout;
         let restart = self.restart.clone();
         Box::pin(async move {
+            send(&guard.conn.wr, &request).await;
             let outcome = match tokio::time::timeout(timeout, orx).await {
                 Ok(Ok(Ok(text))) => {
                     guard.done = true;
