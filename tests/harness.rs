@@ -363,6 +363,10 @@ impl Router {
     pub fn error_log(&self) -> String {
         std::fs::read_to_string(self.prefix.path().join("error.log")).unwrap_or_default()
     }
+    /// The process group of nginx's master and workers.
+    pub fn pgid(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 impl Drop for Router {
