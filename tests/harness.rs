@@ -101,6 +101,10 @@ impl Redis {
             .get_connection()
             .unwrap()
     }
+    /// Stops it (its data is lost); `restart` brings an empty one back on the port.
+    pub fn stop(&mut self) {
+        kill(&mut self.child);
+    }
     /// Stops it (its data is lost) and starts an empty one on the same port.
     pub fn restart(&mut self) {
         kill(&mut self.child);
@@ -622,6 +626,8 @@ pub struct Warden {
     pub config: PathBuf,
     env: Vec<(String, String)>,
     registrar: bool,
+    /// The port of warden's HTTP endpoint (one per warden, so tests run side by side).
+    pub http_port: Option<u16>,
     _plugins: tempfile::TempDir,
     _dir: tempfile::TempDir,
 }
@@ -647,6 +653,15 @@ impl Warden {
             format!("[plugins]\n{dirs}\n{config}")
         };
         let registrar = !text.contains("enabled = false");
+        let (text, http_port) = if text.contains("[http]") {
+            (text, None)
+        } else {
+            let port = free_port();
+            (
+                format!("{text}\n[http]\nlisten = \"127.0.0.1:{port}\"\n"),
+                Some(port),
+            )
+        };
         std::fs::write(&cfg, with_run_label(&text)).unwrap();
         let log = dir.path().join("warden.log");
         let mut w = Warden {
@@ -655,6 +670,7 @@ impl Warden {
             config: cfg,
             env: env.to_vec(),
             registrar,
+            http_port,
             _plugins: plugins,
             _dir: dir,
         };
@@ -705,6 +721,30 @@ impl Warden {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// GET on warden's HTTP endpoint: (status, body).
+    pub fn http(&self, path: &str) -> std::io::Result<(u16, String)> {
+        http_get(
+            self.http_port
+                .expect("this warden has the harness's endpoint"),
+            "127.0.0.1",
+            path,
+        )
+    }
+
+    /// One sample of `/metrics`: the value of the series whose line starts with `series`
+    /// (name and labels exactly as printed).
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        let (_, body) = self.http("/metrics").ok()?;
+        body.lines().find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
     }
 
     /// Whether the process is still running.

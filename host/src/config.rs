@@ -15,6 +15,7 @@ pub const ENV_LOCAL_REDIS: &str = "WARDEN_LOCAL_REDIS";
 pub const ENV_CENTRAL_REDIS: &str = "WARDEN_CENTRAL_REDIS";
 pub const ENV_INSTANCE_ID: &str = "WARDEN_INSTANCE_ID";
 pub const ENV_AVAILABILITY_ZONE: &str = "WARDEN_AVAILABILITY_ZONE";
+pub const ENV_HTTP_LISTEN: &str = "WARDEN_HTTP_LISTEN";
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -23,6 +24,7 @@ pub struct Config {
     pub plugins: PluginsConfig,
     pub registrar: RegistrarConfig,
     pub manager: ManagerConfig,
+    pub http: HttpConfig,
     /// Metric sources by name: `[metrics.<name>]` with `plugin` and `config`.
     pub metrics: BTreeMap<String, PluginRef>,
 }
@@ -34,6 +36,41 @@ pub struct HostConfig {
     pub instance_id: Option<String>,
     /// Availability Zone; from instance metadata when absent.
     pub availability_zone: Option<String>,
+}
+
+/// The HTTP endpoint (`/livez`, `/readyz`, `/status`, `/metrics`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// `address:port` to listen on, or `off`. Loopback by default: `/status` tells the
+    /// cluster's state, so expose it wider only on purpose.
+    pub listen: String,
+}
+
+/// The endpoint's default address.
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:9798";
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_HTTP_LISTEN.into(),
+        }
+    }
+}
+
+impl HttpConfig {
+    /// The address to listen on; `None` when the endpoint is off.
+    pub fn addr(&self) -> Result<Option<std::net::SocketAddr>, String> {
+        if self.listen.trim() == "off" {
+            return Ok(None);
+        }
+        self.listen.trim().parse().map(Some).map_err(|_| {
+            format!(
+                "{:?}: expected address:port (such as 127.0.0.1:9798 or [::1]:9798) or \"off\"",
+                self.listen
+            )
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -263,6 +300,9 @@ impl Config {
         if let Some(v) = set(env(ENV_AVAILABILITY_ZONE)) {
             self.host.availability_zone = Some(v);
         }
+        if let Some(v) = set(env(ENV_HTTP_LISTEN)) {
+            self.http.listen = v;
+        }
     }
 
     fn validate(&self, file: &str) -> Result<(), ConfigError> {
@@ -276,6 +316,7 @@ impl Config {
         if let Some(url) = &self.manager.central_redis {
             check_redis_url(url).map_err(|m| bad("manager.central_redis", m))?;
         }
+        self.http.addr().map_err(|m| bad("http.listen", m))?;
         let within = |key: &str, v: u64, lo: u64, hi: u64, why: &str| {
             if (lo..=hi).contains(&v) {
                 Ok(())

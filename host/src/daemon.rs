@@ -15,6 +15,7 @@ use crate::manager::ecs::AwsEcs;
 use crate::manager::election::Timing;
 use crate::manager::policy::Mapping;
 use crate::manager::{ManagedService, Manager, Target};
+use crate::metrics::Dependency;
 use crate::plugins::slot::Slot;
 use crate::plugins::{CallOptions, CreateError, PluginHost, ServicesClient};
 use crate::registrar::{self, redx, Registrar};
@@ -191,9 +192,44 @@ pub async fn run(
     let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
     let mut sup = Supervisor::new(fatal_tx.clone(), stop_rx.clone());
     let me = identity::resolve(&config.host).await;
+    let listener = match config
+        .http
+        .addr()
+        .map_err(|m| Fatal::Config(format!("http.listen: {m}")))?
+    {
+        Some(addr) => Some(Arc::new(
+            crate::http::bind(addr).await.map_err(Fatal::Config)?,
+        )),
+        None => None,
+    };
+    let manager_on = config.manager.central_redis.is_some();
+    let mut required = Vec::new();
+    if config.registrar.enabled {
+        required.extend([
+            Dependency::Docker,
+            Dependency::LocalRedis,
+            Dependency::ServiceSources,
+        ]);
+    }
+    if manager_on {
+        required.push(Dependency::CentralRedis);
+    }
+    crate::metrics::get().set_required(required);
+    if let Some(listener) = listener {
+        let info = Arc::new(crate::http::HostInfo {
+            instance_id: me.instance_id.clone().unwrap_or_else(hostname),
+            availability_zone: me.availability_zone.clone(),
+            registrar: config.registrar.enabled,
+            central_redis: config.manager.central_redis.clone(),
+        });
+        tracing::info!(addr = %listener.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()), "http endpoint listening: /livez /readyz /status /metrics");
+        let stop = stop_rx.clone();
+        sup.spawn("http", move || {
+            crate::http::serve(listener.clone(), info.clone(), stop.clone())
+        });
+    }
     // One AWS configuration for every client, loaded only when something needs AWS.
-    let needs_aws = config.manager.central_redis.is_some()
-        || (config.registrar.enabled && me.instance_id.is_some());
+    let needs_aws = manager_on || (config.registrar.enabled && me.instance_id.is_some());
     let sdk = if needs_aws {
         Some(crate::aws::load(me.availability_zone.as_deref()).await)
     } else {

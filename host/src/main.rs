@@ -59,6 +59,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Ask a running warden's HTTP endpoint whether it is ready (`/readyz`): exit 0 when it
+    /// answers 200, 1 otherwise. For container health checks in images without a shell.
+    Health {
+        #[arg(long, env = "WARDEN_CONFIG")]
+        config: Option<PathBuf>,
+        /// Address to ask instead of the configured `http.listen`.
+        #[arg(long)]
+        addr: Option<std::net::SocketAddr>,
+        /// Path to ask (`/livez` for liveness only).
+        #[arg(long, default_value = "/readyz")]
+        path: String,
+        /// Seconds to wait for the answer.
+        #[arg(long, default_value_t = 3)]
+        timeout: u64,
+    },
     /// Hosts one isolated plugin instance for a warden daemon (started by warden itself).
     #[command(hide = true, name = "plugin-host")]
     PluginHost {
@@ -180,6 +195,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             plugins::isolated::serve(&file, &socket)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Health {
+            config,
+            addr,
+            path,
+            timeout,
+        } => health(config, addr, &path, timeout),
         Command::Routes { config, json } => {
             let config = load_config(config.as_deref())?;
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -271,6 +292,50 @@ fn plugins_check(
         }
         Err(e) => {
             println!("{}: config refused: {e}", file.display());
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn health(
+    config: Option<PathBuf>,
+    addr: Option<std::net::SocketAddr>,
+    path: &str,
+    timeout: u64,
+) -> anyhow::Result<ExitCode> {
+    let addr = match addr {
+        Some(a) => a,
+        None => {
+            let mut a = load_config(config.as_deref())?
+                .http
+                .addr()
+                .map_err(|m| anyhow::anyhow!("http.listen: {m}"))?
+                .context("http.listen is off: there is no endpoint to ask")?;
+            // A wildcard listen is asked on loopback.
+            if a.ip().is_unspecified() {
+                a.set_ip(if a.is_ipv4() {
+                    std::net::Ipv4Addr::LOCALHOST.into()
+                } else {
+                    std::net::Ipv6Addr::LOCALHOST.into()
+                });
+            }
+            a
+        }
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    match rt.block_on(warden::http::probe(
+        addr,
+        path,
+        std::time::Duration::from_secs(timeout),
+    )) {
+        Ok(body) => {
+            println!("{body}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            println!("warden health: {e}");
             Ok(ExitCode::FAILURE)
         }
     }

@@ -144,6 +144,12 @@ impl Supervisor {
                     return;
                 }
                 let delay = backoff.next_delay();
+                crate::metrics::get()
+                    .loop_restarts
+                    .get_or_create(&crate::metrics::LoopLabel {
+                        name: name.to_owned(),
+                    })
+                    .inc();
                 tracing::error!(loop_name = name, restart_in = %crate::logs::humantime(delay), "loop {name} {why}; restarting it");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}

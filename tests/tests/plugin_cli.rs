@@ -212,6 +212,7 @@ fn run_loads_plugins_and_stops_cleanly_on_sigterm() {
             "--config",
             cfg.to_str().unwrap(),
         ])
+        .env("WARDEN_HTTP_LISTEN", "off")
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();

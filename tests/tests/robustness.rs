@@ -90,6 +90,7 @@ fn bad_plugin_files_are_named_and_never_crash_warden() {
             "--config",
             cfg.to_str().unwrap(),
         ])
+        .env("WARDEN_HTTP_LISTEN", "off")
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
@@ -160,6 +161,7 @@ fn run_until_exit(config: &str, env: &[(&str, &str)]) -> (Option<i32>, String) {
     let mut cmd = Command::new(warden_bin());
     cmd.args(["run", "--config", cfg.to_str().unwrap()])
         .env_remove("WARDEN_PLUGIN_DIR")
+        .env("WARDEN_HTTP_LISTEN", "off")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     for (k, v) in env {

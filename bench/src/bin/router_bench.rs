@@ -286,8 +286,16 @@ fn main() {
         pin_group(g, "1");
     }
     let pinned_cases: [(&str, u16, &str); 4] = [
-        ("plain nginx, static upstream, keepalive 32", ka_port, "web.test"),
-        ("nginx with a one-line Lua balancer (the mechanism's floor)", floor_port, "web.test"),
+        (
+            "plain nginx, static upstream, keepalive 32",
+            ka_port,
+            "web.test",
+        ),
+        (
+            "nginx with a one-line Lua balancer (the mechanism's floor)",
+            floor_port,
+            "web.test",
+        ),
         ("warden's router, host front-end", r.port, "web.test"),
         ("warden's router, port front-end", svc_port, "anything.test"),
     ];

@@ -285,7 +285,7 @@ where
     R: std::fmt::Debug,
 {
     let message = crate::aws::describe(&e);
-    match e {
+    let error = match e {
         SdkError::ServiceError(_) => EcsError::Refused { op, message },
         SdkError::ConstructionFailure(_) => EcsError::NotSent { op, why: message },
         // An interceptor refusal surfaces as a dispatch failure: say why plainly.
@@ -294,7 +294,20 @@ where
             why: guard.check().unwrap_err().to_string(),
         },
         _ => EcsError::Unknown { op, message },
-    }
+    };
+    count(
+        op,
+        match &error {
+            EcsError::Refused { .. } => "refused",
+            EcsError::NotSent { .. } => "not_sent",
+            _ => "unknown",
+        },
+    );
+    error
+}
+
+fn count(op: &str, outcome: &str) {
+    crate::metrics::Metrics::count(&crate::metrics::get().ecs_calls, op, outcome);
 }
 
 impl Ecs for AwsEcs {
@@ -322,7 +335,8 @@ impl Ecs for AwsEcs {
                 .interceptor(LeaderOnly(guard.clone()))
                 .send()
                 .await
-                .map_err(|e| classify("ListTasks", e, guard))?;
+                .map_err(|e| classify("ListTasks", e, guard))
+                .inspect(|_| count("ListTasks", "ok"))?;
             arns.extend(page.task_arns().iter().cloned());
             match page.next_token() {
                 Some(t) if !t.is_empty() => next = Some(t.to_owned()),
@@ -350,7 +364,8 @@ impl Ecs for AwsEcs {
                 .interceptor(LeaderOnly(guard.clone()))
                 .send()
                 .await
-                .map_err(|e| classify("DescribeTasks", e, guard))?;
+                .map_err(|e| classify("DescribeTasks", e, guard))
+                .inspect(|_| count("DescribeTasks", "ok"))?;
             out.extend(d.tasks().iter().map(|t| Task {
                 arn: t.task_arn().unwrap_or_default().to_owned(),
                 last_status: t.last_status().unwrap_or("PENDING").to_owned(),
@@ -379,7 +394,8 @@ impl Ecs for AwsEcs {
             .interceptor(LeaderOnly(guard.clone()))
             .send()
             .await
-            .map_err(|e| classify("RunTask", e, guard))?;
+            .map_err(|e| classify("RunTask", e, guard))
+            .inspect(|_| count("RunTask", "ok"))?;
         Ok(Started {
             arns: out
                 .tasks()
@@ -410,7 +426,8 @@ impl Ecs for AwsEcs {
             .interceptor(LeaderOnly(guard.clone()))
             .send()
             .await
-            .map_err(|e| classify("StopTask", e, guard))?;
+            .map_err(|e| classify("StopTask", e, guard))
+            .inspect(|_| count("StopTask", "ok"))?;
         Ok(())
     }
 
@@ -429,7 +446,8 @@ impl Ecs for AwsEcs {
             .interceptor(LeaderOnly(guard.clone()))
             .send()
             .await
-            .map_err(|e| classify("DescribeServices", e, guard))?;
+            .map_err(|e| classify("DescribeServices", e, guard))
+            .inspect(|_| count("DescribeServices", "ok"))?;
         out.services()
             .first()
             .map(|s| s.desired_count().max(0) as u32)
@@ -455,7 +473,8 @@ impl Ecs for AwsEcs {
             .interceptor(LeaderOnly(guard.clone()))
             .send()
             .await
-            .map_err(|e| classify("UpdateService", e, guard))?;
+            .map_err(|e| classify("UpdateService", e, guard))
+            .inspect(|_| count("UpdateService", "ok"))?;
         Ok(())
     }
 }

@@ -141,8 +141,14 @@ impl<S: LeaseStore> Elector<S> {
                 .seen(&self.id, &self.az, self.timing.lease * 10)
                 .await
             {
-                Ok(()) => seen_errors.cleared(),
-                Err(e) => seen_errors.failed(&e.0),
+                Ok(()) => {
+                    seen_errors.cleared();
+                    crate::metrics::get().set_up(crate::metrics::Dependency::CentralRedis, true);
+                }
+                Err(e) => {
+                    seen_errors.failed(&e.0);
+                    crate::metrics::get().set_up(crate::metrics::Dependency::CentralRedis, false);
+                }
             }
             held = match held.take() {
                 Some(h) => self.keep(h, &tx, &mut errors).await,

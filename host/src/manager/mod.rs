@@ -248,6 +248,57 @@ impl Record {
     }
 }
 
+impl Record {
+    /// The decision in the metrics: value, desired, running, and a count by action.
+    pub fn observe(&self) {
+        let m = crate::metrics::get();
+        let l = crate::metrics::ServiceLabel {
+            service: self.service.clone(),
+        };
+        match self.metric {
+            Some(v) => {
+                m.metric_value.get_or_create(&l).set(v);
+            }
+            None => {
+                m.metric_value.remove(&l);
+            }
+        }
+        m.desired_tasks
+            .get_or_create(&l)
+            .set(i64::from(self.decision.desired));
+        if let Some(r) = self.running {
+            m.running_tasks.get_or_create(&l).set(i64::from(r));
+        }
+        m.decisions
+            .get_or_create(&crate::metrics::Decision {
+                service: self.service.clone(),
+                action: self.decision.action.as_str().into(),
+            })
+            .inc();
+    }
+}
+
+/// Follows the published leadership into the metrics (leader, epoch, changes).
+async fn observe_leadership(mut rx: watch::Receiver<Leadership>) {
+    let m = crate::metrics::get();
+    let mut leading = false;
+    loop {
+        let epoch = rx.borrow_and_update().epoch();
+        if epoch.is_some() != leading {
+            leading = epoch.is_some();
+            m.leader_changes.inc();
+        }
+        m.leader.set(i64::from(leading));
+        if let Some(e) = epoch {
+            m.epoch.set(e as i64);
+        }
+        if rx.changed().await.is_err() {
+            m.leader.set(0);
+            return;
+        }
+    }
+}
+
 /// The manager's parts, wired by `daemon`.
 #[derive(Clone)]
 pub struct Manager {
@@ -303,6 +354,9 @@ impl Manager {
         };
         let azs = az::AzCache::start(self.ec2.clone(), shutdown.clone());
         let (tx, rx) = watch::channel(Leadership::Following);
+        crate::metrics::get()
+            .retain_managed(&self.services.iter().map(|s| s.name.clone()).collect());
+        tokio::spawn(observe_leadership(rx.clone()));
         let elector = Elector {
             id: self.id.clone(),
             az: self.az.clone(),

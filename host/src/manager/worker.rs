@@ -201,6 +201,7 @@ impl<E: Ecs, L: Ledger> Worker<E, L> {
             s, &self.id, lease, now_ms, &reading, &count, decision, outcome, calls,
         );
         record.log();
+        record.observe();
         match self.ledger.record(lease, &record, &state).await {
             Ok(true) => Ok(()),
             Ok(false) => {

@@ -58,11 +58,19 @@ impl Breaker {
         }
     }
 
-    pub fn on_success(&mut self) {
+    /// Records a success; true when it closes a breaker that had tripped.
+    pub fn on_success(&mut self) -> bool {
+        let was_tripped = self.trips > 0;
         self.consecutive_failures = 0;
         self.trips = 0;
         self.open_until = None;
         self.trial_in_flight = false;
+        was_tripped
+    }
+
+    /// True right after the first trip since the last success.
+    pub fn first_trip(&self) -> bool {
+        self.trips == 1
     }
 
     /// Records a failure; returns the rest period when this failure trips the breaker.

@@ -132,11 +132,20 @@ impl Health {
         plugin: String,
         op: String,
         outcome: Result<Box<dyn Any + Send>, PluginError>,
+        started: std::time::Instant,
     ) -> Result<Box<dyn Any + Send>, CallError> {
+        let m = crate::metrics::get();
+        let label = match &outcome {
+            Ok(_) => "ok",
+            Err(e) => e.kind.as_str(),
+        };
+        m.observe_plugin_call(&plugin, &op, label, started.elapsed());
         let mut b = self.breaker.lock().unwrap_or_else(|p| p.into_inner());
         match outcome {
             Ok(value) => {
-                b.on_success();
+                if b.on_success() {
+                    m.breaker_open.get_or_create(&plugin_label(&plugin)).dec();
+                }
                 *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 Ok(value)
             }
@@ -147,12 +156,21 @@ impl Health {
                     _ => b.on_failure(now),
                 };
                 if let Some(rest) = rest {
+                    if b.first_trip() {
+                        m.breaker_open.get_or_create(&plugin_label(&plugin)).inc();
+                    }
                     tracing::warn!(plugin = %plugin, op = %op, kind = %error.kind, rest = %crate::logs::humantime(rest), "plugin resting after its error: {}", error.message);
                 }
                 *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.clone());
                 Err(CallError::Failed { plugin, op, error })
             }
         }
+    }
+}
+
+fn plugin_label(plugin: &str) -> crate::metrics::PluginLabel {
+    crate::metrics::PluginLabel {
+        plugin: plugin.to_owned(),
     }
 }
 
@@ -224,6 +242,7 @@ impl PluginClient for InProcessClient {
             return Box::pin(std::future::ready(Err(resting)));
         }
         let health = self.health.clone();
+        let started = std::time::Instant::now();
         let call = self.instance.call(&op, args);
         let timeout = self.timeout;
         let task = tokio::spawn(async move { tokio::time::timeout(timeout, call).await });
@@ -242,7 +261,7 @@ impl PluginClient for InProcessClient {
                 )),
             };
             drop(guard);
-            health.settle(plugin, op, outcome)
+            health.settle(plugin, op, outcome, started)
         })
     }
 

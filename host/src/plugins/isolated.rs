@@ -479,12 +479,18 @@ impl PluginClient for ProcessClient {
             return Box::pin(std::future::ready(Err(resting)));
         }
         let health = self.health.clone();
+        let started = std::time::Instant::now();
         let Some(conn) = lock(&self.conn).clone() else {
             let e = PluginError::new(
                 ErrorKind::Transient,
                 "the plugin process is being restarted",
             );
-            return Box::pin(std::future::ready(health.settle(plugin, op, Err(e))));
+            return Box::pin(std::future::ready(health.settle(
+                plugin,
+                op,
+                Err(e),
+                started,
+            )));
         };
         let id = IDS.fetch_add(1, Ordering::Relaxed);
         let (otx, orx) = oneshot::channel();
@@ -530,7 +536,7 @@ impl PluginClient for ProcessClient {
                 }
             };
             drop(guard);
-            health.settle(plugin, op, outcome)
+            health.settle(plugin, op, outcome, started)
         })
     }
 

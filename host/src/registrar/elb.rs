@@ -85,7 +85,8 @@ async fn is_member(client: &Client, elb: &str, instance: &str) -> Result<bool, E
         .load_balancer_names(elb)
         .send()
         .await
-        .map_err(|e| classify(elb, e))?;
+        .map_err(|e| classify(elb, e));
+    let out = counted("DescribeLoadBalancers", out)?;
     let lb = out
         .load_balancer_descriptions()
         .first()
@@ -116,24 +117,37 @@ where
     }
 }
 
+/// Counts an ELB call by operation and outcome.
+fn counted<T>(op: &str, r: Result<T, ElbError>) -> Result<T, ElbError> {
+    let outcome = match &r {
+        Ok(_) => "ok",
+        Err(ElbError::NotFound(_)) => "not_found",
+        Err(ElbError::Aws(_)) => "error",
+    };
+    crate::metrics::Metrics::count(&crate::metrics::get().elb_calls, op, outcome);
+    r
+}
+
 async fn act(client: &Client, elb: &str, instance: &str, register: bool) -> Result<(), ElbError> {
     let target = Instance::builder().instance_id(instance).build();
     if register {
-        client
+        let r = client
             .register_instances_with_load_balancer()
             .load_balancer_name(elb)
             .instances(target)
             .send()
             .await
-            .map_err(|e| classify(elb, e))?;
+            .map_err(|e| classify(elb, e));
+        counted("RegisterInstancesWithLoadBalancer", r)?;
     } else {
-        client
+        let r = client
             .deregister_instances_from_load_balancer()
             .load_balancer_name(elb)
             .instances(target)
             .send()
             .await
-            .map_err(|e| classify(elb, e))?;
+            .map_err(|e| classify(elb, e));
+        counted("DeregisterInstancesFromLoadBalancer", r)?;
     }
     Ok(())
 }

@@ -28,6 +28,7 @@ use tokio::time::Instant;
 use warden_plugin_api::ServiceDefinition;
 
 use crate::backoff::Backoff;
+use crate::metrics::{self, Dependency};
 use crate::plugins::ServicesClient;
 use desired::ElbWant;
 use docker::InspectError;
@@ -109,11 +110,13 @@ impl Registrar {
                     }
                     docker_errors.cleared();
                     docker_backoff.reset();
+                    metrics::get().set_up(Dependency::Docker, true);
                     l.store.replace_all(list);
                     // After a reconnect, verify Redis key by key too.
                     l.r.routes.invalidate();
                 }
                 Err(e) => {
+                    metrics::get().set_up(Dependency::Docker, false);
                     let delay = docker_backoff.next_delay();
                     docker_errors.failed(&format!(
                         "docker not answering ({e}); keeping the last routes"
@@ -180,6 +183,7 @@ impl Registrar {
             }
             // Routes stay as they are while Docker is away; ELB decisions wait for a list.
             l.store.synced = false;
+            metrics::get().set_up(Dependency::Docker, false);
             let delay = docker_backoff.next_delay();
             if sleep_or_shutdown(delay, &mut shutdown).await {
                 return;
@@ -190,6 +194,16 @@ impl Registrar {
 
 impl Loop {
     async fn on_event(&mut self, msg: &bollard::models::EventMessage) {
+        if let Some(action) = msg.action.as_deref() {
+            // `health_status: healthy` and the like count under their type.
+            let kind = action.split(':').next().unwrap_or(action);
+            metrics::get()
+                .docker_events
+                .get_or_create(&metrics::TypeLabel {
+                    r#type: kind.to_owned(),
+                })
+                .inc();
+        }
         let Some(event) = docker::to_event(msg) else {
             return;
         };
@@ -230,7 +244,9 @@ impl Loop {
                 }
             }
         }
-        if self.last_services.iter().any(Option::is_none) {
+        let answered = self.last_services.iter().all(Option::is_some);
+        metrics::get().set_up(Dependency::ServiceSources, answered);
+        if !answered {
             tracing::warn!("a service source has never answered; routes are held until it does");
             self.schedule_retry();
             return;
@@ -239,6 +255,7 @@ impl Loop {
             match self.r.routes.held().await {
                 Ok(h) => self.held = Some(h),
                 Err(e) => {
+                    metrics::get().set_up(Dependency::LocalRedis, false);
                     self.redis_errors
                         .failed(&format!("cannot read what warden holds: {e}"));
                     self.schedule_retry();
@@ -273,6 +290,7 @@ impl Loop {
         let before = self.last_desired.replace(entries.clone());
         match self.r.routes.apply(&entries).await {
             Ok(applied) => {
+                record(&routing, applied.writes, started.elapsed());
                 self.redis_errors.cleared();
                 self.redis_backoff.reset();
                 self.retry_at = None;
@@ -305,6 +323,7 @@ impl Loop {
                 }
             }
             Err(e) => {
+                metrics::get().set_up(Dependency::LocalRedis, false);
                 self.redis_errors
                     .failed(&format!("cannot write routes: {e}"));
                 self.schedule_retry();
@@ -319,6 +338,8 @@ impl Loop {
         };
         match self.r.routes.verify(&desired).await {
             Ok(v) => {
+                metrics::get().set_up(Dependency::LocalRedis, true);
+                metrics::get().routes_repaired.inc_by(v.repaired as u64);
                 self.redis_errors.cleared();
                 self.redis_backoff.reset();
                 if v.repaired > 0 {
@@ -331,6 +352,7 @@ impl Loop {
                 self.publish().await;
             }
             Err(e) => {
+                metrics::get().set_up(Dependency::LocalRedis, false);
                 self.redis_errors.failed(&format!(
                     "{e}; routes will be verified and rewritten when it is back"
                 ));
@@ -379,6 +401,27 @@ impl Loop {
     fn schedule_retry(&mut self) {
         self.retry_at = Some(Instant::now() + self.redis_backoff.next_delay());
     }
+}
+
+/// Records a decision applied to the local Redis.
+fn record(routing: &desired::Routing, writes: usize, took: Duration) {
+    let m = metrics::get();
+    m.set_up(Dependency::LocalRedis, true);
+    m.reconciles.inc();
+    m.reconcile_seconds.observe(took.as_secs_f64());
+    if writes > 0 {
+        m.redis_writes.inc();
+    }
+    m.route_conflicts.set(routing.conflicts.len() as i64);
+    let mut per: BTreeMap<String, (usize, usize)> = routing
+        .servers
+        .iter()
+        .map(|(b, s)| (b.clone(), (0, s.len())))
+        .collect();
+    for backend in routing.strings.values() {
+        per.entry(backend.clone()).or_default().0 += 1;
+    }
+    m.set_routing(&per);
 }
 
 fn replace_if_changed<T: PartialEq + Clone>(slot: &mut T, new: &T) -> bool {

@@ -232,6 +232,9 @@ impl Store {
             return;
         }
         if let Some(c) = self.containers.get_mut(id) {
+            if !c.stopping {
+                crate::metrics::get().drains.inc();
+            }
             c.stopping = true;
         }
     }

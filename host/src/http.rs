@@ -1,0 +1,171 @@
+//! warden's HTTP endpoint: `/livez`, `/readyz`, `/status` and `/metrics`.
+//!
+//! Bound to loopback by default (`[http] listen`), HTTP/1.1 with hyper, one task per
+//! connection. `/livez` answers from the runtime that runs warden's loops and checks no
+//! dependency, so a Redis blip never turns into a restart storm; `/readyz` reads the
+//! dependency gauges the loops set (see [`crate::metrics`]); `/status` is this host's
+//! part of `warden status` plus, on a manager host, the cluster's; `/metrics` is
+//! `prometheus-client`'s OpenMetrics text.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::metrics;
+
+/// What `/status` reports of this host, beside the readiness.
+#[derive(Clone, Debug)]
+pub struct HostInfo {
+    pub instance_id: String,
+    pub availability_zone: Option<String>,
+    pub registrar: bool,
+    /// The central Redis URL when this host takes part in the manager's election.
+    pub central_redis: Option<String>,
+}
+
+/// Binds the endpoint; an address in use or not allowed is an error naming it.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("http.listen {addr}: cannot listen: {e}"))
+}
+
+/// Serves until shutdown.
+pub async fn serve(
+    listener: Arc<TcpListener>,
+    info: Arc<HostInfo>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = shutdown.changed() => return,
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "http endpoint: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let info = info.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let info = info.clone();
+                async move { Ok::<_, Infallible>(route(req, &info).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            // A slow or idle client is dropped after 30 s.
+            let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
+        });
+    }
+}
+
+fn text(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(Full::new(body.into()))
+        .expect("a valid response")
+}
+
+const PLAIN: &str = "text/plain; charset=utf-8";
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+async fn route(req: Request<Incoming>, info: &HostInfo) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, PLAIN, "only GET\n");
+    }
+    match req.uri().path() {
+        "/livez" => text(StatusCode::OK, PLAIN, "ok\n"),
+        "/readyz" => match metrics::get().readiness() {
+            Ok(up) => text(StatusCode::OK, PLAIN, format!("ready: {}\n", up.join(", "))),
+            Err(down) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                PLAIN,
+                format!("not ready: {}\n", down.join(", ")),
+            ),
+        },
+        "/metrics" => text(StatusCode::OK, OPENMETRICS, metrics::get().encode()),
+        "/status" => {
+            let body = status(info).await;
+            text(
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_string_pretty(&body).expect("json") + "\n",
+            )
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            PLAIN,
+            "not found; try /livez, /readyz, /status or /metrics\n",
+        ),
+    }
+}
+
+async fn status(info: &HostInfo) -> serde_json::Value {
+    let m = metrics::get();
+    let (ready, dependencies) = match m.readiness() {
+        Ok(up) => (true, serde_json::json!({"up": up, "down": []})),
+        Err(down) => (false, serde_json::json!({"down": down})),
+    };
+    let mut out = serde_json::json!({
+        "instance_id": info.instance_id,
+        "availability_zone": info.availability_zone,
+        "version": env!("CARGO_PKG_VERSION"),
+        "registrar": info.registrar,
+        "manager": info.central_redis.is_some(),
+        "ready": ready,
+        "dependencies": dependencies,
+        "leader": m.leader.get() == 1,
+        "epoch": m.epoch.get(),
+    });
+    if let Some(url) = &info.central_redis {
+        out["cluster"] = match crate::status::read(url).await {
+            Ok(s) => serde_json::to_value(s).expect("json"),
+            Err(e) => serde_json::json!({"error": e.to_string()}),
+        };
+    }
+    out
+}
+
+/// `warden health`: GETs `/readyz` (or another path) from the configured address, with
+/// a plain HTTP/1.0 request, and says whether it answered 200.
+pub async fn probe(addr: SocketAddr, path: &str, timeout: Duration) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let work = async {
+        let mut s = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("{addr}: {e}"))?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await
+            .map_err(|e| format!("{addr}: {e}"))?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf)
+            .await
+            .map_err(|e| format!("{addr}: {e}"))?;
+        let reply = String::from_utf8_lossy(&buf);
+        let (head, body) = reply.split_once("\r\n\r\n").unwrap_or((&reply, ""));
+        let status = head.split_whitespace().nth(1).unwrap_or("?");
+        if status == "200" {
+            Ok(body.trim().to_owned())
+        } else {
+            Err(format!("{path} answered {status}: {}", body.trim()))
+        }
+    };
+    tokio::time::timeout(timeout, work).await.map_err(|_| {
+        format!(
+            "{addr}: no answer within {}",
+            crate::logs::humantime(timeout)
+        )
+    })?
+}

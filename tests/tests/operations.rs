@@ -1,0 +1,174 @@
+//! Operating warden: the HTTP endpoint (`/livez`, `/readyz`, `/status`, `/metrics`) and
+//! `warden health`, against a running warden with real Docker containers and
+//! redis-server. Values are read from the endpoint after known actions.
+
+use std::process::Command;
+use std::time::Duration;
+
+use warden_tests::harness::*;
+use warden_tests::{plugin_dir, plugin_so, warden_bin};
+
+fn config(redis: &Redis, instance: &str) -> String {
+    format!(
+        "[host]\ninstance_id = \"{instance}\"\n[registrar]\nlocal_redis = \"{}\"\nresync_secs = 30\n",
+        redis.url()
+    )
+}
+
+fn health(w: &Warden, path: &str) -> (bool, String) {
+    let out = Command::new(warden_bin())
+        .args([
+            "health",
+            "--addr",
+            &format!("127.0.0.1:{}", w.http_port.unwrap()),
+            "--path",
+            path,
+        ])
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+    )
+}
+
+fn wait_metric(w: &Warden, series: &str, want: f64) {
+    eventually(
+        Duration::from_secs(15),
+        &format!("{series} = {want}"),
+        || (w.metric(series) == Some(want)).then_some(()),
+    );
+}
+
+/// Three containers started → the routes and servers gauges say so; Docker's events and
+/// the reconciles are counted; a service that goes loses its series.
+#[test]
+fn metrics_follow_known_actions() {
+    let redis = Redis::start();
+    let w = Warden::start(&config(&redis, "i-metrics"), &[]);
+    let cs = Containers::new("metrics");
+    let labels = [
+        ("warden.service", "m-web"),
+        ("warden.frontend", "m-web.example"),
+    ];
+    let ids: Vec<String> = (0..3)
+        .map(|i| cs.run(&format!("web{i}"), &labels, &[]))
+        .collect();
+    wait_metric(&w, "warden_servers{service=\"m-web\"}", 3.0);
+    assert_eq!(w.metric("warden_routes{service=\"m-web\"}"), Some(1.0));
+    let starts = w
+        .metric("warden_docker_events_total{type=\"start\"}")
+        .unwrap();
+    assert!(starts >= 3.0, "starts counted: {starts}");
+    assert!(w.metric("warden_reconciles_total").unwrap() >= 1.0);
+    assert!(w.metric("warden_redis_writes_total").unwrap() >= 1.0);
+    let (status, body) = w.http("/metrics").unwrap();
+    assert_eq!(status, 200);
+    assert!(body.contains("warden_build_info{version=\""), "{body}");
+    assert!(
+        body.contains("warden_reconcile_duration_seconds_count"),
+        "{body}"
+    );
+    assert!(body.contains("# EOF"), "{body}");
+
+    // One stopped: drained, 2 servers.
+    cs.rm(&ids[0]);
+    wait_metric(&w, "warden_servers{service=\"m-web\"}", 2.0);
+    // All gone: the service's series are removed, not left at 0.
+    cs.rm(&ids[1]);
+    cs.rm(&ids[2]);
+    eventually(Duration::from_secs(15), "m-web series removed", || {
+        let (_, body) = w.http("/metrics").ok()?;
+        (!body.contains("service=\"m-web\"")).then_some(())
+    });
+}
+
+/// `/readyz` turns 503 when the local Redis stops and 200 when it is back, while
+/// `/livez` stays 200; `warden health` exits accordingly; `/status` is this host's JSON.
+#[test]
+fn readiness_follows_the_local_redis_and_liveness_does_not() {
+    let mut redis = Redis::start();
+    let w = Warden::start(&config(&redis, "i-ready"), &[]);
+    eventually(Duration::from_secs(15), "ready", || {
+        (w.http("/readyz").ok()?.0 == 200).then_some(())
+    });
+    let (ok, said) = health(&w, "/readyz");
+    assert!(ok, "{said}");
+    assert!(said.contains("local_redis"), "{said}");
+
+    let (status, body) = w.http("/status").unwrap();
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["instance_id"], "i-ready");
+    assert_eq!(v["ready"], true);
+    assert_eq!(v["registrar"], true);
+    assert_eq!(v["manager"], false);
+
+    redis.stop();
+    let body = eventually(Duration::from_secs(15), "readyz 503", || {
+        let (s, b) = w.http("/readyz").ok()?;
+        (s == 503).then_some(b)
+    });
+    assert!(body.contains("local_redis"), "{body}");
+    let (ok, said) = health(&w, "/readyz");
+    assert!(!ok, "health must fail while redis is down: {said}");
+    assert!(said.contains("503"), "{said}");
+    assert_eq!(w.http("/livez").unwrap().0, 200);
+    assert!(health(&w, "/livez").0);
+    assert_eq!(
+        w.metric("warden_dependency_up{dependency=\"local_redis\"}"),
+        Some(0.0)
+    );
+
+    redis.restart();
+    eventually(Duration::from_secs(20), "readyz 200 again", || {
+        (w.http("/readyz").ok()?.0 == 200).then_some(())
+    });
+    assert!(health(&w, "/readyz").0);
+    assert_eq!(w.http("/nowhere").unwrap().0, 404);
+}
+
+/// `warden health` against nothing listening fails with the address in its message.
+#[test]
+fn health_without_a_warden_fails_and_says_where_it_asked() {
+    let port = free_port();
+    let out = Command::new(warden_bin())
+        .args(["health", "--addr", &format!("127.0.0.1:{port}")])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("127.0.0.1:{port}")), "{text}");
+}
+
+/// The endpoint's address is checked: a taken port stops `run` with exit 78 and a line
+/// naming `http.listen`.
+#[test]
+fn a_taken_http_port_is_a_config_error() {
+    let redis = Redis::start();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = plugin_dir(&[plugin_so("warden_plugin_docker_labels").as_path()]);
+    let cfg = dir.path().join("warden.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[plugins]\ndirs = [{:?}]\n{}[http]\nlisten = \"127.0.0.1:{port}\"\n",
+            plugins.path(),
+            config(&redis, "i-taken")
+        ),
+    )
+    .unwrap();
+    let out = Command::new(warden_bin())
+        .args(["run", "--config", cfg.to_str().unwrap()])
+        .env_remove("WARDEN_PLUGIN_DIR")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains(&format!("http.listen 127.0.0.1:{port}")),
+        "{text}"
+    );
+}
