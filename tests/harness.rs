@@ -75,17 +75,14 @@ impl Redis {
         Self::start_on(free_port())
     }
     pub fn start_on(port: u16) -> Redis {
+        Self::start_with(port, &["--port", &port.to_string()])
+    }
+    /// A redis-server with more arguments (`--requirepass`, `--tls-port`, ...); `port`
+    /// is the one waited for. `url()` assumes a plain, open `port`.
+    pub fn start_with(port: u16, args: &[&str]) -> Redis {
         let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+            .args(args)
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server (run scripts/setup.sh)");

@@ -128,8 +128,11 @@ impl Default for PluginsConfig {
 pub struct RegistrarConfig {
     /// Run the registrar (routes and ELB membership for this host's containers).
     pub enabled: bool,
-    /// The host's local Redis, read by the router.
+    /// The host's local Redis, read by the router (`redis://`, `rediss://` for TLS,
+    /// `redis://user:password@…` for AUTH).
     pub local_redis: String,
+    /// PEM CA that signs a `rediss://` local Redis's certificate (default: the system's).
+    pub local_redis_ca_file: Option<PathBuf>,
     /// Full re-list of containers every this many seconds.
     pub resync_secs: u64,
     /// Service-definition plugins; docker-labels when empty.
@@ -152,6 +155,7 @@ impl Default for RegistrarConfig {
             enabled: true,
             drain_on_stop: true,
             local_redis: "redis://127.0.0.1:6379".into(),
+            local_redis_ca_file: None,
             resync_secs: 30,
             sources: Vec::new(),
             router_ports_file: None,
@@ -166,6 +170,8 @@ impl Default for RegistrarConfig {
 pub struct ManagerConfig {
     /// Central Redis shared by all hosts; the manager is off without it.
     pub central_redis: Option<String>,
+    /// PEM CA that signs a `rediss://` central Redis's certificate (default: the system's).
+    pub central_redis_ca_file: Option<PathBuf>,
     /// Leadership lease; a dead leader is replaced within about lease + tick + guard.
     pub lease_ms: u64,
     /// How often hosts renew or check the lease.
@@ -183,6 +189,7 @@ impl Default for ManagerConfig {
     fn default() -> Self {
         Self {
             central_redis: None,
+            central_redis_ca_file: None,
             lease_ms: 2000,
             tick_ms: 250,
             guard_ms: 500,

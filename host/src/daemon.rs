@@ -159,6 +159,25 @@ pub fn problems(config: &Config, host: &PluginHost) -> Vec<String> {
             out.push(line);
         }
     }
+    let tls = [
+        (
+            "registrar.local_redis_ca_file",
+            Some(&config.registrar.local_redis),
+            &config.registrar.local_redis_ca_file,
+        ),
+        (
+            "manager.central_redis_ca_file",
+            config.manager.central_redis.as_ref(),
+            &config.manager.central_redis_ca_file,
+        ),
+    ];
+    for (key, url, ca) in tls {
+        if let (Some(url), Some(ca)) = (url, ca) {
+            if let Err(e) = crate::redis_util::open(url, Some(ca)) {
+                out.push(format!("{key}: {e}"));
+            }
+        }
+    }
     if config.registrar.enabled && config.registrar.sources.is_empty() {
         if let Err(e) = host.check_config(
             DEFAULT_SOURCE,
@@ -221,6 +240,7 @@ pub async fn run(
             availability_zone: me.availability_zone.clone(),
             registrar: config.registrar.enabled,
             central_redis: config.manager.central_redis.clone(),
+            central_redis_ca_file: config.manager.central_redis_ca_file.clone(),
         });
         tracing::info!(addr = %listener.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()), "http endpoint listening: /livez /readyz /status /metrics");
         let stop = stop_rx.clone();
@@ -262,13 +282,13 @@ pub async fn run(
         .collect();
 
     if let (Some(url), Some(sdk)) = (&config.manager.central_redis, &sdk) {
-        let central = redis::Client::open(url.as_str()).map_err(|e| {
-            Fatal::Config(format!(
-                "manager.central_redis {}: {}",
-                crate::redis_util::addr(url),
-                crate::redis_util::describe(&e)
-            ))
-        })?;
+        let central = crate::redis_util::open(url, config.manager.central_redis_ca_file.as_deref())
+            .map_err(|m| {
+                Fatal::Config(format!(
+                    "manager.central_redis {}: {m}",
+                    crate::redis_util::addr(url)
+                ))
+            })?;
         let id = me.instance_id.clone().unwrap_or_else(hostname);
         let az = me
             .availability_zone
@@ -304,7 +324,8 @@ pub async fn run(
         })?;
         let owner = me.instance_id.clone().unwrap_or_else(hostname);
         let local_redis = config.registrar.local_redis.clone();
-        redx::RedisStore::new(&local_redis, &owner)
+        let local_ca = config.registrar.local_redis_ca_file.clone();
+        redx::RedisStore::new(&local_redis, local_ca.as_deref(), &owner)
             .map_err(|e| Fatal::Config(format!("registrar.local_redis: {e}")))?;
         let (elb_tx, elb_rx) = watch::channel(BTreeMap::new());
         let (ports_tx, ports_rx) = watch::channel(BTreeSet::new());
@@ -348,10 +369,11 @@ pub async fn run(
                 stop.clone(),
                 fatal.clone(),
             );
-            let (docker, owner, local_redis, selector) = (
+            let (docker, owner, local_redis, local_ca, selector) = (
                 docker.clone(),
                 owner.clone(),
                 local_redis.clone(),
+                local_ca.clone(),
                 selector.clone(),
             );
             let (elbs, ports) = (elb_tx.clone(), ports_tx.clone());
@@ -362,7 +384,8 @@ pub async fn run(
                 let Some(sources) = sources.clone() else {
                     return;
                 };
-                let Ok(store) = redx::RedisStore::new(&local_redis, &owner) else {
+                let Ok(store) = redx::RedisStore::new(&local_redis, local_ca.as_deref(), &owner)
+                else {
                     return;
                 };
                 tracing::info!(owner = %owner, sources = sources.len(), "registrar started");

@@ -29,6 +29,7 @@ pub struct HostInfo {
     pub registrar: bool,
     /// The central Redis URL when this host takes part in the manager's election.
     pub central_redis: Option<String>,
+    pub central_redis_ca_file: Option<std::path::PathBuf>,
 }
 
 /// Binds the endpoint; an address in use or not allowed is an error naming it.
@@ -130,7 +131,8 @@ async fn status(info: &HostInfo) -> serde_json::Value {
         "epoch": m.epoch.get(),
     });
     if let Some(url) = &info.central_redis {
-        out["cluster"] = match crate::status::read(url).await {
+        out["cluster"] = match crate::status::read(url, info.central_redis_ca_file.as_deref()).await
+        {
             Ok(s) => serde_json::to_value(s).expect("json"),
             Err(e) => serde_json::json!({"error": e.to_string()}),
         };

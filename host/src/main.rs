@@ -117,6 +117,9 @@ enum PluginsCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // One TLS crypto provider for the process (Redis over TLS; the AWS SDK brings its own
+    // client but shares the library): aws-lc-rs, already linked by the AWS SDK.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     if let Command::Plugins {
         command: PluginsCommand::Probe { file },
     } = &cli.command
@@ -206,7 +209,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let routes = rt.block_on(warden::routes::read(&config.registrar.local_redis))?;
+            let routes = rt.block_on(warden::routes::read(
+                &config.registrar.local_redis,
+                config.registrar.local_redis_ca_file.as_deref(),
+            ))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&routes)?);
             } else {
@@ -222,7 +228,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let status = rt.block_on(warden::status::read(&url))?;
+            let status = rt.block_on(warden::status::read(
+                &url,
+                config.manager.central_redis_ca_file.as_deref(),
+            ))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {

@@ -25,6 +25,29 @@ pub fn redact(url: &str) -> String {
     }
 }
 
+/// Opens a client for `url`. With `ca_file` (PEM), a `rediss://` server's certificate is
+/// checked against that CA instead of the system's trust store. Errors name the file.
+pub fn open(url: &str, ca_file: Option<&std::path::Path>) -> Result<redis::Client, String> {
+    let Some(ca) = ca_file else {
+        return redis::Client::open(url).map_err(|e| describe(&e));
+    };
+    if !url.starts_with("rediss://") {
+        return Err(format!(
+            "a CA file ({}) is given but the URL is not rediss://",
+            ca.display()
+        ));
+    }
+    let pem = std::fs::read(ca).map_err(|e| format!("CA file {}: {e}", ca.display()))?;
+    redis::Client::build_with_tls(
+        url,
+        redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(pem),
+        },
+    )
+    .map_err(|e| format!("CA file {}: {}", ca.display(), describe(&e)))
+}
+
 /// The error's text, without the repetition some I/O errors carry
 /// (`Connection refused (os error 111): Connection refused (os error 111)`).
 pub fn describe(e: &redis::RedisError) -> String {

@@ -58,12 +58,15 @@ async fn scan(
     Ok(keys)
 }
 
-pub async fn read(url: &str) -> anyhow::Result<Routes> {
+const WHICH: &str = "local";
+
+pub async fn read(url: &str, ca_file: Option<&std::path::Path>) -> anyhow::Result<Routes> {
     let addr = crate::redis_util::addr(url);
     let fail = |e: redis::RedisError| {
         anyhow::anyhow!("local redis {addr}: {}", crate::redis_util::describe(&e))
     };
-    let client = redis::Client::open(url).map_err(fail)?;
+    let client = crate::redis_util::open(url, ca_file)
+        .map_err(|m| anyhow::anyhow!("{} redis {addr}: {m}", WHICH))?;
     let mut conn = tokio::time::timeout(
         Duration::from_secs(5),
         client.get_multiplexed_async_connection(),

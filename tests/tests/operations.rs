@@ -172,3 +172,205 @@ fn a_taken_http_port_is_a_config_error() {
         "{text}"
     );
 }
+
+/// A throwaway CA and a server certificate for `localhost` / 127.0.0.1, made with the
+/// openssl command: (ca.pem, server.pem, server.key) in `dir`.
+fn throwaway_ca(dir: &std::path::Path) {
+    let sh = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    sh(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=warden-test-ca",
+    ]);
+    sh(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    std::fs::write(
+        dir.join("ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )
+    .unwrap();
+    sh(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext",
+    ]);
+}
+
+/// The local Redis with a password, the central Redis with TLS (a throwaway CA) and a
+/// password: routes are written, the election and decisions happen, `warden status`
+/// reads the central Redis over TLS, and the password appears in no log line, no
+/// `warden status` output and no `/status`.
+#[test]
+fn auth_and_tls_on_both_redis_connections_and_the_password_is_never_shown() {
+    const PASSWORD: &str = "s3cret-Pa55";
+    let tls = tempfile::tempdir().unwrap();
+    throwaway_ca(tls.path());
+    let local_port = free_port();
+    let _local = Redis::start_with(
+        local_port,
+        &["--port", &local_port.to_string(), "--requirepass", PASSWORD],
+    );
+    let central_port = free_port();
+    let p = |f: &str| tls.path().join(f).to_str().unwrap().to_owned();
+    let _central = Redis::start_with(
+        central_port,
+        &[
+            "--port",
+            "0",
+            "--tls-port",
+            &central_port.to_string(),
+            "--tls-cert-file",
+            &p("server.pem"),
+            "--tls-key-file",
+            &p("server.key"),
+            "--tls-ca-cert-file",
+            &p("ca.pem"),
+            "--tls-auth-clients",
+            "no",
+            "--requirepass",
+            PASSWORD,
+        ],
+    );
+    let local_url = format!("redis://:{PASSWORD}@127.0.0.1:{local_port}");
+    let config = format!(
+        r#"[host]
+instance_id = "i-tls"
+availability_zone = "eu-west-1a"
+[registrar]
+local_redis = "{local_url}"
+[manager]
+central_redis = "rediss://:{PASSWORD}@localhost:{central_port}"
+central_redis_ca_file = "{ca}"
+loop_secs = 1
+dry_run = true
+[metrics.m]
+plugin = "template"
+config = {{ value = 3.0 }}
+[[manager.services]]
+name = "web"
+task_definition = "web"
+metric = "m"
+mapping = {{ target_per_task = 1.0 }}
+"#,
+        ca = p("ca.pem")
+    );
+    let w = Warden::start(&config, &[]);
+    let cs = Containers::new("auth-tls");
+    cs.run(
+        "web",
+        &[
+            ("warden.service", "t-web"),
+            ("warden.frontend", "t-web.example"),
+        ],
+        &[],
+    );
+    let mut local = redis::Client::open(local_url.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    eventually(Duration::from_secs(15), "route written with AUTH", || {
+        let v: Option<String> = redis::cmd("GET")
+            .arg("frontend:t-web.example")
+            .query(&mut local)
+            .ok()?;
+        (v.as_deref() == Some("t-web")).then_some(())
+    });
+    wait_metric(&w, "warden_leader", 1.0);
+    wait_metric(&w, "warden_desired_tasks{service=\"web\"}", 3.0);
+    wait_metric(
+        &w,
+        "warden_dependency_up{dependency=\"central_redis\"}",
+        1.0,
+    );
+
+    let status = Command::new(warden_bin())
+        .args(["status", "--json", "--config", w.config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&status.stdout).into_owned();
+    assert!(
+        status.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["leader"]["instance_id"], "i-tls");
+    assert_eq!(v["services"][0]["service"], "web");
+    let (_, http_status) = w.http("/status").unwrap();
+    let hv: serde_json::Value = serde_json::from_str(&http_status).unwrap();
+    assert_eq!(
+        hv["cluster"]["leader"]["instance_id"], "i-tls",
+        "{http_status}"
+    );
+
+    // Wrong password: said, with the address and not the password.
+    let wrong = Command::new(warden_bin())
+        .args(["routes", "--config", w.config.to_str().unwrap()])
+        .env(
+            "WARDEN_LOCAL_REDIS",
+            format!("redis://:not-{PASSWORD}@127.0.0.1:{local_port}"),
+        )
+        .output()
+        .unwrap();
+    let wrong_text = String::from_utf8_lossy(&wrong.stderr).into_owned();
+    assert!(!wrong.status.success());
+    assert!(
+        wrong_text.contains(&format!("127.0.0.1:{local_port}")),
+        "{wrong_text}"
+    );
+
+    for (what, text) in [
+        ("log", w.log_text()),
+        ("status", text),
+        ("/status", http_status),
+        ("routes", wrong_text),
+    ] {
+        assert!(
+            !text.contains(PASSWORD),
+            "the password appears in {what}: {text}"
+        );
+    }
+}

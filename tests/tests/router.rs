@@ -21,7 +21,7 @@ fn write(redis: &Redis, entries: &[Entry]) {
         .build()
         .unwrap();
     rt.block_on(async {
-        let mut routes = Routes::new(RedisStore::new(&redis.url(), "router-test").unwrap());
+        let mut routes = Routes::new(RedisStore::new(&redis.url(), None, "router-test").unwrap());
         let want: BTreeSet<Entry> = entries.iter().cloned().collect();
         routes.apply(&want).await.unwrap();
     });

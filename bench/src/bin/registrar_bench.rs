@@ -269,7 +269,7 @@ async fn reconcile_200() -> Vec<(String, f64, usize, u64, usize)> {
             paused: false,
         })
         .collect();
-    let mut routes = Routes::new(RedisStore::new(&redis.url(), "bench").unwrap());
+    let mut routes = Routes::new(RedisStore::new(&redis.url(), None, "bench").unwrap());
     let mut c = redis.conn();
     let mut out = Vec::new();
     for case in [

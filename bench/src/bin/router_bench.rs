@@ -203,7 +203,7 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let mut routes = Routes::new(RedisStore::new(&redis.url(), "bench").unwrap());
+    let mut routes = Routes::new(RedisStore::new(&redis.url(), None, "bench").unwrap());
     let mut table: BTreeSet<Entry> = b
         .iter()
         .map(|p| Entry::server("web", &format!("127.0.0.1:{p}")))
@@ -311,7 +311,7 @@ fn main() {
     eprintln!("redis stopped for a whole run...");
     let hung_redis = Redis::start();
     let hr = router(&hung_redis, &workers);
-    let mut hroutes = Routes::new(RedisStore::new(&hung_redis.url(), "bench").unwrap());
+    let mut hroutes = Routes::new(RedisStore::new(&hung_redis.url(), None, "bench").unwrap());
     rt.block_on(hroutes.apply(&table)).unwrap();
     eventually(Duration::from_secs(10), "the second router serving", || {
         (http_get(hr.port, "web.test", "/").ok()?.0 == 200).then_some(())

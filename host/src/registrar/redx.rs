@@ -134,11 +134,15 @@ pub struct RedisStore {
 }
 
 impl RedisStore {
-    pub fn new(url: &str, instance: &str) -> Result<Self, RouteError> {
+    pub fn new(
+        url: &str,
+        ca_file: Option<&std::path::Path>,
+        instance: &str,
+    ) -> Result<Self, RouteError> {
         let addr = crate::redis_util::addr(url);
-        let client = redis::Client::open(url).map_err(|e| RouteError {
+        let client = crate::redis_util::open(url, ca_file).map_err(|message| RouteError {
             addr: addr.clone(),
-            message: crate::redis_util::describe(&e),
+            message,
         })?;
         Ok(Self {
             client,
