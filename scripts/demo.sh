@@ -33,7 +33,7 @@ say "warden plugins check (a shared library that is not a plugin)"
 "$bin" plugins check /lib/x86_64-linux-gnu/libz.so.1 || echo "(exit code $?)"
 
 # --- the parts -------------------------------------------------------------
-redis_port=16379 router_port=18080 service_port=18001 moto_port=15000
+redis_port=16379 router_port=18080 service_port=18001 moto_port=15000 http_port=19798
 redis-server --port $redis_port --bind 127.0.0.1 --save '' --appendonly no >"$work/redis.log" 2>&1 &
 pids+=($!)
 router/start.sh "$work/router" $router_port 127.0.0.1 $redis_port >"$work/nginx.out" 2>&1 &
@@ -79,6 +79,8 @@ router_pid_file = "$work/router/nginx.pid"
 [manager]
 central_redis = "redis://127.0.0.1:$redis_port"
 loop_secs = 2
+[http]
+listen = "127.0.0.1:$http_port"
 [metrics.upstream]
 plugin = "beanstalk-instances"
 config = { environment = "upstream-prod" }
@@ -117,6 +119,11 @@ for _ in $(seq 9); do curl -s http://127.0.0.1:$service_port/; done | sort | uni
 for _ in $(seq 3); do curl -s -H 'Host: demo.local' http://127.0.0.1:$router_port/; done | sort | uniq -c
 sleep 1
 elb describe
+say "warden routes: this host's table as the router sees it"
+"$bin" routes --config "$work/warden.toml"
+say "curl http://127.0.0.1:$http_port/readyz and an excerpt of /metrics"
+curl -s http://127.0.0.1:$http_port/readyz
+curl -s http://127.0.0.1:$http_port/metrics | grep -E '^warden_(servers|routes|docker_events_total|reconciles_total|redis_writes_total|elb_calls_total|leader|dependency_up)[{ ]'
 
 say "docker stop demo-web1 (warden drops it at the kill, before it exits)"
 docker stop -t 3 demo-web1 >/dev/null &
@@ -144,6 +151,9 @@ aws eb-instances upstream-prod 6
 for _ in $(seq 40); do [ "$(tasks)" = 8 ] && break; sleep 0.5; done
 echo "ECS tasks of worker started by warden: $(tasks)"
 "$bin" status --config "$work/warden.toml"
+
+say "the manager's metrics: leadership, decisions, ECS calls, metric and task counts"
+curl -s http://127.0.0.1:$http_port/metrics | grep -E '^warden_(leader|leader_epoch|decisions_total|ecs_calls_total|metric_value|desired_tasks|running_tasks|plugin_calls_total)[{ ]'
 
 say "warden's log (last lines)"
 tail -n 8 "$work/warden.log"

@@ -5,10 +5,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo build --workspace --exclude warden-bench --all-targets --locked
+# Each end-to-end test's moto_server leaves here the AWS actions warden sent it; the IAM
+# policy check reads them after the suite.
+rm -rf target/aws-actions
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --exclude warden-bench --locked --no-fail-fast
+  cargo nextest run -p warden-tests --test iam_policy --locked --run-ignored only
 else
   cargo test --workspace --exclude warden-bench --locked --no-fail-fast
+  cargo test -p warden-tests --test iam_policy --locked -- --ignored
 fi
 # Doc examples are compiled too (nextest does not run them).
 cargo test --workspace --exclude warden-bench --doc --locked

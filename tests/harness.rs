@@ -299,9 +299,104 @@ impl Moto {
     }
 }
 
+impl Moto {
+    /// The IAM actions (`ecs:RunTask`, `s3:GetObject`, …) that warden and its plugins
+    /// sent, told from the test's own calls by the `app/warden` of their user agent.
+    pub fn warden_actions(&self) -> std::collections::BTreeSet<String> {
+        let text = std::fs::read_to_string(&self.recording).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| iam_action(&v))
+            .collect()
+    }
+}
+
+/// The IAM action of one recorded request, when warden sent it.
+fn iam_action(v: &serde_json::Value) -> Option<String> {
+    let headers = v["headers"].as_object()?;
+    let get = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .and_then(|(_, v)| v.as_str())
+            .unwrap_or("")
+    };
+    let agent = format!("{} {}", get("user-agent"), get("x-amz-user-agent"));
+    if !agent.contains("app/warden") {
+        return None;
+    }
+    // Credential=KEY/DATE/REGION/SERVICE/aws4_request
+    let service = get("authorization")
+        .split("Credential=")
+        .nth(1)?
+        .split('/')
+        .nth(3)?
+        .to_owned();
+    let target = get("x-amz-target");
+    let action = if !target.is_empty() {
+        target.rsplit('.').next()?.to_owned()
+    } else if service == "s3" {
+        match v["method"].as_str()? {
+            "GET" | "HEAD" => "GetObject".to_owned(),
+            m => format!("{m}Object"),
+        }
+    } else {
+        let body = v["body"].as_str().unwrap_or("");
+        let body = if v["body_encoded"].as_bool() == Some(true) {
+            String::from_utf8(base64_decode(body)).unwrap_or_default()
+        } else {
+            body.to_owned()
+        };
+        let url = v["url"].as_str().unwrap_or("");
+        let query = url.split_once('?').map_or("", |(_, q)| q);
+        [body.as_str(), query]
+            .iter()
+            .flat_map(|s| s.split('&'))
+            .find_map(|kv| kv.strip_prefix("Action="))?
+            .to_owned()
+    };
+    Some(format!("{service}:{action}"))
+}
+
+fn base64_decode(text: &str) -> Vec<u8> {
+    let value = |c: u8| match c {
+        b'A'..=b'Z' => Some(c - b'A'),
+        b'a'..=b'z' => Some(c - b'a' + 26),
+        b'0'..=b'9' => Some(c - b'0' + 52),
+        b'+' | b'-' => Some(62),
+        b'/' | b'_' => Some(63),
+        _ => None,
+    };
+    let (mut out, mut acc, mut bits) = (Vec::new(), 0u32, 0);
+    for v in text.bytes().filter_map(value) {
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    out
+}
+
+/// Where every Moto of a test run leaves the actions warden sent it, for the IAM policy
+/// check (`tests/tests/iam_policy.rs`, run by `scripts/test.sh` after the others).
+pub fn aws_actions_dir() -> PathBuf {
+    workspace_root().join("target/aws-actions")
+}
+
 impl Drop for Moto {
     fn drop(&mut self) {
         kill(&mut self.child);
+        let actions = self.warden_actions();
+        if !actions.is_empty() {
+            let dir = aws_actions_dir();
+            let _ = std::fs::create_dir_all(&dir);
+            let file = dir.join(format!("{}-{}.txt", std::process::id(), self.port));
+            let mut text = actions.into_iter().collect::<Vec<_>>().join("\n");
+            text.push('\n');
+            let _ = std::fs::write(file, text);
+        }
     }
 }
 

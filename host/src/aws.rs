@@ -24,6 +24,9 @@ pub fn region_of_az(az: &str) -> Option<&str> {
 /// retries and timeouts.
 pub async fn load(az: Option<&str>) -> aws_config::SdkConfig {
     let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        // `app/warden` in every request's user agent: CloudTrail (and the tests' IAM
+        // check) can tell warden's calls from anyone else's.
+        .app_name(aws_config::AppName::new("warden").expect("a valid app name"))
         .retry_config(RetryConfig::standard().with_max_attempts(3))
         .timeout_config(
             TimeoutConfig::builder()

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Environment variables that override settings of the same meaning.
 pub const ENV_PLUGIN_DIR: &str = "WARDEN_PLUGIN_DIR";
@@ -17,7 +17,7 @@ pub const ENV_INSTANCE_ID: &str = "WARDEN_INSTANCE_ID";
 pub const ENV_AVAILABILITY_ZONE: &str = "WARDEN_AVAILABILITY_ZONE";
 pub const ENV_HTTP_LISTEN: &str = "WARDEN_HTTP_LISTEN";
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub host: HostConfig,
@@ -29,7 +29,7 @@ pub struct Config {
     pub metrics: BTreeMap<String, PluginRef>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HostConfig {
     /// EC2 instance id; from instance metadata when absent.
@@ -39,7 +39,7 @@ pub struct HostConfig {
 }
 
 /// The HTTP endpoint (`/livez`, `/readyz`, `/status`, `/metrics`).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     /// `address:port` to listen on, or `off`. Loopback by default: `/status` tells the
@@ -73,7 +73,7 @@ impl HttpConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PluginsConfig {
     /// Directories whose `*.so` files are loaded, in order (a name seen twice: first wins).
@@ -95,7 +95,7 @@ pub struct PluginsConfig {
 }
 
 /// Where a plugin instance lives.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Isolation {
     /// In warden's own process: calls cost about a microsecond; a crash ends warden.
@@ -123,7 +123,7 @@ impl Default for PluginsConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RegistrarConfig {
     /// Run the registrar (routes and ELB membership for this host's containers).
@@ -165,7 +165,7 @@ impl Default for RegistrarConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ManagerConfig {
     /// Central Redis shared by all hosts; the manager is off without it.
@@ -201,7 +201,7 @@ impl Default for ManagerConfig {
 }
 
 /// A service whose ECS tasks the leader scales.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ManagedServiceConfig {
     pub name: String,
@@ -223,7 +223,7 @@ fn default_cluster() -> String {
 }
 
 /// A plugin instance: which plugin, and the config it gets (checked against its schema).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PluginRef {
     pub plugin: String,
@@ -801,5 +801,84 @@ mod tests {
                 && e.to_string().contains("registrar.local_redis"),
             "{e}"
         );
+    }
+}
+
+/// Every setting of the file with its default, as `docs/operations.md` lists them:
+/// (`section.key`, default rendered as JSON, `unset` when absent).
+pub fn documented_defaults() -> Vec<(String, String)> {
+    fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>) {
+        match v {
+            serde_json::Value::Object(map) if !map.is_empty() && !prefix.ends_with("metrics") => {
+                for (k, v) in map {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    flatten(&key, v, out);
+                }
+            }
+            serde_json::Value::Null => out.push((prefix.to_owned(), "unset".into())),
+            other => out.push((prefix.to_owned(), other.to_string())),
+        }
+    }
+    let mut out = Vec::new();
+    let defaults = serde_json::to_value(Config::default()).expect("the config serializes");
+    flatten("", &defaults, &mut out);
+    let policy = serde_json::to_value(crate::manager::policy::Policy::default())
+        .expect("the policy serializes");
+    flatten("manager.services[].policy", &policy, &mut out);
+    out
+}
+
+#[cfg(test)]
+mod doc_tests {
+    /// docs/operations.md lists every setting with its default, and nothing else.
+    #[test]
+    fn operations_doc_lists_every_setting_with_its_default() {
+        let doc = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/operations.md"));
+        let settings = doc
+            .split_once("\n## Settings\n")
+            .map(|(_, rest)| rest.split("\n## ").next().unwrap_or(rest))
+            .expect("docs/operations.md has a ## Settings section");
+        let rows: std::collections::BTreeMap<String, String> = settings
+            .lines()
+            .filter_map(|l| {
+                let mut cells = l.strip_prefix("| `")?.split(" | ");
+                let key = cells.next()?.strip_suffix('`')?.to_owned();
+                let default = cells.next()?.trim().to_owned();
+                Some((key, default))
+            })
+            .collect();
+        for (key, default) in super::documented_defaults() {
+            let want = if default == "unset" {
+                "unset".to_owned()
+            } else {
+                format!("`{default}`")
+            };
+            assert_eq!(
+                rows.get(&key),
+                Some(&want),
+                "docs/operations.md: the row of `{key}` must give its default {want}"
+            );
+        }
+        let known: std::collections::BTreeSet<String> = super::documented_defaults()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        for key in rows.keys() {
+            let service_field = key.strip_prefix("manager.services[].").is_some_and(|f| {
+                ["name", "cluster", "task_definition", "ecs_service", "metric", "mapping"]
+                    .contains(&f)
+            });
+            let plugin_ref = ["plugin", "config", "isolation"]
+                .iter()
+                .any(|f| key == &format!("metrics.<name>.{f}") || key == &format!("registrar.sources[].{f}"));
+            assert!(
+                known.contains(key) || service_field || plugin_ref,
+                "docs/operations.md lists `{key}`, which is not a setting"
+            );
+        }
     }
 }

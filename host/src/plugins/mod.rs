@@ -151,7 +151,7 @@ impl PluginHost {
                     return;
                 }
                 let m = plugin.manifest();
-                tracing::info!(plugin = %m.name, version = %m.version, api = %m.api_version, kinds = ?m.kind_names(), path = %file.display(), "plugin loaded");
+                tracing::info!(plugin = %m.name, version = %m.version, api = %m.api_version, kinds = %m.kind_names().join(","), path = %file.display(), "plugin loaded");
                 self.plugins.push(Arc::new(plugin));
             }
             Err(reason) => self.fail(file.to_owned(), reason),

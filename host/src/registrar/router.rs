@@ -57,7 +57,7 @@ pub async fn run(
         let wanted = ports.borrow_and_update().clone();
         match write_if_changed(&ports_file, &render(&wanted)) {
             Ok(true) => {
-                tracing::info!(ports = ?wanted, file = %ports_file.display(), "router listen ports changed");
+                tracing::info!(ports = %wanted.iter().map(ToString::to_string).collect::<Vec<_>>().join(","), file = %ports_file.display(), "router listen ports changed");
                 if let Some(pid_file) = &pid_file {
                     match reload(pid_file) {
                         Ok(()) => tracing::info!("router reloaded"),

@@ -56,7 +56,8 @@ impl MetricSource for BeanstalkInstances {
         if config.environment.trim().is_empty() {
             return Err(PluginError::config("environment: must not be empty"));
         }
-        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .app_name(aws_config::AppName::new("warden-beanstalk-instances").expect("valid"));
         if let Some(r) = config.region {
             loader = loader.region(aws_config::Region::new(r));
         }

@@ -205,7 +205,8 @@ impl MetricSource for S3Table {
     type Config = Config;
 
     async fn new(config: Config) -> Result<Self, PluginError> {
-        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .app_name(aws_config::AppName::new("warden-s3-table").expect("valid"));
         if let Some(r) = config.region {
             loader = loader.region(aws_config::Region::new(r));
         }
