@@ -3,6 +3,7 @@
 //! Each loop gets its clients and a shutdown receiver; nothing here decides anything.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +15,7 @@ use crate::identity;
 use crate::manager::ecs::AwsEcs;
 use crate::manager::election::Timing;
 use crate::manager::policy::Mapping;
+use crate::manager::worker::Plan;
 use crate::manager::{ManagedService, Manager, Target};
 use crate::metrics::Dependency;
 use crate::plugins::slot::Slot;
@@ -192,112 +194,243 @@ pub fn problems(config: &Config, host: &PluginHost) -> Vec<String> {
     out
 }
 
-/// Runs warden until `shutdown` resolves, or a fatal condition ends it.
-pub async fn run(
-    config: Config,
-    insecure: bool,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), Fatal> {
-    let host = Arc::new(PluginHost::load_dirs(
-        &config.plugins.dirs,
-        insecure || config.plugins.allow_insecure,
-    ));
-    let found = problems(&config, &host);
-    if !found.is_empty() {
-        return Err(Fatal::Config(found.join("\n")));
-    }
-    let options = CallOptions::from_config(&config.plugins);
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
-    let mut sup = Supervisor::new(fatal_tx.clone(), stop_rx.clone());
-    let me = identity::resolve(&config.host).await;
-    let listener = match config
-        .http
-        .addr()
-        .map_err(|m| Fatal::Config(format!("http.listen: {m}")))?
-    {
-        Some(addr) => Some(Arc::new(
-            crate::http::bind(addr).await.map_err(Fatal::Config)?,
-        )),
-        None => None,
-    };
-    let manager_on = config.manager.central_redis.is_some();
-    let mut required = Vec::new();
-    if config.registrar.enabled {
-        required.extend([
-            Dependency::Docker,
-            Dependency::LocalRedis,
-            Dependency::ServiceSources,
-        ]);
-    }
-    if manager_on {
-        required.push(Dependency::CentralRedis);
-    }
-    crate::metrics::get().set_required(required);
-    if let Some(listener) = listener {
-        let info = Arc::new(crate::http::HostInfo {
-            instance_id: me.instance_id.clone().unwrap_or_else(hostname),
-            availability_zone: me.availability_zone.clone(),
-            registrar: config.registrar.enabled,
-            central_redis: config.manager.central_redis.clone(),
-            central_redis_ca_file: config.manager.central_redis_ca_file.clone(),
-        });
-        tracing::info!(addr = %listener.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()), "http endpoint listening: /livez /readyz /status /metrics");
-        let stop = stop_rx.clone();
-        sup.spawn("http", move || {
-            crate::http::serve(listener.clone(), info.clone(), stop.clone())
-        });
-    }
-    // One AWS configuration for every client, loaded only when something needs AWS.
-    let needs_aws = manager_on || (config.registrar.enabled && me.instance_id.is_some());
-    let sdk = if needs_aws {
-        Some(crate::aws::load(me.availability_zone.as_deref()).await)
-    } else {
-        None
-    };
+/// What a reload does, decided from the running and the new configuration (pure).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ReloadPlan {
+    /// Restart the registrar's loops (routes stay in Redis and are verified again).
+    pub registrar: RegistrarChange,
+    /// Metric sources to create (new or changed) and to drop.
+    pub metrics_new: Vec<String>,
+    pub metrics_gone: Vec<String>,
+    /// The managed services, loop interval or dry-run changed.
+    pub services: bool,
+}
 
-    // Metric sources are created in the background, with a timeout and retries: a plugin
-    // whose `new` hangs or fails holds up nothing else.
-    let create_timeout = Duration::from_millis(config.plugins.create_timeout_ms);
-    let slots: BTreeMap<String, Slot> = config
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RegistrarChange {
+    #[default]
+    Same,
+    Start,
+    Restart,
+    Stop,
+}
+
+impl ReloadPlan {
+    pub fn is_empty(&self) -> bool {
+        *self == ReloadPlan::default()
+    }
+
+    /// One line for the log.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        match self.registrar {
+            RegistrarChange::Same => {}
+            RegistrarChange::Start => parts.push("registrar started".to_owned()),
+            RegistrarChange::Restart => parts.push("registrar restarted".to_owned()),
+            RegistrarChange::Stop => parts.push("registrar stopped".to_owned()),
+        }
+        if !self.metrics_new.is_empty() {
+            parts.push(format!("metric sources created: {}", self.metrics_new.join(", ")));
+        }
+        if !self.metrics_gone.is_empty() {
+            parts.push(format!("metric sources dropped: {}", self.metrics_gone.join(", ")));
+        }
+        if self.services {
+            parts.push("managed services replaced".to_owned());
+        }
+        if parts.is_empty() {
+            "nothing changed".to_owned()
+        } else {
+            parts.join("; ")
+        }
+    }
+}
+
+/// Decides a reload, or says which changed settings need a restart (then nothing is
+/// applied: a reload is all or nothing). `dirs_loaded_new` is true when the plugin
+/// directories hold files that were not loaded before.
+pub fn plan_reload(old: &Config, new: &Config, new_plugin_files: bool) -> Result<ReloadPlan, String> {
+    let mut restart = Vec::new();
+    if old.host != new.host {
+        restart.push("host");
+    }
+    if old.http != new.http {
+        restart.push("http");
+    }
+    let without_dirs = |c: &Config| PluginsConfig {
+        dirs: Vec::new(),
+        ..c.plugins.clone()
+    };
+    if without_dirs(old) != without_dirs(new) {
+        restart.push("plugins (other than dirs)");
+    }
+    let election = |c: &Config| {
+        let m = &c.manager;
+        (
+            m.central_redis.clone(),
+            m.central_redis_ca_file.clone(),
+            m.lease_ms,
+            m.tick_ms,
+            m.guard_ms,
+        )
+    };
+    if election(old) != election(new) {
+        restart.push("manager.central_redis, central_redis_ca_file, lease_ms, tick_ms or guard_ms");
+    }
+    if !restart.is_empty() {
+        return Err(format!(
+            "these settings take effect only at a restart: {}",
+            restart.join(", ")
+        ));
+    }
+    let registrar = match (old.registrar.enabled, new.registrar.enabled) {
+        (false, true) => RegistrarChange::Start,
+        (true, false) => RegistrarChange::Stop,
+        (true, true) if old.registrar != new.registrar || old.plugins.dirs != new.plugins.dirs || new_plugin_files => {
+            RegistrarChange::Restart
+        }
+        _ => RegistrarChange::Same,
+    };
+    let metrics_new = new
         .metrics
         .iter()
-        .map(|(name, r)| {
-            let options = CallOptions {
-                isolation: r.isolation.unwrap_or(options.isolation),
-                ..options
-            };
-            let slot = Slot::spawn(
-                host.clone(),
-                &format!("metrics.{name}"),
-                r,
-                Kind::MetricSource,
-                options,
-                create_timeout,
-                stop_rx.clone(),
-                fatal_tx.clone(),
-            );
-            (name.clone(), slot)
-        })
+        .filter(|(n, r)| old.metrics.get(*n) != Some(r))
+        .map(|(n, _)| n.clone())
         .collect();
+    let metrics_gone = old
+        .metrics
+        .keys()
+        .filter(|n| !new.metrics.contains_key(*n) || old.metrics.get(*n) != new.metrics.get(*n))
+        .cloned()
+        .collect();
+    let (a, b) = (&old.manager, &new.manager);
+    let services = a.services != b.services || a.loop_secs != b.loop_secs || a.dry_run != b.dry_run;
+    Ok(ReloadPlan {
+        registrar,
+        metrics_new,
+        metrics_gone,
+        services,
+    })
+}
 
-    if let (Some(url), Some(sdk)) = (&config.manager.central_redis, &sdk) {
-        let central = crate::redis_util::open(url, config.manager.central_redis_ca_file.as_deref())
-            .map_err(|m| {
-                Fatal::Config(format!(
-                    "manager.central_redis {}: {m}",
-                    crate::redis_util::addr(url)
-                ))
-            })?;
-        let id = me.instance_id.clone().unwrap_or_else(hostname);
-        let az = me
-            .availability_zone
-            .clone()
-            .unwrap_or_else(|| "unknown".into());
-        let m = &config.manager;
+/// A group of loops under one supervisor with a stop of its own, so that a reload can
+/// replace it while the others run on.
+struct Part {
+    stop: watch::Sender<bool>,
+    sup: Supervisor,
+}
+
+impl Part {
+    fn new(fatal: mpsc::UnboundedSender<Fatal>) -> Part {
+        let (stop, rx) = watch::channel(false);
+        Part {
+            sup: Supervisor::new(fatal, rx),
+            stop,
+        }
+    }
+    /// Stops the loops; false if some did not end within the limit.
+    async fn stop(self) -> bool {
+        let _ = self.stop.send(true);
+        self.sup.join(SHUTDOWN_LIMIT).await
+    }
+}
+
+/// A metric source's slot, with the stop of its creation loop.
+struct MetricSlot {
+    slot: Slot,
+    stop: watch::Sender<bool>,
+}
+
+impl MetricSlot {
+    fn drop_now(self) {
+        let _ = self.stop.send(true);
+        if let Ok(c) = self.slot.get() {
+            c.shutdown();
+        }
+    }
+}
+
+/// Everything running for the configuration in force.
+struct Running {
+    config: Config,
+    host: Arc<PluginHost>,
+    options: CallOptions,
+    me: identity::Identity,
+    sdk: Option<aws_config::SdkConfig>,
+    slots: BTreeMap<String, MetricSlot>,
+    plan: Option<watch::Sender<Plan>>,
+    registrar: Option<Part>,
+    fatal: mpsc::UnboundedSender<Fatal>,
+}
+
+impl Running {
+    fn slot_map(&self) -> BTreeMap<String, Slot> {
+        self.slots
+            .iter()
+            .map(|(n, s)| (n.clone(), s.slot.clone()))
+            .collect()
+    }
+
+    fn spawn_slot(&self, name: &str, fatal: mpsc::UnboundedSender<Fatal>) -> MetricSlot {
+        let r = &self.config.metrics[name];
+        let options = CallOptions {
+            isolation: r.isolation.unwrap_or(self.options.isolation),
+            ..self.options
+        };
+        let (stop, stop_rx) = watch::channel(false);
+        let slot = Slot::spawn(
+            self.host.clone(),
+            &format!("metrics.{name}"),
+            r,
+            Kind::MetricSource,
+            options,
+            Duration::from_millis(self.config.plugins.create_timeout_ms),
+            stop_rx,
+            fatal,
+        );
+        MetricSlot { slot, stop }
+    }
+
+    fn plan_now(&self) -> Result<Plan, Fatal> {
+        let m = &self.config.manager;
+        crate::metrics::get()
+            .retain_managed(&m.services.iter().map(|s| s.name.clone()).collect());
+        Ok(Plan {
+            services: managed_services(&self.config, &self.slot_map())
+                .map_err(|e| Fatal::Config(e.to_string()))?,
+            loop_interval: Duration::from_secs(m.loop_secs),
+            dry_run: m.dry_run,
+        })
+    }
+
+    async fn ensure_sdk(&mut self) {
+        let needs_aws = self.config.manager.central_redis.is_some()
+            || (self.config.registrar.enabled && self.me.instance_id.is_some());
+        if needs_aws && self.sdk.is_none() {
+            self.sdk = Some(crate::aws::load(self.me.availability_zone.as_deref()).await);
+        }
+    }
+
+    fn start_manager(&mut self, global: &mut Supervisor, stop: watch::Receiver<bool>) -> Result<(), Fatal> {
+        let (Some(url), Some(sdk)) = (&self.config.manager.central_redis, &self.sdk) else {
+            return Ok(());
+        };
+        let m = &self.config.manager;
+        let central = crate::redis_util::open(url, m.central_redis_ca_file.as_deref()).map_err(|e| {
+            Fatal::Config(format!(
+                "manager.central_redis {}: {e}",
+                crate::redis_util::addr(url)
+            ))
+        })?;
+        let id = self.me.instance_id.clone().unwrap_or_else(hostname);
+        let (plan_tx, plan_rx) = watch::channel(self.plan_now()?);
         let manager = Manager {
             id: id.clone(),
-            az,
+            az: self
+                .me
+                .availability_zone
+                .clone()
+                .unwrap_or_else(|| "unknown".into()),
             central,
             central_addr: crate::redis_util::addr(url),
             timing: Timing {
@@ -305,62 +438,63 @@ pub async fn run(
                 tick: Duration::from_millis(m.tick_ms),
                 guard: Duration::from_millis(m.guard_ms),
             },
-            loop_interval: Duration::from_secs(m.loop_secs),
-            services: managed_services(&config, &slots)
-                .map_err(|e| Fatal::Config(e.to_string()))?,
-            ecs: (!m.dry_run).then(|| AwsEcs::new(sdk)),
+            plan: plan_rx,
+            ecs: Some(AwsEcs::new(sdk)),
             ec2: Some(aws_sdk_ec2::Client::new(sdk)),
         };
-        tracing::info!(instance = %id, services = manager.services.len(), dry_run = m.dry_run, "manager started");
-        let stop = stop_rx.clone();
-        sup.spawn("manager", move || manager.clone().run(stop.clone()));
+        tracing::info!(instance = %id, services = m.services.len(), dry_run = m.dry_run, "manager started");
+        global.spawn("manager", move || manager.clone().run(stop.clone()));
+        self.plan = Some(plan_tx);
+        Ok(())
     }
 
-    if config.registrar.enabled {
+    fn start_registrar(&mut self) -> Result<(), Fatal> {
+        if !self.config.registrar.enabled {
+            return Ok(());
+        }
+        let part = Part::new(self.fatal.clone());
+        let r = &self.config.registrar;
         let docker = bollard::Docker::connect_with_defaults().map_err(|e| {
             Fatal::Config(format!(
                 "cannot set up the Docker client (DOCKER_HOST?): {e}"
             ))
         })?;
-        let owner = me.instance_id.clone().unwrap_or_else(hostname);
-        let local_redis = config.registrar.local_redis.clone();
-        let local_ca = config.registrar.local_redis_ca_file.clone();
+        let owner = self.me.instance_id.clone().unwrap_or_else(hostname);
+        let local_redis = r.local_redis.clone();
+        let local_ca = r.local_redis_ca_file.clone();
         redx::RedisStore::new(&local_redis, local_ca.as_deref(), &owner)
             .map_err(|e| Fatal::Config(format!("registrar.local_redis: {e}")))?;
-        let (elb_tx, elb_rx) = watch::channel(BTreeMap::new());
-        let (ports_tx, ports_rx) = watch::channel(BTreeSet::new());
-        let (elb_tx, ports_tx) = (Arc::new(elb_tx), Arc::new(ports_tx));
-        if let Some(file) = config.registrar.router_ports_file.clone() {
-            let (pid, stop) = (config.registrar.router_pid_file.clone(), stop_rx.clone());
-            sup.spawn("router ports", move || {
-                registrar::router::run(file.clone(), pid.clone(), ports_rx.clone(), stop.clone())
-            });
-        }
-        if let (Some(instance), Some(sdk)) = (me.instance_id.clone(), &sdk) {
-            let client = aws_sdk_elasticloadbalancing::Client::new(sdk);
-            let stop = stop_rx.clone();
-            sup.spawn("elb membership", move || {
-                registrar::elb::run(
-                    client.clone(),
-                    instance.clone(),
-                    elb_rx.clone(),
-                    stop.clone(),
-                )
-            });
-        }
-        let refs = config.registrar.sources.clone();
-        let resync = Duration::from_secs(config.registrar.resync_secs);
-        let drain_on_stop = config.registrar.drain_on_stop;
-        let selector = config
-            .registrar
+        let selector = r
             .require_label
             .as_deref()
             .map(registrar::store::Selector::parse)
             .transpose()
             .map_err(|e| Fatal::Config(format!("registrar.require_label: {e}")))?;
+        let (elb_tx, elb_rx) = watch::channel(BTreeMap::new());
+        let (ports_tx, ports_rx) = watch::channel(BTreeSet::new());
+        let (elb_tx, ports_tx) = (Arc::new(elb_tx), Arc::new(ports_tx));
+        let mut sup = part.sup;
+        let stop_rx = part.stop.subscribe();
+        if let Some(file) = r.router_ports_file.clone() {
+            let (pid, stop) = (r.router_pid_file.clone(), stop_rx.clone());
+            sup.spawn("router ports", move || {
+                registrar::router::run(file.clone(), pid.clone(), ports_rx.clone(), stop.clone())
+            });
+        }
+        if let (Some(instance), Some(sdk)) = (self.me.instance_id.clone(), &self.sdk) {
+            let client = aws_sdk_elasticloadbalancing::Client::new(sdk);
+            let stop = stop_rx.clone();
+            sup.spawn("elb membership", move || {
+                registrar::elb::run(client.clone(), instance.clone(), elb_rx.clone(), stop.clone())
+            });
+        }
+        let refs = r.sources.clone();
+        let resync = Duration::from_secs(r.resync_secs);
+        let drain_on_stop = r.drain_on_stop;
+        let options = self.options;
         // The sources are created once; a restarted registrar loop reuses them.
         let created: Arc<OnceCell<Option<Vec<ServicesClient>>>> = Arc::new(OnceCell::new());
-        let (host, stop, fatal) = (host.clone(), stop_rx.clone(), fatal_tx.clone());
+        let (host, stop, fatal) = (self.host.clone(), stop_rx.clone(), self.fatal.clone());
         sup.spawn("registrar", move || {
             let (created, host, refs, stop, fatal) = (
                 created.clone(),
@@ -403,38 +537,273 @@ pub async fn run(
                 .await
             }
         });
+        self.registrar = Some(Part {
+            stop: part.stop,
+            sup,
+        });
+        Ok(())
     }
 
+    /// Re-reads the configuration and applies what changed, or refuses the whole of it.
+    async fn reload(&mut self, path: Option<&Path>, insecure: bool) -> Result<ReloadPlan, String> {
+        let new = Config::load(path, |k| std::env::var(k).ok()).map_err(|e| e.to_string())?;
+        let host = Arc::new(PluginHost::load_dirs(
+            &new.plugins.dirs,
+            insecure || new.plugins.allow_insecure,
+        ));
+        let found = problems(&new, &host);
+        if !found.is_empty() {
+            return Err(found.join("; "));
+        }
+        let loaded = |h: &PluginHost| -> BTreeSet<PathBuf> {
+            h.plugins().iter().map(|p| p.path().to_path_buf()).collect()
+        };
+        let new_files = !loaded(&host).is_subset(&loaded(&self.host));
+        let plan = plan_reload(&self.config, &new, new_files)?;
+        let old = std::mem::replace(&mut self.config, new);
+        let old_host = std::mem::replace(&mut self.host, host);
+        // New metric sources first: one whose plugin refuses its configuration at once
+        // refuses the reload, and the running sources stay.
+        let (probe_tx, mut probe_rx) = mpsc::unbounded_channel();
+        let mut created = BTreeMap::new();
+        for name in &plan.metrics_new {
+            created.insert(name.clone(), self.spawn_slot(name, probe_tx.clone()));
+        }
+        let limit = Duration::from_millis(self.config.plugins.create_timeout_ms.min(10_000));
+        for s in created.values() {
+            s.slot.first_attempt(limit).await;
+        }
+        if let Ok(refused) = probe_rx.try_recv() {
+            for (_, s) in created {
+                s.drop_now();
+            }
+            self.config = old;
+            self.host = old_host;
+            return Err(refused.to_string());
+        }
+        let gone: Vec<MetricSlot> = plan
+            .metrics_gone
+            .iter()
+            .filter_map(|n| self.slots.remove(n))
+            .collect();
+        self.slots.extend(created);
+        self.ensure_sdk().await;
+        if plan.services || !plan.metrics_new.is_empty() {
+            if let Some(tx) = &self.plan {
+                tx.send_replace(self.plan_now().map_err(|e| e.to_string())?);
+            }
+        }
+        // Dropped only once the loops use the new sources.
+        for s in gone {
+            s.drop_now();
+        }
+        if matches!(plan.registrar, RegistrarChange::Restart | RegistrarChange::Stop) {
+            if let Some(part) = self.registrar.take() {
+                if !part.stop().await {
+                    tracing::warn!("the registrar's loops did not end in time; starting the new ones anyway");
+                }
+            }
+        }
+        if matches!(plan.registrar, RegistrarChange::Restart | RegistrarChange::Start) {
+            self.start_registrar().map_err(|e| e.to_string())?;
+        }
+        Ok(plan)
+    }
+}
+
+/// Runs warden until `shutdown` resolves, or a fatal condition ends it. Each message on
+/// `reload` (SIGHUP) re-reads `path` and applies it, or refuses it whole.
+pub async fn run(
+    config: Config,
+    path: Option<PathBuf>,
+    insecure: bool,
+    shutdown: impl std::future::Future<Output = ()>,
+    mut reload: mpsc::UnboundedReceiver<()>,
+) -> Result<(), Fatal> {
+    let host = Arc::new(PluginHost::load_dirs(
+        &config.plugins.dirs,
+        insecure || config.plugins.allow_insecure,
+    ));
+    let found = problems(&config, &host);
+    if !found.is_empty() {
+        return Err(Fatal::Config(found.join("\n")));
+    }
+    let options = CallOptions::from_config(&config.plugins);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
+    let mut sup = Supervisor::new(fatal_tx.clone(), stop_rx.clone());
+    let me = identity::resolve(&config.host).await;
+    let listener = match config.http.addr().map_err(|m| Fatal::Config(format!("http.listen: {m}")))? {
+        Some(addr) => Some(Arc::new(
+            crate::http::bind(addr).await.map_err(Fatal::Config)?,
+        )),
+        None => None,
+    };
+    let manager_on = config.manager.central_redis.is_some();
+    let mut required = Vec::new();
+    if config.registrar.enabled {
+        required.extend([
+            Dependency::Docker,
+            Dependency::LocalRedis,
+            Dependency::ServiceSources,
+        ]);
+    }
+    if manager_on {
+        required.push(Dependency::CentralRedis);
+    }
+    crate::metrics::get().set_required(required);
+    if let Some(listener) = listener {
+        let info = Arc::new(crate::http::HostInfo {
+            instance_id: me.instance_id.clone().unwrap_or_else(hostname),
+            availability_zone: me.availability_zone.clone(),
+            registrar: config.registrar.enabled,
+            central_redis: config.manager.central_redis.clone(),
+            central_redis_ca_file: config.manager.central_redis_ca_file.clone(),
+        });
+        tracing::info!(addr = %listener.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()), "http endpoint listening: /livez /readyz /status /metrics");
+        let stop = stop_rx.clone();
+        sup.spawn("http", move || {
+            crate::http::serve(listener.clone(), info.clone(), stop.clone())
+        });
+    }
+    let mut running = Running {
+        config,
+        host,
+        options,
+        me,
+        sdk: None,
+        slots: BTreeMap::new(),
+        plan: None,
+        registrar: None,
+        fatal: fatal_tx.clone(),
+    };
+    // One AWS configuration for every client, loaded only when something needs AWS.
+    running.ensure_sdk().await;
+    // Metric sources are created in the background, with a timeout and retries: a plugin
+    // whose `new` hangs or fails holds up nothing else.
+    for name in running.config.metrics.keys().cloned().collect::<Vec<_>>() {
+        let slot = running.spawn_slot(&name, fatal_tx.clone());
+        running.slots.insert(name, slot);
+    }
+    running.start_manager(&mut sup, stop_rx.clone())?;
+    running.start_registrar()?;
+
     tracing::info!(
-        plugins = host.plugins().len(),
-        failed = host.failures().len(),
-        metrics = slots.len(),
-        registrar = config.registrar.enabled,
-        "warden running; waiting for SIGTERM or SIGINT"
+        plugins = running.host.plugins().len(),
+        failed = running.host.failures().len(),
+        metrics = running.slots.len(),
+        registrar = running.config.registrar.enabled,
+        "warden running; waiting for SIGTERM or SIGINT (SIGHUP reloads the configuration)"
     );
-    let fatal = tokio::select! {
-        biased;
-        _ = shutdown => None,
-        f = fatal_rx.recv() => f,
+    tokio::pin!(shutdown);
+    let fatal = loop {
+        tokio::select! {
+            biased;
+            _ = &mut shutdown => break None,
+            f = fatal_rx.recv() => break f,
+            Some(()) = reload.recv() => {
+                let outcome = running.reload(path.as_deref(), insecure).await;
+                crate::metrics::get().count_reload(match &outcome {
+                    Ok(p) if p.is_empty() => "unchanged",
+                    Ok(_) => "applied",
+                    Err(_) => "refused",
+                });
+                match outcome {
+                    Ok(plan) => tracing::info!("configuration reloaded: {}", plan.describe()),
+                    Err(e) => tracing::error!("configuration reload refused; the running configuration stays: {e}"),
+                }
+            }
+        }
     };
     match &fatal {
         None => tracing::info!("shutting down"),
         Some(f) => tracing::error!(exit_code = f.exit_code(), "shutting down: {f}"),
     }
     let _ = stop_tx.send(true);
-    if !sup.join(SHUTDOWN_LIMIT).await {
+    let registrar_stopped = async {
+        match running.registrar.take() {
+            Some(part) => part.stop().await,
+            None => true,
+        }
+    };
+    let (a, b) = tokio::join!(sup.join(SHUTDOWN_LIMIT), registrar_stopped);
+    if !(a && b) {
         tracing::warn!(
             limit = %crate::logs::humantime(SHUTDOWN_LIMIT),
             "some work did not end in time; exiting anyway"
         );
     }
-    for slot in slots.values() {
-        if let Ok(c) = slot.get() {
-            c.shutdown();
-        }
+    for (_, s) in std::mem::take(&mut running.slots) {
+        s.drop_now();
     }
     fatal.map_or(Ok(()), Err)
 }
 
 /// The longest shutdown takes: work in flight is cancelled, not waited for.
 pub const SHUTDOWN_LIMIT: Duration = Duration::from_secs(2);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Config {
+        Config::parse(text, "test.toml").unwrap()
+    }
+
+    const BASE: &str = "[manager]\ncentral_redis = \"redis://c:6379\"\nloop_secs = 5\n[metrics.m]\nplugin = \"template\"\nconfig = { value = 1.0 }\n[[manager.services]]\nname = \"web\"\ntask_definition = \"web\"\nmetric = \"m\"\nmapping = { target_per_task = 1.0 }\n";
+
+    #[test]
+    fn the_same_configuration_changes_nothing() {
+        let plan = plan_reload(&parse(BASE), &parse(BASE), false).unwrap();
+        assert!(plan.is_empty());
+        assert_eq!(plan.describe(), "nothing changed");
+        // New plugin files alone restart the registrar (its sources may now load).
+        let plan = plan_reload(&parse(BASE), &parse(BASE), true).unwrap();
+        assert_eq!(plan.registrar, RegistrarChange::Restart);
+    }
+
+    #[test]
+    fn metric_and_service_changes_keep_the_lease() {
+        let new = BASE.replace("value = 1.0", "value = 5.0").replace("loop_secs = 5", "loop_secs = 2");
+        let plan = plan_reload(&parse(BASE), &parse(&new), false).unwrap();
+        assert_eq!(plan.metrics_new, vec!["m".to_owned()]);
+        assert_eq!(plan.metrics_gone, vec!["m".to_owned()]);
+        assert!(plan.services);
+        assert_eq!(plan.registrar, RegistrarChange::Same);
+    }
+
+    #[test]
+    fn registrar_settings_restart_only_the_registrar() {
+        let new = format!("{BASE}[registrar]\nresync_secs = 10\n");
+        let plan = plan_reload(&parse(BASE), &parse(&new), false).unwrap();
+        assert_eq!(plan.registrar, RegistrarChange::Restart);
+        assert!(!plan.services);
+        let off = format!("{BASE}[registrar]\nenabled = false\n");
+        assert_eq!(
+            plan_reload(&parse(BASE), &parse(&off), false).unwrap().registrar,
+            RegistrarChange::Stop
+        );
+        assert_eq!(
+            plan_reload(&parse(&off), &parse(BASE), false).unwrap().registrar,
+            RegistrarChange::Start
+        );
+    }
+
+    #[test]
+    fn election_host_http_and_plugin_options_need_a_restart() {
+        for (what, new) in [
+            ("manager.central_redis", BASE.replace("redis://c:6379", "redis://d:6379")),
+            ("host", format!("{BASE}[host]\ninstance_id = \"i-1\"\n")),
+            ("http", format!("{BASE}[http]\nlisten = \"off\"\n")),
+            ("plugins", format!("{BASE}[plugins]\ncall_timeout_ms = 100\n")),
+        ] {
+            let e = plan_reload(&parse(BASE), &parse(&new), false).unwrap_err();
+            assert!(e.contains(what), "{what}: {e}");
+        }
+        let dirs = format!("{BASE}[plugins]\ndirs = [\"/opt/p\"]\n");
+        assert_eq!(
+            plan_reload(&parse(BASE), &parse(&dirs), false).unwrap().registrar,
+            RegistrarChange::Restart
+        );
+    }
+}

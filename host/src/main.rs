@@ -401,8 +401,8 @@ fn daemon(path: Option<PathBuf>, insecure: bool) -> anyhow::Result<ExitCode> {
         // Listen before anything else, so that a signal sent once we say we run is never
         // taken by the default action.
         let shutdown = shutdown_signal()?;
-        ignored_signals()?;
-        Ok::<_, anyhow::Error>(warden::daemon::run(config, insecure, shutdown).await)
+        let reload = other_signals()?;
+        Ok::<_, anyhow::Error>(warden::daemon::run(config, path, insecure, shutdown, reload).await)
     })?;
     // A plugin stuck in `new` holds a blocking thread: do not wait for it.
     rt.shutdown_timeout(std::time::Duration::from_millis(200));
@@ -417,22 +417,27 @@ fn daemon(path: Option<PathBuf>, insecure: bool) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// SIGHUP and SIGUSR1 are logged and ignored (never fatal): their default action would
-/// end warden without a word and without giving up its lease.
-fn ignored_signals() -> anyhow::Result<()> {
+/// SIGHUP asks for a configuration reload (the receiver gets one message per signal);
+/// SIGUSR1 is logged and ignored. Neither is ever fatal: their default action would end
+/// warden without a word and without giving up its lease.
+fn other_signals() -> anyhow::Result<tokio::sync::mpsc::UnboundedReceiver<()>> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
     let mut usr1 = signal(SignalKind::user_defined1()).context("cannot listen for SIGUSR1")?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         loop {
             tokio::select! {
-                Some(()) = hup.recv() => tracing::warn!("SIGHUP received: this warden has no configuration reload; ignored (restart it to apply a new configuration)"),
+                Some(()) = hup.recv() => {
+                    tracing::info!("SIGHUP received: reloading the configuration");
+                    let _ = tx.send(());
+                }
                 Some(()) = usr1.recv() => tracing::info!("SIGUSR1 received; ignored"),
                 else => return,
             }
         }
     });
-    Ok(())
+    Ok(rx)
 }
 
 /// Resolves on the first SIGTERM or SIGINT; the handlers are in place when this returns.

@@ -62,6 +62,11 @@ pub struct PluginLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LoopLabel {
     pub name: String,
 }
@@ -133,6 +138,7 @@ pub struct Metrics {
     pub breaker_open: Family<PluginLabel, Gauge>,
     pub dependency_up: Family<DependencyLabel, Gauge>,
     pub loop_restarts: Family<LoopLabel, Counter>,
+    pub reloads: Family<OutcomeLabel, Counter>,
     /// Which dependencies `/readyz` waits for (set once by `run`).
     required: Mutex<BTreeSet<Dependency>>,
     started: AtomicU64,
@@ -173,6 +179,7 @@ impl Metrics {
             breaker_open: Family::default(),
             dependency_up: Family::default(),
             loop_restarts: Family::default(),
+            reloads: Family::default(),
             required: Mutex::new(BTreeSet::new()),
             started: AtomicU64::new(0),
             seen: Seen::default(),
@@ -301,6 +308,11 @@ impl Metrics {
             "Supervised loops restarted after a panic or an exit",
             m.loop_restarts.clone(),
         );
+        r.register(
+            "config_reloads",
+            "Configuration reloads (SIGHUP), by outcome: applied, unchanged, refused",
+            m.reloads.clone(),
+        );
         Metrics { registry: r, ..m }
     }
 
@@ -342,6 +354,14 @@ impl Metrics {
         } else {
             Err(names(down))
         }
+    }
+
+    pub fn count_reload(&self, outcome: &str) {
+        self.reloads
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.into(),
+            })
+            .inc();
     }
 
     pub fn observe_plugin_call(&self, plugin: &str, op: &str, outcome: &str, took: Duration) {

@@ -374,3 +374,122 @@ mapping = {{ target_per_task = 1.0 }}
         );
     }
 }
+
+/// SIGHUP: a configuration that does not parse is refused with its error and the running
+/// one stays; a good one is applied (a metric's config, a new managed service, a
+/// registrar setting) while the lease is kept (same epoch, no leader change) and the
+/// route of a running container never leaves Redis; a setting that needs a restart is
+/// refused by name.
+#[test]
+fn sighup_applies_a_good_configuration_refuses_a_bad_one_and_keeps_routes_and_lease() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let (local, central) = (Redis::start(), Redis::start());
+    let config = format!(
+        r#"[host]
+instance_id = "i-reload"
+availability_zone = "eu-west-1a"
+[registrar]
+local_redis = "{}"
+resync_secs = 30
+[manager]
+central_redis = "{}"
+loop_secs = 1
+dry_run = true
+[metrics.m]
+plugin = "template"
+config = {{ value = 3.0 }}
+[[manager.services]]
+name = "web"
+task_definition = "web"
+metric = "m"
+mapping = {{ target_per_task = 1.0 }}
+"#,
+        local.url(),
+        central.url()
+    );
+    let w = Warden::start(&config, &[]);
+    let cs = Containers::new("reload");
+    cs.run("web", &[("warden.service", "r-web"), ("warden.frontend", "r-web.example")], &[]);
+    let mut conn = local.conn();
+    eventually(Duration::from_secs(15), "route written", || {
+        let v: Option<String> = redis::cmd("GET").arg("frontend:r-web.example").query(&mut conn).ok()?;
+        (v.as_deref() == Some("r-web")).then_some(())
+    });
+    wait_metric(&w, "warden_leader", 1.0);
+    wait_metric(&w, "warden_desired_tasks{service=\"web\"}", 3.0);
+    let epoch = w.metric("warden_leader_epoch").unwrap();
+    let changes = w.metric("warden_leader_changes_total").unwrap();
+
+    // The route is read every millisecond for the whole test.
+    let (stop, misses, reads) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let watcher = {
+        let (stop, misses, reads, mut conn) = (stop.clone(), misses.clone(), reads.clone(), local.conn());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let v: Option<String> = redis::cmd("GET").arg("frontend:r-web.example").query(&mut conn).unwrap();
+                reads.fetch_add(1, Ordering::Relaxed);
+                if v.as_deref() != Some("r-web") {
+                    misses.fetch_add(1, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        })
+    };
+    let good = std::fs::read_to_string(&w.config).unwrap();
+    let reload_line = |from: usize, what: &str| {
+        eventually(Duration::from_secs(20), what, || {
+            let log = w.log_text();
+            log.get(from..)?
+                .lines()
+                .find(|l| l.contains("configuration reload"))
+                .map(str::to_owned)
+        })
+    };
+
+    // 1. Not TOML: refused, with the file and the line.
+    std::fs::write(&w.config, format!("{good}\n[[[broken\n")).unwrap();
+    let from = w.log_text().len();
+    w.signal(libc::SIGHUP);
+    let line = reload_line(from, "the bad reload refused");
+    assert!(line.contains("refused"), "{line}");
+    assert!(line.contains(w.config.to_str().unwrap()), "{line}");
+    assert!(line.contains("line"), "{line}");
+    wait_metric(&w, "warden_config_reloads_total{outcome=\"refused\"}", 1.0);
+
+    // 2. A setting that needs a restart: refused by name, nothing applied.
+    std::fs::write(&w.config, good.replace("loop_secs = 1", "loop_secs = 1\nlease_ms = 3000")).unwrap();
+    let from = w.log_text().len();
+    w.signal(libc::SIGHUP);
+    let line = reload_line(from, "the restart-only change refused");
+    assert!(line.contains("refused") && line.contains("lease_ms"), "{line}");
+
+    // 3. Good: metric 3 → 5, a second service, a registrar setting.
+    let new = good.replace("value = 3.0", "value = 5.0").replace("resync_secs = 30", "resync_secs = 20")
+        + "[[manager.services]]\nname = \"api\"\ntask_definition = \"api\"\nmetric = \"m\"\nmapping = { target_per_task = 1.0 }\n";
+    std::fs::write(&w.config, new).unwrap();
+    let from = w.log_text().len();
+    w.signal(libc::SIGHUP);
+    let line = reload_line(from, "the good reload applied");
+    assert!(line.contains("configuration reloaded"), "{line}");
+    assert!(line.contains("registrar restarted") && line.contains("managed services replaced"), "{line}");
+    wait_metric(&w, "warden_desired_tasks{service=\"web\"}", 5.0);
+    wait_metric(&w, "warden_desired_tasks{service=\"api\"}", 5.0);
+    // The registrar came back and re-verified its routes.
+    eventually(Duration::from_secs(15), "registrar ready again", || {
+        w.log_text().get(from..)?.contains("registrar ready").then_some(())
+    });
+    stop.store(true, Ordering::Relaxed);
+    watcher.join().unwrap();
+
+    assert_eq!(w.metric("warden_leader_epoch"), Some(epoch), "the lease was kept");
+    assert_eq!(w.metric("warden_leader_changes_total"), Some(changes), "no leader change");
+    assert_eq!(w.metric("warden_leader"), Some(1.0));
+    assert!(reads.load(Ordering::Relaxed) > 100, "the watcher read the route");
+    assert_eq!(misses.load(Ordering::Relaxed), 0, "the route left Redis during a reload");
+    assert_eq!(w.metric("warden_config_reloads_total{outcome=\"applied\"}"), Some(1.0));
+}

@@ -500,8 +500,12 @@ mod tests {
             id: id.into(),
             ecs: Some(ecs.clone()),
             ledger: central.clone(),
-            services,
-            loop_interval: Duration::from_secs(1),
+            plan: tokio::sync::watch::channel(crate::manager::worker::Plan {
+                services,
+                loop_interval: Duration::from_secs(1),
+                dry_run: false,
+            })
+            .1,
             margin: timing.margin(),
         };
         let tasks = vec![

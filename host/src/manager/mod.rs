@@ -308,9 +308,9 @@ pub struct Manager {
     /// `host:port` of the central Redis, for messages.
     pub central_addr: String,
     pub timing: Timing,
-    pub loop_interval: Duration,
-    pub services: Vec<ManagedService>,
-    /// `None`: dry-run, decide and record, call nothing.
+    /// The managed services, loop interval and dry-run: replaced by a reload.
+    pub plan: watch::Receiver<worker::Plan>,
+    /// `None`: no ECS to call (decide and record only).
     pub ecs: Option<AwsEcs>,
     /// For the Availability Zone check (EC2 DescribeAvailabilityZones).
     pub ec2: Option<aws_sdk_ec2::Client>,
@@ -354,8 +354,6 @@ impl Manager {
         };
         let azs = az::AzCache::start(self.ec2.clone(), shutdown.clone());
         let (tx, rx) = watch::channel(Leadership::Following);
-        crate::metrics::get()
-            .retain_managed(&self.services.iter().map(|s| s.name.clone()).collect());
         tokio::spawn(observe_leadership(rx.clone()));
         let elector = Elector {
             id: self.id.clone(),
@@ -369,8 +367,7 @@ impl Manager {
             id: self.id,
             ecs: self.ecs,
             ledger,
-            services: self.services,
-            loop_interval: self.loop_interval,
+            plan: self.plan,
             margin: self.timing.margin(),
         };
         worker.run(rx, shutdown).await;

@@ -24,15 +24,26 @@ use super::policy::{self, Decision, PolicyState};
 use super::{ManagedService, MetricError, Outcome, Record, Target};
 use crate::plugins::MetricClient;
 
-/// The scaling work; `ecs` is `None` in dry-run.
+/// The scaling work; `ecs` is `None` where there is no ECS to call (it then decides and
+/// records only, as in dry-run).
 pub struct Worker<E: Ecs, L: Ledger> {
     pub id: String,
     pub ecs: Option<E>,
     pub ledger: L,
-    pub services: Vec<ManagedService>,
-    pub loop_interval: Duration,
+    /// What to scale, replaced whole by a configuration reload.
+    pub plan: watch::Receiver<Plan>,
     /// Lease time the fence asks to be left before each call.
     pub margin: Duration,
+}
+
+/// The managed services and how the loops run: what a reload may change without
+/// touching the lease.
+#[derive(Clone)]
+pub struct Plan {
+    pub services: Vec<ManagedService>,
+    pub loop_interval: Duration,
+    /// Decide and record, call nothing.
+    pub dry_run: bool,
 }
 
 /// The metric as read, and as mapped by a mapping plugin.
@@ -75,6 +86,13 @@ impl Count {
             Count::NotCounted(_) => None,
             _ => Some(self.current()),
         }
+    }
+}
+
+/// Resolves when a new plan is published; never once no more can be (the sender gone).
+async fn changed(plans: &mut watch::Receiver<Plan>) {
+    if plans.changed().await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 
@@ -123,6 +141,7 @@ impl<E: Ecs, L: Ledger> Worker<E, L> {
         mut leadership: watch::Receiver<Leadership>,
         mut shutdown: watch::Receiver<bool>,
     ) {
+        let mut plans = self.plan.clone();
         loop {
             let lease = tokio::select! {
                 biased;
@@ -133,27 +152,45 @@ impl<E: Ecs, L: Ledger> Worker<E, L> {
                 },
             };
             let guard = Guard::new(leadership.clone(), lease.epoch);
-            tracing::info!(
-                epoch = lease.epoch,
-                services = self.services.len(),
-                "leading: scaling work started"
-            );
-            tokio::select! {
-                biased;
-                _ = shutdown.changed() => return,
-                _ = guard.lost() => tracing::info!(epoch = lease.epoch, "scaling work stopped: this host no longer leads"),
-                _ = self.term(&lease, &guard) => {}
+            // One plan at a time; a new plan (a reload) restarts the loops, same lease.
+            loop {
+                let plan = plans.borrow_and_update().clone();
+                tracing::info!(
+                    epoch = lease.epoch,
+                    services = plan.services.len(),
+                    dry_run = plan.dry_run,
+                    "leading: scaling work started"
+                );
+                let work = async {
+                    self.term(&plan, &lease, &guard).await;
+                    // No services: nothing to do until the plan or the lease changes.
+                    std::future::pending::<()>().await
+                };
+                tokio::select! {
+                    biased;
+                    _ = shutdown.changed() => return,
+                    _ = guard.lost() => {
+                        tracing::info!(epoch = lease.epoch, "scaling work stopped: this host no longer leads");
+                        break;
+                    }
+                    _ = changed(&mut plans) => {
+                        tracing::info!(epoch = lease.epoch, "managed services changed by a reload; loops restarted under the same lease");
+                    }
+                    _ = work => {}
+                }
             }
         }
     }
 
-    async fn term(&self, lease: &Lease, guard: &Guard) {
-        let loops = self.services.iter().map(|s| async move {
+    async fn term(&self, plan: &Plan, lease: &Lease, guard: &Guard) {
+        let ecs = if plan.dry_run { None } else { self.ecs.as_ref() };
+        let interval = plan.loop_interval;
+        let loops = plan.services.iter().map(|s| async move {
             // A loop skipped for the same reason is said once, then once a minute.
             let mut skipped = crate::logs::Repeated::new("scaling loop skipped");
             loop {
-                let next = Instant::now() + self.loop_interval;
-                match self.once(s, lease, guard).await {
+                let next = Instant::now() + interval;
+                match self.once(ecs, s, lease, guard).await {
                     Ok(()) => skipped.cleared(),
                     Err(why) => skipped.failed(&format!("service {}: {why}", s.name)),
                 }
@@ -164,12 +201,18 @@ impl<E: Ecs, L: Ledger> Worker<E, L> {
     }
 
     /// One loop for one service; `Err` says why it was skipped.
-    async fn once(&self, s: &ManagedService, lease: &Lease, guard: &Guard) -> Result<(), String> {
+    async fn once(
+        &self,
+        ecs: Option<&E>,
+        s: &ManagedService,
+        lease: &Lease,
+        guard: &Guard,
+    ) -> Result<(), String> {
         let reading = read_metric(s).await;
         let (now_ms, mut state) = self.state(s).await.map_err(|e| e.to_string())?;
         let mut calls = Calls::default();
         let count = self
-            .count(s, guard, &mut calls)
+            .count(ecs, s, guard, &mut calls)
             .await
             .map_err(|e| format!("cannot count what runs: {e}"))?;
         let current = count.current();
@@ -181,7 +224,7 @@ impl<E: Ecs, L: Ledger> Worker<E, L> {
             &s.policy,
             &mut state,
         );
-        let outcome = match (&self.ecs, decision.desired == current) {
+        let outcome = match (ecs, decision.desired == current) {
             (None, _) => Outcome::DryRun,
             (Some(_), true) => Outcome::None,
             (Some(ecs), false) => {
@@ -224,11 +267,12 @@ impl<E: Ecs, L: Ledger> Worker<E, L> {
 
     async fn count(
         &self,
+        ecs: Option<&E>,
         s: &ManagedService,
         guard: &Guard,
         calls: &mut Calls,
     ) -> Result<Count, EcsError> {
-        let Some(ecs) = &self.ecs else {
+        let Some(ecs) = ecs else {
             let last = self.ledger.last_record(&s.name).await.ok().flatten();
             return Ok(Count::NotCounted(last.map_or(0, |r| r.decision.desired)));
         };

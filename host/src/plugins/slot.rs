@@ -87,6 +87,12 @@ impl Slot {
         &self.name
     }
 
+    /// Waits up to `limit` for the first attempt at creating the instance to end.
+    pub async fn first_attempt(&self, limit: Duration) {
+        let mut rx = self.rx.clone();
+        let _ = tokio::time::timeout(limit, rx.changed()).await;
+    }
+
     /// The instance, or why there is none yet.
     pub fn get(&self) -> Result<Arc<dyn PluginClient>, NotCreated> {
         match &*self.rx.borrow() {
