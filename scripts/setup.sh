@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what warden's demo and tests need on a fresh Debian machine with Rust and
 # Docker: Redis, nginx with the Lua module and lua-resty-redis, busybox (for the test
-# image), and moto_server (AWS API stand-in) from PyPI. Idempotent and quick when
+# image), openssl (a throwaway CA for the Redis TLS test), moto_server (AWS API
+# stand-in) from PyPI, and cargo-deb. Idempotent and quick when
 # everything is already there.
 set -euo pipefail
 
@@ -12,6 +13,7 @@ command -v nginx >/dev/null || need_apt+=(nginx)
 [ -e /usr/share/lua/5.1/nginx/redis.lua ] || need_apt+=(lua-nginx-redis)
 dpkg -s lua-resty-core >/dev/null 2>&1 || need_apt+=(lua-resty-core)
 [ -x /bin/busybox ] || need_apt+=(busybox-static)
+command -v openssl >/dev/null || need_apt+=(openssl)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -23,6 +25,11 @@ if ! command -v moto_server >/dev/null; then
   echo "setup: installing moto[server] from PyPI"
   python3 -m pip install -q 'moto[server]==5.*'
   hash -r
+fi
+# cargo-deb builds the Debian package (its test installs it with dpkg).
+if ! cargo deb --version >/dev/null 2>&1; then
+  echo "setup: installing cargo-deb from crates.io"
+  cargo install -q cargo-deb --locked
 fi
 # Some Debian packages start their service on install; tests start their own.
 (service redis-server stop || true) >/dev/null 2>&1

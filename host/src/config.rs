@@ -837,7 +837,10 @@ mod doc_tests {
     /// docs/operations.md lists every setting with its default, and nothing else.
     #[test]
     fn operations_doc_lists_every_setting_with_its_default() {
-        let doc = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/operations.md"));
+        let doc = include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../docs/operations.md"
+        ));
         let settings = doc
             .split_once("\n## Settings\n")
             .map(|(_, rest)| rest.split("\n## ").next().unwrap_or(rest))
@@ -869,12 +872,19 @@ mod doc_tests {
             .collect();
         for key in rows.keys() {
             let service_field = key.strip_prefix("manager.services[].").is_some_and(|f| {
-                ["name", "cluster", "task_definition", "ecs_service", "metric", "mapping"]
-                    .contains(&f)
+                [
+                    "name",
+                    "cluster",
+                    "task_definition",
+                    "ecs_service",
+                    "metric",
+                    "mapping",
+                ]
+                .contains(&f)
             });
-            let plugin_ref = ["plugin", "config", "isolation"]
-                .iter()
-                .any(|f| key == &format!("metrics.<name>.{f}") || key == &format!("registrar.sources[].{f}"));
+            let plugin_ref = ["plugin", "config", "isolation"].iter().any(|f| {
+                key == &format!("metrics.<name>.{f}") || key == &format!("registrar.sources[].{f}")
+            });
             assert!(
                 known.contains(key) || service_field || plugin_ref,
                 "docs/operations.md lists `{key}`, which is not a setting"

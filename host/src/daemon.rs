@@ -230,10 +230,16 @@ impl ReloadPlan {
             RegistrarChange::Stop => parts.push("registrar stopped".to_owned()),
         }
         if !self.metrics_new.is_empty() {
-            parts.push(format!("metric sources created: {}", self.metrics_new.join(", ")));
+            parts.push(format!(
+                "metric sources created: {}",
+                self.metrics_new.join(", ")
+            ));
         }
         if !self.metrics_gone.is_empty() {
-            parts.push(format!("metric sources dropped: {}", self.metrics_gone.join(", ")));
+            parts.push(format!(
+                "metric sources dropped: {}",
+                self.metrics_gone.join(", ")
+            ));
         }
         if self.services {
             parts.push("managed services replaced".to_owned());
@@ -249,7 +255,11 @@ impl ReloadPlan {
 /// Decides a reload, or says which changed settings need a restart (then nothing is
 /// applied: a reload is all or nothing). `dirs_loaded_new` is true when the plugin
 /// directories hold files that were not loaded before.
-pub fn plan_reload(old: &Config, new: &Config, new_plugin_files: bool) -> Result<ReloadPlan, String> {
+pub fn plan_reload(
+    old: &Config,
+    new: &Config,
+    new_plugin_files: bool,
+) -> Result<ReloadPlan, String> {
     let mut restart = Vec::new();
     if old.host != new.host {
         restart.push("host");
@@ -286,7 +296,11 @@ pub fn plan_reload(old: &Config, new: &Config, new_plugin_files: bool) -> Result
     let registrar = match (old.registrar.enabled, new.registrar.enabled) {
         (false, true) => RegistrarChange::Start,
         (true, false) => RegistrarChange::Stop,
-        (true, true) if old.registrar != new.registrar || old.plugins.dirs != new.plugins.dirs || new_plugin_files => {
+        (true, true)
+            if old.registrar != new.registrar
+                || old.plugins.dirs != new.plugins.dirs
+                || new_plugin_files =>
+        {
             RegistrarChange::Restart
         }
         _ => RegistrarChange::Same,
@@ -393,8 +407,7 @@ impl Running {
 
     fn plan_now(&self) -> Result<Plan, Fatal> {
         let m = &self.config.manager;
-        crate::metrics::get()
-            .retain_managed(&m.services.iter().map(|s| s.name.clone()).collect());
+        crate::metrics::get().retain_managed(&m.services.iter().map(|s| s.name.clone()).collect());
         Ok(Plan {
             services: managed_services(&self.config, &self.slot_map())
                 .map_err(|e| Fatal::Config(e.to_string()))?,
@@ -411,17 +424,22 @@ impl Running {
         }
     }
 
-    fn start_manager(&mut self, global: &mut Supervisor, stop: watch::Receiver<bool>) -> Result<(), Fatal> {
+    fn start_manager(
+        &mut self,
+        global: &mut Supervisor,
+        stop: watch::Receiver<bool>,
+    ) -> Result<(), Fatal> {
         let (Some(url), Some(sdk)) = (&self.config.manager.central_redis, &self.sdk) else {
             return Ok(());
         };
         let m = &self.config.manager;
-        let central = crate::redis_util::open(url, m.central_redis_ca_file.as_deref()).map_err(|e| {
-            Fatal::Config(format!(
-                "manager.central_redis {}: {e}",
-                crate::redis_util::addr(url)
-            ))
-        })?;
+        let central =
+            crate::redis_util::open(url, m.central_redis_ca_file.as_deref()).map_err(|e| {
+                Fatal::Config(format!(
+                    "manager.central_redis {}: {e}",
+                    crate::redis_util::addr(url)
+                ))
+            })?;
         let id = self.me.instance_id.clone().unwrap_or_else(hostname);
         let (plan_tx, plan_rx) = watch::channel(self.plan_now()?);
         let manager = Manager {
@@ -485,7 +503,12 @@ impl Running {
             let client = aws_sdk_elasticloadbalancing::Client::new(sdk);
             let stop = stop_rx.clone();
             sup.spawn("elb membership", move || {
-                registrar::elb::run(client.clone(), instance.clone(), elb_rx.clone(), stop.clone())
+                registrar::elb::run(
+                    client.clone(),
+                    instance.clone(),
+                    elb_rx.clone(),
+                    stop.clone(),
+                )
             });
         }
         let refs = r.sources.clone();
@@ -597,14 +620,22 @@ impl Running {
         for s in gone {
             s.drop_now();
         }
-        if matches!(plan.registrar, RegistrarChange::Restart | RegistrarChange::Stop) {
+        if matches!(
+            plan.registrar,
+            RegistrarChange::Restart | RegistrarChange::Stop
+        ) {
             if let Some(part) = self.registrar.take() {
                 if !part.stop().await {
-                    tracing::warn!("the registrar's loops did not end in time; starting the new ones anyway");
+                    tracing::warn!(
+                        "the registrar's loops did not end in time; starting the new ones anyway"
+                    );
                 }
             }
         }
-        if matches!(plan.registrar, RegistrarChange::Restart | RegistrarChange::Start) {
+        if matches!(
+            plan.registrar,
+            RegistrarChange::Restart | RegistrarChange::Start
+        ) {
             self.start_registrar().map_err(|e| e.to_string())?;
         }
         Ok(plan)
@@ -633,7 +664,11 @@ pub async fn run(
     let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
     let mut sup = Supervisor::new(fatal_tx.clone(), stop_rx.clone());
     let me = identity::resolve(&config.host).await;
-    let listener = match config.http.addr().map_err(|m| Fatal::Config(format!("http.listen: {m}")))? {
+    let listener = match config
+        .http
+        .addr()
+        .map_err(|m| Fatal::Config(format!("http.listen: {m}")))?
+    {
         Some(addr) => Some(Arc::new(
             crate::http::bind(addr).await.map_err(Fatal::Config)?,
         )),
@@ -764,7 +799,9 @@ mod tests {
 
     #[test]
     fn metric_and_service_changes_keep_the_lease() {
-        let new = BASE.replace("value = 1.0", "value = 5.0").replace("loop_secs = 5", "loop_secs = 2");
+        let new = BASE
+            .replace("value = 1.0", "value = 5.0")
+            .replace("loop_secs = 5", "loop_secs = 2");
         let plan = plan_reload(&parse(BASE), &parse(&new), false).unwrap();
         assert_eq!(plan.metrics_new, vec!["m".to_owned()]);
         assert_eq!(plan.metrics_gone, vec!["m".to_owned()]);
@@ -780,11 +817,15 @@ mod tests {
         assert!(!plan.services);
         let off = format!("{BASE}[registrar]\nenabled = false\n");
         assert_eq!(
-            plan_reload(&parse(BASE), &parse(&off), false).unwrap().registrar,
+            plan_reload(&parse(BASE), &parse(&off), false)
+                .unwrap()
+                .registrar,
             RegistrarChange::Stop
         );
         assert_eq!(
-            plan_reload(&parse(&off), &parse(BASE), false).unwrap().registrar,
+            plan_reload(&parse(&off), &parse(BASE), false)
+                .unwrap()
+                .registrar,
             RegistrarChange::Start
         );
     }
@@ -792,17 +833,25 @@ mod tests {
     #[test]
     fn election_host_http_and_plugin_options_need_a_restart() {
         for (what, new) in [
-            ("manager.central_redis", BASE.replace("redis://c:6379", "redis://d:6379")),
+            (
+                "manager.central_redis",
+                BASE.replace("redis://c:6379", "redis://d:6379"),
+            ),
             ("host", format!("{BASE}[host]\ninstance_id = \"i-1\"\n")),
             ("http", format!("{BASE}[http]\nlisten = \"off\"\n")),
-            ("plugins", format!("{BASE}[plugins]\ncall_timeout_ms = 100\n")),
+            (
+                "plugins",
+                format!("{BASE}[plugins]\ncall_timeout_ms = 100\n"),
+            ),
         ] {
             let e = plan_reload(&parse(BASE), &parse(&new), false).unwrap_err();
             assert!(e.contains(what), "{what}: {e}");
         }
         let dirs = format!("{BASE}[plugins]\ndirs = [\"/opt/p\"]\n");
         assert_eq!(
-            plan_reload(&parse(BASE), &parse(&dirs), false).unwrap().registrar,
+            plan_reload(&parse(BASE), &parse(&dirs), false)
+                .unwrap()
+                .registrar,
             RegistrarChange::Restart
         );
     }

@@ -20,9 +20,10 @@ fn policy_actions() -> BTreeSet<String> {
             serde_json::Value::String(a) => {
                 out.insert(a.clone());
             }
-            serde_json::Value::Array(list) => {
-                out.extend(list.iter().map(|a| a.as_str().expect("an action").to_owned()))
-            }
+            serde_json::Value::Array(list) => out.extend(
+                list.iter()
+                    .map(|a| a.as_str().expect("an action").to_owned()),
+            ),
             other => panic!("Action must be a string or a list, got {other}"),
         }
     }
@@ -35,7 +36,11 @@ fn policy_actions() -> BTreeSet<String> {
 
 fn recorded_actions() -> BTreeSet<String> {
     let mut out = BTreeSet::new();
-    for entry in std::fs::read_dir(aws_actions_dir()).into_iter().flatten().flatten() {
+    for entry in std::fs::read_dir(aws_actions_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
         out.extend(text.lines().filter(|l| !l.is_empty()).map(str::to_owned));
     }
@@ -62,7 +67,10 @@ fn the_policy_grants_every_action_warden_sent_and_nothing_else() {
         unused.is_empty(),
         "actions the policy grants that no end-to-end test saw warden send (untested, or not needed): {unused:?}"
     );
-    println!("{} actions recorded, all granted: {recorded:?}", recorded.len());
+    println!(
+        "{} actions recorded, all granted: {recorded:?}",
+        recorded.len()
+    );
 }
 
 /// The parser of recordings itself: the policy's own file parses and has no wildcard.

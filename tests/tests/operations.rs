@@ -410,10 +410,20 @@ mapping = {{ target_per_task = 1.0 }}
     );
     let w = Warden::start(&config, &[]);
     let cs = Containers::new("reload");
-    cs.run("web", &[("warden.service", "r-web"), ("warden.frontend", "r-web.example")], &[]);
+    cs.run(
+        "web",
+        &[
+            ("warden.service", "r-web"),
+            ("warden.frontend", "r-web.example"),
+        ],
+        &[],
+    );
     let mut conn = local.conn();
     eventually(Duration::from_secs(15), "route written", || {
-        let v: Option<String> = redis::cmd("GET").arg("frontend:r-web.example").query(&mut conn).ok()?;
+        let v: Option<String> = redis::cmd("GET")
+            .arg("frontend:r-web.example")
+            .query(&mut conn)
+            .ok()?;
         (v.as_deref() == Some("r-web")).then_some(())
     });
     wait_metric(&w, "warden_leader", 1.0);
@@ -428,10 +438,14 @@ mapping = {{ target_per_task = 1.0 }}
         Arc::new(AtomicUsize::new(0)),
     );
     let watcher = {
-        let (stop, misses, reads, mut conn) = (stop.clone(), misses.clone(), reads.clone(), local.conn());
+        let (stop, misses, reads, mut conn) =
+            (stop.clone(), misses.clone(), reads.clone(), local.conn());
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
-                let v: Option<String> = redis::cmd("GET").arg("frontend:r-web.example").query(&mut conn).unwrap();
+                let v: Option<String> = redis::cmd("GET")
+                    .arg("frontend:r-web.example")
+                    .query(&mut conn)
+                    .unwrap();
                 reads.fetch_add(1, Ordering::Relaxed);
                 if v.as_deref() != Some("r-web") {
                     misses.fetch_add(1, Ordering::Relaxed);
@@ -462,11 +476,18 @@ mapping = {{ target_per_task = 1.0 }}
     wait_metric(&w, "warden_config_reloads_total{outcome=\"refused\"}", 1.0);
 
     // 2. A setting that needs a restart: refused by name, nothing applied.
-    std::fs::write(&w.config, good.replace("loop_secs = 1", "loop_secs = 1\nlease_ms = 3000")).unwrap();
+    std::fs::write(
+        &w.config,
+        good.replace("loop_secs = 1", "loop_secs = 1\nlease_ms = 3000"),
+    )
+    .unwrap();
     let from = w.log_text().len();
     w.signal(libc::SIGHUP);
     let line = reload_line(from, "the restart-only change refused");
-    assert!(line.contains("refused") && line.contains("lease_ms"), "{line}");
+    assert!(
+        line.contains("refused") && line.contains("lease_ms"),
+        "{line}"
+    );
 
     // 3. Good: metric 3 → 5, a second service, a registrar setting.
     let new = good.replace("value = 3.0", "value = 5.0").replace("resync_secs = 30", "resync_secs = 20")
@@ -476,20 +497,44 @@ mapping = {{ target_per_task = 1.0 }}
     w.signal(libc::SIGHUP);
     let line = reload_line(from, "the good reload applied");
     assert!(line.contains("configuration reloaded"), "{line}");
-    assert!(line.contains("registrar restarted") && line.contains("managed services replaced"), "{line}");
+    assert!(
+        line.contains("registrar restarted") && line.contains("managed services replaced"),
+        "{line}"
+    );
     wait_metric(&w, "warden_desired_tasks{service=\"web\"}", 5.0);
     wait_metric(&w, "warden_desired_tasks{service=\"api\"}", 5.0);
     // The registrar came back and re-verified its routes.
     eventually(Duration::from_secs(15), "registrar ready again", || {
-        w.log_text().get(from..)?.contains("registrar ready").then_some(())
+        w.log_text()
+            .get(from..)?
+            .contains("registrar ready")
+            .then_some(())
     });
     stop.store(true, Ordering::Relaxed);
     watcher.join().unwrap();
 
-    assert_eq!(w.metric("warden_leader_epoch"), Some(epoch), "the lease was kept");
-    assert_eq!(w.metric("warden_leader_changes_total"), Some(changes), "no leader change");
+    assert_eq!(
+        w.metric("warden_leader_epoch"),
+        Some(epoch),
+        "the lease was kept"
+    );
+    assert_eq!(
+        w.metric("warden_leader_changes_total"),
+        Some(changes),
+        "no leader change"
+    );
     assert_eq!(w.metric("warden_leader"), Some(1.0));
-    assert!(reads.load(Ordering::Relaxed) > 100, "the watcher read the route");
-    assert_eq!(misses.load(Ordering::Relaxed), 0, "the route left Redis during a reload");
-    assert_eq!(w.metric("warden_config_reloads_total{outcome=\"applied\"}"), Some(1.0));
+    assert!(
+        reads.load(Ordering::Relaxed) > 100,
+        "the watcher read the route"
+    );
+    assert_eq!(
+        misses.load(Ordering::Relaxed),
+        0,
+        "the route left Redis during a reload"
+    );
+    assert_eq!(
+        w.metric("warden_config_reloads_total{outcome=\"applied\"}"),
+        Some(1.0)
+    );
 }

@@ -183,7 +183,11 @@ impl<E: Ecs, L: Ledger> Worker<E, L> {
     }
 
     async fn term(&self, plan: &Plan, lease: &Lease, guard: &Guard) {
-        let ecs = if plan.dry_run { None } else { self.ecs.as_ref() };
+        let ecs = if plan.dry_run {
+            None
+        } else {
+            self.ecs.as_ref()
+        };
         let interval = plan.loop_interval;
         let loops = plan.services.iter().map(|s| async move {
             // A loop skipped for the same reason is said once, then once a minute.
