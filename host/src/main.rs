@@ -112,6 +112,34 @@ enum PluginsCommand {
         /// Which kind the config is for, when the plugin offers several.
         #[arg(long)]
         kind: Option<String>,
+        /// Also call the instance once (`measure`, or `list` for service definitions).
+        #[arg(long)]
+        call: bool,
+    },
+    /// Load one plugin file, create an instance and call it as the daemon does (schema
+    /// check, panic guard, timeout); print the answer, the error kind and the time taken
+    /// as JSON. Exit 1 when a call fails.
+    Call {
+        file: PathBuf,
+        /// Instance config (JSON).
+        #[arg(long, default_value = "{}")]
+        config: String,
+        /// Which kind the config is for, when the plugin offers several.
+        #[arg(long)]
+        kind: Option<String>,
+        /// Operation: measure or map (metric sources), list or generation (service
+        /// definitions). Default: measure, or list for a service-definitions plugin.
+        #[arg(long)]
+        op: Option<String>,
+        /// The value given to `map`.
+        #[arg(long)]
+        value: Option<f64>,
+        /// Call this many times (the time taken is then given as min, median and max).
+        #[arg(long, default_value_t = 1)]
+        repeat: u32,
+        /// Longest one call may take, in ms (the daemon's plugins.call_timeout_ms).
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
     },
 }
 
@@ -187,8 +215,37 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Plugins {
-            command: PluginsCommand::Check { file, config, kind },
-        } => plugins_check(file, config, kind, insecure),
+            command:
+                PluginsCommand::Check {
+                    file,
+                    config,
+                    kind,
+                    call,
+                },
+        } => plugins_check(file, config, kind, call, insecure),
+        Command::Plugins {
+            command:
+                PluginsCommand::Call {
+                    file,
+                    config,
+                    kind,
+                    op,
+                    value,
+                    repeat,
+                    timeout_ms,
+                },
+        } => warden::plugins::call::run(
+            &file,
+            warden::plugins::call::Request {
+                config,
+                kind,
+                op,
+                value,
+                repeat,
+                timeout: std::time::Duration::from_millis(timeout_ms),
+            },
+            insecure,
+        ),
         Command::Plugins {
             command: PluginsCommand::Probe { .. },
         } => unreachable!("handled before logging is set up"),
@@ -246,6 +303,7 @@ fn plugins_check(
     file: PathBuf,
     config: Option<String>,
     kind: Option<String>,
+    call: bool,
     insecure: bool,
 ) -> anyhow::Result<ExitCode> {
     let plugin = match plugins::load_file(&file, insecure) {
@@ -292,12 +350,33 @@ fn plugins_check(
     ));
     match created {
         Ok(client) => {
-            client.shutdown();
             println!(
                 "{}: ok: config accepted and {kind} instance created",
                 file.display()
             );
-            Ok(ExitCode::SUCCESS)
+            let mut code = ExitCode::SUCCESS;
+            if call {
+                let started = std::time::Instant::now();
+                let client: Arc<dyn plugins::PluginClient> = client.clone();
+                match rt.block_on(warden::plugins::call::once(&client, kind, None, None)) {
+                    Ok(answer) => println!(
+                        "{}: ok: {} answered {answer} in {:.1} ms",
+                        file.display(),
+                        warden::plugins::call::default_op(kind),
+                        started.elapsed().as_secs_f64() * 1000.0
+                    ),
+                    Err(e) => {
+                        println!(
+                            "{}: call failed ({}): {e}",
+                            file.display(),
+                            warden::plugins::call::kind_of(&e)
+                        );
+                        code = ExitCode::FAILURE;
+                    }
+                }
+            }
+            client.shutdown();
+            Ok(code)
         }
         Err(e) => {
             println!("{}: config refused: {e}", file.display());

@@ -27,6 +27,7 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// The number the kind crosses the FFI boundary as.
     pub const fn code(self) -> u32 {
         match self {
             ErrorKind::Other => 0,
@@ -40,6 +41,7 @@ impl ErrorKind {
         }
     }
 
+    /// The kind of a number from the boundary; an unknown number reads as `Other`.
     pub const fn from_code(code: u32) -> Self {
         match code {
             1 => ErrorKind::Config,
@@ -53,6 +55,7 @@ impl ErrorKind {
         }
     }
 
+    /// The kind as operators read it in logs and status (`transient`, `config`, ...).
     pub const fn as_str(self) -> &'static str {
         match self {
             ErrorKind::Config => "config",
@@ -77,13 +80,16 @@ impl fmt::Display for ErrorKind {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{kind}: {message}")]
 pub struct PluginError {
+    /// What kind of failure this is: it decides whether and when warden retries.
     pub kind: ErrorKind,
+    /// What happened, for the operator: name what failed and where.
     pub message: String,
     /// Optional machine-readable detail, as JSON text (empty when there is none).
     pub detail: String,
 }
 
 impl PluginError {
+    /// An error of any kind.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
         Self {
             kind,
@@ -91,18 +97,23 @@ impl PluginError {
             detail: String::new(),
         }
     }
+    /// The configuration cannot work: warden does not retry until an operator fixes it.
     pub fn config(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::Config, message)
     }
+    /// Worth retrying soon (network, throttling, a server not answering).
     pub fn transient(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::Transient, message)
     }
+    /// Retrying will not help (the thing measured does not exist, access denied).
     pub fn permanent(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::Permanent, message)
     }
+    /// The operation is not offered by this plugin.
     pub fn unsupported(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::Unsupported, message)
     }
+    /// Adds structured detail (JSON) for logs and `warden status`.
     pub fn with_detail(mut self, detail: &serde_json::Value) -> Self {
         self.detail = detail.to_string();
         self

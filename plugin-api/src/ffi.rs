@@ -22,7 +22,9 @@ use async_ffi::FfiFuture;
 #[repr(C)]
 #[derive(StableAbi, Debug, Clone)]
 pub struct FfiError {
+    /// An [`crate::ErrorKind`] code.
     pub kind: u32,
+    /// The error's message.
     pub message: RString,
     /// JSON text, or empty.
     pub detail: RString,

@@ -21,26 +21,39 @@ use crate::{ErrorKind, Kind, Manifest, PluginError};
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum LoadError {
     #[error("cannot open it as a shared library: {0}")]
+    /// The file could not be opened as a shared library.
     Open(String),
     #[error(
         "not a warden plugin: it is a shared library, but it exports no abi_stable root module"
     )]
+    /// The file is a shared library but not a warden plugin.
     NotAPlugin,
     #[error("built with an incompatible abi_stable: {0}")]
+    /// abi_stable refused the library (its own message).
     AbiStable(String),
     #[error(
         "built against warden-plugin-api {found}, but this warden takes {major}.x \
          (it has {expected}): rebuild the plugin against warden-plugin-api {major}.x",
         major = expected.split('.').next().unwrap_or("?")
     )]
-    IncompatibleVersion { expected: String, found: String },
+    /// Built against an incompatible major version of this crate.
+    IncompatibleVersion {
+        /// The version this host was built with.
+        expected: String,
+        /// The version the plugin was built with.
+        found: String,
+    },
     #[error("its interface does not match this warden's ({0}); rebuild it against this warden-plugin-api")]
+    /// The frozen types do not have the layout this host expects.
     Layout(String),
     #[error("its manifest is unreadable: {0}")]
+    /// The plugin's manifest could not be read.
     Manifest(String),
     #[error("it was built with panic = \"abort\": a panic in it would end warden")]
+    /// Built with `panic = "abort"`: a panic could not be contained.
     NoUnwind,
     #[error("{0}")]
+    /// Any other failure.
     Other(String),
 }
 
@@ -176,10 +189,12 @@ impl Library {
         })
     }
 
+    /// The file this plugin was loaded from.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
+    /// What the plugin says of itself: name, version, kinds and their config schemas.
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
     }

@@ -13,12 +13,16 @@
 //! Values cross the boundary as JSON ([`model`]), so a new capability is a new
 //! operation name or a new JSON field, never a change of the frozen types.
 
+#![deny(missing_docs)]
+
 pub mod error;
 pub mod ffi;
 pub mod host;
 pub mod manifest;
 pub mod model;
 pub mod sdk;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use error::{ErrorKind, PluginError};
 pub use manifest::{Kind, KindManifest, Manifest};

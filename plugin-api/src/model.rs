@@ -11,10 +11,13 @@ use serde::{Deserialize, Serialize};
 /// One reading of a metric.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Measurement {
+    /// The number measured.
     pub value: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Its unit (`messages`, `instances`, `seconds`, ...), shown in status and metrics.
     pub unit: Option<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    /// Labels that say what was measured (queue name, environment, ...).
     pub labels: BTreeMap<String, String>,
     /// Free-form detail for logs and `warden status` (for example, where the value came from).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -22,6 +25,7 @@ pub struct Measurement {
 }
 
 impl Measurement {
+    /// A measurement of `value` with no unit, labels or detail.
     pub fn new(value: f64) -> Self {
         Self {
             value,
@@ -30,14 +34,17 @@ impl Measurement {
             detail: None,
         }
     }
+    /// Sets the unit.
     pub fn unit(mut self, unit: impl Into<String>) -> Self {
         self.unit = Some(unit.into());
         self
     }
+    /// Adds a label.
     pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.labels.insert(key.into(), value.into());
         self
     }
+    /// Sets the free-form detail.
     pub fn detail(mut self, detail: serde_json::Value) -> Self {
         self.detail = Some(detail);
         self
@@ -69,6 +76,7 @@ pub struct ContainerMatch {
 }
 
 impl ContainerMatch {
+    /// True when the match names no criterion at all.
     pub fn is_empty(&self) -> bool {
         self.image.is_none()
             && self.image_prefix.is_none()
@@ -115,6 +123,7 @@ pub struct ServiceDefinition {
 }
 
 impl ServiceDefinition {
+    /// The Redis backend name: `backend` when given, else the service's name.
     pub fn backend_name(&self) -> &str {
         self.backend.as_deref().unwrap_or(&self.name)
     }
@@ -123,10 +132,14 @@ impl ServiceDefinition {
 /// What a service-definitions provider is told of each running container.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContainerView {
+    /// Docker's container id.
     pub id: String,
+    /// The container's name, without the leading `/`.
     pub name: String,
+    /// The image the container runs, as Docker names it.
     pub image: String,
     #[serde(default)]
+    /// The container's labels.
     pub labels: BTreeMap<String, String>,
 }
 
@@ -134,6 +147,7 @@ pub struct ContainerView {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ListArgs {
     #[serde(default)]
+    /// The running containers of the host.
     pub containers: Vec<ContainerView>,
 }
 
@@ -290,5 +304,6 @@ mod frontend_tests {
 /// Arguments of a metric source's `map` operation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MapArgs {
+    /// The value to map.
     pub value: f64,
 }

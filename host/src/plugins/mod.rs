@@ -7,6 +7,7 @@
 //! the process that has it mapped).
 
 pub mod breaker;
+pub mod call;
 pub mod client;
 pub mod elf;
 pub mod isolated;

@@ -25,6 +25,7 @@ type Factory = Box<
 
 /// An instance as the SDK sees it: operations by name, JSON in and out.
 pub trait Dispatch: Send + Sync + 'static {
+    /// Runs the operation `op` with JSON `args`; answers JSON.
     fn call(self: Arc<Self>, op: String, args: String) -> BoxFuture<Result<String, PluginError>>;
 }
 
@@ -34,7 +35,7 @@ pub struct PluginDescriptor {
     factories: Vec<(Kind, Factory)>,
 }
 
-fn schema_of<C: schemars::JsonSchema>() -> serde_json::Value {
+pub(crate) fn schema_of<C: schemars::JsonSchema>() -> serde_json::Value {
     serde_json::to_value(schemars::schema_for!(C)).unwrap_or(serde_json::Value::Null)
 }
 
@@ -48,6 +49,7 @@ fn to_json<T: serde::Serialize>(value: &T) -> Result<String, PluginError> {
 }
 
 impl PluginDescriptor {
+    /// A plugin named `name` at `version`; `unwind` is whether panics unwind (they must).
     pub fn new(name: &str, version: &str, unwind: bool) -> Self {
         Self {
             manifest: Manifest {
@@ -61,10 +63,12 @@ impl PluginDescriptor {
         }
     }
 
+    /// The manifest as built so far.
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
     }
 
+    /// Offers the metric source `M`.
     pub fn metric_source<M: MetricSource>(mut self) -> Self {
         self.manifest.kinds.push(KindManifest {
             kind: Kind::MetricSource,
@@ -83,6 +87,7 @@ impl PluginDescriptor {
         self
     }
 
+    /// Offers the service-definition provider `S`.
     pub fn service_definitions<S: ServiceDefinitions>(mut self) -> Self {
         self.manifest.kinds.push(KindManifest {
             kind: Kind::ServiceDefinitions,
@@ -182,9 +187,9 @@ pub fn panic_error(payload: Box<dyn Any + Send>, during: &str) -> PluginError {
     )
 }
 
-struct SdkInstance {
-    inner: Arc<dyn Dispatch>,
-    shut_down: AtomicBool,
+pub(crate) struct SdkInstance {
+    pub(crate) inner: Arc<dyn Dispatch>,
+    pub(crate) shut_down: AtomicBool,
 }
 
 impl Instance for SdkInstance {

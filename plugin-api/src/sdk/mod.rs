@@ -34,6 +34,17 @@ pub trait MetricSource: Sized + Send + Sync + 'static {
     type Config: DeserializeOwned + JsonSchema;
 
     /// Builds an instance. Runs on the plugin's own runtime.
+    ///
+    /// What warden does with the outcome (the daemon creates instances in the
+    /// background; nothing else waits for them):
+    /// * `Err` of kind [`crate::ErrorKind::Config`] on the first attempt: the
+    ///   configuration cannot work, `warden run` exits 78 naming the `[metrics.<name>]`
+    ///   (and a reload is refused); on a later attempt, retried every 5 minutes.
+    /// * any other `Err` (transient, permanent, timeout, a panic): retried with backoff
+    ///   from 1 s up to 60 s, each failure logged once then counted; the services that
+    ///   use the source hold their count meanwhile.
+    /// * no answer within `plugins.create_timeout_ms` (10 s): reported as hanging;
+    ///   warden keeps waiting for that attempt.
     fn new(config: Self::Config) -> impl Future<Output = Result<Self, PluginError>> + Send;
 
     /// Reads the metric once. Runs in the plugin's runtime context; the host may drop the
@@ -53,8 +64,10 @@ pub trait MetricSource: Sized + Send + Sync + 'static {
 
 /// A provider of service definitions, read by warden's registrar and manager.
 pub trait ServiceDefinitions: Sized + Send + Sync + 'static {
+    /// The instance's configuration, read with serde; its JSON Schema is published.
     type Config: DeserializeOwned + JsonSchema;
 
+    /// Creates an instance (connect clients, read files); see [`MetricSource::new`] for what a failure does.
     fn new(config: Self::Config) -> impl Future<Output = Result<Self, PluginError>> + Send;
 
     /// The current set of services.

@@ -1,0 +1,197 @@
+//! `warden plugins call`: one plugin file, one instance, calls made as the daemon makes
+//! them (schema check, the same client with its panic guard, timeout and breaker), and
+//! the answers printed as JSON, for plugin authors and operators who want to see what a
+//! plugin measures without running the daemon.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use warden_plugin_api::Kind;
+
+use super::{CallError, CallOptions, MetricClient, PluginClient, ServicesClient};
+
+/// What to call.
+pub struct Request {
+    pub config: String,
+    pub kind: Option<String>,
+    pub op: Option<String>,
+    pub value: Option<f64>,
+    pub repeat: u32,
+    pub timeout: Duration,
+}
+
+/// The operation called when none is named.
+pub fn default_op(kind: Kind) -> &'static str {
+    match kind {
+        Kind::MetricSource => "measure",
+        Kind::ServiceDefinitions => "list",
+    }
+}
+
+/// The error's kind as `warden status` and the metrics name it.
+pub fn kind_of(e: &CallError) -> String {
+    match e {
+        CallError::Failed { error, .. } => error.kind.as_str().to_owned(),
+        CallError::Resting { .. } => "resting".to_owned(),
+    }
+}
+
+/// One call of `op` (the kind's default when `None`); the answer as JSON.
+pub async fn once(
+    client: &Arc<dyn PluginClient>,
+    kind: Kind,
+    op: Option<&str>,
+    value: Option<f64>,
+) -> Result<serde_json::Value, CallError> {
+    let op = op.unwrap_or(default_op(kind));
+    match (kind, op) {
+        (Kind::MetricSource, "map") => {
+            let v = value.unwrap_or(0.0);
+            MetricClient(client.clone()).map(v).await.map(|m| json(&m))
+        }
+        (Kind::MetricSource, _) => MetricClient(client.clone())
+            .measure()
+            .await
+            .map(|m| json(&m)),
+        (Kind::ServiceDefinitions, "generation") => ServicesClient(client.clone())
+            .generation()
+            .await
+            .map(|g| json(&g)),
+        (Kind::ServiceDefinitions, _) => ServicesClient(client.clone())
+            .list()
+            .await
+            .map(|s| json(&s)),
+    }
+}
+
+fn json<T: serde::Serialize>(v: &T) -> serde_json::Value {
+    serde_json::to_value(v).unwrap_or(serde_json::Value::Null)
+}
+
+fn fail(stage: &str, kind: &str, message: String) -> ExitCode {
+    println!(
+        "{}",
+        serde_json::json!({ "ok": false, "stage": stage, "error": { "kind": kind, "message": message } })
+    );
+    ExitCode::FAILURE
+}
+
+/// Loads `file`, creates an instance and makes the calls; prints one JSON document.
+pub fn run(file: &Path, req: Request, insecure: bool) -> anyhow::Result<ExitCode> {
+    let plugin = match super::load_file(file, insecure) {
+        Ok(p) => Arc::new(p),
+        Err(reason) => return Ok(fail("load", "load", reason)),
+    };
+    let m = plugin.manifest().clone();
+    let kind = match req.kind.as_deref() {
+        Some(k) => match Kind::parse(k) {
+            Some(k) => k,
+            None => {
+                return Ok(fail(
+                    "config",
+                    "config",
+                    format!("--kind: expected metric-source or service-definitions, got {k:?}"),
+                ))
+            }
+        },
+        None => m.kinds[0].kind,
+    };
+    let ops: &[&str] = match kind {
+        Kind::MetricSource => &["measure", "map"],
+        Kind::ServiceDefinitions => &["list", "generation"],
+    };
+    let op = req
+        .op
+        .clone()
+        .unwrap_or_else(|| default_op(kind).to_owned());
+    if !ops.contains(&op.as_str()) {
+        return Ok(fail(
+            "config",
+            "config",
+            format!("--op: a {kind} offers {}, not {op:?}", ops.join(", ")),
+        ));
+    }
+    if op == "map" && req.value.is_none() {
+        return Ok(fail("config", "config", "--op map needs --value".into()));
+    }
+    let config: serde_json::Value = match serde_json::from_str(&req.config) {
+        Ok(c) => c,
+        Err(e) => return Ok(fail("config", "config", format!("--config: not JSON: {e}"))),
+    };
+    if let Err(e) = super::check_plugin_config(&plugin, kind, &config) {
+        return Ok(fail("config", "config", e.to_string()));
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let options = CallOptions {
+        timeout: req.timeout,
+        // Every call is made: the breaker would hide the answers of a repeated run.
+        breaker_failures: u32::MAX,
+        ..CallOptions::default()
+    };
+    let started = Instant::now();
+    let client = match rt.block_on(super::create_instance(
+        plugin.clone(),
+        kind,
+        &config,
+        options,
+    )) {
+        Ok(c) => c,
+        Err(e) => return Ok(fail("create", "create", e.to_string())),
+    };
+    let created_ms = ms(started.elapsed());
+    let client: Arc<dyn PluginClient> = client;
+    let mut times = Vec::new();
+    let (mut last_ok, mut last_err, mut failures) = (None, None, 0u32);
+    for _ in 0..req.repeat.max(1) {
+        let t = Instant::now();
+        let r = rt.block_on(once(&client, kind, Some(&op), req.value));
+        times.push(ms(t.elapsed()));
+        match r {
+            Ok(v) => last_ok = Some(v),
+            Err(e) => {
+                failures += 1;
+                last_err =
+                    Some(serde_json::json!({ "kind": kind_of(&e), "message": e.to_string() }));
+            }
+        }
+    }
+    client.shutdown();
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    let mut out = serde_json::json!({
+        "ok": failures == 0,
+        "plugin": m.name,
+        "version": m.version,
+        "kind": kind.as_str(),
+        "op": op,
+        "created_ms": created_ms,
+        "calls": times.len(),
+        "failures": failures,
+        "answer": last_ok,
+        "error": last_err,
+    });
+    if times.len() == 1 {
+        out["took_ms"] = times[0].into();
+    } else {
+        out["took_ms"] = serde_json::json!({
+            "min": sorted[0],
+            "median": sorted[sorted.len() / 2],
+            "max": sorted[sorted.len() - 1],
+        });
+    }
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(if failures == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
+}
