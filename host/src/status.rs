@@ -152,6 +152,10 @@ pub fn render(s: &Status) -> String {
             r.epoch,
             d.reason
         ));
+        if !r.labels.is_empty() {
+            let labels: Vec<String> = r.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            out.push_str(&format!("    metric labels: {}\n", labels.join(", ")));
+        }
         if let Some(e) = &r.metric_error {
             out.push_str(&format!("    metric error ({}): {}\n", e.kind, e.message));
         }

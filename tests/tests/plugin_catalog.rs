@@ -1,0 +1,102 @@
+//! The catalog's metric plugins, each called through its real `.so` with
+//! `warden plugins call` (loading, schema check, panic guard and timeout as in the
+//! daemon) against a real server.
+
+use redis::Commands;
+use warden_tests::harness::*;
+use warden_tests::{plugin_so, warden};
+
+fn call(plugin: &str, config: serde_json::Value) -> (i32, serde_json::Value) {
+    let so = plugin_so(plugin);
+    let (code, out, err) = warden(&[
+        "plugins",
+        "call",
+        so.to_str().unwrap(),
+        "--config",
+        &config.to_string(),
+        "--timeout-ms",
+        "3000",
+    ]);
+    let v = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}{err}"));
+    (code, v)
+}
+
+/// LLEN, ZCARD, XLEN, SCARD and GET against redis-server with a password; a wrong
+/// password is a config error, a missing server transient, a key of another type or a
+/// value that is not a number a config error naming the key; the password is never shown.
+#[test]
+fn redis_metric_reads_lengths_and_numbers_with_auth() {
+    const PASSWORD: &str = "pl-s3cret";
+    let port = free_port();
+    let _redis = Redis::start_with(
+        port,
+        &["--port", &port.to_string(), "--requirepass", PASSWORD],
+    );
+    let url = format!("redis://:{PASSWORD}@127.0.0.1:{port}");
+    let mut c = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let _: () = c.rpush("jobs", &["a", "b", "c"]).unwrap();
+    let _: () = c.zadd_multiple("ranked", &[(1, "x"), (2, "y")]).unwrap();
+    let _: () = redis::cmd("XADD")
+        .arg("events")
+        .arg("*")
+        .arg("f")
+        .arg("v")
+        .query(&mut c)
+        .unwrap();
+    let _: () = c.sadd("members", &["m1", "m2", "m3", "m4"]).unwrap();
+    let _: () = c.set("backlog", "17.5").unwrap();
+    let _: () = c.set("word", "seventeen").unwrap();
+
+    for (read, key, want, unit) in [
+        ("llen", "jobs", 3.0, Some("items")),
+        ("zcard", "ranked", 2.0, Some("members")),
+        ("xlen", "events", 1.0, Some("entries")),
+        ("scard", "members", 4.0, Some("members")),
+        ("get", "backlog", 17.5, None),
+        ("llen", "no-such-list", 0.0, Some("items")),
+    ] {
+        let (code, v) = call(
+            "warden_plugin_redis_metric",
+            serde_json::json!({"url": url, "key": key, "read": read}),
+        );
+        assert_eq!(code, 0, "{read} {key}: {v}");
+        assert_eq!(v["answer"]["value"], want, "{read} {key}: {v}");
+        assert_eq!(v["answer"]["unit"].as_str(), unit, "{v}");
+        assert_eq!(v["answer"]["labels"]["key"], key, "{v}");
+    }
+    let bad = |config: serde_json::Value, kind: &str, says: &str| {
+        let (code, v) = call("warden_plugin_redis_metric", config);
+        assert_eq!(code, 1, "{v}");
+        assert_eq!(v["error"]["kind"], kind, "{v}");
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(message.contains(says), "{message}");
+        assert!(
+            !message.contains(PASSWORD),
+            "the password is shown: {message}"
+        );
+    };
+    bad(
+        serde_json::json!({"url": format!("redis://:wrong@127.0.0.1:{port}"), "key": "jobs"}),
+        "config",
+        &format!("127.0.0.1:{port}"),
+    );
+    bad(
+        serde_json::json!({"url": url, "key": "jobs", "read": "get"}),
+        "config",
+        "jobs",
+    );
+    bad(
+        serde_json::json!({"url": url, "key": "word", "read": "get"}),
+        "config",
+        "not a number",
+    );
+    let closed = free_port();
+    bad(
+        serde_json::json!({"url": format!("redis://127.0.0.1:{closed}"), "key": "jobs", "timeout_ms": 500}),
+        "transient",
+        &format!("127.0.0.1:{closed}"),
+    );
+}
