@@ -100,3 +100,51 @@ fn redis_metric_reads_lengths_and_numbers_with_auth() {
         &format!("127.0.0.1:{closed}"),
     );
 }
+
+/// A number at a JSON pointer from a real HTTP server (busybox httpd); a 404 is
+/// permanent, a server that never answers is transient after the timeout, a pointer to a
+/// string that is not a number is a config error saying what it found.
+#[test]
+fn http_json_reads_a_number_at_a_pointer() {
+    let server =
+        Backend::start(r#"{"queues": {"jobs": {"depth": 12, "name": "jobs"}}, "backlog": "4.5"}"#);
+    let base = format!("http://{}", server.addr());
+    let ok = |pointer: &str, want: f64| {
+        let (code, v) = call(
+            "warden_plugin_http_json",
+            serde_json::json!({"url": format!("{base}/"), "pointer": pointer, "unit": "jobs",
+                               "headers": {"Authorization": "Bearer t0ken"}}),
+        );
+        assert_eq!(code, 0, "{v}");
+        assert_eq!(v["answer"]["value"], want, "{v}");
+        assert_eq!(v["answer"]["unit"], "jobs", "{v}");
+    };
+    ok("/queues/jobs/depth", 12.0);
+    ok("/backlog", 4.5);
+    let bad = |config: serde_json::Value, kind: &str, says: &str| {
+        let (code, v) = call("warden_plugin_http_json", config);
+        assert_eq!(code, 1, "{v}");
+        assert_eq!(v["error"]["kind"], kind, "{v}");
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(message.contains(says), "{message}");
+    };
+    bad(
+        serde_json::json!({"url": format!("{base}/"), "pointer": "/queues/jobs/name"}),
+        "config",
+        "\"jobs\"",
+    );
+    bad(
+        serde_json::json!({"url": format!("{base}/missing.json"), "pointer": "/x"}),
+        "permanent",
+        "404",
+    );
+    // Accepts, never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    bad(
+        serde_json::json!({"url": format!("http://127.0.0.1:{port}/"), "pointer": "/x", "timeout_ms": 300}),
+        "transient",
+        "no answer within",
+    );
+    drop(silent);
+}
