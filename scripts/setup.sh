@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what warden's demo and tests need on a fresh Debian machine with Rust and
 # Docker: Redis, nginx with the Lua module and lua-resty-redis, busybox (for the test
-# image), openssl (a throwaway CA for the Redis TLS test), moto_server (AWS API
+# image), openssl (a throwaway CA for the Redis TLS test), prometheus (the
+# prometheus plugin's test), moto_server (AWS API
 # stand-in) from PyPI, and cargo-deb. Idempotent and quick when
 # everything is already there.
 set -euo pipefail
@@ -14,6 +15,7 @@ command -v nginx >/dev/null || need_apt+=(nginx)
 dpkg -s lua-resty-core >/dev/null 2>&1 || need_apt+=(lua-resty-core)
 [ -x /bin/busybox ] || need_apt+=(busybox-static)
 command -v openssl >/dev/null || need_apt+=(openssl)
+command -v prometheus >/dev/null || need_apt+=(prometheus)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -34,4 +36,5 @@ fi
 # Some Debian packages start their service on install; tests start their own.
 (service redis-server stop || true) >/dev/null 2>&1
 (service nginx stop || true) >/dev/null 2>&1
+(service prometheus stop || true) >/dev/null 2>&1
 echo "setup: ok"

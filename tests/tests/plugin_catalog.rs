@@ -148,3 +148,108 @@ fn http_json_reads_a_number_at_a_pointer() {
     );
     drop(silent);
 }
+
+/// A real Prometheus (Debian's package) scraping a small exporter (busybox httpd serving
+/// a metrics file) every second: an instant query gives the exported value; a query of
+/// several series, a query Prometheus refuses and an empty result are each said.
+#[test]
+fn prometheus_answers_an_instant_query() {
+    let exporter = tempfile::tempdir().unwrap();
+    std::fs::write(
+        exporter.path().join("metrics"),
+        "# TYPE jobs_waiting gauge\njobs_waiting{queue=\"a\"} 7\njobs_waiting{queue=\"b\"} 5\n",
+    )
+    .unwrap();
+    let port = free_port();
+    let _httpd = KillOnDrop(
+        std::process::Command::new("/bin/busybox")
+            .args(["httpd", "-f", "-p", &format!("127.0.0.1:{port}"), "-h"])
+            .arg(exporter.path())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_port(port, "exporter");
+    let prom_dir = tempfile::tempdir().unwrap();
+    let config = prom_dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: exporter\n    static_configs:\n      - targets: ['127.0.0.1:{port}']\n"
+        ),
+    )
+    .unwrap();
+    let prom_port = free_port();
+    let _prometheus = KillOnDrop(
+        std::process::Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                prom_dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("prometheus (run scripts/setup.sh)"),
+    );
+    wait_for_port(prom_port, "prometheus");
+    let url = format!("http://127.0.0.1:{prom_port}");
+    let query = |q: &str, extra: serde_json::Value| {
+        let mut config = serde_json::json!({"url": url, "query": q, "unit": "jobs"});
+        config
+            .as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        call("warden_plugin_prometheus", config)
+    };
+    // Waits for the first scrape: until then the sum is an empty vector.
+    let v = eventually(
+        std::time::Duration::from_secs(30),
+        "the first scrape",
+        || {
+            let (code, v) = query("sum(jobs_waiting)", serde_json::json!({}));
+            (code == 0).then_some(v)
+        },
+    );
+    assert_eq!(v["answer"]["value"], 12.0, "{v}");
+    assert_eq!(v["answer"]["unit"], "jobs", "{v}");
+    let (code, v) = query("scalar(jobs_waiting{queue=\"a\"})", serde_json::json!({}));
+    assert_eq!(
+        (code, &v["answer"]["value"]),
+        (0, &serde_json::json!(7.0)),
+        "{v}"
+    );
+
+    let (code, v) = query("jobs_waiting", serde_json::json!({}));
+    assert_eq!(code, 1, "{v}");
+    assert_eq!(v["error"]["kind"], "config", "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("2 series"),
+        "{v}"
+    );
+    let (code, v) = query("sum(", serde_json::json!({}));
+    assert_eq!(code, 1, "{v}");
+    assert_eq!(v["error"]["kind"], "config", "{v}");
+    let (code, v) = query("absent_metric_xyz", serde_json::json!({}));
+    assert_eq!(
+        (code, v["error"]["kind"].as_str()),
+        (1, Some("transient")),
+        "{v}"
+    );
+    let (code, v) = query("absent_metric_xyz", serde_json::json!({"empty_as": 0}));
+    assert_eq!(
+        (code, &v["answer"]["value"]),
+        (0, &serde_json::json!(0.0)),
+        "{v}"
+    );
+}
+
+/// A server process of a test, ended however the test ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
