@@ -253,3 +253,54 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+fn call_aws(moto: &Moto, plugin: &str, config: serde_json::Value) -> (i32, serde_json::Value) {
+    let out = std::process::Command::new(warden_tests::warden_bin())
+        .args(["plugins", "call"])
+        .arg(plugin_so(plugin))
+        .args(["--config", &config.to_string()])
+        .envs(moto.env())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let v = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("{e}: {text}{}", String::from_utf8_lossy(&out.stderr)));
+    (out.status.code().unwrap_or(-1), v)
+}
+
+/// Messages waiting in an SQS queue (moto), by name and by URL, with the in-flight ones
+/// when asked; a queue that does not exist is a config error naming it.
+#[test]
+fn sqs_queue_counts_waiting_and_in_flight_messages() {
+    let moto = Moto::start();
+    let url = moto.fixture(&["sqs-setup", "jobs", "3"]).trim().to_owned();
+    moto.fixture(&["sqs-receive", "jobs"]);
+    let plugin = "warden_plugin_sqs_queue";
+    let (code, v) = call_aws(&moto, plugin, serde_json::json!({"queue": "jobs"}));
+    assert_eq!(
+        (code, &v["answer"]["value"]),
+        (0, &serde_json::json!(2.0)),
+        "{v}"
+    );
+    assert_eq!(v["answer"]["unit"], "messages", "{v}");
+    let (code, v) = call_aws(
+        &moto,
+        plugin,
+        serde_json::json!({"queue": url, "include_in_flight": true}),
+    );
+    assert_eq!(
+        (code, &v["answer"]["value"]),
+        (0, &serde_json::json!(3.0)),
+        "{v}"
+    );
+    let (code, v) = call_aws(&moto, plugin, serde_json::json!({"queue": "no-such-queue"}));
+    assert_eq!(code, 1, "{v}");
+    assert_eq!(v["error"]["kind"], "config", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no-such-queue"),
+        "{v}"
+    );
+}
