@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-cargo build --release --workspace --locked
+cargo build --release --workspace --exclude warden-bench --locked
 bin=$PWD/target/release/warden
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 work=$(mktemp -d /tmp/warden-demo.XXXXXX)
@@ -38,7 +38,7 @@ redis-server --port $redis_port --bind 127.0.0.1 --save '' --appendonly no >"$wo
 pids+=($!)
 router/start.sh "$work/router" $router_port 127.0.0.1 $redis_port >"$work/nginx.out" 2>&1 &
 pids+=($!)
-moto_server -H 127.0.0.1 -p $moto_port >"$work/moto.log" 2>&1 &
+python3 tests/fixtures/moto_server.py -H 127.0.0.1 -p $moto_port >"$work/moto.log" 2>&1 &
 pids+=($!)
 export AWS_ENDPOINT_URL=http://127.0.0.1:$moto_port AWS_REGION=eu-west-1 AWS_DEFAULT_REGION=eu-west-1 \
   AWS_ACCESS_KEY_ID=demo AWS_SECRET_ACCESS_KEY=demo AWS_EC2_METADATA_DISABLED=true

@@ -67,13 +67,29 @@ where
             "could not send: {}",
             aws_sdk_ecs::error::DisplayErrorContext(e)
         ),
+        // The cause only: this variant's context carries the raw response, whose Debug
+        // dump (headers and all) is no message for an operator.
         SdkError::ResponseError(_) => format!(
             "unreadable answer: {}",
-            aws_sdk_ecs::error::DisplayErrorContext(e)
+            e.source().map_or_else(|| "no detail".to_owned(), causes)
         ),
         other => format!("{}", aws_sdk_ecs::error::DisplayErrorContext(other)),
     };
     shorten(&text, 300)
+}
+
+/// An error and its sources, each said once: `a: b: c`.
+fn causes(e: &(dyn Error + 'static)) -> String {
+    let mut parts: Vec<String> = vec![e.to_string()];
+    let mut next = e.source();
+    while let Some(s) = next {
+        let t = s.to_string();
+        if !parts.iter().any(|p| p.contains(&t)) {
+            parts.push(t);
+        }
+        next = s.source();
+    }
+    parts.join(": ")
 }
 
 /// Cuts `text` to at most `max` characters, marking the cut.
