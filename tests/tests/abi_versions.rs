@@ -55,11 +55,16 @@ fn build_plugin_against(version: &str) -> PathBuf {
         std::fs::read_to_string(root.join("examples/plugin-template/Cargo.toml")).unwrap();
     std::fs::write(
         ws.join("plugin/Cargo.toml"),
-        plugin_manifest.replacen(
-            "name = \"warden-plugin-template\"",
-            &format!("name = \"{name}\""),
-            1,
-        ),
+        plugin_manifest
+            .replacen(
+                "name = \"warden-plugin-template\"",
+                &format!("name = \"{name}\""),
+                1,
+            )
+            .replace(
+                "path = \"../../plugin-api\", version = \"1\"",
+                &format!("path = \"../plugin-api\", version = \"{version}\""),
+            ),
     )
     .unwrap();
     // The workspace: the root's shared settings, these two members.
