@@ -36,8 +36,14 @@ done
 
 row() {
   local name=$1 plugin=$2 config=$3 server=$4
-  local out; out=$("$bin" plugins call "$(so "$plugin")" --config "$config" --repeat "$n")
-  python3 -c 'import json,sys; d=json.loads(sys.argv[1]); t=d["took_ms"]; print(f"| {sys.argv[2]} | {sys.argv[3]} | {d[\"answer\"][\"value\"]} | {t[\"median\"]:.3f} | {t[\"max\"]:.3f} | {d[\"failures\"]} |")' "$out" "$name" "$server"
+  local out; out=$("$bin" plugins call "$(so "$plugin")" --config "$config" --repeat "$n" || true)
+  python3 - "$out" "$name" "$server" <<'PY'
+import json, sys
+d = json.loads(sys.argv[1])
+t = d["took_ms"]
+value = (d["answer"] or {}).get("value")
+print(f"| {sys.argv[2]} | {sys.argv[3]} | {value} | {t['median']:.3f} | {t['max']:.3f} | {d['failures']} |")
+PY
 }
 echo "| plugin | server | value | median ms | max ms | failures (of $n) |"
 echo "|---|---|---|---|---|---|"

@@ -20,6 +20,8 @@ pub mod ffi;
 pub mod host;
 pub mod manifest;
 pub mod model;
+#[cfg(feature = "schema")]
+pub mod schema;
 pub mod sdk;
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -71,25 +71,7 @@ pub fn service_definitions<S: ServiceDefinitions>(
 }
 
 fn check_schema(schema: &serde_json::Value, config: &serde_json::Value) -> Result<(), PluginError> {
-    let validator = jsonschema::validator_for(schema)
-        .map_err(|e| PluginError::config(format!("the config schema is itself invalid: {e}")))?;
-    let errors: Vec<String> = validator
-        .iter_errors(config)
-        .map(|e| {
-            let at = e.instance_path().to_string();
-            let at = if at.is_empty() {
-                "(top level)".to_owned()
-            } else {
-                at.trim_start_matches('/').replace('/', ".")
-            };
-            format!("{at}: {e}")
-        })
-        .collect();
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(PluginError::config(errors.join("; ")))
-    }
+    crate::schema::validate(schema, config).map_err(|errors| PluginError::config(errors.join("; ")))
 }
 
 fn create(

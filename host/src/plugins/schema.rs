@@ -1,34 +1,7 @@
 //! Checks a plugin instance's config against the JSON Schema its plugin publishes, so a
 //! bad config is refused with the key that is wrong before any plugin code runs.
 
-/// Validates `config`; each error names the key (as a JSON pointer) and what was expected.
-pub fn validate(schema: &serde_json::Value, config: &serde_json::Value) -> Result<(), Vec<String>> {
-    let validator = match jsonschema::validator_for(schema) {
-        Ok(v) => v,
-        Err(e) => {
-            return Err(vec![format!(
-                "the plugin's config schema is itself invalid: {e}"
-            )])
-        }
-    };
-    let errors: Vec<String> = validator
-        .iter_errors(config)
-        .map(|e| {
-            let at = e.instance_path().to_string();
-            let at = if at.is_empty() {
-                "(top level)".to_owned()
-            } else {
-                at.trim_start_matches('/').replace('/', ".")
-            };
-            format!("{at}: {e}")
-        })
-        .collect();
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(errors)
-    }
-}
+pub use warden_plugin_api::schema::validate;
 
 #[cfg(test)]
 mod tests {
