@@ -15,6 +15,31 @@ fn config(redis: &Redis, instance: &str) -> String {
     )
 }
 
+/// The registrar on, and a dry-run manager scaling `web` from a template metric of 3
+/// (one task per unit): `registrar` and `central` are the lines of their sections.
+fn registrar_and_dry_run_manager(instance: &str, registrar: &str, central: &str) -> String {
+    format!(
+        r#"[host]
+instance_id = "{instance}"
+availability_zone = "eu-west-1a"
+[registrar]
+{registrar}
+[manager]
+{central}
+loop_secs = 1
+dry_run = true
+[metrics.m]
+plugin = "template"
+config = {{ value = 3.0 }}
+[[manager.services]]
+name = "web"
+task_definition = "web"
+metric = "m"
+mapping = {{ target_per_task = 1.0 }}
+"#
+    )
+}
+
 fn health(w: &Warden, path: &str) -> (bool, String) {
     let out = Command::new(warden_bin())
         .args([
@@ -275,27 +300,13 @@ fn auth_and_tls_on_both_redis_connections_and_the_password_is_never_shown() {
         ],
     );
     let local_url = format!("redis://:{PASSWORD}@127.0.0.1:{local_port}");
-    let config = format!(
-        r#"[host]
-instance_id = "i-tls"
-availability_zone = "eu-west-1a"
-[registrar]
-local_redis = "{local_url}"
-[manager]
-central_redis = "rediss://:{PASSWORD}@localhost:{central_port}"
-central_redis_ca_file = "{ca}"
-loop_secs = 1
-dry_run = true
-[metrics.m]
-plugin = "template"
-config = {{ value = 3.0 }}
-[[manager.services]]
-name = "web"
-task_definition = "web"
-metric = "m"
-mapping = {{ target_per_task = 1.0 }}
-"#,
-        ca = p("ca.pem")
+    let config = registrar_and_dry_run_manager(
+        "i-tls",
+        &format!("local_redis = \"{local_url}\""),
+        &format!(
+            "central_redis = \"rediss://:{PASSWORD}@localhost:{central_port}\"\ncentral_redis_ca_file = \"{}\"",
+            p("ca.pem")
+        ),
     );
     let w = Warden::start(&config, &[]);
     let cs = Containers::new("auth-tls");
@@ -385,28 +396,10 @@ fn sighup_applies_a_good_configuration_refuses_a_bad_one_and_keeps_routes_and_le
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::Arc;
     let (local, central) = (Redis::start(), Redis::start());
-    let config = format!(
-        r#"[host]
-instance_id = "i-reload"
-availability_zone = "eu-west-1a"
-[registrar]
-local_redis = "{}"
-resync_secs = 30
-[manager]
-central_redis = "{}"
-loop_secs = 1
-dry_run = true
-[metrics.m]
-plugin = "template"
-config = {{ value = 3.0 }}
-[[manager.services]]
-name = "web"
-task_definition = "web"
-metric = "m"
-mapping = {{ target_per_task = 1.0 }}
-"#,
-        local.url(),
-        central.url()
+    let config = registrar_and_dry_run_manager(
+        "i-reload",
+        &format!("local_redis = \"{}\"\nresync_secs = 30", local.url()),
+        &format!("central_redis = \"{}\"", central.url()),
     );
     let w = Warden::start(&config, &[]);
     let cs = Containers::new("reload");
