@@ -327,6 +327,22 @@ pub fn plan_reload(
     })
 }
 
+/// The dependencies `/readyz` waits for, by the parts a configuration runs.
+fn required_for(config: &Config) -> Vec<Dependency> {
+    let mut required = Vec::new();
+    if config.registrar.enabled {
+        required.extend([
+            Dependency::Docker,
+            Dependency::LocalRedis,
+            Dependency::ServiceSources,
+        ]);
+    }
+    if config.manager.central_redis.is_some() {
+        required.push(Dependency::CentralRedis);
+    }
+    required
+}
+
 /// A group of loops under one supervisor with a stop of its own, so that a reload can
 /// replace it while the others run on.
 struct Part {
@@ -638,6 +654,7 @@ impl Running {
         ) {
             self.start_registrar().map_err(|e| e.to_string())?;
         }
+        crate::metrics::get().set_required(required_for(&self.config));
         Ok(plan)
     }
 }
@@ -674,19 +691,7 @@ pub async fn run(
         )),
         None => None,
     };
-    let manager_on = config.manager.central_redis.is_some();
-    let mut required = Vec::new();
-    if config.registrar.enabled {
-        required.extend([
-            Dependency::Docker,
-            Dependency::LocalRedis,
-            Dependency::ServiceSources,
-        ]);
-    }
-    if manager_on {
-        required.push(Dependency::CentralRedis);
-    }
-    crate::metrics::get().set_required(required);
+    crate::metrics::get().set_required(required_for(&config));
     if let Some(listener) = listener {
         let info = Arc::new(crate::http::HostInfo {
             instance_id: me.instance_id.clone().unwrap_or_else(hostname),
