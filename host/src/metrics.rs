@@ -103,6 +103,13 @@ pub enum Dependency {
 }
 
 impl Dependency {
+    pub const ALL: [Dependency; 4] = [
+        Dependency::Docker,
+        Dependency::LocalRedis,
+        Dependency::ServiceSources,
+        Dependency::CentralRedis,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Dependency::Docker => "docker",
@@ -326,6 +333,10 @@ impl Metrics {
 
     pub fn set_required(&self, deps: impl IntoIterator<Item = Dependency>) {
         let deps: BTreeSet<Dependency> = deps.into_iter().collect();
+        // A part a reload stopped leaves no series behind.
+        for d in Dependency::ALL.iter().filter(|d| !deps.contains(d)) {
+            self.dependency_up.remove(&dep_label(*d));
+        }
         for d in &deps {
             let _ = self.dependency_up.get_or_create(&dep_label(*d));
         }
@@ -496,5 +507,9 @@ mod tests {
         assert_eq!(m.readiness(), Ok(vec!["docker", "local_redis"]));
         m.set_up(Dependency::LocalRedis, false);
         assert_eq!(m.readiness(), Err(vec!["local_redis"]));
+        // The registrar turned off by a reload: its dependencies leave /readyz and /metrics.
+        m.set_required([Dependency::Docker]);
+        assert_eq!(m.readiness(), Ok(vec!["docker"]));
+        assert!(!m.encode().contains("local_redis"));
     }
 }
