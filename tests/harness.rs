@@ -330,8 +330,12 @@ fn iam_action(v: &serde_json::Value) -> Option<String> {
         .split("Credential=")
         .nth(1)?
         .split('/')
-        .nth(3)?
-        .to_owned();
+        .nth(3)?;
+    // The signing name, where IAM's prefix differs from it.
+    let service = match service {
+        "monitoring" => "cloudwatch",
+        s => s,
+    };
     let target = get("x-amz-target");
     let action = if !target.is_empty() {
         target.rsplit('.').next()?.to_owned()

@@ -304,3 +304,77 @@ fn sqs_queue_counts_waiting_and_in_flight_messages() {
         "{v}"
     );
 }
+
+/// One CloudWatch metric (moto) by GetMetricData over the JSON protocol, signed with
+/// SigV4: the newest datapoint within `max_age_secs`, an older one refused (or standing
+/// for `when_missing`), other dimensions not mixed in, and a bad statistic a config
+/// error naming the field.
+#[test]
+fn cloudwatch_reads_the_newest_datapoint_within_its_age() {
+    let moto = Moto::start();
+    moto.fixture(&["cw-put", "App", "Depth", "Queue=jobs", "7", "30"]);
+    moto.fixture(&["cw-put", "App", "Depth", "Queue=other", "100", "30"]);
+    moto.fixture(&["cw-put", "App", "Old", "Queue=jobs", "5", "1200"]);
+    let plugin = "warden_plugin_cloudwatch";
+    let depth = |extra: serde_json::Value| {
+        let mut c = serde_json::json!({"namespace": "App", "metric_name": "Depth",
+            "dimensions": {"Queue": "jobs"}, "statistic": "Maximum"});
+        c.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        c
+    };
+    let (code, v) = call_aws(&moto, plugin, depth(serde_json::json!({})));
+    assert_eq!(
+        (code, &v["answer"]["value"]),
+        (0, &serde_json::json!(7.0)),
+        "{v}"
+    );
+    assert_eq!(v["answer"]["labels"]["Queue"], "jobs", "{v}");
+    assert!(
+        v["answer"]["detail"]["age_secs"].as_u64().unwrap() < 300,
+        "{v}"
+    );
+
+    let old = serde_json::json!({"namespace": "App", "metric_name": "Old",
+        "dimensions": {"Queue": "jobs"}, "max_age_secs": 600});
+    let (code, v) = call_aws(&moto, plugin, old.clone());
+    assert_eq!(
+        (code, &v["error"]["kind"]),
+        (1, &serde_json::json!("transient")),
+        "{v}"
+    );
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no datapoint in the last 600 s"),
+        "{v}"
+    );
+    let mut zero = old;
+    zero["when_missing"] = serde_json::json!(0.0);
+    let (code, v) = call_aws(&moto, plugin, zero);
+    assert_eq!(
+        (code, &v["answer"]["value"]),
+        (0, &serde_json::json!(0.0)),
+        "{v}"
+    );
+
+    let (code, v) = call_aws(
+        &moto,
+        plugin,
+        depth(serde_json::json!({"statistic": "Median"})),
+    );
+    assert_eq!(
+        (code, &v["stage"]),
+        (1, &serde_json::json!("create")),
+        "{v}"
+    );
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("config: statistic: \"Median\""),
+        "{v}"
+    );
+}

@@ -1,11 +1,15 @@
-//! One HTTP(S) GET with hyper's connection API, a deadline, a size limit and errors
-//! sorted where they happen (shared by the `http-json` and `prometheus` plugins).
+//! One HTTP(S) request with hyper's connection API, a deadline, a size limit and errors
+//! sorted where they happen (shared by the `http-json`, `prometheus` and `cloudwatch`
+//! plugins).
+
+// Each plugin that includes this file uses part of it.
+#![allow(dead_code)]
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::TokioIo;
 use warden_plugin_api::tokio::net::TcpStream;
 use warden_plugin_api::PluginError;
@@ -19,11 +23,46 @@ pub async fn get(
     headers: &[(String, String)],
     timeout: Duration,
 ) -> Result<Bytes, PluginError> {
-    warden_plugin_api::tokio::time::timeout(timeout, get_inner(url, headers))
+    request(http::Method::GET, url, headers, Bytes::new(), timeout).await
+}
+
+/// `method url` with `headers` and `body`; the body of a 2xx answer. A 4xx other than
+/// 429 is `permanent`; a 5xx, 429, timeout or connection failure is `transient`.
+pub async fn request(
+    method: http::Method,
+    url: &str,
+    headers: &[(String, String)],
+    body: Bytes,
+    timeout: Duration,
+) -> Result<Bytes, PluginError> {
+    let what = format!("{method} {}", redact(url));
+    let (status, body) = exchange(method, url, headers, body, timeout).await?;
+    if !status.is_success() {
+        let text = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
+        let message = format!("{what}: HTTP {status}: {text}");
+        return Err(if status.is_client_error() && status.as_u16() != 429 {
+            PluginError::permanent(message)
+        } else {
+            PluginError::transient(message)
+        });
+    }
+    Ok(body)
+}
+
+/// `method url`: the status and body of whatever answer came, for callers that read
+/// their service's own error bodies. Only a timeout, a connection or TLS failure and a
+/// bad URL are errors here.
+pub async fn exchange(
+    method: http::Method,
+    url: &str,
+    headers: &[(String, String)],
+    body: Bytes,
+    timeout: Duration,
+) -> Result<(http::StatusCode, Bytes), PluginError> {
+    let what = format!("{method} {}", redact(url));
+    warden_plugin_api::tokio::time::timeout(timeout, inner(&what, method, url, headers, body))
         .await
-        .map_err(|_| {
-            PluginError::transient(format!("GET {}: no answer within {timeout:?}", redact(url)))
-        })?
+        .map_err(|_| PluginError::transient(format!("{what}: no answer within {timeout:?}")))?
 }
 
 /// The URL without any user:password part, for messages.
@@ -38,7 +77,13 @@ pub fn redact(url: &str) -> String {
     }
 }
 
-async fn get_inner(url: &str, headers: &[(String, String)]) -> Result<Bytes, PluginError> {
+async fn inner(
+    what: &str,
+    method: http::Method,
+    url: &str,
+    headers: &[(String, String)],
+    body: Bytes,
+) -> Result<(http::StatusCode, Bytes), PluginError> {
     let shown = redact(url);
     let uri: http::Uri = url
         .parse()
@@ -58,19 +103,21 @@ async fn get_inner(url: &str, headers: &[(String, String)]) -> Result<Bytes, Plu
         .to_owned();
     let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
     let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
-    let fail = |what: &str, e: &dyn std::fmt::Display| {
-        PluginError::transient(format!("GET {shown}: {what}: {e}"))
+    let fail = |step: &str, e: &dyn std::fmt::Display| {
+        PluginError::transient(format!("{what}: {step}: {e}"))
     };
     let tcp = TcpStream::connect((host.trim_matches(['[', ']']), port))
         .await
         .map_err(|e| fail("cannot connect", &e))?;
-    let mut request =
-        http::Request::get(path).header(http::header::HOST, authority(&host, port, https));
+    let mut request = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(http::header::HOST, authority(&host, port, https));
     for (k, v) in headers {
         request = request.header(k.as_str(), v.as_str());
     }
     let request = request
-        .body(Empty::<Bytes>::new())
+        .body(Full::new(body))
         .map_err(|e| PluginError::config(format!("headers: {e}")))?;
     let response = if https {
         let name = rustls::pki_types::ServerName::try_from(host.clone())
@@ -90,16 +137,7 @@ async fn get_inner(url: &str, headers: &[(String, String)]) -> Result<Bytes, Plu
         .await
         .map_err(|e| fail("reading the answer", &e))?
         .to_bytes();
-    if !status.is_success() {
-        let text = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
-        let message = format!("GET {shown}: HTTP {status}: {text}");
-        return Err(if status.is_client_error() && status.as_u16() != 429 {
-            PluginError::permanent(message)
-        } else {
-            PluginError::transient(message)
-        });
-    }
-    Ok(body)
+    Ok((status, body))
 }
 
 fn authority(host: &str, port: u16, https: bool) -> String {
@@ -112,7 +150,7 @@ fn authority(host: &str, port: u16, https: bool) -> String {
 
 async fn send<I>(
     io: I,
-    request: http::Request<Empty<Bytes>>,
+    request: http::Request<Full<Bytes>>,
 ) -> Result<http::Response<hyper::body::Incoming>, hyper::Error>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
