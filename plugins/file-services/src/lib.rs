@@ -14,6 +14,11 @@
 //! match = { image_prefix = "registry.example/web" }
 //! ```
 //! A `.json` file holds the same as `{"services": [...]}`.
+//!
+//! A `.json` file whose top level is an array is a service file of the original warden:
+//! the Perl version's (`Name`, `BackendName`, `ContainerName`, ...) or the Go version's
+//! (`name`, `backendName`, `containerName`, ...), mapped onto warden's model by
+//! [`legacy`] (the README's table says what each field becomes).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -42,6 +47,9 @@ struct ServicesFile {
 /// Parses and checks a services file. Errors name the line and column, or the service
 /// and field, that is wrong.
 pub fn parse_services(text: &str, json: bool) -> Result<Vec<ServiceDefinition>, String> {
+    if json && text.trim_start().starts_with('[') {
+        return validate(legacy::parse(text)?);
+    }
     let file: ServicesFile = if json {
         strict(&mut serde_json::Deserializer::from_str(text)).map_err(|e| e.to_string())?
     } else {
@@ -105,6 +113,75 @@ fn validate(mut services: Vec<ServiceDefinition>) -> Result<Vec<ServiceDefinitio
 }
 
 pub use warden_plugin_api::model::normalise_frontend;
+
+/// The original warden's service files (Perl and Go), read as they were written.
+pub mod legacy {
+    use warden_plugin_api::model::{ContainerMatch, ServiceDefinition};
+    use warden_plugin_api::{serde, serde_json};
+
+    /// One service as the original warden described it. Both spellings are accepted, as
+    /// the Perl (`Name`) and Go (`name`) versions wrote them; any other key is an error.
+    #[derive(serde::Deserialize)]
+    #[serde(crate = "warden_plugin_api::serde", deny_unknown_fields)]
+    struct Description {
+        #[serde(alias = "Name")]
+        name: String,
+        #[serde(rename = "backendName", alias = "BackendName", default)]
+        backend_name: Option<String>,
+        #[serde(rename = "containerName", alias = "ContainerName")]
+        container_name: String,
+        #[serde(rename = "loadBalancerName", alias = "LoadBalancerName", default)]
+        load_balancer_name: Option<String>,
+        #[serde(rename = "loadBalancerUrl", alias = "LoadBalancerUrl", default)]
+        load_balancer_url: Option<String>,
+        #[serde(alias = "Port", default)]
+        port: Option<u16>,
+        #[serde(alias = "Site", default)]
+        site: Option<String>,
+        // Read so that a file of the original is accepted whole; the original manager
+        // ran tasks from them, warden's manager is configured in [[manager.services]].
+        #[serde(rename = "taskName", alias = "TaskName", default)]
+        _task_name: Option<String>,
+        #[serde(rename = "taskVersion", alias = "TaskVersion", default)]
+        _task_version: Option<serde_json::Value>,
+    }
+
+    /// Parses a JSON array of the original's service descriptions. Errors name the line
+    /// and column.
+    pub fn parse(text: &str) -> Result<Vec<ServiceDefinition>, String> {
+        let list: Vec<Description> = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        list.into_iter().enumerate().map(convert).collect()
+    }
+
+    fn blank(v: Option<String>) -> Option<String> {
+        v.map(|s| s.trim().to_owned()).filter(|s| !s.is_empty())
+    }
+
+    fn convert((i, d): (usize, Description)) -> Result<ServiceDefinition, String> {
+        let at = format!("[{i}] ({:?})", d.name);
+        let image = d.container_name.trim().to_owned();
+        if image.is_empty() {
+            return Err(format!("{at}.ContainerName: must not be empty"));
+        }
+        let frontends = match blank(d.load_balancer_url) {
+            None => Vec::new(),
+            // The original routed `frontend:<LoadBalancerUrl><Site>`.
+            Some(host) => vec![format!("{host}{}", blank(d.site).unwrap_or_default())],
+        };
+        Ok(ServiceDefinition {
+            name: d.name,
+            matches: ContainerMatch {
+                image: Some(image),
+                ..Default::default()
+            },
+            port: d.port,
+            backend: blank(d.backend_name),
+            frontends,
+            elb: blank(d.load_balancer_name),
+            ..Default::default()
+        })
+    }
+}
 
 #[derive(PartialEq, Clone, Copy)]
 struct Stamp {
@@ -269,6 +346,38 @@ match = { image_prefix = "registry.example/web" }
         let dup = format!("{GOOD}{}", GOOD.replace("\"web\"", "\"api\""));
         let e = parse_services(&dup, false).unwrap_err();
         assert!(e.contains("frontend_port: 8001"), "{e}");
+    }
+
+    const PERL: &str = include_str!("../fixtures/perl-services.json");
+    const GO: &str = include_str!("../fixtures/go-services.json");
+
+    #[test]
+    fn the_original_wardens_files_are_read_in_both_spellings() {
+        for text in [PERL, GO] {
+            let s = parse_services(text, true).unwrap();
+            assert_eq!(s.len(), 2, "{text}");
+            assert_eq!(s[0].name, "service-1");
+            assert_eq!(s[0].backend.as_deref(), Some("backend-1"));
+            assert_eq!(
+                s[0].matches.image.as_deref(),
+                Some("amazon/amazon-ecs-sample")
+            );
+            assert_eq!(s[0].elb.as_deref(), Some("load-balancer-1"));
+            assert_eq!(s[0].port, Some(80));
+            assert_eq!(s[0].frontends, vec!["load-balancer-1.warden"]);
+            assert_eq!(s[1].frontends, vec!["load-balancer-2.warden/fcgi-bin/"]);
+        }
+    }
+
+    #[test]
+    fn an_unknown_field_of_an_original_file_is_named_with_line_and_column() {
+        let bad = PERL.replacen("\"Site\"", "\"Sitee\"", 1);
+        let e = parse_services(&bad, true).unwrap_err();
+        assert!(e.contains("unknown field `Sitee`"), "{e}");
+        assert!(e.contains("line 9 column"), "{e}");
+        let bad = GO.replacen("\"port\": 80", "\"port\": \"80\"", 1);
+        let e = parse_services(&bad, true).unwrap_err();
+        assert!(e.contains("line 8 column"), "{e}");
     }
 
     #[test]
