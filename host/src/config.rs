@@ -183,6 +183,9 @@ pub struct ManagerConfig {
     /// Decide and log, call nothing.
     pub dry_run: bool,
     pub services: Vec<ManagedServiceConfig>,
+    /// Service-definition plugins whose services carry a `manage` part: more managed
+    /// services, picked up while warden runs (the config's own entries win a name).
+    pub sources: Vec<PluginRef>,
 }
 
 impl Default for ManagerConfig {
@@ -196,6 +199,7 @@ impl Default for ManagerConfig {
             loop_secs: 15,
             dry_run: false,
             services: Vec::new(),
+            sources: Vec::new(),
         }
     }
 }
@@ -216,6 +220,61 @@ pub struct ManagedServiceConfig {
     pub mapping: crate::manager::policy::Mapping,
     #[serde(default)]
     pub policy: crate::manager::policy::Policy,
+}
+
+impl ManagedServiceConfig {
+    /// Checks one service on its own, against the configured metric sources:
+    /// `Err((field, why))`. The same checks for `[[manager.services]]` and for services
+    /// from `[[manager.sources]]`.
+    pub fn check(&self, metrics: &BTreeMap<String, PluginRef>) -> Result<(), (String, String)> {
+        let bad = |k: &str, m: String| Err((k.to_owned(), m));
+        if self.name.is_empty()
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return bad(
+                "name",
+                format!("{:?}: expected letters, digits, '-', '_' or '.'", self.name),
+            );
+        }
+        if let Some(td) = &self.task_definition {
+            if let Err(e) = crate::manager::ecs::family_of(td) {
+                return bad("task_definition", e);
+            }
+        }
+        if self.task_definition.is_some() == self.ecs_service.is_some() {
+            return bad(
+                "task_definition",
+                "give exactly one of task_definition and ecs_service".into(),
+            );
+        }
+        if !metrics.contains_key(&self.metric) {
+            return bad(
+                "metric",
+                format!("no [metrics.{}] is configured", self.metric),
+            );
+        }
+        if let Err(e) = self.mapping.validate() {
+            return bad("mapping", e);
+        }
+        if let crate::manager::policy::Mapping::Plugin(name) = &self.mapping {
+            if !metrics.contains_key(name) {
+                return bad(
+                    "mapping.plugin",
+                    format!("no [metrics.{name}] is configured"),
+                );
+            }
+        }
+        if self.policy.min > self.policy.max {
+            return bad(
+                "policy",
+                format!("min {} is above max {}", self.policy.min, self.policy.max),
+            );
+        }
+        check_policy(&self.policy).map_err(|(k, m)| (format!("policy.{k}"), m))
+    }
 }
 
 fn default_cluster() -> String {
@@ -405,48 +464,10 @@ impl Config {
                     ),
                 ));
             }
-            if s.name.is_empty()
-                || !s
-                    .name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-            {
-                return Err(bad(
-                    &key("name"),
-                    format!("{:?}: expected letters, digits, '-', '_' or '.'", s.name),
-                ));
-            }
-            if let Some(td) = &s.task_definition {
-                crate::manager::ecs::family_of(td).map_err(|e| bad(&key("task_definition"), e))?;
-            }
-            if s.task_definition.is_some() == s.ecs_service.is_some() {
-                return Err(bad(
-                    &key("task_definition"),
-                    "give exactly one of task_definition and ecs_service".into(),
-                ));
-            }
-            if !self.metrics.contains_key(&s.metric) {
-                return Err(bad(
-                    &key("metric"),
-                    format!("no [metrics.{}] is configured", s.metric),
-                ));
-            }
-            s.mapping.validate().map_err(|e| bad(&key("mapping"), e))?;
-            if let crate::manager::policy::Mapping::Plugin(name) = &s.mapping {
-                if !self.metrics.contains_key(name) {
-                    return Err(bad(
-                        &key("mapping.plugin"),
-                        format!("no [metrics.{name}] is configured"),
-                    ));
-                }
-            }
-            if s.policy.min > s.policy.max {
-                return Err(bad(
-                    &key("policy"),
-                    format!("min {} is above max {}", s.policy.min, s.policy.max),
-                ));
-            }
-            check_policy(&s.policy).map_err(|(k, m)| bad(&key(&format!("policy.{k}")), m))?;
+            s.check(&self.metrics).map_err(|(k, m)| bad(&key(&k), m))?;
+        }
+        for (i, source) in m.sources.iter().enumerate() {
+            check_plugin_ref(source).map_err(|m| bad(&format!("manager.sources[{i}]"), m))?;
         }
         Ok(())
     }
@@ -503,11 +524,17 @@ impl Config {
                 r,
             )
         });
+        let managed = self
+            .manager
+            .sources
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (format!("manager.sources[{i}]"), Kind::ServiceDefinitions, r));
         let metrics = self
             .metrics
             .iter()
             .map(|(n, r)| (format!("metrics.{n}"), Kind::MetricSource, r));
-        sources.chain(metrics).collect()
+        sources.chain(managed).chain(metrics).collect()
     }
 }
 

@@ -10,11 +10,12 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch, OnceCell};
 use warden_plugin_api::{ErrorKind, Kind};
 
-use crate::config::{Config, PluginRef, PluginsConfig};
+use crate::config::{Config, ManagedServiceConfig, PluginRef, PluginsConfig};
 use crate::identity;
 use crate::manager::ecs::AwsEcs;
 use crate::manager::election::Timing;
 use crate::manager::policy::Mapping;
+use crate::manager::sources::{self as managed_sources, Definitions};
 use crate::manager::worker::Plan;
 use crate::manager::{ManagedService, Manager, Target};
 use crate::metrics::Dependency;
@@ -38,6 +39,7 @@ fn hostname() -> String {
 /// cannot start must not make its services' routes disappear). A source that refuses its
 /// configuration is fatal: retrying cannot help until an operator fixes it.
 async fn sources(
+    what: &'static str,
     host: &PluginHost,
     refs: &[PluginRef],
     options: CallOptions,
@@ -49,7 +51,11 @@ async fn sources(
         config: serde_json::json!({}),
         isolation: None,
     }];
-    let refs = if refs.is_empty() { &default[..] } else { refs };
+    let refs = if refs.is_empty() && what == "registrar.sources" {
+        &default[..]
+    } else {
+        refs
+    };
     loop {
         let mut out = Vec::new();
         let mut failed = false;
@@ -66,13 +72,13 @@ async fn sources(
                 Err(e) if matches!(&e, CreateError::Plugin { error, .. } if error.kind != ErrorKind::Config) =>
                 {
                     tracing::error!(
-                        source = i,
-                        "service source not created; the registrar waits for it: {e}"
+                        source = %format!("{what}[{i}]"),
+                        "service source not created; waiting for it: {e}"
                     );
                     failed = true;
                 }
                 Err(e) => {
-                    let _ = fatal.send(Fatal::Config(format!("registrar.sources[{i}]: {e}")));
+                    let _ = fatal.send(Fatal::Config(format!("{what}[{i}]: {e}")));
                     std::future::pending::<()>().await;
                 }
             }
@@ -87,13 +93,13 @@ async fn sources(
     }
 }
 
-/// Managed services from the config, each with its metric (and mapping) plugin slot.
+/// Managed services, each with its metric (and mapping) plugin slot.
 fn managed_services(
-    config: &Config,
+    services: &[ManagedServiceConfig],
     slots: &BTreeMap<String, Slot>,
 ) -> anyhow::Result<Vec<ManagedService>> {
     let mut out = Vec::new();
-    for s in &config.manager.services {
+    for s in services {
         let target = match (&s.task_definition, &s.ecs_service) {
             (Some(t), _) => Target::Tasks {
                 task_definition: t.clone(),
@@ -287,6 +293,9 @@ pub fn plan_reload(
     if election(old) != election(new) {
         restart.push("manager.central_redis, central_redis_ca_file, lease_ms, tick_ms or guard_ms");
     }
+    if old.manager.sources != new.manager.sources {
+        restart.push("manager.sources");
+    }
     if !restart.is_empty() {
         return Err(format!(
             "these settings take effect only at a restart: {}",
@@ -391,6 +400,11 @@ struct Running {
     plan: Option<watch::Sender<Plan>>,
     registrar: Option<Part>,
     fatal: mpsc::UnboundedSender<Fatal>,
+    /// What `[[manager.sources]]` define, as last read.
+    defs: watch::Receiver<Definitions>,
+    defs_tx: Arc<watch::Sender<Definitions>>,
+    /// Managed services from sources skipped, as last said (each said once).
+    skipped: BTreeSet<String>,
 }
 
 impl Running {
@@ -421,11 +435,18 @@ impl Running {
         MetricSlot { slot, stop }
     }
 
-    fn plan_now(&self) -> Result<Plan, Fatal> {
+    fn plan_now(&mut self) -> Result<Plan, Fatal> {
         let m = &self.config.manager;
-        crate::metrics::get().retain_managed(&m.services.iter().map(|s| s.name.clone()).collect());
+        let (services, skipped) =
+            managed_sources::merge(&m.services, &self.defs.borrow(), &self.config.metrics);
+        let skipped: BTreeSet<String> = skipped.into_iter().collect();
+        for line in skipped.difference(&self.skipped) {
+            tracing::error!("managed service skipped: {line}");
+        }
+        self.skipped = skipped;
+        crate::metrics::get().retain_managed(&services.iter().map(|s| s.name.clone()).collect());
         Ok(Plan {
-            services: managed_services(&self.config, &self.slot_map())
+            services: managed_services(&services, &self.slot_map())
                 .map_err(|e| Fatal::Config(e.to_string()))?,
             loop_interval: Duration::from_secs(m.loop_secs),
             dry_run: m.dry_run,
@@ -445,19 +466,21 @@ impl Running {
         global: &mut Supervisor,
         stop: watch::Receiver<bool>,
     ) -> Result<(), Fatal> {
-        let (Some(url), Some(sdk)) = (&self.config.manager.central_redis, &self.sdk) else {
+        let (Some(url), Some(sdk)) = (self.config.manager.central_redis.clone(), self.sdk.clone())
+        else {
             return Ok(());
         };
+        let plan = self.plan_now()?;
         let m = &self.config.manager;
         let central =
-            crate::redis_util::open(url, m.central_redis_ca_file.as_deref()).map_err(|e| {
+            crate::redis_util::open(&url, m.central_redis_ca_file.as_deref()).map_err(|e| {
                 Fatal::Config(format!(
                     "manager.central_redis {}: {e}",
-                    crate::redis_util::addr(url)
+                    crate::redis_util::addr(&url)
                 ))
             })?;
         let id = self.me.instance_id.clone().unwrap_or_else(hostname);
-        let (plan_tx, plan_rx) = watch::channel(self.plan_now()?);
+        let (plan_tx, plan_rx) = watch::channel(plan);
         let manager = Manager {
             id: id.clone(),
             az: self
@@ -466,20 +489,79 @@ impl Running {
                 .clone()
                 .unwrap_or_else(|| "unknown".into()),
             central,
-            central_addr: crate::redis_util::addr(url),
+            central_addr: crate::redis_util::addr(&url),
             timing: Timing {
                 lease: Duration::from_millis(m.lease_ms),
                 tick: Duration::from_millis(m.tick_ms),
                 guard: Duration::from_millis(m.guard_ms),
             },
             plan: plan_rx,
-            ecs: Some(AwsEcs::new(sdk)),
-            ec2: Some(aws_sdk_ec2::Client::new(sdk)),
+            ecs: Some(AwsEcs::new(&sdk)),
+            ec2: Some(aws_sdk_ec2::Client::new(&sdk)),
         };
         tracing::info!(instance = %id, services = m.services.len(), dry_run = m.dry_run, "manager started");
+        if !m.sources.is_empty() {
+            self.follow_sources(global, stop.clone());
+        }
         global.spawn("manager", move || manager.clone().run(stop.clone()));
         self.plan = Some(plan_tx);
         Ok(())
+    }
+
+    /// Follows `[[manager.sources]]`: created once (retried until they are), then polled.
+    fn follow_sources(&self, global: &mut Supervisor, stop: watch::Receiver<bool>) {
+        let created: Arc<OnceCell<Option<Vec<ServicesClient>>>> = Arc::new(OnceCell::new());
+        let refs = self.config.manager.sources.clone();
+        let (host, options, fatal) = (self.host.clone(), self.options, self.fatal.clone());
+        let tx = self.defs_tx.clone();
+        global.spawn("manager sources", move || {
+            let (created, host, refs, stop, fatal, tx) = (
+                created.clone(),
+                host.clone(),
+                refs.clone(),
+                stop.clone(),
+                fatal.clone(),
+                tx.clone(),
+            );
+            async move {
+                let clients = created
+                    .get_or_init(|| {
+                        sources(
+                            "manager.sources",
+                            &host,
+                            &refs,
+                            options,
+                            stop.clone(),
+                            fatal,
+                        )
+                    })
+                    .await;
+                let Some(clients) = clients.clone() else {
+                    return;
+                };
+                let keyed = clients
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, c)| (format!("manager.sources[{i}]"), c))
+                    .collect();
+                managed_sources::run(keyed, tx, SOURCES_EVERY, stop).await;
+            }
+        });
+    }
+
+    /// Publishes the plan again after a source's list changed.
+    fn sources_changed(&mut self) {
+        if self.plan.is_none() {
+            return;
+        }
+        match self.plan_now() {
+            Ok(plan) => {
+                if let Some(tx) = &self.plan {
+                    tx.send_replace(plan);
+                }
+            }
+            Err(e) => tracing::error!("managed services not updated: {e}"),
+        }
     }
 
     fn start_registrar(&mut self) -> Result<(), Fatal> {
@@ -552,7 +634,16 @@ impl Running {
             let (elbs, ports) = (elb_tx.clone(), ports_tx.clone());
             async move {
                 let sources = created
-                    .get_or_init(|| sources(&host, &refs, options, stop.clone(), fatal))
+                    .get_or_init(|| {
+                        sources(
+                            "registrar.sources",
+                            &host,
+                            &refs,
+                            options,
+                            stop.clone(),
+                            fatal,
+                        )
+                    })
                     .await;
                 let Some(sources) = sources.clone() else {
                     return;
@@ -627,9 +718,12 @@ impl Running {
             .collect();
         self.slots.extend(created);
         self.ensure_sdk().await;
-        if plan.services || !plan.metrics_new.is_empty() {
-            if let Some(tx) = &self.plan {
-                tx.send_replace(self.plan_now().map_err(|e| e.to_string())?);
+        if plan.services || !plan.metrics_new.is_empty() || !plan.metrics_gone.is_empty() {
+            if self.plan.is_some() {
+                let now = self.plan_now().map_err(|e| e.to_string())?;
+                if let Some(tx) = &self.plan {
+                    tx.send_replace(now);
+                }
             }
         }
         // Dropped only once the loops use the new sources.
@@ -706,6 +800,7 @@ pub async fn run(
             crate::http::serve(listener.clone(), info.clone(), stop.clone())
         });
     }
+    let (defs_tx, mut defs_rx) = watch::channel(Definitions::new());
     let mut running = Running {
         config,
         host,
@@ -716,6 +811,9 @@ pub async fn run(
         plan: None,
         registrar: None,
         fatal: fatal_tx.clone(),
+        defs: defs_rx.clone(),
+        defs_tx: Arc::new(defs_tx),
+        skipped: BTreeSet::new(),
     };
     // One AWS configuration for every client, loaded only when something needs AWS.
     running.ensure_sdk().await;
@@ -741,6 +839,7 @@ pub async fn run(
             biased;
             _ = &mut shutdown => break None,
             f = fatal_rx.recv() => break f,
+            Ok(()) = defs_rx.changed() => running.sources_changed(),
             Some(()) = reload.recv() => {
                 let outcome = running.reload(path.as_deref(), insecure).await;
                 crate::metrics::get().count_reload(match &outcome {
@@ -778,6 +877,9 @@ pub async fn run(
     }
     fatal.map_or(Ok(()), Err)
 }
+
+/// How often `[[manager.sources]]` are asked whether their services changed.
+const SOURCES_EVERY: Duration = Duration::from_secs(2);
 
 /// The longest shutdown takes: work in flight is cancelled, not waited for.
 pub const SHUTDOWN_LIMIT: Duration = Duration::from_secs(2);

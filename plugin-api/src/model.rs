@@ -88,7 +88,10 @@ impl ContainerMatch {
 }
 
 /// A service as the registrar and manager see it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+///
+/// Later 1.x versions add optional fields (1.1 added `manage`): build one with
+/// `..Default::default()` so that your plugin still compiles against them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ServiceDefinition {
     /// Service name; also the default Redx backend name.
     pub name: String,
@@ -120,6 +123,13 @@ pub struct ServiceDefinition {
     /// Seconds between the last container leaving and the ELB deregistration.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain_seconds: Option<u64>,
+    /// Scaling by warden's elected manager, read from the sources of `[[manager.sources]]`:
+    /// the keys of a `[[manager.services]]` entry without `name` (`cluster`,
+    /// `task_definition` or `ecs_service`, `metric`, `mapping`, `policy`). Kept as JSON
+    /// here and checked by warden, which names the service and the source when a key is
+    /// wrong, so the manager's settings can grow without a new interface version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manage: Option<serde_json::Value>,
 }
 
 impl ServiceDefinition {

@@ -1,4 +1,4 @@
-//! A host of warden-plugin-api 1.0 loads a plugin built against another 1.x of the
+//! A host of warden-plugin-api 1.x loads a plugin built against another 1.x of the
 //! interface, and refuses one built against 2.0 with a short reason.
 //!
 //! The plugins are really built against other versions: the test copies plugin-api with
@@ -36,7 +36,7 @@ fn build_plugin_against(version: &str) -> PathBuf {
     copy_dir(&root.join("plugin-api/src"), &ws.join("plugin-api/src"));
     let api_manifest = std::fs::read_to_string(root.join("plugin-api/Cargo.toml")).unwrap();
     let api_manifest = api_manifest.replacen(
-        "version = \"1.0.0\"",
+        &format!("version = \"{}\"", warden_plugin_api::API_VERSION),
         &format!("version = \"{version}\""),
         1,
     );
@@ -100,7 +100,7 @@ fn build_plugin_against(version: &str) -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_1x_loads_and_2x_is_refused_with_a_short_reason() {
     build_workspace();
-    let v1_1 = build_plugin_against("1.1.0");
+    let v1_1 = build_plugin_against("1.7.0");
     let v2 = build_plugin_against("2.0.0");
 
     let dir = plugin_dir(&[v1_1.as_path(), v2.as_path()]);
@@ -110,11 +110,11 @@ async fn another_1x_loads_and_2x_is_refused_with_a_short_reason() {
     let m = host.plugins()[0].manifest();
     assert_eq!(
         (m.name.as_str(), m.api_version.as_str()),
-        ("compat-1.1.0", "1.1.0")
+        ("compat-1.7.0", "1.7.0")
     );
     let client = MetricClient(
         host.create(
-            "compat-1.1.0",
+            "compat-1.7.0",
             Kind::MetricSource,
             &json!({ "value": 42.5 }),
             CallOptions::default(),
@@ -128,7 +128,7 @@ async fn another_1x_loads_and_2x_is_refused_with_a_short_reason() {
     let reason = &host.failures()[0].reason;
     assert_eq!(
         reason,
-        "built against warden-plugin-api 2.0.0, but this warden takes 1.x (it has 1.0.0): rebuild the plugin against warden-plugin-api 1.x"
+        &format!("built against warden-plugin-api 2.0.0, but this warden takes 1.x (it has {}): rebuild the plugin against warden-plugin-api 1.x", warden_plugin_api::API_VERSION)
     );
 
     // The CLI says the same in one line and fails.

@@ -41,7 +41,11 @@ fn every_plugin_is_listed_with_name_version_kinds_api_and_path() {
         assert_eq!(cols[0], name, "{line}");
         assert_eq!(cols[1], "0.1.0", "{line}");
         assert_eq!(cols[2], kind, "{line}");
-        assert_eq!(cols[3], "api 1.0.0", "{line}");
+        assert_eq!(
+            cols[3],
+            format!("api {}", warden_plugin_api::API_VERSION),
+            "{line}"
+        );
         assert!(cols[4].ends_with(file), "{line}");
     }
 }

@@ -250,6 +250,7 @@ async fn reconcile_200() -> Vec<(String, f64, usize, u64, usize)> {
             elb: None,
             network: None,
             drain_seconds: None,
+            manage: None,
         })
         .collect();
     let containers: Vec<Container> = (0..200)

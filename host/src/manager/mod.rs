@@ -19,6 +19,7 @@ pub mod ecs;
 pub mod election;
 pub mod leadership;
 pub mod policy;
+pub mod sources;
 pub mod worker;
 
 #[cfg(test)]

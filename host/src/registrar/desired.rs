@@ -475,6 +475,7 @@ mod tests {
             elb: None,
             network: None,
             drain_seconds: None,
+            manage: None,
         }
     }
 

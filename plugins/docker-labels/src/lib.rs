@@ -96,6 +96,7 @@ pub fn parse_labels(
             .map(|v| name(&key("network"), v))
             .transpose()?,
         drain_seconds: None,
+        manage: None,
     };
     if let Some(v) = get("frontend") {
         for f in v.split(',').map(str::trim).filter(|f| !f.is_empty()) {
