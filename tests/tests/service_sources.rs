@@ -1,0 +1,181 @@
+//! Services defined cluster-wide in Redis (`redis-services`), followed live: by the
+//! registrar (routes read back from the local Redis, with real Docker containers) and by
+//! the manager (`[[manager.sources]]`, tasks counted in moto).
+
+use std::time::Duration;
+
+use redis::Commands;
+use warden_tests::harness::*;
+
+fn get(redis: &Redis, key: &str) -> Option<String> {
+    redis.conn().get(key).unwrap()
+}
+
+fn wait_log(w: &Warden, what: &str, all: &[&str]) -> String {
+    eventually(Duration::from_secs(20), what, || {
+        w.log_text()
+            .lines()
+            .find(|l| all.iter().all(|s| l.contains(s)))
+            .map(str::to_owned)
+    })
+}
+
+/// A service written into the hash is routed without a restart; a malformed entry is
+/// skipped and named while the good one stays; the services Redis going away keeps the
+/// last good set; deleting the entry takes the route away.
+#[test]
+fn services_in_redis_are_routed_live_and_a_bad_entry_or_a_lost_redis_costs_nothing() {
+    let local = Redis::start();
+    let mut central = Redis::start();
+    let config = format!(
+        "[host]\ninstance_id = \"i-rsvc\"\n[registrar]\nlocal_redis = \"{}\"\n\
+         [[registrar.sources]]\nplugin = \"redis-services\"\n\
+         config = {{ url = \"{}\", refresh_ms = 200 }}\n",
+        local.url(),
+        central.url()
+    );
+    let w = Warden::start(&config, &[]);
+    let cs = Containers::new("rsvc");
+    let id = cs.run("web", &[], &[]);
+    let server = format!("{}:80", cs.ip(&id, "bridge"));
+    let tag = format!("warden-test={}", cs.tag);
+    let (k, v) = tag.split_once('=').unwrap();
+    let web = serde_json::json!({"match": {"labels": {k: v}}, "port": 80,
+                                 "frontends": ["rsvc.example"]});
+    let _: () = central
+        .conn()
+        .hset("warden:services", "rsvc-web", web.to_string())
+        .unwrap();
+    eventually(Duration::from_secs(20), "the route from Redis", || {
+        (get(&local, "frontend:rsvc.example").as_deref() == Some("rsvc-web")).then_some(())
+    });
+    let servers: Vec<String> = local.conn().hkeys("backend:rsvc-web").unwrap();
+    assert_eq!(servers, vec![server.clone()]);
+
+    // A malformed entry is skipped with one warning naming it; the good one stays.
+    let _: () = central
+        .conn()
+        .hset(
+            "warden:services",
+            "broken",
+            r#"{"match": {"image": "x"}, "prot": 1}"#,
+        )
+        .unwrap();
+    let line = wait_log(
+        &w,
+        "the skipped entry named",
+        &["service entry skipped", "broken"],
+    );
+    assert!(line.contains("unknown key `prot`"), "{line}");
+    assert_eq!(
+        get(&local, "frontend:rsvc.example").as_deref(),
+        Some("rsvc-web")
+    );
+
+    // The services Redis goes away: the last good set is kept, and still used: a
+    // container started now joins the service.
+    central.stop();
+    wait_log(
+        &w,
+        "the read failure said",
+        &["cannot read the services hash"],
+    );
+    let id2 = cs.run("web2", &[], &[]);
+    let server2 = format!("{}:80", cs.ip(&id2, "bridge"));
+    eventually(Duration::from_secs(20), "the second server routed", || {
+        let servers: Vec<String> = local.conn().hkeys("backend:rsvc-web").unwrap();
+        (servers.len() == 2 && servers.contains(&server2)).then_some(())
+    });
+    assert_eq!(
+        get(&local, "frontend:rsvc.example").as_deref(),
+        Some("rsvc-web")
+    );
+
+    // Back (empty: the test's Redis keeps nothing) and written again, then the entry
+    // deleted: the route goes.
+    central.restart();
+    let _: () = central
+        .conn()
+        .hset("warden:services", "rsvc-web", web.to_string())
+        .unwrap();
+    wait_log(&w, "the recovery said", &["services hash readable again"]);
+    eventually(Duration::from_secs(20), "the route back", || {
+        (get(&local, "frontend:rsvc.example").as_deref() == Some("rsvc-web")).then_some(())
+    });
+    let _: () = central.conn().hdel("warden:services", "rsvc-web").unwrap();
+    eventually(Duration::from_secs(20), "the route removed", || {
+        get(&local, "frontend:rsvc.example").is_none().then_some(())
+    });
+    let log = w.log_text();
+    assert_eq!(
+        log.matches("service entry skipped").count(),
+        1,
+        "the bad entry is named once: {log}"
+    );
+}
+
+fn running(moto: &Moto) -> u32 {
+    moto.fixture(&["ecs-count", "c1", "web", "warden-web"])
+        .parse()
+        .unwrap()
+}
+
+/// A service whose definition in Redis has a `manage` part is scaled by the leader
+/// (tasks counted in moto); a change of it is followed without a restart; a wrong one
+/// is skipped with the source, the service and the key named.
+#[test]
+fn a_managed_service_defined_in_redis_is_scaled_and_followed_live() {
+    let central = Redis::start();
+    let moto = Moto::start();
+    moto.fixture(&["ecs-setup", "c1", "web", "3"]);
+    let dir = tempfile::tempdir().unwrap();
+    let metric = dir.path().join("metric");
+    std::fs::write(&metric, "5").unwrap();
+    let config = format!(
+        "[host]\ninstance_id = \"i-msrc\"\n[registrar]\nenabled = false\n\
+         [manager]\ncentral_redis = \"{url}\"\nloop_secs = 1\n\
+         [[manager.sources]]\nplugin = \"redis-services\"\n\
+         config = {{ url = \"{url}\", refresh_ms = 200 }}\n\
+         [metrics.m]\nplugin = \"test-chaos\"\nconfig = {{ sequence = [\"file:{}\"] }}\n",
+        metric.display(),
+        url = central.url(),
+    );
+    let w = Warden::start(&config, &moto.env());
+    let manage = |max: u32| {
+        serde_json::json!({"match": {"image": "web"}, "manage": {
+            "cluster": "c1", "task_definition": "web", "metric": "m",
+            "mapping": {"target_per_task": 1.0},
+            "policy": {"max": max, "scale_down_window_secs": 0}}})
+        .to_string()
+    };
+    let _: () = central
+        .conn()
+        .hset("warden:services", "web", manage(10))
+        .unwrap();
+    eventually(Duration::from_secs(30), "5 tasks in moto", || {
+        (running(&moto) == 5).then_some(())
+    });
+    let _: () = central
+        .conn()
+        .hset("warden:services", "web", manage(2))
+        .unwrap();
+    eventually(Duration::from_secs(30), "2 tasks in moto", || {
+        (running(&moto) == 2).then_some(())
+    });
+    let bad = serde_json::json!({"match": {"image": "api"}, "manage": {
+        "task_definition": "api", "metric": "nope", "mapping": {"target_per_task": 1.0}}});
+    let _: () = central
+        .conn()
+        .hset("warden:services", "api", bad.to_string())
+        .unwrap();
+    let line = wait_log(
+        &w,
+        "the skipped service named",
+        &["managed service skipped"],
+    );
+    assert!(
+        line.contains("manager.sources[0] service \\\"api\\\": manage.metric: no [metrics.nope]"),
+        "{line}"
+    );
+    assert_eq!(running(&moto), 2);
+}
