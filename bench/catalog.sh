@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 n=${1:-200}
 cargo build --release --locked -q -p warden -p warden-plugin-redis-metric -p warden-plugin-http-json \
-  -p warden-plugin-prometheus -p warden-plugin-sqs-queue -p warden-plugin-template
+  -p warden-plugin-prometheus -p warden-plugin-sqs-queue -p warden-plugin-cloudwatch -p warden-plugin-template
 bin=target/release/warden
 so() { echo "target/release/libwarden_plugin_$1.so"; }
 work=$(mktemp -d)
@@ -28,6 +28,7 @@ wait_port "$pp"
 mp=$(port); python3 tests/fixtures/moto_server.py -H 127.0.0.1 -p "$mp" >/dev/null 2>&1 & pids+=($!); wait_port "$mp"
 export AWS_ENDPOINT_URL=http://127.0.0.1:$mp AWS_REGION=eu-west-1 AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_EC2_METADATA_DISABLED=true
 python3 tests/fixtures/aws.py "$AWS_ENDPOINT_URL" sqs-setup jobs 3 >/dev/null
+python3 tests/fixtures/aws.py "$AWS_ENDPOINT_URL" cw-put App Depth Queue=jobs 7 30 >/dev/null
 # Prometheus needs its first scrape.
 for _ in $(seq 50); do
   "$bin" plugins call "$(so prometheus)" --config "{\"url\":\"http://127.0.0.1:$pp\",\"query\":\"sum(jobs_waiting)\"}" >/dev/null 2>&1 && break
@@ -52,3 +53,4 @@ row redis-metric redis_metric "{\"url\":\"redis://127.0.0.1:$rp\",\"key\":\"jobs
 row http-json http_json "{\"url\":\"http://127.0.0.1:$hp/\",\"pointer\":\"/queues/jobs/depth\"}" "busybox httpd"
 row prometheus prometheus "{\"url\":\"http://127.0.0.1:$pp\",\"query\":\"sum(jobs_waiting)\"}" "Prometheus $(prometheus --version 2>&1 | head -1 | awk '{print $3}')"
 row sqs-queue sqs_queue '{"queue":"jobs"}' "moto_server (SQS)"
+row cloudwatch cloudwatch '{"namespace":"App","metric_name":"Depth","dimensions":{"Queue":"jobs"}}' "moto_server (CloudWatch)"
