@@ -718,12 +718,11 @@ impl Running {
             .collect();
         self.slots.extend(created);
         self.ensure_sdk().await;
-        if plan.services || !plan.metrics_new.is_empty() || !plan.metrics_gone.is_empty() {
-            if self.plan.is_some() {
-                let now = self.plan_now().map_err(|e| e.to_string())?;
-                if let Some(tx) = &self.plan {
-                    tx.send_replace(now);
-                }
+        let replan = plan.services || !plan.metrics_new.is_empty() || !plan.metrics_gone.is_empty();
+        if replan && self.plan.is_some() {
+            let now = self.plan_now().map_err(|e| e.to_string())?;
+            if let Some(tx) = &self.plan {
+                tx.send_replace(now);
             }
         }
         // Dropped only once the loops use the new sources.
