@@ -740,6 +740,7 @@ impl Warden {
             plugin_so("warden_plugin_beanstalk_instances").as_path(),
             plugin_so("warden_plugin_s3_table").as_path(),
             plugin_so("warden_plugin_redis_services").as_path(),
+            plugin_so("warden_plugin_dynamodb_services").as_path(),
         ]);
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("warden.toml");

@@ -179,3 +179,93 @@ fn a_managed_service_defined_in_redis_is_scaled_and_followed_live() {
     );
     assert_eq!(running(&moto), 2);
 }
+
+/// Services from a DynamoDB table laid out as the original warden planned (moto): an
+/// original-style item is routed; an item added later is routed without a restart; a
+/// malformed item is skipped and named by its key; a read failure (the table gone)
+/// keeps the last good set, which still routes a container started afterwards.
+#[test]
+fn services_in_dynamodb_are_routed_live_and_a_read_failure_keeps_the_last_good_set() {
+    let local = Redis::start();
+    let moto = Moto::start();
+    moto.fixture(&["ddb-table", "service-description"]);
+    let put = |item: serde_json::Value| {
+        moto.fixture(&["ddb-put", "service-description", &item.to_string()]);
+    };
+    put(
+        serde_json::json!({"Id": "1", "Name": "ddb-web", "BackendName": "ddb-backend",
+        "ContainerName": IMAGE, "LoadBalancerUrl": "ddb.example", "Site": "/",
+        "Port": 80, "TaskName": "web", "TaskVersion": "1",
+        // Warden's own key wins: only the containers labelled for this service.
+        "match": {"image": IMAGE, "labels": {"svc": "ddb-web"}}}),
+    );
+    let config = format!(
+        "[host]\ninstance_id = \"i-ddb\"\n[registrar]\nlocal_redis = \"{}\"\n\
+         [[registrar.sources]]\nplugin = \"dynamodb-services\"\nconfig = {{ refresh_secs = 1 }}\n",
+        local.url()
+    );
+    let w = Warden::start(&config, &moto.env());
+    let cs = Containers::new("ddb");
+    let id = cs.run("web", &[("svc", "ddb-web")], &[]);
+    let server = format!("{}:80", cs.ip(&id, "bridge"));
+    eventually(Duration::from_secs(30), "the route from DynamoDB", || {
+        let servers: Vec<String> = local.conn().hkeys("backend:ddb-backend").unwrap();
+        (get(&local, "frontend:ddb.example").as_deref() == Some("ddb-backend")
+            && servers == vec![server.clone()])
+        .then_some(())
+    });
+
+    // Added while warden runs, in warden's own model.
+    put(
+        serde_json::json!({"Id": "api", "match": {"labels": {"svc": "ddb-api"}},
+        "port": 80, "frontends": ["api.ddb.example/v1"]}),
+    );
+    cs.run("api", &[("svc", "ddb-api")], &[]);
+    eventually(Duration::from_secs(30), "the added service routed", || {
+        (get(&local, "frontend:api.ddb.example/v1/").as_deref() == Some("api")).then_some(())
+    });
+
+    // A malformed item: skipped, named by its key, the others kept.
+    put(
+        serde_json::json!({"Id": "broken-7", "Name": "broken", "ContainerName": "x",
+        "frontend_prot": 1}),
+    );
+    let line = wait_log(
+        &w,
+        "the skipped item named",
+        &["service item skipped", "broken-7"],
+    );
+    assert!(line.contains("frontend_prot"), "{line}");
+    assert_eq!(
+        get(&local, "frontend:ddb.example").as_deref(),
+        Some("ddb-backend")
+    );
+
+    // The table gone: the read fails, the last good set stays and still routes.
+    moto.fixture(&["ddb-drop", "service-description"]);
+    let line = wait_log(
+        &w,
+        "the read failure said",
+        &["cannot read the services table"],
+    );
+    assert!(line.contains("ResourceNotFoundException"), "{line}");
+    let id2 = cs.run("web2", &[("svc", "ddb-web")], &[]);
+    let server2 = format!("{}:80", cs.ip(&id2, "bridge"));
+    eventually(
+        Duration::from_secs(30),
+        "the second container routed",
+        || {
+            let servers: Vec<String> = local.conn().hkeys("backend:ddb-backend").unwrap();
+            servers.contains(&server2).then_some(())
+        },
+    );
+    assert_eq!(
+        get(&local, "frontend:api.ddb.example/v1/").as_deref(),
+        Some("api")
+    );
+    assert_eq!(
+        w.log_text().matches("service item skipped").count(),
+        1,
+        "the malformed item is named once"
+    );
+}

@@ -61,43 +61,14 @@ fn default_timeout_ms() -> u64 {
     2000
 }
 
+mod entry;
+pub use entry::parse_value;
+
 /// Parses one entry of the hash: the field is the service's name. The error says what
 /// is wrong, without the field (the caller names it).
 pub fn parse_entry(field: &str, text: &str) -> Result<ServiceDefinition, String> {
-    let mut value: Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
-    let object = value
-        .as_object_mut()
-        .ok_or("not a JSON object (expected {\"match\": ..., \"frontends\": ...})")?;
-    match object.get("name") {
-        None => {
-            object.insert("name".into(), Value::String(field.to_owned()));
-        }
-        Some(Value::String(n)) if n == field => {}
-        Some(other) => return Err(format!("name {other} differs from the field's name")),
-    }
-    let mut unknown = Vec::new();
-    let mut s: ServiceDefinition =
-        serde_ignored::deserialize(value, |path| unknown.push(path.to_string()))
-            .map_err(|e| e.to_string())?;
-    if let Some(key) = unknown.first() {
-        return Err(format!("unknown key `{key}`"));
-    }
-    if s.name.trim().is_empty() {
-        return Err("the name is empty".into());
-    }
-    if s.matches.is_empty() {
-        return Err(
-            "match: say how its containers are recognised (image, image_prefix, name, labels or ecs_family)"
-                .into(),
-        );
-    }
-    if s.port == Some(0) || s.frontend_port == Some(0) {
-        return Err("port and frontend_port must be 1-65535".into());
-    }
-    for f in s.frontends.iter_mut() {
-        *f = normalise_frontend(f).map_err(|e| format!("frontends: {e}"))?;
-    }
-    Ok(s)
+    let value: Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+    parse_value(field, value)
 }
 
 /// The services of a whole hash, and the entries skipped with why. Two services may not
@@ -126,8 +97,6 @@ pub fn parse_hash(
     }
     (good, bad)
 }
-
-use warden_plugin_api::model::normalise_frontend;
 
 #[derive(Default)]
 struct State {
