@@ -301,7 +301,17 @@ impl Moto {
 
 impl Moto {
     /// The IAM actions (`ecs:RunTask`, `s3:GetObject`, …) that warden and its plugins
-    /// sent, told from the test's own calls by the `app/warden` of their user agent.
+    /// sent, in order, told from the test's own calls by the `app/warden` of their user
+    /// agent.
+    pub fn warden_action_list(&self) -> Vec<String> {
+        let text = std::fs::read_to_string(&self.recording).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| iam_action(&v))
+            .collect()
+    }
+
+    /// The same actions, each once.
     pub fn warden_actions(&self) -> std::collections::BTreeSet<String> {
         let text = std::fs::read_to_string(&self.recording).unwrap_or_default();
         text.lines()
@@ -852,6 +862,13 @@ impl Warden {
 
     pub fn sigkill(&mut self) {
         kill(&mut self.child);
+    }
+
+    /// SIGTERM, then waits for the exit; its status code.
+    pub fn sigterm_and_wait(&mut self) -> Option<i32> {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.wait().ok().and_then(|s| s.code())
     }
 
     /// Starts it again and waits until it is ready.

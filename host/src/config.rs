@@ -15,6 +15,7 @@ pub const ENV_LOCAL_REDIS: &str = "WARDEN_LOCAL_REDIS";
 pub const ENV_CENTRAL_REDIS: &str = "WARDEN_CENTRAL_REDIS";
 pub const ENV_INSTANCE_ID: &str = "WARDEN_INSTANCE_ID";
 pub const ENV_AVAILABILITY_ZONE: &str = "WARDEN_AVAILABILITY_ZONE";
+pub const ENV_PRIVATE_IP: &str = "WARDEN_PRIVATE_IP";
 pub const ENV_HTTP_LISTEN: &str = "WARDEN_HTTP_LISTEN";
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -36,6 +37,9 @@ pub struct HostConfig {
     pub instance_id: Option<String>,
     /// Availability Zone; from instance metadata when absent.
     pub availability_zone: Option<String>,
+    /// Private IP this host is registered with in `ip` target groups; from instance
+    /// metadata (`local-ipv4`) when absent.
+    pub private_ip: Option<String>,
 }
 
 /// The HTTP endpoint (`/livez`, `/readyz`, `/status`, `/metrics`).
@@ -362,6 +366,9 @@ impl Config {
         }
         if let Some(v) = set(env(ENV_INSTANCE_ID)) {
             self.host.instance_id = Some(v);
+        }
+        if let Some(v) = set(env(ENV_PRIVATE_IP)) {
+            self.host.private_ip = Some(v);
         }
         if let Some(v) = set(env(ENV_AVAILABILITY_ZONE)) {
             self.host.availability_zone = Some(v);

@@ -587,8 +587,9 @@ impl Running {
             .transpose()
             .map_err(|e| Fatal::Config(format!("registrar.require_label: {e}")))?;
         let (elb_tx, elb_rx) = watch::channel(BTreeMap::new());
+        let (tg_tx, tg_rx) = watch::channel(BTreeMap::new());
         let (ports_tx, ports_rx) = watch::channel(BTreeSet::new());
-        let (elb_tx, ports_tx) = (Arc::new(elb_tx), Arc::new(ports_tx));
+        let (elb_tx, tg_tx, ports_tx) = (Arc::new(elb_tx), Arc::new(tg_tx), Arc::new(ports_tx));
         let mut sup = part.sup;
         let stop_rx = part.stop.subscribe();
         if let Some(file) = r.router_ports_file.clone() {
@@ -599,14 +600,23 @@ impl Running {
         }
         if let (Some(instance), Some(sdk)) = (self.me.instance_id.clone(), &self.sdk) {
             let client = aws_sdk_elasticloadbalancing::Client::new(sdk);
-            let stop = stop_rx.clone();
+            let (stop, id) = (stop_rx.clone(), instance.clone());
             sup.spawn("elb membership", move || {
-                registrar::elb::run(
+                let classic = registrar::elb::Classic {
+                    client: client.clone(),
+                    instance: id.clone(),
+                };
+                registrar::elb::run(classic, elb_rx.clone(), stop.clone())
+            });
+            let client = aws_sdk_elasticloadbalancingv2::Client::new(sdk);
+            let (stop, ip) = (stop_rx.clone(), self.config.host.private_ip.clone());
+            sup.spawn("target group membership", move || {
+                let groups = registrar::target_group::TargetGroups::new(
                     client.clone(),
                     instance.clone(),
-                    elb_rx.clone(),
-                    stop.clone(),
-                )
+                    ip.clone(),
+                );
+                registrar::elb::run(groups, tg_rx.clone(), stop.clone())
             });
         }
         let refs = r.sources.clone();
@@ -631,7 +641,7 @@ impl Running {
                 local_ca.clone(),
                 selector.clone(),
             );
-            let (elbs, ports) = (elb_tx.clone(), ports_tx.clone());
+            let (elbs, target_groups, ports) = (elb_tx.clone(), tg_tx.clone(), ports_tx.clone());
             async move {
                 let sources = created
                     .get_or_init(|| {
@@ -660,6 +670,7 @@ impl Running {
                     resync,
                     drain_on_stop,
                     elbs,
+                    target_groups,
                     ports,
                     selector,
                 }

@@ -89,7 +89,7 @@ impl ContainerMatch {
 
 /// A service as the registrar and manager see it.
 ///
-/// Later 1.x versions add optional fields (1.1 added `manage`): build one with
+/// Later 1.x versions add optional fields (1.1 added `manage` and `target_groups`): build one with
 /// `..Default::default()` so that your plugin still compiles against them.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ServiceDefinition {
@@ -117,6 +117,12 @@ pub struct ServiceDefinition {
     /// Classic ELB the host joins while it runs this service's containers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub elb: Option<String>,
+    /// ELBv2 target groups (names or ARNs) the host is a target of while it runs this
+    /// service's containers: by instance id (`instance` groups) or private IP (`ip`
+    /// groups), with the router's `frontend_port` for the service as the port (the
+    /// group's own port when none is set).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub target_groups: Vec<String>,
     /// Docker network whose IP is routed to, when a container has several.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<String>,

@@ -251,6 +251,7 @@ async fn reconcile_200() -> Vec<(String, f64, usize, u64, usize)> {
             network: None,
             drain_seconds: None,
             manage: None,
+            target_groups: Vec::new(),
         })
         .collect();
     let containers: Vec<Container> = (0..200)

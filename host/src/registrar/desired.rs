@@ -34,6 +34,44 @@ pub const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
 /// The longest drain (a classic ELB's connection draining goes up to 3600 s).
 pub const MAX_DRAIN_SECS: u64 = 3600;
 
+/// Marks a balancer wanted while `live`; its drain is the longest explicit drain of the
+/// services that share it (the default when none says).
+fn want_in<K: Ord + Clone>(
+    wants: &mut BTreeMap<K, ElbWant>,
+    drains: &mut BTreeMap<K, Duration>,
+    key: K,
+    live: bool,
+    drain: Option<Duration>,
+) {
+    let want = wants.entry(key.clone()).or_insert(ElbWant {
+        wanted: false,
+        drain: DEFAULT_DRAIN,
+    });
+    want.wanted |= live;
+    if let Some(d) = drain {
+        let longest = drains.entry(key).or_insert(d);
+        *longest = (*longest).max(d);
+        want.drain = *longest;
+    }
+}
+
+/// One ELBv2 target group membership: the group (name or ARN) and the port the host is
+/// registered with (the service's router port; the group's own port when `None`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TargetGroupKey {
+    pub group: String,
+    pub port: Option<u16>,
+}
+
+impl std::fmt::Display for TargetGroupKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.port {
+            Some(p) => write!(f, "{} port {p}", self.group),
+            None => write!(f, "{} (its own port)", self.group),
+        }
+    }
+}
+
 /// Whether the host should be in an ELB.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ElbWant {
@@ -49,6 +87,8 @@ pub struct Routing {
     pub strings: BTreeMap<String, String>,
     /// ELB name → membership wanted.
     pub elbs: BTreeMap<String, ElbWant>,
+    /// ELBv2 target group (and port) → membership wanted.
+    pub target_groups: BTreeMap<TargetGroupKey, ElbWant>,
     /// The router's port front-ends (from service definitions, whether or not they
     /// have containers, so that listen ports change only with the definitions).
     pub ports: BTreeSet<u16>,
@@ -415,29 +455,35 @@ pub fn desired<'a>(
         .collect();
     routing.conflicts = conflicts;
 
-    let mut explicit_drain: BTreeMap<String, Duration> = BTreeMap::new();
+    let mut elb_drains = BTreeMap::new();
+    let mut group_drains = BTreeMap::new();
     for s in &unique {
         let backend = s.backend_name();
         let live = routing.servers.get(backend).is_some_and(|v| !v.is_empty());
-        if let Some(elb) = &s.elb {
-            let want = routing.elbs.entry(elb.clone()).or_insert(ElbWant {
-                wanted: false,
-                drain: DEFAULT_DRAIN,
-            });
-            want.wanted |= live;
-            if let Some(secs) = s.drain_seconds {
-                if secs > MAX_DRAIN_SECS {
-                    warnings.push(format!(
-                        "service {:?}: drain of {secs} s is above {MAX_DRAIN_SECS} s; {MAX_DRAIN_SECS} s is used",
-                        s.name
-                    ));
-                }
-                let d = Duration::from_secs(secs.min(MAX_DRAIN_SECS));
-                // The longest drain of the services sharing the ELB.
-                let longest = explicit_drain.entry(elb.clone()).or_insert(d);
-                *longest = (*longest).max(d);
-                want.drain = *longest;
+        let drain = s.drain_seconds.map(|secs| {
+            if secs > MAX_DRAIN_SECS {
+                warnings.push(format!(
+                    "service {:?}: drain of {secs} s is above {MAX_DRAIN_SECS} s; {MAX_DRAIN_SECS} s is used",
+                    s.name
+                ));
             }
+            Duration::from_secs(secs.min(MAX_DRAIN_SECS))
+        });
+        if let Some(elb) = &s.elb {
+            want_in(&mut routing.elbs, &mut elb_drains, elb.clone(), live, drain);
+        }
+        for group in &s.target_groups {
+            let key = TargetGroupKey {
+                group: group.clone(),
+                port: s.frontend_port,
+            };
+            want_in(
+                &mut routing.target_groups,
+                &mut group_drains,
+                key,
+                live,
+                drain,
+            );
         }
     }
     (routing, warnings)
@@ -476,6 +522,7 @@ mod tests {
             network: None,
             drain_seconds: None,
             manage: None,
+            target_groups: Vec::new(),
         }
     }
 
@@ -500,6 +547,41 @@ mod tests {
         assert_eq!(r.strings["frontend:example.com/api/"], "web");
         assert_eq!(r.strings["warden:port:8001"], "web");
         assert_eq!(r.ports, BTreeSet::from([8001]));
+        assert!(r.elbs["web-elb"].wanted);
+    }
+
+    #[test]
+    fn target_groups_are_wanted_with_the_router_port_and_the_longest_drain() {
+        let mut web = service("web", &[("svc", "web")]);
+        web.frontend_port = Some(8001);
+        web.elb = Some("web-elb".into());
+        web.target_groups = vec!["web-tg".into(), "ip-tg".into()];
+        web.drain_seconds = Some(5);
+        let mut api = service("api", &[("svc", "api")]);
+        api.target_groups = vec!["web-tg".into()];
+        api.drain_seconds = Some(20);
+        let a = container("a", "web-1", &[("svc", "web")], "172.17.0.2");
+        let (r, _) = desired(&[web, api], [&a], &BTreeMap::new());
+        let key = |g: &str, port| TargetGroupKey {
+            group: g.into(),
+            port,
+        };
+        assert_eq!(
+            r.target_groups[&key("web-tg", Some(8001))],
+            ElbWant {
+                wanted: true,
+                drain: Duration::from_secs(5)
+            }
+        );
+        assert!(r.target_groups[&key("ip-tg", Some(8001))].wanted);
+        // api has no router port and no container: its own membership, not wanted.
+        assert_eq!(
+            r.target_groups[&key("web-tg", None)],
+            ElbWant {
+                wanted: false,
+                drain: Duration::from_secs(20)
+            }
+        );
         assert!(r.elbs["web-elb"].wanted);
     }
 

@@ -1,6 +1,8 @@
-//! Classic ELB membership: the host's instance is registered in a service's ELB while the
-//! service has a routed container here, and deregistered after the service's drain time
-//! once it has none.
+//! Load balancer membership: the host is registered in a service's classic ELB and
+//! ELBv2 target groups while the service has a routed container here, and deregistered
+//! after the service's drain time once it has none. One loop, [`run`], over a small
+//! [`Membership`] trait: classic ELBs here ([`Classic`]), target groups in
+//! `target_group.rs`, fakes in the tests.
 //!
 //! Deregistration happens only on positive knowledge: the wanted set is published by
 //! the registrar only while its store is in sync with Docker, so a Docker or plugin
@@ -9,6 +11,8 @@
 //! backs off further per ELB.
 
 use std::collections::BTreeMap;
+use std::fmt::Display;
+use std::future::Future;
 use std::time::Duration;
 
 use aws_sdk_elasticloadbalancing::types::Instance;
@@ -23,6 +27,25 @@ use crate::backoff::Backoff;
 /// the ELB by hand).
 const RECHECK: Duration = Duration::from_secs(300);
 
+/// What the loop needs of a kind of load balancer: whether the host is a member, and
+/// joining or leaving. Every call is preceded by a membership check.
+pub trait Membership: Send + Sync {
+    type Key: Ord + Clone + Display + Send + Sync;
+    /// For logs: `load balancer`, `target group`.
+    const WHAT: &'static str;
+    fn is_member(&self, key: &Self::Key) -> impl Future<Output = Result<bool, ElbError>> + Send;
+    fn set(
+        &self,
+        key: &Self::Key,
+        register: bool,
+    ) -> impl Future<Output = Result<(), ElbError>> + Send;
+    /// How long the balancer keeps draining the host's connections after it leaves.
+    fn leave_delay(&self, key: &Self::Key) -> impl Future<Output = Duration> + Send {
+        let _ = key;
+        std::future::ready(Duration::ZERO)
+    }
+}
+
 struct ElbState {
     /// The last wanted state published for it; kept when its service disappears from
     /// the definitions (docker-labels forgets a service with its last container).
@@ -33,6 +56,8 @@ struct ElbState {
     next_try: Instant,
     backoff: Backoff,
     errors: crate::logs::Repeated,
+    /// After a deregistration: when the balancer's own deregistration delay is over.
+    gone_at: Option<Instant>,
 }
 
 /// The action for one ELB now (pure; tested in paused time).
@@ -72,11 +97,33 @@ pub fn decide(
 }
 
 #[derive(Debug, thiserror::Error)]
-enum ElbError {
-    #[error("load balancer {0} does not exist")]
+pub enum ElbError {
+    /// The balancer does not exist: an operator must fix the service's setting.
+    #[error("{0} does not exist")]
     NotFound(String),
+    /// A setting cannot work (a target type warden cannot be, no private IP...).
+    #[error("{0}")]
+    Config(String),
+    /// Anything else: retried with backoff.
     #[error("{0}")]
     Aws(String),
+}
+
+/// Classic ELBs, by name, with the host's instance id.
+pub struct Classic {
+    pub client: Client,
+    pub instance: String,
+}
+
+impl Membership for Classic {
+    type Key = String;
+    const WHAT: &'static str = "load balancer";
+    async fn is_member(&self, elb: &String) -> Result<bool, ElbError> {
+        is_member(&self.client, elb, &self.instance).await
+    }
+    async fn set(&self, elb: &String, register: bool) -> Result<(), ElbError> {
+        act(&self.client, elb, &self.instance, register).await
+    }
 }
 
 async fn is_member(client: &Client, elb: &str, instance: &str) -> Result<bool, ElbError> {
@@ -90,7 +137,7 @@ async fn is_member(client: &Client, elb: &str, instance: &str) -> Result<bool, E
     let lb = out
         .load_balancer_descriptions()
         .first()
-        .ok_or_else(|| ElbError::NotFound(elb.to_owned()))?;
+        .ok_or_else(|| ElbError::NotFound(format!("load balancer {elb}")))?;
     Ok(lb
         .instances()
         .iter()
@@ -111,17 +158,18 @@ where
         .unwrap_or("")
         .to_owned();
     if code == "LoadBalancerNotFound" || code == "AccessPointNotFound" {
-        ElbError::NotFound(elb.to_owned())
+        ElbError::NotFound(format!("load balancer {elb}"))
     } else {
         ElbError::Aws(crate::aws::describe(&e))
     }
 }
 
 /// Counts an ELB call by operation and outcome.
-fn counted<T>(op: &str, r: Result<T, ElbError>) -> Result<T, ElbError> {
+pub fn counted<T>(op: &str, r: Result<T, ElbError>) -> Result<T, ElbError> {
     let outcome = match &r {
         Ok(_) => "ok",
         Err(ElbError::NotFound(_)) => "not_found",
+        Err(ElbError::Config(_)) => "refused",
         Err(ElbError::Aws(_)) => "error",
     };
     crate::metrics::Metrics::count(&crate::metrics::get().elb_calls, op, outcome);
@@ -153,26 +201,25 @@ async fn act(client: &Client, elb: &str, instance: &str, register: bool) -> Resu
 }
 
 /// Follows the wanted memberships until shutdown.
-pub async fn run(
-    client: Client,
-    instance: String,
-    mut wanted: watch::Receiver<BTreeMap<String, ElbWant>>,
+pub async fn run<M: Membership>(
+    lbs: M,
+    mut wanted: watch::Receiver<BTreeMap<M::Key, ElbWant>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut states: BTreeMap<String, ElbState> = BTreeMap::new();
+    let mut states: BTreeMap<M::Key, ElbState> = BTreeMap::new();
     loop {
         let now = Instant::now();
         let desired = wanted.borrow_and_update().clone();
         let mut wake = now + Duration::from_secs(30);
-        // An ELB no service names any more is not wanted: it is left after its drain.
-        for (elb, st) in states.iter_mut() {
-            if !desired.contains_key(elb) {
+        // A balancer no service names any more is not wanted: it is left after its drain.
+        for (key, st) in states.iter_mut() {
+            if !desired.contains_key(key) {
                 st.want.wanted = false;
             }
         }
-        for (elb, want) in &desired {
+        for (key, want) in &desired {
             states
-                .entry(elb.clone())
+                .entry(key.clone())
                 .and_modify(|st| st.want = *want)
                 .or_insert_with(|| ElbState {
                     want: *want,
@@ -182,66 +229,90 @@ pub async fn run(
                     next_try: now,
                     backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
                     errors: crate::logs::Repeated::new("load balancer call"),
+                    gone_at: None,
                 });
         }
-        for (elb, st) in states.iter_mut() {
-            let want = st.want;
-            if st.checked_at.is_some_and(|t| now - t > RECHECK) {
-                st.member = None;
-            }
-            let action = decide(want, st.member, &mut st.leave_at, now);
-            let register = match action {
-                Action::None => continue,
-                Action::WaitUntil(at) => {
-                    wake = wake.min(at);
-                    continue;
-                }
-                Action::Register => true,
-                Action::Deregister => false,
-            };
-            if now < st.next_try {
-                wake = wake.min(st.next_try);
-                continue;
-            }
-            let result = async {
-                let member = is_member(&client, elb, &instance).await?;
-                if member != register {
-                    act(&client, elb, &instance, register).await?;
-                }
-                Ok::<bool, ElbError>(member != register)
-            }
-            .await;
-            match result {
-                Ok(acted) => {
-                    st.member = Some(register);
-                    st.checked_at = Some(Instant::now());
-                    st.backoff.reset();
-                    st.errors.cleared();
-                    if acted {
-                        tracing::info!(elb = %elb, instance = %instance, "{}", if register { "registered in the load balancer" } else { "deregistered from the load balancer" });
-                    }
-                }
-                Err(e) => {
-                    let delay = st.backoff.next_delay();
-                    st.next_try = Instant::now() + delay;
-                    wake = wake.min(st.next_try);
-                    match e {
-                        ElbError::NotFound(_) => {
-                            if st.errors.note(&e.to_string(), Instant::now())
-                                != crate::logs::Say::Nothing
-                            {
-                                tracing::error!(elb = %elb, "{e}: fix the service's elb setting (retrying)")
-                            }
-                        }
-                        ElbError::Aws(_) => st.errors.failed(&format!("ELB {elb}: {e}")),
-                    }
-                }
+        for (key, st) in states.iter_mut() {
+            if let Some(at) = step(&lbs, key, st, now).await {
+                wake = wake.min(at);
             }
         }
         tokio::select! {
             r = wanted.changed() => if r.is_err() { return },
             _ = tokio::time::sleep_until(wake) => {}
             _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// One balancer's turn: decide, then check and act. Returns when to look again.
+async fn step<M: Membership>(
+    lbs: &M,
+    key: &M::Key,
+    st: &mut ElbState,
+    now: Instant,
+) -> Option<Instant> {
+    let what = M::WHAT;
+    if let Some(at) = st.gone_at {
+        if now < at && !st.want.wanted {
+            return Some(at);
+        }
+        st.gone_at = None;
+        if !st.want.wanted {
+            tracing::info!(balancer = %key, "{what} {key}: its deregistration delay is over; this host is gone from it");
+        }
+    }
+    if st.checked_at.is_some_and(|t| now - t > RECHECK) {
+        st.member = None;
+    }
+    let register = match decide(st.want, st.member, &mut st.leave_at, now) {
+        Action::None => return None,
+        Action::WaitUntil(at) => return Some(at),
+        Action::Register => true,
+        Action::Deregister => false,
+    };
+    if now < st.next_try {
+        return Some(st.next_try);
+    }
+    let result = async {
+        let member = lbs.is_member(key).await?;
+        if member != register {
+            lbs.set(key, register).await?;
+        }
+        Ok::<bool, ElbError>(member != register)
+    }
+    .await;
+    match result {
+        Ok(acted) => {
+            st.member = Some(register);
+            st.checked_at = Some(Instant::now());
+            st.backoff.reset();
+            st.errors.cleared();
+            if acted && register {
+                tracing::info!(balancer = %key, "registered in the {what} {key}");
+            } else if acted {
+                let delay = lbs.leave_delay(key).await;
+                if delay > Duration::ZERO {
+                    st.gone_at = Some(Instant::now() + delay);
+                    tracing::info!(balancer = %key, delay_secs = delay.as_secs(), "deregistered from the {what} {key}; it drains this host's connections for {} s", delay.as_secs());
+                    return st.gone_at;
+                }
+                tracing::info!(balancer = %key, "deregistered from the {what} {key}");
+            }
+            None
+        }
+        Err(e) => {
+            let delay = st.backoff.next_delay();
+            st.next_try = Instant::now() + delay;
+            match e {
+                ElbError::NotFound(_) | ElbError::Config(_) => {
+                    if st.errors.note(&e.to_string(), Instant::now()) != crate::logs::Say::Nothing {
+                        tracing::error!(balancer = %key, "{e}: fix the service's setting (retrying)")
+                    }
+                }
+                ElbError::Aws(_) => st.errors.failed(&format!("{what} {key}: {e}")),
+            }
+            Some(st.next_try)
         }
     }
 }

@@ -17,6 +17,7 @@ pub mod entry;
 pub mod redx;
 pub mod router;
 pub mod store;
+pub mod target_group;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -45,6 +46,8 @@ pub struct Registrar {
     pub drain_on_stop: bool,
     /// ELB membership wanted, published only while the store is in sync with Docker.
     pub elbs: std::sync::Arc<watch::Sender<BTreeMap<String, ElbWant>>>,
+    /// Target group membership wanted, published as `elbs` is.
+    pub target_groups: std::sync::Arc<watch::Sender<BTreeMap<desired::TargetGroupKey, ElbWant>>>,
     /// The router's port front-ends.
     pub ports: std::sync::Arc<watch::Sender<BTreeSet<u16>>>,
     /// Only containers with this label are considered.
@@ -285,6 +288,9 @@ impl Loop {
             self.r
                 .elbs
                 .send_if_modified(|e| replace_if_changed(e, &routing.elbs));
+            self.r
+                .target_groups
+                .send_if_modified(|e| replace_if_changed(e, &routing.target_groups));
         }
         let entries = desired::owned_entries(&routing);
         let before = self.last_desired.replace(entries.clone());

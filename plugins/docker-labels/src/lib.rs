@@ -71,6 +71,25 @@ fn name(label: &str, v: &str) -> Result<String, LabelError> {
     }
 }
 
+/// A target group's name (1-32 letters, digits, `-`, not at an end) or ARN.
+fn target_group(label: &str, v: &str) -> Result<String, LabelError> {
+    let arn = v.starts_with("arn:") && v.contains(":targetgroup/");
+    let name = (1..=32).contains(&v.len())
+        && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && !v.starts_with('-')
+        && !v.ends_with('-');
+    if arn || name {
+        Ok(v.to_owned())
+    } else {
+        Err(LabelError {
+            label: label.into(),
+            why: format!(
+                "{v:?} is not a target group name (1-32 letters, digits, `-`) or ARN (arn:...:targetgroup/...)"
+            ),
+        })
+    }
+}
+
 /// Reads one container's labels into a service definition (`None`: not a service).
 pub fn parse_labels(
     prefix: &str,
@@ -97,6 +116,7 @@ pub fn parse_labels(
             .transpose()?,
         drain_seconds: None,
         manage: None,
+        target_groups: Vec::new(),
     };
     if let Some(v) = get("frontend") {
         for f in v.split(',').map(str::trim).filter(|f| !f.is_empty()) {
@@ -105,6 +125,12 @@ pub fn parse_labels(
                     label: key("frontend"),
                     why,
                 })?);
+        }
+    }
+    if let Some(v) = get("target-group") {
+        for g in v.split(',').map(str::trim).filter(|g| !g.is_empty()) {
+            def.target_groups
+                .push(target_group(&key("target-group"), g)?);
         }
     }
     if let Some(v) = get("drain") {
@@ -126,6 +152,7 @@ pub fn parse_labels(
         "frontend",
         "frontend-port",
         "elb",
+        "target-group",
         "network",
         "drain",
     ];
@@ -259,6 +286,10 @@ mod tests {
                 ("warden.elb", "web-elb"),
                 ("warden.network", "front"),
                 ("warden.drain", "30"),
+                (
+                    "warden.target-group",
+                    "web-tg, arn:aws:elasticloadbalancing:eu-west-1:1:targetgroup/ip-tg/abc",
+                ),
                 ("other", "x"),
             ]),
         )
@@ -271,6 +302,13 @@ mod tests {
         assert_eq!(d.elb.as_deref(), Some("web-elb"));
         assert_eq!(d.network.as_deref(), Some("front"));
         assert_eq!(d.drain_seconds, Some(30));
+        assert_eq!(
+            d.target_groups,
+            vec![
+                "web-tg",
+                "arn:aws:elasticloadbalancing:eu-west-1:1:targetgroup/ip-tg/abc"
+            ]
+        );
     }
 
     #[test]
@@ -294,6 +332,9 @@ mod tests {
             ("warden.service", "a b"),
             ("warden.frontend", "http://x"),
             ("warden.prot", "80"),
+            ("warden.target-group", "web_tg"),
+            ("warden.target-group", "-web"),
+            ("warden.target-group", "a-name-of-thirty-three-characters"),
         ] {
             let mut l = labels(&[("warden.service", "web")]);
             l.insert(label.into(), value.into());
