@@ -3,8 +3,8 @@
 #  1. lists and checks plugins;
 #  2. starts Redis, the router (nginx + Lua), moto_server (AWS) and three labelled
 #     containers, runs warden, and shows requests answered by different containers
-#     through the router, the host joining the service's ELB, then one container
-#     stopped and the traffic moving to the others.
+#     through the router, the host joining the service's classic ELB and ELBv2 target
+#     group, then one container stopped and the traffic moving to the others.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -57,18 +57,22 @@ else:
 PY
 }
 elb create
+aws() { python3 tests/fixtures/aws.py "$AWS_ENDPOINT_URL" "$@"; }
+# This host as an EC2 instance, and an instance target group for the service.
+instance=$(aws ec2-instance)
+tg_arn=$(aws tg-setup demo-tg instance 2)
+tg() { echo "demo-tg targets [id, port, state]: $(aws tg-targets "$tg_arn")"; }
 tests/image/build.sh
 
 # For the manager: an ECS cluster with room, a Beanstalk environment with 2 instances,
 # and the seed's mapping table in S3 (instances -> tasks).
-aws() { python3 tests/fixtures/aws.py "$AWS_ENDPOINT_URL" "$@"; }
 aws ecs-setup demo worker 3
 aws eb-instances upstream-prod 2
 aws s3-put demo-tables worker.csv $'min,tasks\n0,1\n2,3\n4,5\n6,8\n'
 
 cat >"$work/warden.toml" <<TOML
 [host]
-instance_id = "i-0demo0000000001"
+instance_id = "$instance"
 availability_zone = "eu-west-1a"
 [plugins]
 dirs = ["$work/plugins"]
@@ -100,11 +104,11 @@ say "warden check --config $work/warden.toml"
 "$bin" run --config "$work/warden.toml" 2>"$work/warden.log" &
 pids+=($!)
 
-say "three containers labelled warden.service=demo, warden.frontend-port=$service_port, warden.elb=demo-elb"
+say "three containers labelled warden.service=demo, warden.frontend-port=$service_port, warden.elb=demo-elb, warden.target-group=demo-tg"
 for i in 1 2 3; do
   docker run -d --name demo-web$i -l warden-demo=1 -e NAME=demo-web$i \
     -l warden.service=demo -l warden.frontend=demo.local -l warden.frontend-port=$service_port \
-    -l warden.elb=demo-elb -l warden.drain=2 warden-test/busybox >/dev/null
+    -l warden.elb=demo-elb -l warden.target-group=demo-tg -l warden.drain=2 warden-test/busybox >/dev/null
 done
 for _ in $(seq 100); do
   [ "$(redis-cli -p $redis_port hlen backend:demo)" = 3 ] && (exec 3<>/dev/tcp/127.0.0.1/$service_port) 2>/dev/null && break
@@ -119,6 +123,7 @@ for _ in $(seq 9); do curl -s http://127.0.0.1:$service_port/; done | sort | uni
 for _ in $(seq 3); do curl -s -H 'Host: demo.local' http://127.0.0.1:$router_port/; done | sort | uniq -c
 sleep 1
 elb describe
+tg
 say "warden routes: this host's table as the router sees it"
 "$bin" routes --config "$work/warden.toml"
 say "curl http://127.0.0.1:$http_port/readyz and an excerpt of /metrics"
@@ -133,13 +138,14 @@ redis-cli -p $redis_port --raw hkeys backend:demo | sed 's/^/backend:demo server
 for _ in $(seq 9); do curl -s http://127.0.0.1:$service_port/; done | sort | uniq -c
 wait "$stopping" || true
 
-say "all stopped: the routes go, and after the 2 s drain the host leaves demo-elb"
+say "all stopped: the routes go, and after the 2 s drain the host leaves demo-elb and demo-tg"
 docker stop -t 1 demo-web2 demo-web3 >/dev/null
 sleep 3.5
 redis-cli -p $redis_port --raw keys '*demo*' | sed 's/^/key left: /'
 code=$(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:$service_port/ || true)
 [ "$code" = 000 ] && echo "service port $service_port: closed (no service defines it now; nginx was reloaded)" || echo "service port $service_port: HTTP $code"
 elb describe
+tg
 say "manager: Beanstalk env upstream-prod has 2 instances; table maps 2 -> 3 tasks"
 tasks() { python3 tests/fixtures/aws.py "$AWS_ENDPOINT_URL" ecs-count demo worker warden-worker; }
 for _ in $(seq 40); do [ "$(tasks)" = 3 ] && break; sleep 0.5; done
