@@ -251,3 +251,52 @@ fn run_loads_plugins_and_stops_cleanly_on_sigterm() {
         "{lines:#?}"
     );
 }
+
+/// The original warden's service files, Perl and Go spellings, read by the real
+/// file-services `.so` through `warden plugins check --call`; a misspelt field is refused
+/// with its line and column.
+#[test]
+fn the_original_wardens_service_files_are_read_by_file_services() {
+    let so = plugin_so("warden_plugin_file_services");
+    let fixtures = workspace_root().join("plugins/file-services/fixtures");
+    for name in ["perl-services.json", "go-services.json"] {
+        let path = fixtures.join(name);
+        let config = serde_json::json!({ "path": path }).to_string();
+        let (code, out, err) = warden(&[
+            "plugins",
+            "check",
+            so.to_str().unwrap(),
+            "--config",
+            &config,
+            "--call",
+        ]);
+        assert_eq!(code, 0, "{name}: {out}{err}");
+        for want in [
+            r#""backend":"backend-1""#,
+            r#""elb":"load-balancer-1""#,
+            r#""frontends":["load-balancer-2.warden/fcgi-bin/"]"#,
+            r#""match":{"image":"amazon/amazon-ecs-sample"}"#,
+            r#""port":1080"#,
+        ] {
+            assert!(out.contains(want), "{name}: {want} in {out}");
+        }
+    }
+    let work = tempfile::tempdir().unwrap();
+    let bad = work.path().join("services.json");
+    let text = std::fs::read_to_string(fixtures.join("perl-services.json")).unwrap();
+    std::fs::write(&bad, text.replacen("\"Site\"", "\"Sitee\"", 1)).unwrap();
+    let config = serde_json::json!({ "path": bad }).to_string();
+    let (code, out, err) = warden(&[
+        "plugins",
+        "check",
+        so.to_str().unwrap(),
+        "--config",
+        &config,
+    ]);
+    assert_ne!(code, 0, "{out}{err}");
+    let all = format!("{out}{err}");
+    assert!(
+        all.contains("unknown field `Sitee`") && all.contains("line 9 column"),
+        "{all}"
+    );
+}
