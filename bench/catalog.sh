@@ -6,8 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n=${1:-200}
-cargo build --release --locked -q -p warden -p warden-plugin-redis-metric -p warden-plugin-http-json \
-  -p warden-plugin-prometheus -p warden-plugin-sqs-queue -p warden-plugin-cloudwatch -p warden-plugin-template
+# The same package selection as the demo's build, so that one release build serves both.
+cargo build --release --workspace --exclude warden-bench --locked -q
 bin=target/release/warden
 so() { echo "target/release/libwarden_plugin_$1.so"; }
 work=$(mktemp -d)
