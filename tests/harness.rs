@@ -285,6 +285,45 @@ impl Moto {
         aws_sdk_ecs::Client::new(&conf)
     }
 
+    /// Creates classic ELB `name` (HTTP 80 → `instance_port`, eu-west-1a).
+    pub async fn create_elb(&self, name: &str, instance_port: u16) {
+        use aws_sdk_elasticloadbalancing::types::Listener;
+        self.elb()
+            .await
+            .create_load_balancer()
+            .load_balancer_name(name)
+            .availability_zones("eu-west-1a")
+            .listeners(
+                Listener::builder()
+                    .protocol("HTTP")
+                    .load_balancer_port(80)
+                    .instance_protocol("HTTP")
+                    .instance_port(i32::from(instance_port))
+                    .build()
+                    .unwrap(),
+            )
+            .send()
+            .await
+            .unwrap();
+    }
+
+    /// The instance ids registered in classic ELB `name`, as moto describes them.
+    pub async fn elb_members(&self, name: &str) -> Vec<String> {
+        let out = self
+            .elb()
+            .await
+            .describe_load_balancers()
+            .load_balancer_names(name)
+            .send()
+            .await
+            .unwrap();
+        out.load_balancer_descriptions()[0]
+            .instances()
+            .iter()
+            .filter_map(|i| i.instance_id().map(str::to_owned))
+            .collect()
+    }
+
     pub async fn elb(&self) -> aws_sdk_elasticloadbalancing::Client {
         let creds = aws_sdk_elasticloadbalancing::config::Credentials::new(
             "testing", "testing", None, None, "test",

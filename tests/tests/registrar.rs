@@ -34,47 +34,12 @@ fn config(redis: &Redis, router: Option<&Router>, resync: u64) -> String {
     c
 }
 
-async fn elb_members(moto: &Moto, name: &str) -> Vec<String> {
-    let elb = moto.elb().await;
-    let out = elb
-        .describe_load_balancers()
-        .load_balancer_names(name)
-        .send()
-        .await
-        .unwrap();
-    out.load_balancer_descriptions()[0]
-        .instances()
-        .iter()
-        .filter_map(|i| i.instance_id().map(str::to_owned))
-        .collect()
-}
-
-async fn create_elb(moto: &Moto, name: &str) {
-    use aws_sdk_elasticloadbalancing::types::Listener;
-    let elb = moto.elb().await;
-    elb.create_load_balancer()
-        .load_balancer_name(name)
-        .availability_zones("eu-west-1a")
-        .listeners(
-            Listener::builder()
-                .protocol("HTTP")
-                .load_balancer_port(80)
-                .instance_protocol("HTTP")
-                .instance_port(8001)
-                .build()
-                .unwrap(),
-        )
-        .send()
-        .await
-        .unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containers_are_routed_through_the_router_drained_before_exit_and_the_elb_follows() {
     let redis = Redis::start();
     let router = Router::start(&redis);
     let moto = Moto::start();
-    create_elb(&moto, "web-elb").await;
+    moto.create_elb("web-elb", 8001).await;
     // Keys written by someone else must survive everything warden does.
     {
         let mut c = redis.conn();
@@ -134,7 +99,7 @@ async fn containers_are_routed_through_the_router_drained_before_exit_and_the_el
         Duration::from_secs(15),
         "instance registered in web-elb",
         || {
-            let members = futures_block(elb_members(&moto, "web-elb"));
+            let members = futures_block(moto.elb_members("web-elb"));
             (members == vec![INSTANCE.to_string()]).then_some(())
         },
     );
@@ -171,7 +136,7 @@ async fn containers_are_routed_through_the_router_drained_before_exit_and_the_el
         Duration::from_secs(15),
         "instance deregistered from web-elb",
         || {
-            futures_block(elb_members(&moto, "web-elb"))
+            futures_block(moto.elb_members("web-elb"))
                 .is_empty()
                 .then_some(())
         },

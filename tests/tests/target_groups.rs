@@ -22,43 +22,6 @@ fn member(moto: &Moto, arn: &str, id: &str) -> bool {
         .any(|(t, p, _)| t == id && *p == Some(PORT))
 }
 
-async fn elb_members(moto: &Moto, name: &str) -> Vec<String> {
-    let out = moto
-        .elb()
-        .await
-        .describe_load_balancers()
-        .load_balancer_names(name)
-        .send()
-        .await
-        .unwrap();
-    out.load_balancer_descriptions()[0]
-        .instances()
-        .iter()
-        .filter_map(|i| i.instance_id().map(str::to_owned))
-        .collect()
-}
-
-async fn create_elb(moto: &Moto, name: &str) {
-    use aws_sdk_elasticloadbalancing::types::Listener;
-    moto.elb()
-        .await
-        .create_load_balancer()
-        .load_balancer_name(name)
-        .availability_zones("eu-west-1a")
-        .listeners(
-            Listener::builder()
-                .protocol("HTTP")
-                .load_balancer_port(80)
-                .instance_protocol("HTTP")
-                .instance_port(i32::from(PORT))
-                .build()
-                .unwrap(),
-        )
-        .send()
-        .await
-        .unwrap();
-}
-
 fn config(redis: &Redis, instance: &str) -> String {
     format!(
         "[host]\ninstance_id = \"{instance}\"\nprivate_ip = \"{PRIVATE_IP}\"\n\
@@ -96,7 +59,7 @@ async fn instance_and_ip_groups_and_a_classic_elb_follow_the_service_across_a_re
         .fixture(&["tg-setup", "ip-tg", "ip", "2"])
         .trim()
         .to_owned();
-    create_elb(&moto, "web-elb").await;
+    moto.create_elb("web-elb", PORT).await;
     let mut w = Warden::start(&config(&redis, &instance), &moto.env());
     let cs = Containers::new("tg");
     let groups = format!("web-tg,{ip_tg}");
@@ -116,7 +79,7 @@ async fn instance_and_ip_groups_and_a_classic_elb_follow_the_service_across_a_re
         Duration::from_secs(30),
         "the host in both groups and the ELB",
         || {
-            let elb = futures_block(elb_members(&moto, "web-elb"));
+            let elb = futures_block(moto.elb_members("web-elb"));
             (member(&moto, &web_tg, &instance)
                 && member(&moto, &ip_tg, PRIVATE_IP)
                 && elb == vec![instance.clone()])
@@ -151,7 +114,7 @@ async fn instance_and_ip_groups_and_a_classic_elb_follow_the_service_across_a_re
         Duration::from_secs(30),
         "the host out of both groups and the ELB",
         || {
-            let elb = futures_block(elb_members(&moto, "web-elb"));
+            let elb = futures_block(moto.elb_members("web-elb"));
             (targets(&moto, &web_tg).is_empty()
                 && targets(&moto, &ip_tg).is_empty()
                 && elb.is_empty())

@@ -14,6 +14,9 @@ use std::time::Duration;
 use warden_plugin_api::prelude::*;
 use warden_plugin_api::tokio::sync::Mutex;
 
+mod client;
+use client::addr_of;
+
 /// What to read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
 #[serde(crate = "warden_plugin_api::serde", rename_all = "lowercase")]
@@ -89,13 +92,6 @@ pub struct RedisMetric {
     conn: Mutex<Option<redis::aio::MultiplexedConnection>>,
 }
 
-/// `host:port` of a Redis URL, without any password.
-fn addr_of(url: &str) -> String {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
-    rest.split(['/', '?']).next().unwrap_or(rest).to_owned()
-}
-
 fn classify(addr: &str, e: redis::RedisError) -> PluginError {
     let text = e.to_string();
     let code = e.code().unwrap_or("");
@@ -112,24 +108,8 @@ impl MetricSource for RedisMetric {
     type Config = Config;
 
     async fn new(config: Config) -> Result<Self, PluginError> {
-        // One TLS provider for this library's rustls (a no-op when one is installed).
-        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let addr = addr_of(&config.url);
-        let client = match &config.ca_file {
-            None => redis::Client::open(config.url.as_str()),
-            Some(ca) => {
-                let pem = std::fs::read(ca)
-                    .map_err(|e| PluginError::config(format!("ca_file {}: {e}", ca.display())))?;
-                redis::Client::build_with_tls(
-                    config.url.as_str(),
-                    redis::TlsCertificates {
-                        client_tls: None,
-                        root_cert: Some(pem),
-                    },
-                )
-            }
-        }
-        .map_err(|e| PluginError::config(format!("url ({addr}): {e}")))?;
+        let client = client::open(&config.url, config.ca_file.as_deref())?;
         Ok(RedisMetric {
             config,
             client,

@@ -61,7 +61,10 @@ fn default_timeout_ms() -> u64 {
     2000
 }
 
+#[path = "../../redis-metric/src/client.rs"]
+mod client;
 mod entry;
+use client::addr_of;
 pub use entry::parse_value;
 
 /// Parses one entry of the hash: the field is the service's name. The error says what
@@ -116,13 +119,6 @@ pub struct RedisServices {
     client: redis::Client,
     addr: String,
     state: Mutex<State>,
-}
-
-/// `host:port` of a Redis URL, without any password.
-fn addr_of(url: &str) -> String {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
-    rest.split(['/', '?']).next().unwrap_or(rest).to_owned()
 }
 
 impl RedisServices {
@@ -202,8 +198,6 @@ impl ServiceDefinitions for RedisServices {
     type Config = Config;
 
     async fn new(config: Config) -> Result<Self, PluginError> {
-        // One TLS provider for this library's rustls (a no-op when one is installed).
-        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         if !(100..=600_000).contains(&config.refresh_ms) {
             return Err(PluginError::config(format!(
                 "refresh_ms: {} is outside 100..=600000",
@@ -217,21 +211,7 @@ impl ServiceDefinitions for RedisServices {
             )));
         }
         let addr = addr_of(&config.url);
-        let client = match &config.ca_file {
-            None => redis::Client::open(config.url.as_str()),
-            Some(ca) => {
-                let pem = std::fs::read(ca)
-                    .map_err(|e| PluginError::config(format!("ca_file {}: {e}", ca.display())))?;
-                redis::Client::build_with_tls(
-                    config.url.as_str(),
-                    redis::TlsCertificates {
-                        client_tls: None,
-                        root_cert: Some(pem),
-                    },
-                )
-            }
-        }
-        .map_err(|e| PluginError::config(format!("url ({addr}): {e}")))?;
+        let client = client::open(&config.url, config.ca_file.as_deref())?;
         Ok(RedisServices {
             config,
             client,
