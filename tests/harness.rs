@@ -350,6 +350,33 @@ impl Moto {
             .collect()
     }
 
+    /// The JSON bodies of the requests whose `X-Amz-Target` ends in `.op`, in order (JSON
+    /// protocols: ECS, DynamoDB...), as moto recorded them.
+    pub fn request_bodies(&self, op: &str) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(&self.recording).unwrap_or_default();
+        let suffix = format!(".{op}");
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| {
+                v["headers"].as_object().is_some_and(|h| {
+                    h.iter().any(|(k, t)| {
+                        k.eq_ignore_ascii_case("x-amz-target")
+                            && t.as_str().is_some_and(|t| t.ends_with(&suffix))
+                    })
+                })
+            })
+            .filter_map(|v| {
+                let body = v["body"].as_str()?;
+                let body = if v["body_encoded"].as_bool() == Some(true) {
+                    String::from_utf8(base64_decode(body)).ok()?
+                } else {
+                    body.to_owned()
+                };
+                serde_json::from_str(&body).ok()
+            })
+            .collect()
+    }
+
     /// The same actions, each once.
     pub fn warden_actions(&self) -> std::collections::BTreeSet<String> {
         let text = std::fs::read_to_string(&self.recording).unwrap_or_default();
