@@ -190,6 +190,12 @@ fn warden_status_shows_the_leader_the_hosts_and_the_last_decision() {
     eventually(Duration::from_secs(5), "a recorded decision", || {
         (!history(&central).is_empty()).then_some(())
     });
+    // The leader may decide before the last host's first heartbeat lands (seen in CI
+    // under load): wait until every host has been seen, then read the status.
+    eventually(Duration::from_secs(10), "all three hosts seen", || {
+        let n: usize = central.conn().zcard("warden:hosts").unwrap();
+        (n == 3).then_some(())
+    });
     let out = std::process::Command::new(warden_tests::warden_bin())
         .args(["status", "--json"])
         .env("WARDEN_CENTRAL_REDIS", central.url())
