@@ -486,7 +486,11 @@ fn daemon(path: Option<PathBuf>, insecure: bool) -> anyhow::Result<ExitCode> {
     // A plugin stuck in `new` holds a blocking thread: do not wait for it.
     rt.shutdown_timeout(std::time::Duration::from_millis(200));
     match outcome {
-        Ok(()) => Ok(ExitCode::SUCCESS),
+        Ok(()) => {
+            // The last line of a clean stop: every task has ended, nothing logs after it.
+            tracing::info!("stopped");
+            Ok(ExitCode::SUCCESS)
+        }
         Err(fatal) => {
             for line in fatal.to_string().lines() {
                 eprintln!("warden: {line}");
