@@ -17,7 +17,8 @@
 //!   good set: routes are never taken away by a read error. It is said once, and the
 //!   recovery once.
 //! * An item that does not parse is skipped with one warning naming its key; the others
-//!   are served. The warning comes again only when the item changes.
+//!   are served. The warning comes again only when what is wrong with it changes, or
+//!   after it was fixed (the rules shared with `redis-services` are in `snapshot.rs`).
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
@@ -33,6 +34,9 @@ use warden_plugin_api::tracing;
 mod entry;
 #[path = "../../file-services/src/legacy.rs"]
 mod legacy;
+#[path = "../../redis-services/src/snapshot.rs"]
+mod snapshot;
+use snapshot::Snapshot;
 
 /// `[[registrar.sources]] plugin = "dynamodb-services"` (or `[[manager.sources]]`).
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -165,21 +169,11 @@ pub fn parse_items(
     (good, bad)
 }
 
-#[derive(Default)]
-struct State {
-    read_at: Option<Instant>,
-    items: Option<Vec<Item>>,
-    services: Option<Vec<ServiceDefinition>>,
-    generation: u64,
-    failing: bool,
-    warned: BTreeSet<(String, String)>,
-}
-
 /// A provider of the services in one DynamoDB table.
 pub struct DynamoServices {
     config: Config,
     client: aws_sdk_dynamodb::Client,
-    state: Mutex<State>,
+    snapshot: Mutex<Snapshot<Vec<Item>>>,
 }
 
 impl DynamoServices {
@@ -231,43 +225,31 @@ impl DynamoServices {
         Ok(items)
     }
 
-    async fn refresh(&self, state: &mut State) {
-        let fresh = Duration::from_secs(self.config.refresh_secs);
-        if state.read_at.is_some_and(|t| t.elapsed() < fresh) {
+    async fn refresh(&self, snapshot: &mut Snapshot<Vec<Item>>) {
+        let every = Duration::from_secs(self.config.refresh_secs);
+        if !snapshot.due(every, Instant::now()) {
             return;
         }
-        state.read_at = Some(Instant::now());
+        let table = &self.config.table;
         let items = match self.scan().await {
             Ok(items) => items,
             Err(e) => {
-                if !state.failing {
-                    state.failing = true;
-                    let held = state.services.as_ref().map_or(0, Vec::len);
-                    tracing::warn!(table = %self.config.table, error = %e, held,
+                if let Some(held) = snapshot.failed() {
+                    tracing::warn!(table = %table, error = %e, held,
                         "cannot read the services table; keeping the last good set");
                 }
                 return;
             }
         };
-        if state.failing {
-            state.failing = false;
-            tracing::info!(table = %self.config.table, "services table readable again");
+        let read = snapshot.read(items, |items| {
+            parse_items(&self.config.key_attribute, items)
+        });
+        if read.recovered {
+            tracing::info!(table = %table, "services table readable again");
         }
-        if state.items.as_ref() == Some(&items) {
-            return;
+        for (key, why) in read.newly_skipped {
+            tracing::warn!(table = %table, item = %key, error = %why, "service item skipped");
         }
-        let (services, bad) = parse_items(&self.config.key_attribute, &items);
-        let mut now_bad = BTreeSet::new();
-        for (key, why) in bad {
-            if !state.warned.contains(&(key.clone(), why.clone())) {
-                tracing::warn!(table = %self.config.table, item = %key, error = %why, "service item skipped");
-            }
-            now_bad.insert((key, why));
-        }
-        state.warned = now_bad;
-        state.items = Some(items);
-        state.services = Some(services);
-        state.generation += 1;
     }
 
     fn never_read(&self) -> PluginError {
@@ -314,23 +296,21 @@ impl ServiceDefinitions for DynamoServices {
         Ok(DynamoServices {
             client: aws_sdk_dynamodb::Client::new(&loader.load().await),
             config,
-            state: Mutex::new(State::default()),
+            snapshot: Mutex::new(Snapshot::default()),
         })
     }
 
     async fn list(&self) -> Result<Vec<ServiceDefinition>, PluginError> {
-        let mut state = self.state.lock().await;
-        self.refresh(&mut state).await;
-        state.services.clone().ok_or_else(|| self.never_read())
+        let mut snapshot = self.snapshot.lock().await;
+        self.refresh(&mut snapshot).await;
+        let services = snapshot.services().map(<[_]>::to_vec);
+        services.ok_or_else(|| self.never_read())
     }
 
     async fn generation(&self) -> Result<u64, PluginError> {
-        let mut state = self.state.lock().await;
-        self.refresh(&mut state).await;
-        match state.services {
-            Some(_) => Ok(state.generation),
-            None => Err(self.never_read()),
-        }
+        let mut snapshot = self.snapshot.lock().await;
+        self.refresh(&mut snapshot).await;
+        snapshot.generation().ok_or_else(|| self.never_read())
     }
 }
 

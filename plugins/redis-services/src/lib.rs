@@ -19,9 +19,11 @@
 //!   never take routes away. The failure is logged once, and the recovery once.
 //! * An entry that does not parse (bad JSON, an unknown key, no `match`, a bad
 //!   front-end) is skipped with one warning naming its field and what is wrong; the
-//!   other services are still served. The warning is repeated only when the entry changes.
+//!   other services are still served. The warning is repeated only when what is wrong
+//!   with it changes, or after it was fixed (the rules shared with `dynamodb-services`
+//!   are in `snapshot.rs`).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -64,8 +66,10 @@ fn default_timeout_ms() -> u64 {
 #[path = "../../redis-metric/src/client.rs"]
 mod client;
 mod entry;
+mod snapshot;
 use client::addr_of;
 pub use entry::parse_value;
+use snapshot::Snapshot;
 
 /// Parses one entry of the hash: the field is the service's name. The error says what
 /// is wrong, without the field (the caller names it).
@@ -104,13 +108,7 @@ pub fn parse_hash(
 #[derive(Default)]
 struct State {
     conn: Option<redis::aio::MultiplexedConnection>,
-    read_at: Option<Instant>,
-    hash: Option<BTreeMap<String, String>>,
-    services: Option<Vec<ServiceDefinition>>,
-    generation: u64,
-    failing: bool,
-    /// Entries already warned about, with the text that was wrong.
-    warned: BTreeSet<(String, String)>,
+    snapshot: Snapshot<BTreeMap<String, String>>,
 }
 
 /// A provider of the services in one Redis hash.
@@ -148,42 +146,29 @@ impl RedisServices {
 
     /// Re-reads the hash when the last read is older than `refresh_ms`.
     async fn refresh(&self, state: &mut State) {
-        let fresh = Duration::from_millis(self.config.refresh_ms);
-        if state.read_at.is_some_and(|t| t.elapsed() < fresh) {
+        let every = Duration::from_millis(self.config.refresh_ms);
+        if !state.snapshot.due(every, Instant::now()) {
             return;
         }
-        state.read_at = Some(Instant::now());
+        let (redis, key) = (&self.addr, &self.config.key);
         let hash = match self.read(state).await {
             Ok(h) => h,
             Err(e) => {
-                if !state.failing {
-                    state.failing = true;
-                    let held = state.services.as_ref().map_or(0, Vec::len);
-                    tracing::warn!(redis = %self.addr, key = %self.config.key, error = %e, held,
+                if let Some(held) = state.snapshot.failed() {
+                    tracing::warn!(redis = %redis, key = %key, error = %e, held,
                         "cannot read the services hash; keeping the last good set");
                 }
                 return;
             }
         };
-        if state.failing {
-            state.failing = false;
-            tracing::info!(redis = %self.addr, key = %self.config.key, "services hash readable again");
+        let read = state.snapshot.read(hash, parse_hash);
+        if read.recovered {
+            tracing::info!(redis = %redis, key = %key, "services hash readable again");
         }
-        if state.hash.as_ref() == Some(&hash) {
-            return;
+        for (field, why) in read.newly_skipped {
+            tracing::warn!(redis = %redis, key = %key, service = %field, error = %why,
+                "service entry skipped");
         }
-        let (services, bad) = parse_hash(&hash);
-        for (field, why) in bad {
-            let entry = (field.clone(), hash.get(&field).cloned().unwrap_or_default());
-            if state.warned.insert(entry) {
-                tracing::warn!(redis = %self.addr, key = %self.config.key, service = %field, error = %why,
-                    "service entry skipped");
-            }
-        }
-        state.warned.retain(|(f, text)| hash.get(f) == Some(text));
-        state.hash = Some(hash);
-        state.services = Some(services);
-        state.generation += 1;
     }
 
     fn never_read(&self) -> PluginError {
@@ -223,16 +208,14 @@ impl ServiceDefinitions for RedisServices {
     async fn list(&self) -> Result<Vec<ServiceDefinition>, PluginError> {
         let mut state = self.state.lock().await;
         self.refresh(&mut state).await;
-        state.services.clone().ok_or_else(|| self.never_read())
+        let services = state.snapshot.services().map(<[_]>::to_vec);
+        services.ok_or_else(|| self.never_read())
     }
 
     async fn generation(&self) -> Result<u64, PluginError> {
         let mut state = self.state.lock().await;
         self.refresh(&mut state).await;
-        match state.services {
-            Some(_) => Ok(state.generation),
-            None => Err(self.never_read()),
-        }
+        state.snapshot.generation().ok_or_else(|| self.never_read())
     }
 }
 
