@@ -37,13 +37,17 @@ pub fn command() -> Option<&'static PathBuf> {
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the child prints.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Report {
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// The manifest, as checked by loading the file in the child: the parent needs no
+    /// more to list the plugin and check configs against it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<warden_plugin_api::Manifest>,
 }
 
 /// The child's side: check and load `path`, say what happened.
@@ -53,6 +57,7 @@ pub fn run_here(path: &Path) -> Report {
             ok: false,
             reason: Some(reason),
             name: None,
+            manifest: None,
         };
     }
     match warden_plugin_api::host::Library::load(path) {
@@ -60,11 +65,13 @@ pub fn run_here(path: &Path) -> Report {
             ok: true,
             reason: None,
             name: Some(lib.manifest().name.clone()),
+            manifest: Some(lib.manifest().clone()),
         },
         Err(e) => Report {
             ok: false,
             reason: Some(e.to_string()),
             name: None,
+            manifest: None,
         },
     }
 }
