@@ -73,8 +73,10 @@ impl Plugin {
             let library = open_checked(&self.path, self.allow_insecure)?;
             let (was, now) = (&self.manifest, library.manifest());
             if was != now {
+                // Either the file changed after its check, or an older library at the
+                // same path is already mapped (the loader hands that one back).
                 return Err(format!(
-                    "the file changed since warden checked it ({} {} then, {} {} now); restart warden to use it",
+                    "the file does not hold what warden checked (checked: {} {}, loaded: {} {}); restart warden to use it",
                     was.name, was.version, now.name, now.version
                 ));
             }
