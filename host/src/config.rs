@@ -28,6 +28,9 @@ pub struct Config {
     pub http: HttpConfig,
     /// Metric sources by name: `[metrics.<name>]` with `plugin` and `config`.
     pub metrics: BTreeMap<String, PluginRef>,
+    /// What service definitions from plugins (labels, a services hash, a table...) may
+    /// claim; a source's own `grants` replaces this for that source. Default: nothing.
+    pub grants: crate::grants::Grants,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -151,6 +154,9 @@ pub struct RegistrarConfig {
     pub router_pid_file: Option<PathBuf>,
     /// Consider only containers carrying this label: `key` or `key=value` (default: all).
     pub require_label: Option<String>,
+    /// The router's own listen ports (and any other port no service may take as its
+    /// front-end port); warden's `http.listen` port is added.
+    pub reserved_ports: Vec<u16>,
 }
 
 impl Default for RegistrarConfig {
@@ -165,6 +171,7 @@ impl Default for RegistrarConfig {
             router_ports_file: None,
             router_pid_file: None,
             require_label: None,
+            reserved_ports: vec![80, 443],
         }
     }
 }
@@ -295,6 +302,21 @@ pub struct PluginRef {
     /// Overrides `plugins.isolation` for this instance.
     #[serde(default)]
     pub isolation: Option<Isolation>,
+    /// For a service source: what its definitions may claim, instead of `[grants]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grants: Option<crate::grants::Grants>,
+}
+
+impl PluginRef {
+    /// A reference to `plugin` with an empty config and no overrides.
+    pub fn new(plugin: &str) -> PluginRef {
+        PluginRef {
+            plugin: plugin.to_owned(),
+            config: empty_object(),
+            isolation: None,
+            grants: None,
+        }
+    }
 }
 
 fn empty_object() -> serde_json::Value {
@@ -442,6 +464,40 @@ impl Config {
         }
         for (name, metric) in &self.metrics {
             check_plugin_ref(metric).map_err(|m| bad(&format!("metrics.{name}"), m))?;
+            if metric.grants.is_some() {
+                return Err(bad(
+                    &format!("metrics.{name}.grants"),
+                    "grants apply to service sources ([[registrar.sources]], [[manager.sources]]), not to metric sources".into(),
+                ));
+            }
+        }
+        self.grants
+            .validate("grants")
+            .map_err(|(k, m)| bad(&k, m))?;
+        let sources = self
+            .registrar
+            .sources
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (format!("registrar.sources[{i}]"), r))
+            .chain(
+                self.manager
+                    .sources
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| (format!("manager.sources[{i}]"), r)),
+            );
+        for (key, r) in sources {
+            if let Some(g) = &r.grants {
+                g.validate(&format!("{key}.grants"))
+                    .map_err(|(k, m)| bad(&k, m))?;
+            }
+        }
+        if let Some(p) = self.registrar.reserved_ports.iter().find(|p| **p == 0) {
+            return Err(bad(
+                "registrar.reserved_ports",
+                format!("{p} is not a port (1-65535)"),
+            ));
         }
         if self.plugins.create_timeout_ms == 0 {
             return Err(bad(
@@ -918,7 +974,7 @@ mod doc_tests {
             });
             let plugin_ref = ["plugin", "config", "isolation"].iter().any(|f| {
                 key == &format!("metrics.<name>.{f}") || key == &format!("registrar.sources[].{f}")
-            });
+            }) || key == "registrar.sources[].grants";
             assert!(
                 known.contains(key) || service_field || plugin_ref,
                 "docs/operations.md lists `{key}`, which is not a setting"

@@ -46,16 +46,6 @@ async fn sources(
     mut shutdown: watch::Receiver<bool>,
     fatal: mpsc::UnboundedSender<Fatal>,
 ) -> Option<Vec<ServicesClient>> {
-    let default = [PluginRef {
-        plugin: DEFAULT_SOURCE.into(),
-        config: serde_json::json!({}),
-        isolation: None,
-    }];
-    let refs = if refs.is_empty() && what == "registrar.sources" {
-        &default[..]
-    } else {
-        refs
-    };
     loop {
         let mut out = Vec::new();
         let mut failed = false;
@@ -405,6 +395,8 @@ struct Running {
     defs_tx: Arc<watch::Sender<Definitions>>,
     /// Managed services from sources skipped, as last said (each said once).
     skipped: BTreeSet<String>,
+    /// Managed services from sources refused by their grants, as last said.
+    refused: BTreeSet<String>,
 }
 
 impl Running {
@@ -437,20 +429,68 @@ impl Running {
 
     fn plan_now(&mut self) -> Result<Plan, Fatal> {
         let m = &self.config.manager;
-        let (services, skipped) =
-            managed_sources::merge(&m.services, &self.defs.borrow(), &self.config.metrics);
-        let skipped: BTreeSet<String> = skipped.into_iter().collect();
+        let grants = |key: &str| {
+            key.strip_prefix("manager.sources[")
+                .and_then(|k| k.strip_suffix(']'))
+                .and_then(|i| i.parse::<usize>().ok())
+                .and_then(|i| m.sources.get(i))
+                .and_then(|r| r.grants.clone())
+                .unwrap_or_else(|| self.config.grants.clone())
+        };
+        let merged = managed_sources::merge(
+            &m.services,
+            &self.defs.borrow(),
+            &self.config.metrics,
+            &grants,
+        );
+        let services = merged.services;
+        let skipped: BTreeSet<String> = merged.skipped.into_iter().collect();
         for line in skipped.difference(&self.skipped) {
             tracing::error!("managed service skipped: {line}");
         }
         self.skipped = skipped;
+        let refused: BTreeSet<String> = merged.refused.iter().map(ToString::to_string).collect();
+        for line in refused.difference(&self.refused) {
+            tracing::warn!("{line}");
+        }
+        self.refused = refused;
+        let metrics = crate::metrics::get();
+        metrics
+            .grant_refusals
+            .get_or_create(&crate::metrics::PartLabel {
+                part: "manager".into(),
+            })
+            .set(merged.refused.len() as i64);
+        metrics.set_refused("manager", self.refused.iter().cloned().collect());
         crate::metrics::get().retain_managed(&services.iter().map(|s| s.name.clone()).collect());
         Ok(Plan {
             services: managed_services(&services, &self.slot_map())
                 .map_err(|e| Fatal::Config(e.to_string()))?,
             loop_interval: Duration::from_secs(m.loop_secs),
             dry_run: m.dry_run,
+            refused: merged.refused,
         })
+    }
+
+    /// What the grant checks know of this host: the router's ports (and warden's own),
+    /// and the names and addresses that are this host's.
+    fn host_facts(&self) -> crate::grants::HostFacts {
+        let mut reserved: BTreeSet<u16> = self
+            .config
+            .registrar
+            .reserved_ports
+            .iter()
+            .copied()
+            .collect();
+        if let Ok(Some(addr)) = self.config.http.addr() {
+            reserved.insert(addr.port());
+        }
+        let mut names = BTreeSet::from([hostname().to_ascii_lowercase()]);
+        names.extend(self.config.host.private_ip.clone());
+        crate::grants::HostFacts {
+            reserved_ports: reserved,
+            own_names: names,
+        }
     }
 
     async fn ensure_sdk(&mut self) {
@@ -619,7 +659,24 @@ impl Running {
                 registrar::elb::run(groups, tg_rx.clone(), stop.clone())
             });
         }
-        let refs = r.sources.clone();
+        let refs = if r.sources.is_empty() {
+            vec![PluginRef::new(DEFAULT_SOURCE)]
+        } else {
+            r.sources.clone()
+        };
+        let keys: Vec<(String, crate::grants::Grants)> = refs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                (
+                    format!("registrar.sources[{i}] ({})", s.plugin),
+                    s.grants
+                        .clone()
+                        .unwrap_or_else(|| self.config.grants.clone()),
+                )
+            })
+            .collect();
+        let facts = self.host_facts();
         let resync = Duration::from_secs(r.resync_secs);
         let drain_on_stop = r.drain_on_stop;
         let options = self.options;
@@ -634,6 +691,7 @@ impl Running {
                 stop.clone(),
                 fatal.clone(),
             );
+            let (keys, facts) = (keys.clone(), facts.clone());
             let (docker, owner, local_redis, local_ca, selector) = (
                 docker.clone(),
                 owner.clone(),
@@ -658,6 +716,15 @@ impl Running {
                 let Some(sources) = sources.clone() else {
                     return;
                 };
+                let sources = sources
+                    .into_iter()
+                    .zip(keys.iter().cloned())
+                    .map(|(client, (key, grants))| registrar::Source {
+                        key,
+                        client,
+                        grants,
+                    })
+                    .collect::<Vec<_>>();
                 let Ok(store) = redx::RedisStore::new(&local_redis, local_ca.as_deref(), &owner)
                 else {
                     return;
@@ -666,6 +733,7 @@ impl Running {
                 Registrar {
                     docker,
                     sources,
+                    facts: facts.clone(),
                     routes: redx::Routes::new(store),
                     resync,
                     drain_on_stop,
@@ -780,6 +848,12 @@ pub async fn run(
     if !found.is_empty() {
         return Err(Fatal::Config(found.join("\n")));
     }
+    if insecure || config.plugins.allow_insecure {
+        tracing::warn!(
+            "plugins are loaded WITHOUT their permission checks (--allow-insecure-plugins or plugins.allow_insecure): anyone who can write a plugin file or directory can run code as warden; for development only"
+        );
+        crate::metrics::get().plugins_insecure.set(1);
+    }
     let options = CallOptions::from_config(&config.plugins);
     let (stop_tx, stop_rx) = watch::channel(false);
     let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
@@ -803,6 +877,8 @@ pub async fn run(
             registrar: config.registrar.enabled,
             central_redis: config.manager.central_redis.clone(),
             central_redis_ca_file: config.manager.central_redis_ca_file.clone(),
+            insecure_plugins: insecure || config.plugins.allow_insecure,
+            ..Default::default()
         });
         tracing::info!(addr = %listener.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()), "http endpoint listening: /livez /readyz /status /metrics");
         let stop = stop_rx.clone();
@@ -824,6 +900,7 @@ pub async fn run(
         defs: defs_rx.clone(),
         defs_tx: Arc::new(defs_tx),
         skipped: BTreeSet::new(),
+        refused: BTreeSet::new(),
     };
     // One AWS configuration for every client, loaded only when something needs AWS.
     running.ensure_sdk().await;

@@ -6,6 +6,11 @@
 //! dependency gauges the loops set (see [`crate::metrics`]); `/status` is this host's
 //! part of `warden status` plus, on a manager host, the cluster's; `/metrics` is
 //! `prometheus-client`'s OpenMetrics text.
+//!
+//! Bounded: at most [`MAX_CONNECTIONS`] connections at once (more are closed at once),
+//! each dropped after 30 s; `/status` reads the central Redis over one connection kept
+//! for the purpose, at most once a second (a cached answer meanwhile), so that a client
+//! hammering `/status` costs the central Redis nothing more.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -21,8 +26,14 @@ use tokio::sync::watch;
 
 use crate::metrics;
 
+/// The most connections served at once.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// How long `/status` answers from its last read of the central Redis.
+const STATUS_CACHE: Duration = Duration::from_secs(1);
+
 /// What `/status` reports of this host, beside the readiness.
-#[derive(Clone, Debug)]
+#[derive(Debug, Default)]
 pub struct HostInfo {
     pub instance_id: String,
     pub availability_zone: Option<String>,
@@ -30,6 +41,25 @@ pub struct HostInfo {
     /// The central Redis URL when this host takes part in the manager's election.
     pub central_redis: Option<String>,
     pub central_redis_ca_file: Option<std::path::PathBuf>,
+    /// Plugins are loaded without their permission checks.
+    pub insecure_plugins: bool,
+    /// The connection `/status` reads the central Redis over, and its last answer.
+    pub cluster: tokio::sync::Mutex<ClusterCache>,
+}
+
+/// `/status`'s view of the cluster: one connection, the last answer and its time.
+#[derive(Default)]
+pub struct ClusterCache {
+    conn: Option<redis::aio::MultiplexedConnection>,
+    last: Option<(tokio::time::Instant, serde_json::Value)>,
+}
+
+impl std::fmt::Debug for ClusterCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterCache")
+            .field("connected", &self.conn.is_some())
+            .finish()
+    }
 }
 
 /// Binds the endpoint; an address in use or not allowed is an error naming it.
@@ -45,6 +75,8 @@ pub async fn serve(
     info: Arc<HostInfo>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut refused = crate::logs::Repeated::new("http endpoint");
     loop {
         let (stream, _) = tokio::select! {
             _ = shutdown.changed() => return,
@@ -57,8 +89,16 @@ pub async fn serve(
                 }
             },
         };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            refused.failed(&format!(
+                "{MAX_CONNECTIONS} connections open; a new one was closed"
+            ));
+            drop(stream);
+            continue;
+        };
         let info = info.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let service = hyper::service::service_fn(move |req| {
                 let info = info.clone();
                 async move { Ok::<_, Infallible>(route(req, &info).await) }
@@ -129,15 +169,43 @@ async fn status(info: &HostInfo) -> serde_json::Value {
         "dependencies": dependencies,
         "leader": m.leader.get() == 1,
         "epoch": m.epoch.get(),
+        "insecure_plugins": info.insecure_plugins,
+        "refused": m.refused(),
     });
     if let Some(url) = &info.central_redis {
-        out["cluster"] = match crate::status::read(url, info.central_redis_ca_file.as_deref()).await
-        {
-            Ok(s) => serde_json::to_value(s).expect("json"),
-            Err(e) => serde_json::json!({"error": e.to_string()}),
-        };
+        out["cluster"] = cluster(info, url).await;
     }
     out
+}
+
+/// The cluster's status, read at most once a second over one kept connection.
+async fn cluster(info: &HostInfo, url: &str) -> serde_json::Value {
+    let mut cache = info.cluster.lock().await;
+    if let Some((at, v)) = &cache.last {
+        if at.elapsed() < STATUS_CACHE {
+            return v.clone();
+        }
+    }
+    let conn = match cache.conn.clone() {
+        Some(c) => Ok(c),
+        None => crate::status::connect(url, info.central_redis_ca_file.as_deref()).await,
+    };
+    let v = match conn {
+        Ok(mut c) => match crate::status::read_from(&mut c).await {
+            Ok(s) => {
+                cache.conn = Some(c);
+                serde_json::to_value(s).expect("json")
+            }
+            Err(e) => {
+                // Reconnect next time: the connection may be the problem.
+                cache.conn = None;
+                serde_json::json!({"error": e.to_string()})
+            }
+        },
+        Err(e) => serde_json::json!({"error": e.to_string()}),
+    };
+    cache.last = Some((tokio::time::Instant::now(), v.clone()));
+    v
 }
 
 /// `warden health`: GETs `/readyz` (or another path) from the configured address, with

@@ -10,6 +10,7 @@ pub mod aws;
 pub mod backoff;
 pub mod config;
 pub mod daemon;
+pub mod grants;
 pub mod http;
 pub mod identity;
 pub mod logging;

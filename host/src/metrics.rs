@@ -72,6 +72,11 @@ pub struct LoopLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartLabel {
+    pub part: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DependencyLabel {
     pub dependency: String,
 }
@@ -130,6 +135,11 @@ pub struct Metrics {
     pub routes: Family<ServiceLabel, Gauge>,
     pub servers: Family<ServiceLabel, Gauge>,
     pub route_conflicts: Gauge,
+    /// Definitions from plugins refused for a claim outside their grants, by part
+    /// (`registrar`, `manager`).
+    pub grant_refusals: Family<PartLabel, Gauge>,
+    /// 1 when plugin files are loaded without their permission checks.
+    pub plugins_insecure: Gauge,
     pub drains: Counter,
     pub elb_calls: Family<OpOutcome, Counter>,
     pub leader: Gauge,
@@ -148,6 +158,8 @@ pub struct Metrics {
     pub reloads: Family<OutcomeLabel, Counter>,
     /// Which dependencies `/readyz` waits for (set once by `run`).
     required: Mutex<BTreeSet<Dependency>>,
+    /// The refusals of each part (`registrar`, `manager`), one line each, for `/status`.
+    refused: Mutex<std::collections::BTreeMap<&'static str, Vec<String>>>,
     started: AtomicU64,
     seen: Seen,
 }
@@ -160,6 +172,22 @@ pub fn get() -> &'static Metrics {
 }
 
 impl Metrics {
+    /// Sets the refusals `/status` lists for a part.
+    pub fn set_refused(&self, part: &'static str, lines: Vec<String>) {
+        self.refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(part, lines);
+    }
+
+    /// The refusals of every part, for `/status`.
+    pub fn refused(&self) -> std::collections::BTreeMap<&'static str, Vec<String>> {
+        self.refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     fn new() -> Self {
         let mut r = Registry::with_prefix("warden");
         let m = Metrics {
@@ -171,6 +199,8 @@ impl Metrics {
             routes: Family::default(),
             servers: Family::default(),
             route_conflicts: Gauge::default(),
+            grant_refusals: Family::default(),
+            plugins_insecure: Gauge::default(),
             drains: Counter::default(),
             elb_calls: Family::default(),
             leader: Gauge::default(),
@@ -188,6 +218,7 @@ impl Metrics {
             loop_restarts: Family::default(),
             reloads: Family::default(),
             required: Mutex::new(BTreeSet::new()),
+            refused: Mutex::new(std::collections::BTreeMap::new()),
             started: AtomicU64::new(0),
             seen: Seen::default(),
             registry: Registry::default(),
@@ -238,6 +269,16 @@ impl Metrics {
             "route_conflicts",
             "Front-end claims refused because another service holds them",
             m.route_conflicts.clone(),
+        );
+        r.register(
+            "grant_refusals",
+            "Service definitions from plugins refused because a claim is outside their grants, by part",
+            m.grant_refusals.clone(),
+        );
+        r.register(
+            "plugins_insecure",
+            "1 when plugin files are loaded without their permission checks (allow_insecure)",
+            m.plugins_insecure.clone(),
         );
         r.register(
             "drains",

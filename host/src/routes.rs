@@ -15,6 +15,11 @@ pub struct Routes {
     pub conflicts: Vec<serde_json::Value>,
     pub blocked: Vec<serde_json::Value>,
     pub not_routed: Vec<serde_json::Value>,
+    /// Service definitions refused for a claim outside their grants.
+    pub refused: Vec<serde_json::Value>,
+    /// Keys that are not of Redx's types (a front-end that is not a string, a backend
+    /// that is not a hash): the router skips them too.
+    pub wrong_type: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -77,6 +82,7 @@ pub async fn read(url: &str, ca_file: Option<&std::path::Path>) -> anyhow::Resul
     // Which container each address is, from the registrars' accounts.
     let mut containers: BTreeMap<String, String> = BTreeMap::new();
     let (mut conflicts, mut blocked, mut not_routed) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut refused, mut wrong_type) = (Vec::new(), Vec::new());
     for key in scan(&mut conn, "warden:registrar:*").await.map_err(fail)? {
         let text: Option<String> = redis::cmd("GET")
             .arg(&key)
@@ -96,22 +102,31 @@ pub async fn read(url: &str, ca_file: Option<&std::path::Path>) -> anyhow::Resul
         }
         conflicts.extend(v["conflicts"].as_array().into_iter().flatten().cloned());
         blocked.extend(v["blocked"].as_array().into_iter().flatten().cloned());
+        refused.extend(v["refused"].as_array().into_iter().flatten().cloned());
     }
     let mut keys = scan(&mut conn, "frontend:*").await.map_err(fail)?;
     keys.extend(scan(&mut conn, "warden:port:*").await.map_err(fail)?);
     let mut frontends = Vec::new();
+    let wrong = |e: &redis::RedisError| e.code() == Some("WRONGTYPE");
     for key in keys {
-        let backend: Option<String> = redis::cmd("GET")
-            .arg(&key)
-            .query_async(&mut conn)
-            .await
-            .map_err(fail)?;
+        let backend: Option<String> = match redis::cmd("GET").arg(&key).query_async(&mut conn).await
+        {
+            Err(e) if wrong(&e) => {
+                wrong_type.push(key);
+                continue;
+            }
+            r => r.map_err(fail)?,
+        };
         let Some(backend) = backend else { continue };
-        let fields: Vec<String> = redis::cmd("HKEYS")
-            .arg(format!("backend:{backend}"))
-            .query_async(&mut conn)
-            .await
-            .map_err(fail)?;
+        let hash = format!("backend:{backend}");
+        let fields: Vec<String> = match redis::cmd("HKEYS").arg(&hash).query_async(&mut conn).await
+        {
+            Err(e) if wrong(&e) => {
+                wrong_type.push(hash);
+                continue;
+            }
+            r => r.map_err(fail)?,
+        };
         let servers = fields
             .into_iter()
             .filter(|f| !f.starts_with('_'))
@@ -131,6 +146,8 @@ pub async fn read(url: &str, ca_file: Option<&std::path::Path>) -> anyhow::Resul
         conflicts,
         blocked,
         not_routed,
+        refused,
+        wrong_type,
     })
 }
 
@@ -184,6 +201,26 @@ pub fn render(r: &Routes) -> String {
                 join(&c["refused_containers"]),
             ));
         }
+    }
+    if !r.refused.is_empty() {
+        out.push_str("refused (a claim outside the grants):\n");
+        for f in &r.refused {
+            out.push_str(&format!(
+                "  service {} from {} ({}): {} is refused: {} ({})\n",
+                f["service"].as_str().unwrap_or("?"),
+                f["source"].as_str().unwrap_or("?"),
+                join(&f["containers"]),
+                f["claim"].as_str().unwrap_or("?"),
+                f["why"].as_str().unwrap_or("?"),
+                f["grant"].as_str().unwrap_or("?"),
+            ));
+        }
+    }
+    if !r.wrong_type.is_empty() {
+        out.push_str(&format!(
+            "skipped (not Redx's type; the router skips them too): {}\n",
+            r.wrong_type.join(", ")
+        ));
     }
     if !r.blocked.is_empty() {
         out.push_str("left alone (another writer's value):\n");

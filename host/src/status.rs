@@ -11,6 +11,9 @@ pub struct Status {
     pub leader: Option<LeaderStatus>,
     pub hosts: Vec<HostStatus>,
     pub services: Vec<Record>,
+    /// Managed services from sources refused by their grants, as the leader published
+    /// them.
+    pub refused: Vec<crate::manager::sources::ManagedRefusal>,
 }
 
 #[derive(Debug, Serialize)]
@@ -54,20 +57,40 @@ async fn scan(
 
 const WHICH: &str = "central";
 
-pub async fn read(url: &str, ca_file: Option<&std::path::Path>) -> anyhow::Result<Status> {
+/// One connection to the central Redis, for `read_from`.
+pub async fn connect(
+    url: &str,
+    ca_file: Option<&std::path::Path>,
+) -> anyhow::Result<redis::aio::MultiplexedConnection> {
     let addr = crate::redis_util::addr(url);
     let fail = |e: redis::RedisError| {
         anyhow::anyhow!("central redis {addr}: {}", crate::redis_util::describe(&e))
     };
     let client = crate::redis_util::open(url, ca_file)
         .map_err(|m| anyhow::anyhow!("{} redis {addr}: {m}", WHICH))?;
-    let mut conn = tokio::time::timeout(
+    tokio::time::timeout(
         Duration::from_secs(5),
         client.get_multiplexed_async_connection(),
     )
     .await
     .map_err(|_| anyhow::anyhow!("central redis {addr}: no answer within 5 s"))?
-    .map_err(fail)?;
+    .map_err(fail)
+}
+
+pub async fn read(url: &str, ca_file: Option<&std::path::Path>) -> anyhow::Result<Status> {
+    let mut conn = connect(url, ca_file).await?;
+    read_from(&mut conn).await
+}
+
+/// The status, read over an open connection (each command bounded by 5 s).
+pub async fn read_from(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<Status> {
+    tokio::time::timeout(Duration::from_secs(5), read_inner(conn))
+        .await
+        .map_err(|_| anyhow::anyhow!("central redis: no answer within 5 s"))?
+}
+
+async fn read_inner(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<Status> {
+    let mut conn = conn.clone();
     let lease: Option<String> = redis::cmd("GET")
         .arg(central::LEADER)
         .query_async(&mut conn)
@@ -107,10 +130,18 @@ pub async fn read(url: &str, ca_file: Option<&std::path::Path>) -> anyhow::Resul
             services.push(r);
         }
     }
+    let refused: Option<String> = redis::cmd("GET")
+        .arg(central::REFUSED)
+        .query_async(&mut conn)
+        .await?;
+    let refused = refused
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
     Ok(Status {
         leader,
         hosts,
         services,
+        refused,
     })
 }
 
@@ -131,6 +162,12 @@ pub fn render(s: &Status) -> String {
     out.push_str(&format!("hosts ({}):\n", s.hosts.len()));
     for h in &s.hosts {
         out.push_str(&format!("  {} {}\n", h.instance_id, h.availability_zone));
+    }
+    if !s.refused.is_empty() {
+        out.push_str(&format!("refused by their grants ({}):\n", s.refused.len()));
+        for r in &s.refused {
+            out.push_str(&format!("  {r}\n"));
+        }
     }
     out.push_str(&format!("services ({}):\n", s.services.len()));
     for r in &s.services {

@@ -157,6 +157,41 @@ pub struct ContainerView {
     #[serde(default)]
     /// The container's labels.
     pub labels: BTreeMap<String, String>,
+    /// Docker's `State.StartedAt` (RFC 3339), so that a provider can tell which container
+    /// came first (added in 1.2; empty from an older host).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub started_at: String,
+}
+
+/// A comparable form of Docker's `StartedAt` (RFC 3339 with up to nine fraction digits,
+/// trailing zeros trimmed): string order is wrong for `…:00.1Z` against `…:00.123Z`.
+/// An empty value sorts first.
+pub fn start_order(started_at: &str) -> (String, u64) {
+    let s = started_at.trim_end_matches('Z');
+    match s.split_once('.') {
+        Some((whole, frac)) => {
+            let digits: String = frac
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .take(9)
+                .collect();
+            let nanos = format!("{digits:0<9}").parse().unwrap_or(0);
+            (whole.to_owned(), nanos)
+        }
+        None => (s.to_owned(), 0),
+    }
+}
+
+/// `text` for a log line or an error message: at most `max` characters, the rest elided
+/// with a count, and quoted as `{:?}` would. Values from outside (labels, keys, configs)
+/// go through this so that one huge value never makes a huge line.
+pub fn elide(text: &str, max: usize) -> String {
+    let n = text.chars().count();
+    if n <= max {
+        return format!("{text:?}");
+    }
+    let kept: String = text.chars().take(max).collect();
+    format!("{kept:?}… ({} more characters)", n - max)
 }
 
 /// Arguments of the `list` operation: the host's running containers.
@@ -171,6 +206,9 @@ pub struct ListArgs {
 /// (stock Redx reads one by default, `max_path_length = 1`).
 pub const MAX_PATH_SEGMENTS: usize = 3;
 
+/// The longest path segment of a front-end, in bytes.
+pub const MAX_SEGMENT_LEN: usize = 128;
+
 /// Checks and normalises a front-end: `Host/Path` → `host/path/` (Redx matches hosts
 /// lower-cased, port stripped, and path front-ends only with a trailing slash).
 ///
@@ -178,13 +216,16 @@ pub const MAX_PATH_SEGMENTS: usize = 3;
 /// most 63 characters, no label starting or ending with a hyphen, 253 characters in all.
 /// Path segments are URL path characters (letters, digits, `-._~`, `%XX`,
 /// `!$&'()+,;=:@`); no whitespace, control character, `*`, `.` or `..` segment, empty
-/// segment, and at most [`MAX_PATH_SEGMENTS`] of them. The error names what is wrong.
+/// segment, at most [`MAX_PATH_SEGMENTS`] of them, each at most [`MAX_SEGMENT_LEN`]
+/// bytes. An encoded `/`, `.`, `\` or NUL (`%2F`, `%2E`, `%5C`, `%00`) is refused: the
+/// router refuses requests that carry one, since the path it routes on would not be the
+/// path it forwards. The error names what is wrong.
 pub fn normalise_frontend(f: &str) -> Result<String, String> {
-    let raw = f;
+    let raw = elide(f, 80);
     let f = f.trim();
     let (host, path) = f.split_once('/').map_or((f, None), |(h, p)| (h, Some(p)));
     let host = host.to_ascii_lowercase();
-    check_host(&host).map_err(|why| format!("{raw:?}: host {why}"))?;
+    check_host(&host).map_err(|why| format!("{raw}: host {why}"))?;
     let Some(path) = path.map(|p| p.strip_suffix('/').unwrap_or(p)) else {
         return Ok(host);
     };
@@ -194,12 +235,13 @@ pub fn normalise_frontend(f: &str) -> Result<String, String> {
     let segments: Vec<&str> = path.split('/').collect();
     if segments.len() > MAX_PATH_SEGMENTS {
         return Err(format!(
-            "{raw:?}: {} path segments; the router reads at most {MAX_PATH_SEGMENTS}",
+            "{raw}: {} path segments; the router reads at most {MAX_PATH_SEGMENTS}",
             segments.len()
         ));
     }
     for seg in &segments {
-        check_segment(seg).map_err(|why| format!("{raw:?}: path segment {seg:?} {why}"))?;
+        check_segment(seg)
+            .map_err(|why| format!("{raw}: path segment {} {why}", elide(seg, 40)))?;
     }
     Ok(format!("{host}/{}/", segments.join("/")))
 }
@@ -242,6 +284,12 @@ fn check_segment(seg: &str) -> Result<(), String> {
         "." | ".." => return Err("is a relative step".into()),
         _ => {}
     }
+    if seg.len() > MAX_SEGMENT_LEN {
+        return Err(format!(
+            "is {} bytes long (at most {MAX_SEGMENT_LEN})",
+            seg.len()
+        ));
+    }
     let bytes = seg.as_bytes();
     let mut i = 0;
     while i < bytes.len() {
@@ -250,6 +298,12 @@ fn check_segment(seg: &str) -> Result<(), String> {
             let hex = |j: usize| bytes.get(j).is_some_and(|c| c.is_ascii_hexdigit());
             if !(hex(i + 1) && hex(i + 2)) {
                 return Err("has a '%' not followed by two hex digits".into());
+            }
+            let code = seg[i + 1..i + 3].to_ascii_uppercase();
+            if ["2F", "2E", "5C", "00"].contains(&code.as_str()) {
+                return Err(format!(
+                    "has %{code}, an encoded '/', '.', '\\' or NUL (the router refuses such requests)"
+                ));
             }
             i += 3;
             continue;
@@ -310,10 +364,23 @@ mod frontend_tests {
             ("", "empty"),
             ("example.com/a%2", "hex"),
             ("a.example/x\u{7f}", "'\\u{7f}'"),
+            ("a.example/..%2Fadmin", "%2F"),
+            ("a.example/%2e%2e", "%2E"),
+            ("a.example/a%5Cb", "%5C"),
         ] {
             let e = normalise_frontend(bad).expect_err(bad);
             assert!(e.contains(why), "{bad:?}: {e}");
         }
+        let long_segment = format!("a.example/{}", "s".repeat(129));
+        let e = normalise_frontend(&long_segment).unwrap_err();
+        assert!(e.contains("129 bytes") && e.len() < 300, "{e}");
+    }
+
+    #[test]
+    fn elide_bounds_a_value_and_says_how_much_was_left_out() {
+        assert_eq!(elide("short", 10), "\"short\"");
+        let e = elide(&"x".repeat(10_000), 8);
+        assert_eq!(e, "\"xxxxxxxx\"… (9992 more characters)");
     }
 }
 

@@ -164,7 +164,20 @@ pub trait Ledger: Send + Sync + 'static {
         record: &Record,
         state: &PolicyState,
     ) -> impl Future<Output = StoreResult<bool>> + Send;
+    /// Publishes the managed services refused by their grants (`warden status` lists
+    /// them), only if `lease` is still the lease.
+    fn note_refused(
+        &self,
+        lease: &Lease,
+        json: &str,
+    ) -> impl Future<Output = StoreResult<bool>> + Send {
+        let _ = (lease, json);
+        std::future::ready(Ok(true))
+    }
 }
+
+/// Managed services refused by their grants, as the leader last published them (JSON).
+pub const REFUSED: &str = "warden:refused";
 
 const NOW: &str = "local t = redis.call('TIME') local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)";
 
@@ -280,6 +293,12 @@ redis.call('SET', KEYS[4], ARGV[3])
 return 1
 "#;
 
+const NOTE_REFUSED: &str = r#"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[2], ARGV[2])
+return 1
+"#;
+
 fn script(body: &str) -> Script {
     Script::new(&body.replace("@NOW@", NOW))
 }
@@ -303,6 +322,7 @@ struct Scripts {
     seen: Script,
     live: Script,
     record: Script,
+    note_refused: Script,
 }
 
 impl Central {
@@ -320,6 +340,7 @@ impl Central {
                 seen: script(SEEN),
                 live: script(LIVE_HOSTS),
                 record: script(RECORD),
+                note_refused: script(NOTE_REFUSED),
             }),
         }
     }
@@ -595,6 +616,20 @@ impl Ledger for Central {
             .arg(lease.value())
             .arg(serde_json::to_string(record).expect("a record serializes"))
             .arg(serde_json::to_string(state).expect("a policy state serializes"))
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(ok == 1)
+    }
+
+    async fn note_refused(&self, lease: &Lease, json: &str) -> StoreResult<bool> {
+        let ok: i64 = self
+            .scripts
+            .note_refused
+            .key(LEADER)
+            .key(REFUSED)
+            .arg(lease.value())
+            .arg(json)
             .invoke_async(&mut self.conn())
             .await
             .map_err(|e| self.err(e))?;

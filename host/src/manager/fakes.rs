@@ -504,6 +504,7 @@ mod tests {
                 services,
                 loop_interval: Duration::from_secs(1),
                 dry_run: false,
+                refused: Vec::new(),
             })
             .1,
             margin: timing.margin(),

@@ -9,7 +9,10 @@
 //! `every` and listed only when it changes; a source that fails keeps its last good
 //! list (a central Redis restart must not stop scaling); a service whose `manage` part
 //! is wrong is skipped with the reason naming the source, the service and the key, and
-//! the others are kept; a `[[manager.services]]` entry of the same name wins.
+//! the others are kept; a `[[manager.services]]` entry of the same name wins. A source's
+//! `manage` part is checked against that source's grants (cluster, task definition or
+//! ECS service, `policy.max`): whoever can write a services hash must not make the
+//! leader run any task definition of the account, so one outside them is refused.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -111,13 +114,42 @@ pub fn managed_of(
     Some(parsed)
 }
 
-/// The managed services: the config's own, then each source's in key order. Returns
-/// the services and, one line each, the ones skipped and why.
+/// A managed service from a source refused because a claim is outside its grants.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ManagedRefusal {
+    pub source: String,
+    pub service: String,
+    #[serde(flatten)]
+    pub refusal: crate::grants::Refusal,
+}
+
+impl std::fmt::Display for ManagedRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} service {:?}: not managed: {}",
+            self.source, self.service, self.refusal
+        )
+    }
+}
+
+/// What [`merge`] gives: the services to manage, the ones skipped (one line each, why),
+/// and the ones refused by their source's grants.
+#[derive(Debug, Default)]
+pub struct Merged {
+    pub services: Vec<ManagedServiceConfig>,
+    pub skipped: Vec<String>,
+    pub refused: Vec<ManagedRefusal>,
+}
+
+/// The managed services: the config's own, then each source's in key order, each
+/// source's checked against its grants (`grants` gives them by source key).
 pub fn merge(
     configured: &[ManagedServiceConfig],
     defs: &Definitions,
     metrics: &BTreeMap<String, PluginRef>,
-) -> (Vec<ManagedServiceConfig>, Vec<String>) {
+    grants: &dyn Fn(&str) -> crate::grants::Grants,
+) -> Merged {
     let mut out = configured.to_vec();
     let mut names: BTreeMap<String, String> = configured
         .iter()
@@ -128,7 +160,9 @@ pub fn merge(
         .map(|s| super::started_by(&s.name))
         .collect();
     let mut skipped = Vec::new();
+    let mut refused = Vec::new();
     for (key, list) in defs {
+        let granted = grants(key);
         for def in list {
             let at = format!("{key} service {:?}", def.name);
             let s = match managed_of(def, metrics) {
@@ -139,6 +173,14 @@ pub fn merge(
                 }
                 Some(Ok(s)) => s,
             };
+            if let Err(refusal) = granted.managed(&s) {
+                refused.push(ManagedRefusal {
+                    source: key.clone(),
+                    service: s.name.clone(),
+                    refusal,
+                });
+                continue;
+            }
             if let Some(other) = names.get(&s.name) {
                 skipped.push(format!("{at}: also defined by {other}, which is used"));
                 continue;
@@ -154,7 +196,11 @@ pub fn merge(
             out.push(s);
         }
     }
-    (out, skipped)
+    Merged {
+        services: out,
+        skipped,
+        refused,
+    }
 }
 
 #[cfg(test)]
@@ -243,7 +289,10 @@ mod tests {
                 vec![def("api", ok_manage())],
             ),
         ]);
-        let (services, skipped) = merge(&[configured], &defs, &metrics());
+        let all = |_: &str| crate::grants::Grants::all();
+        let Merged {
+            services, skipped, ..
+        } = merge(&[configured], &defs, &metrics(), &all);
         let names: Vec<_> = services.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["web", "api"]);
         assert_eq!(skipped.len(), 3, "{skipped:?}");
@@ -258,6 +307,47 @@ mod tests {
             skipped[2]
                 .contains("manager.sources[1] service \"api\": also defined by manager.sources[0]"),
             "{skipped:?}"
+        );
+    }
+
+    #[test]
+    fn a_source_gets_only_what_its_grants_allow_and_the_config_needs_none() {
+        let configured: ManagedServiceConfig = serde_json::from_value(json!({
+            "name": "ops", "task_definition": "anything", "metric": "m",
+            "mapping": {"target_per_task": 1.0}}))
+        .unwrap();
+        let evil = json!({"cluster": "c1", "task_definition": "arn:aws:ecs:eu-west-1:999:task-definition/miner:1",
+            "metric": "m", "mapping": {"target_per_task": 1.0}, "policy": {"max": 5}});
+        let big = json!({"cluster": "c1", "task_definition": "web", "metric": "m",
+            "mapping": {"target_per_task": 1.0}, "policy": {"max": 10000}});
+        let defs = Definitions::from([(
+            "manager.sources[0]".to_owned(),
+            vec![
+                def("web", ok_manage()),
+                def("miner", evil),
+                def("huge", big),
+            ],
+        )]);
+        let grants = |key: &str| {
+            assert_eq!(key, "manager.sources[0]");
+            crate::grants::Grants {
+                clusters: vec!["c1".into()],
+                task_definitions: vec!["web".into()],
+                max_tasks: 20,
+                ..Default::default()
+            }
+        };
+        let m = merge(&[configured], &defs, &metrics(), &grants);
+        let names: Vec<_> = m.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["ops", "web"]);
+        assert_eq!(m.refused.len(), 2, "{:?}", m.refused);
+        assert_eq!(m.refused[0].service, "miner");
+        assert_eq!(m.refused[0].refusal.grant, "grants.task_definitions");
+        assert_eq!(m.refused[1].refusal.grant, "grants.max_tasks");
+        assert!(
+            m.refused[0].to_string().contains("not managed"),
+            "{}",
+            m.refused[0]
         );
     }
 

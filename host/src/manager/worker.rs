@@ -44,6 +44,8 @@ pub struct Plan {
     pub loop_interval: Duration,
     /// Decide and record, call nothing.
     pub dry_run: bool,
+    /// Managed services from sources refused by their grants, for `warden status`.
+    pub refused: Vec<super::sources::ManagedRefusal>,
 }
 
 /// The metric as read, and as mapped by a mapping plugin.
@@ -155,6 +157,10 @@ impl<E: Ecs, L: Ledger> Worker<E, L> {
             // One plan at a time; a new plan (a reload) restarts the loops, same lease.
             loop {
                 let plan = plans.borrow_and_update().clone();
+                let refused = serde_json::to_string(&plan.refused).expect("refusals serialize");
+                if let Err(e) = self.ledger.note_refused(&lease, &refused).await {
+                    tracing::debug!(error = %e, "refused managed services not published");
+                }
                 tracing::info!(
                     epoch = lease.epoch,
                     services = plan.services.len(),

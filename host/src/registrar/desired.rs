@@ -96,6 +96,42 @@ pub struct Routing {
     pub conflicts: Vec<Conflict>,
     /// Every container a service matched, and what became of it.
     pub containers: Vec<ContainerRoute>,
+    /// Definitions refused for a claim outside their grants, with their containers.
+    pub refused: Vec<RefusedService>,
+}
+
+/// A definition from a plugin refused whole because one of its claims is not granted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refused {
+    /// The source's config key and plugin (`registrar.sources[0] (docker-labels)`).
+    pub source: String,
+    pub definition: ServiceDefinition,
+    pub refusal: crate::grants::Refusal,
+}
+
+/// A refused definition as `warden routes` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RefusedService {
+    pub source: String,
+    pub service: String,
+    pub containers: Vec<String>,
+    #[serde(flatten)]
+    pub refusal: crate::grants::Refusal,
+}
+
+impl std::fmt::Display for RefusedService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let containers = if self.containers.is_empty() {
+            "no container now".to_owned()
+        } else {
+            format!("containers {}", self.containers.join(", "))
+        };
+        write!(
+            f,
+            "service {:?} from {} ({containers}) refused: {}; its containers are not routed",
+            self.service, self.source, self.refusal
+        )
+    }
 }
 
 /// A claim on a front-end or front-end port that another service holds.
@@ -149,23 +185,7 @@ pub struct ContainerRoute {
     pub not_routed: Option<String>,
 }
 
-/// A comparable form of Docker's `StartedAt` (RFC 3339 with up to nine fraction digits,
-/// trailing zeros trimmed): string order is wrong for `…:00.1Z` against `…:00.123Z`.
-pub fn start_order(started_at: &str) -> (String, u64) {
-    let s = started_at.trim_end_matches('Z');
-    match s.split_once('.') {
-        Some((whole, frac)) => {
-            let digits: String = frac
-                .chars()
-                .take_while(char::is_ascii_digit)
-                .take(9)
-                .collect();
-            let nanos = format!("{digits:0<9}").parse().unwrap_or(0);
-            (whole.to_owned(), nanos)
-        }
-        None => (s.to_owned(), 0),
-    }
-}
+pub use warden_plugin_api::model::start_order;
 
 pub fn frontend_key(frontend: &str) -> String {
     format!("frontend:{frontend}")
@@ -185,19 +205,7 @@ fn image_base(image: &str) -> &str {
     }
 }
 
-/// `*` matches any run of characters, `?` one character.
-pub fn glob(pattern: &str, text: &str) -> bool {
-    fn go(p: &[u8], t: &[u8]) -> bool {
-        match (p.first(), t.first()) {
-            (None, None) => true,
-            (Some(b'*'), _) => go(&p[1..], t) || (!t.is_empty() && go(p, &t[1..])),
-            (Some(b'?'), Some(_)) => go(&p[1..], &t[1..]),
-            (Some(a), Some(b)) if a == b => go(&p[1..], &t[1..]),
-            _ => false,
-        }
-    }
-    go(pattern.as_bytes(), text.as_bytes())
-}
+pub use crate::grants::glob;
 
 /// Whether a container belongs to a service: every rule that is set must hold; a match
 /// with no rule matches nothing.
@@ -327,6 +335,17 @@ pub fn desired<'a>(
     containers: impl IntoIterator<Item = &'a Container>,
     held: &BTreeMap<String, String>,
 ) -> (Routing, Vec<String>) {
+    desired_screened(services, &[], containers, held)
+}
+
+/// [`desired`], with the definitions refused by their grants: their containers are
+/// listed as not routed, and each refusal with the containers it concerns.
+pub fn desired_screened<'a>(
+    services: &[ServiceDefinition],
+    refused: &[Refused],
+    containers: impl IntoIterator<Item = &'a Container>,
+    held: &BTreeMap<String, String>,
+) -> (Routing, Vec<String>) {
     let mut warnings = Vec::new();
     let mut unique: Vec<&ServiceDefinition> = Vec::new();
     for s in services {
@@ -343,13 +362,39 @@ pub fn desired<'a>(
     for s in &unique {
         routing.ports.extend(s.frontend_port);
     }
+    routing.refused = refused
+        .iter()
+        .map(|r| RefusedService {
+            source: r.source.clone(),
+            service: r.definition.name.clone(),
+            containers: Vec::new(),
+            refusal: r.refusal.clone(),
+        })
+        .collect();
 
     // Each routable container: its service and address. On an IP clash (a stale entry
     // and a new container given the same address) only the newest start counts.
     let mut by_ip: BTreeMap<&str, (&Container, &ServiceDefinition, String)> = BTreeMap::new();
     for c in containers {
         let mut matched = unique.iter().filter(|s| matches(&s.matches, c));
-        let Some(s) = matched.next() else { continue };
+        let Some(s) = matched.next() else {
+            if let Some(i) = refused
+                .iter()
+                .position(|r| matches(&r.definition.matches, c))
+            {
+                let r = &refused[i];
+                routing.refused[i].containers.push(c.name.clone());
+                routing.containers.push(ContainerRoute {
+                    id: c.id.clone(),
+                    name: c.name.clone(),
+                    service: r.definition.name.clone(),
+                    backend: r.definition.backend_name().to_owned(),
+                    address: None,
+                    not_routed: Some(format!("its service is refused: {}", r.refusal)),
+                });
+            }
+            continue;
+        };
         if let Some(other) = matched.next() {
             warnings.push(format!(
                 "container {} matches services {:?} and {:?}; routed to {:?}",
@@ -548,6 +593,42 @@ mod tests {
         assert_eq!(r.strings["warden:port:8001"], "web");
         assert_eq!(r.ports, BTreeSet::from([8001]));
         assert!(r.elbs["web-elb"].wanted);
+    }
+
+    #[test]
+    fn a_refused_definition_routes_nothing_and_names_its_containers() {
+        let mut evil = service("evil", &[("svc", "evil")]);
+        evil.frontends = vec!["web.example".into()];
+        evil.elb = Some("payments".into());
+        evil.frontend_port = Some(80);
+        let refusal = crate::grants::Grants::default()
+            .load_balancer("payments")
+            .unwrap_err();
+        let refused = [Refused {
+            source: "registrar.sources[0] (docker-labels)".into(),
+            definition: evil,
+            refusal,
+        }];
+        let a = container("a", "evil-1", &[("svc", "evil")], "172.17.0.9");
+        let (r, _) = desired_screened(&[], &refused, [&a], &BTreeMap::new());
+        assert!(r.servers.is_empty() && r.strings.is_empty() && r.elbs.is_empty());
+        assert!(
+            r.ports.is_empty(),
+            "a refused service's port is not listened on"
+        );
+        assert_eq!(r.refused.len(), 1);
+        assert_eq!(r.refused[0].containers, vec!["evil-1".to_owned()]);
+        assert!(
+            r.refused[0]
+                .to_string()
+                .contains("load balancer \"payments\""),
+            "{}",
+            r.refused[0]
+        );
+        assert!(r.containers[0]
+            .not_routed
+            .as_deref()
+            .is_some_and(|w| w.contains("refused")));
     }
 
     #[test]

@@ -237,12 +237,20 @@ pub async fn run<M: Membership>(
                 wake = wake.min(at);
             }
         }
+        // A balancer no service names any more, once the host is known to be out of it
+        // (and its drain is over), is forgotten: no more polling of names nobody uses.
+        states.retain(|key, st| desired.contains_key(key) || !settled_out(st));
         tokio::select! {
             r = wanted.changed() => if r.is_err() { return },
             _ = tokio::time::sleep_until(wake) => {}
             _ = shutdown.changed() => return,
         }
     }
+}
+
+/// The host is out of the balancer and nothing is pending for it.
+fn settled_out(st: &ElbState) -> bool {
+    !st.want.wanted && st.member == Some(false) && st.gone_at.is_none() && st.leave_at.is_none()
 }
 
 /// One balancer's turn: decide, then check and act. Returns when to look again.
@@ -373,6 +381,50 @@ mod tests {
             decide(want(false, 10), Some(true), &mut leave, now),
             Action::WaitUntil(now + Duration::from_secs(10))
         );
+    }
+
+    /// A fake balancer: membership in memory, every call counted.
+    #[derive(Default, Clone)]
+    struct Fake {
+        member: std::sync::Arc<std::sync::Mutex<bool>>,
+        calls: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl Membership for Fake {
+        type Key = String;
+        const WHAT: &'static str = "load balancer";
+        async fn is_member(&self, _: &String) -> Result<bool, ElbError> {
+            self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(*self.member.lock().unwrap())
+        }
+        async fn set(&self, _: &String, register: bool) -> Result<(), ElbError> {
+            self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            *self.member.lock().unwrap() = register;
+            Ok(())
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_balancer_no_longer_named_is_left_then_no_longer_polled() {
+        let fake = Fake::default();
+        let (tx, rx) = watch::channel(BTreeMap::from([("web".to_owned(), want(true, 5))]));
+        let (stop_tx, stop) = watch::channel(false);
+        let task = tokio::spawn(run(fake.clone(), rx, stop));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(*fake.member.lock().unwrap(), "registered");
+        // The service is gone from the definitions: left after its drain...
+        tx.send(BTreeMap::new()).unwrap();
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert!(
+            !*fake.member.lock().unwrap(),
+            "deregistered after the drain"
+        );
+        // ...then forgotten: an hour passes (12 rechecks) without a single call.
+        let calls = fake.calls.load(std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert_eq!(fake.calls.load(std::sync::atomic::Ordering::SeqCst), calls);
+        stop_tx.send(true).unwrap();
+        task.await.unwrap();
     }
 
     #[test]

@@ -36,10 +36,22 @@ use docker::InspectError;
 use redx::RouteStore;
 use store::{Need, Store};
 
+/// A service source: its client, its config key for logs, and what its definitions may
+/// claim.
+#[derive(Clone)]
+pub struct Source {
+    /// `registrar.sources[0] (docker-labels)`.
+    pub key: String,
+    pub client: ServicesClient,
+    pub grants: crate::grants::Grants,
+}
+
 /// What the registrar loop is given; `main` wires it.
 pub struct Registrar {
     pub docker: Docker,
-    pub sources: Vec<ServicesClient>,
+    pub sources: Vec<Source>,
+    /// The router's ports and this host's own names, for the grant checks.
+    pub facts: crate::grants::HostFacts,
     pub routes: redx::Routes<redx::RedisStore>,
     pub resync: Duration,
     /// See `RegistrarConfig::drain_on_stop`.
@@ -61,7 +73,8 @@ struct Loop {
     /// Each source's last good answer (`None` until it first answers).
     last_services: Vec<Option<Vec<ServiceDefinition>>>,
     generations: Vec<Option<u64>>,
-    warned: BTreeSet<String>,
+    /// Warnings already given (bounded: their text holds other people's names).
+    warned: warden_plugin_api::sdk::SaidOnce,
     redis_backoff: Backoff,
     retry_at: Option<Instant>,
     /// Who holds each front-end and port (key → backend) as last written; `None` until
@@ -88,7 +101,7 @@ impl Registrar {
             store,
             last_services: vec![None; n],
             generations: vec![None; n],
-            warned: BTreeSet::new(),
+            warned: warden_plugin_api::sdk::SaidOnce::default(),
             redis_backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(10)),
             retry_at: None,
             held: None,
@@ -225,7 +238,7 @@ impl Loop {
     async fn sources_changed(&mut self) -> bool {
         let mut changed = false;
         for (i, s) in self.r.sources.iter().enumerate() {
-            if let Ok(g) = s.generation().await {
+            if let Ok(g) = s.client.generation().await {
                 if self.generations[i] != Some(g) {
                     changed |= self.generations[i].is_some();
                     self.generations[i] = Some(g);
@@ -240,10 +253,10 @@ impl Loop {
         let started = Instant::now();
         let views = self.store.views();
         for (i, s) in self.r.sources.iter().enumerate() {
-            match s.list_for(&views).await {
+            match s.client.list_for(&views).await {
                 Ok(list) => self.last_services[i] = Some(list),
                 Err(e) => {
-                    tracing::warn!(plugin = %s.0.plugin_name(), error = %e, "service source failed; using its last good services")
+                    tracing::warn!(source = %s.key, error = %e, "service source failed; using its last good services")
                 }
             }
         }
@@ -266,21 +279,29 @@ impl Loop {
                 }
             }
         }
-        let services: Vec<ServiceDefinition> = self
-            .last_services
-            .iter()
-            .flatten()
-            .flatten()
-            .cloned()
-            .collect();
+        let (services, refused) = self.screen();
         let held = self.held.clone().unwrap_or_default();
-        let (routing, warnings) = desired::desired(&services, self.store.containers(), &held);
+        let (routing, warnings) =
+            desired::desired_screened(&services, &refused, self.store.containers(), &held);
         for w in warnings {
             self.warn_once(w);
         }
         for c in &routing.conflicts {
             self.warn_once(c.to_string());
         }
+        for r in &routing.refused {
+            self.warn_once(r.to_string());
+        }
+        metrics::get()
+            .grant_refusals
+            .get_or_create(&metrics::PartLabel {
+                part: "registrar".into(),
+            })
+            .set(routing.refused.len() as i64);
+        metrics::get().set_refused(
+            "registrar",
+            routing.refused.iter().map(ToString::to_string).collect(),
+        );
         self.r
             .ports
             .send_if_modified(|p| replace_if_changed(p, &routing.ports));
@@ -378,9 +399,29 @@ impl Loop {
     }
 
     fn warn_once(&mut self, w: String) {
-        if self.warned.insert(w.clone()) {
+        if self.warned.first(&w) {
             tracing::warn!("{w}");
         }
+    }
+
+    /// Each source's last good definitions, checked against that source's grants:
+    /// (accepted, refused).
+    fn screen(&self) -> (Vec<ServiceDefinition>, Vec<desired::Refused>) {
+        let mut accepted = Vec::new();
+        let mut refused = Vec::new();
+        for (source, list) in self.r.sources.iter().zip(&self.last_services) {
+            for def in list.iter().flatten() {
+                match source.grants.service(def, &self.r.facts) {
+                    Ok(()) => accepted.push(def.clone()),
+                    Err(refusal) => refused.push(desired::Refused {
+                        source: source.key.clone(),
+                        definition: def.clone(),
+                        refusal,
+                    }),
+                }
+            }
+        }
+        (accepted, refused)
     }
 
     /// Publishes the account of containers, conflicts and blocked keys when it changed.
@@ -392,6 +433,7 @@ impl Loop {
         let state = serde_json::json!({
             "containers": routing.containers,
             "conflicts": routing.conflicts,
+            "refused": routing.refused,
             "blocked": blocked.iter().map(|b| serde_json::json!({"key": b.key, "wanted": b.wanted, "found": b.found})).collect::<Vec<_>>(),
         })
         .to_string();

@@ -58,6 +58,7 @@ impl Container {
             name: self.name.clone(),
             image: self.image.clone(),
             labels: self.labels.clone(),
+            started_at: self.started_at.clone(),
         }
     }
 }

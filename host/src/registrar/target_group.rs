@@ -150,11 +150,16 @@ impl TargetGroups {
     }
 }
 
-impl Membership for TargetGroups {
-    type Key = TargetGroupKey;
-    const WHAT: &'static str = "target group";
+impl TargetGroups {
+    /// A group that is gone is looked up again next time (it may be made again with
+    /// another ARN).
+    async fn forget_if_gone<T>(&self, key: &TargetGroupKey, r: &Result<T, ElbError>) {
+        if matches!(r, Err(ElbError::NotFound(_))) {
+            self.groups.lock().await.remove(&key.group);
+        }
+    }
 
-    async fn is_member(&self, key: &TargetGroupKey) -> Result<bool, ElbError> {
+    async fn is_member_once(&self, key: &TargetGroupKey) -> Result<bool, ElbError> {
         let (group, target) = self.target(key).await?;
         let out = self
             .client
@@ -171,7 +176,7 @@ impl Membership for TargetGroups {
         Ok(is_listed(listed, target.id().unwrap_or(""), key.port))
     }
 
-    async fn set(&self, key: &TargetGroupKey, register: bool) -> Result<(), ElbError> {
+    async fn set_once(&self, key: &TargetGroupKey, register: bool) -> Result<(), ElbError> {
         let (group, target) = self.target(key).await?;
         if register {
             let r = self
@@ -195,6 +200,23 @@ impl Membership for TargetGroups {
             counted("DeregisterTargets", r)?;
         }
         Ok(())
+    }
+}
+
+impl Membership for TargetGroups {
+    type Key = TargetGroupKey;
+    const WHAT: &'static str = "target group";
+
+    async fn is_member(&self, key: &TargetGroupKey) -> Result<bool, ElbError> {
+        let r = self.is_member_once(key).await;
+        self.forget_if_gone(key, &r).await;
+        r
+    }
+
+    async fn set(&self, key: &TargetGroupKey, register: bool) -> Result<(), ElbError> {
+        let r = self.set_once(key, register).await;
+        self.forget_if_gone(key, &r).await;
+        r
     }
 
     async fn leave_delay(&self, key: &TargetGroupKey) -> Duration {

@@ -15,8 +15,10 @@ use crate::{ContainerView, Measurement, PluginError, ServiceDefinition};
 
 pub mod export;
 mod logging;
+mod once;
 mod runtime;
 
+pub use once::SaidOnce;
 pub use runtime::runtime;
 
 /// A source of one metric value, read by warden's manager.

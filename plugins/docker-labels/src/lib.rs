@@ -11,17 +11,28 @@
 //! | `warden.network` | Docker network whose IP is routed to | name |
 //! | `warden.drain` | seconds between the last container leaving and ELB deregistration | whole seconds |
 //!
-//! Values are parsed strictly. A container with an invalid label is skipped with one
-//! warning naming the container and the label; other containers are not affected. When
-//! containers of one service disagree, the first by name sets the service's routing and
-//! the others are warned about (and still routed, with the service's settings).
+//! Values are parsed strictly and bounded (a value of at most 1024 bytes, at most 16
+//! front-ends and 5 target groups a container). A container with an invalid label is
+//! skipped with one warning naming the container and the label; other containers are
+//! not affected. A service's definition is fixed by its first container (the earliest
+//! started; first come, first served, as for front-ends): a later container whose labels
+//! disagree is refused with one warning and not routed, never merged, so a container
+//! that names another's service cannot change where that service's traffic goes.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
-use warden_plugin_api::model::normalise_frontend;
+use warden_plugin_api::model::{elide, normalise_frontend, start_order};
 use warden_plugin_api::prelude::*;
+use warden_plugin_api::sdk::SaidOnce;
 use warden_plugin_api::tracing;
+
+/// The longest label value read, in bytes.
+pub const MAX_VALUE: usize = 1024;
+/// The most front-ends one container may name.
+pub const MAX_FRONTENDS: usize = 16;
+/// The most target groups one container may name.
+pub const MAX_TARGET_GROUPS: usize = 5;
 
 #[derive(Deserialize, JsonSchema)]
 #[serde(crate = "warden_plugin_api::serde", deny_unknown_fields)]
@@ -46,7 +57,7 @@ pub struct LabelError {
 fn port(label: &str, v: &str) -> Result<u16, LabelError> {
     let bad = || LabelError {
         label: label.into(),
-        why: format!("{v:?} is not a port (a whole number 1-65535)"),
+        why: format!("{} is not a port (a whole number 1-65535)", elide(v, 40)),
     };
     if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
         return Err(bad());
@@ -58,6 +69,16 @@ fn port(label: &str, v: &str) -> Result<u16, LabelError> {
 }
 
 fn name(label: &str, v: &str) -> Result<String, LabelError> {
+    if v.len() > 128 {
+        return Err(LabelError {
+            label: label.into(),
+            why: format!(
+                "{} is {} bytes long (a name is at most 128)",
+                elide(v, 40),
+                v.len()
+            ),
+        });
+    }
     if !v.is_empty()
         && v.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
@@ -66,7 +87,10 @@ fn name(label: &str, v: &str) -> Result<String, LabelError> {
     } else {
         Err(LabelError {
             label: label.into(),
-            why: format!("{v:?} is not a name (letters, digits, `_`, `.`, `-`)"),
+            why: format!(
+                "{} is not a name (letters, digits, `_`, `.`, `-`)",
+                elide(v, 60)
+            ),
         })
     }
 }
@@ -84,7 +108,8 @@ fn target_group(label: &str, v: &str) -> Result<String, LabelError> {
         Err(LabelError {
             label: label.into(),
             why: format!(
-                "{v:?} is not a target group name (1-32 letters, digits, `-`) or ARN (arn:...:targetgroup/...)"
+                "{} is not a target group name (1-32 letters, digits, `-`) or ARN (arn:...:targetgroup/...)",
+                elide(v, 60)
             ),
         })
     }
@@ -96,6 +121,19 @@ pub fn parse_labels(
     labels: &BTreeMap<String, String>,
 ) -> Result<Option<ServiceDefinition>, LabelError> {
     let key = |k: &str| format!("{prefix}.{k}");
+    if let Some((k, v)) = labels
+        .iter()
+        .find(|(k, v)| k.starts_with(&format!("{prefix}.")) && v.len() > MAX_VALUE)
+    {
+        return Err(LabelError {
+            label: k.clone(),
+            why: format!(
+                "its value is {} bytes long (at most {MAX_VALUE}): {}",
+                v.len(),
+                elide(v, 40)
+            ),
+        });
+    }
     let get = |k: &str| labels.get(&key(k)).map(|v| v.trim());
     let Some(service) = get("service") else {
         return Ok(None);
@@ -118,7 +156,15 @@ pub fn parse_labels(
         manage: None,
         target_groups: Vec::new(),
     };
+    let many = |k: &str, n: usize, max: usize| LabelError {
+        label: key(k),
+        why: format!("names {n} values (at most {max})"),
+    };
     if let Some(v) = get("frontend") {
+        let n = v.split(',').filter(|f| !f.trim().is_empty()).count();
+        if n > MAX_FRONTENDS {
+            return Err(many("frontend", n, MAX_FRONTENDS));
+        }
         for f in v.split(',').map(str::trim).filter(|f| !f.is_empty()) {
             def.frontends
                 .push(normalise_frontend(f).map_err(|why| LabelError {
@@ -128,6 +174,10 @@ pub fn parse_labels(
         }
     }
     if let Some(v) = get("target-group") {
+        let n = v.split(',').filter(|g| !g.trim().is_empty()).count();
+        if n > MAX_TARGET_GROUPS {
+            return Err(many("target-group", n, MAX_TARGET_GROUPS));
+        }
         for g in v.split(',').map(str::trim).filter(|g| !g.is_empty()) {
             def.target_groups
                 .push(target_group(&key("target-group"), g)?);
@@ -137,12 +187,12 @@ pub fn parse_labels(
         if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
             return Err(LabelError {
                 label: key("drain"),
-                why: format!("{v:?} is not a whole number of seconds"),
+                why: format!("{} is not a whole number of seconds", elide(v, 40)),
             });
         }
         def.drain_seconds = Some(v.parse().map_err(|_| LabelError {
             label: key("drain"),
-            why: format!("{v:?} is too large"),
+            why: format!("{} is too large", elide(v, 40)),
         })?);
     }
     // Any other label under the prefix is a typo of one of the above.
@@ -162,34 +212,47 @@ pub fn parse_labels(
         .find(|k| !known.contains(k))
     {
         return Err(LabelError {
-            label: key(unknown),
+            label: if unknown.len() > 40 {
+                key(&elide(unknown, 40))
+            } else {
+                key(unknown)
+            },
             why: format!("unknown label (known: {})", known.join(", ")),
         });
     }
     Ok(Some(def))
 }
 
-/// Derives the services of a set of containers; returns them and the warnings.
+/// Derives the services of a set of containers; returns them and the warnings. The
+/// earliest-started container of a service fixes its definition; a later one whose
+/// labels disagree is refused (left out of the service's containers).
 pub fn derive(prefix: &str, containers: &[ContainerView]) -> (Vec<ServiceDefinition>, Vec<String>) {
     let mut sorted: Vec<&ContainerView> = containers.iter().collect();
-    sorted.sort_by(|a, b| (&a.name, &a.id).cmp(&(&b.name, &b.id)));
-    let mut services: BTreeMap<String, ServiceDefinition> = BTreeMap::new();
+    sorted.sort_by(|a, b| {
+        (start_order(&a.started_at), &a.id).cmp(&(start_order(&b.started_at), &b.id))
+    });
+    // Each service's definition and the container that fixed it.
+    let mut services: BTreeMap<String, (ServiceDefinition, &ContainerView)> = BTreeMap::new();
     let mut warnings = Vec::new();
     for c in sorted {
         match parse_labels(prefix, &c.labels) {
             Ok(None) => {}
             Ok(Some(def)) => {
-                let entry = services
+                let (entry, first) = services
                     .entry(def.name.clone())
-                    .or_insert_with(|| def.clone());
+                    .or_insert_with(|| (def.clone(), c));
                 let mut mine = def;
                 mine.matches.ids = entry.matches.ids.clone();
                 if mine != *entry {
                     warnings.push(format!(
-                        "container {} ({}): its warden labels differ from those of the service's first container; the first's are used",
+                        "container {} ({}): its warden labels differ from those of container {} ({}), the first of service {:?}; refused, not routed (a service's definition is fixed by its first container)",
                         c.name,
-                        short(&c.id)
+                        short(&c.id),
+                        first.name,
+                        short(&first.id),
+                        entry.name
                     ));
+                    continue;
                 }
                 entry.matches.ids.insert(c.id.clone());
             }
@@ -202,7 +265,7 @@ pub fn derive(prefix: &str, containers: &[ContainerView]) -> (Vec<ServiceDefinit
             )),
         }
     }
-    (services.into_values().collect(), warnings)
+    (services.into_values().map(|(d, _)| d).collect(), warnings)
 }
 
 fn short(id: &str) -> &str {
@@ -211,8 +274,9 @@ fn short(id: &str) -> &str {
 
 pub struct DockerLabels {
     prefix: String,
-    /// Warnings already given, so that each is logged once, not on every reconcile.
-    warned: Mutex<BTreeSet<String>>,
+    /// Warnings already given, so that each is logged once, not on every reconcile
+    /// (bounded: the names in them are anyone's who can start a container).
+    warned: Mutex<SaidOnce>,
 }
 
 impl ServiceDefinitions for DockerLabels {
@@ -224,7 +288,7 @@ impl ServiceDefinitions for DockerLabels {
         }
         Ok(DockerLabels {
             prefix: config.prefix,
-            warned: Mutex::new(BTreeSet::new()),
+            warned: Mutex::new(SaidOnce::default()),
         })
     }
 
@@ -239,7 +303,7 @@ impl ServiceDefinitions for DockerLabels {
         let (services, warnings) = derive(&self.prefix, &containers);
         let mut warned = self.warned.lock().unwrap_or_else(|p| p.into_inner());
         for w in warnings {
-            if warned.insert(w.clone()) {
+            if warned.first(&w) {
                 tracing::warn!("{w}");
             }
         }
@@ -271,6 +335,7 @@ mod tests {
             name: name.into(),
             image: "img".into(),
             labels: labels(pairs),
+            started_at: String::new(),
         }
     }
 
@@ -376,22 +441,77 @@ mod tests {
     }
 
     #[test]
-    fn disagreeing_containers_are_warned_about_and_the_first_wins() {
-        let cs = vec![
-            container(
-                "bbb",
-                "web-2",
-                &[("warden.service", "web"), ("warden.port", "81")],
-            ),
-            container(
-                "aaa",
-                "web-1",
-                &[("warden.service", "web"), ("warden.port", "80")],
-            ),
-        ];
-        let (services, warnings) = derive("warden", &cs);
-        assert_eq!(services[0].port, Some(80));
-        assert_eq!(services[0].matches.ids.len(), 2);
-        assert!(warnings[0].contains("web-2"), "{warnings:?}");
+    fn the_first_started_container_fixes_the_service_and_a_disagreeing_one_is_refused() {
+        let mut victim = container(
+            "bbb",
+            "web-1",
+            &[
+                ("warden.service", "web"),
+                ("warden.frontend", "web.example"),
+            ],
+        );
+        victim.started_at = "2026-12-01T10:00:00.1Z".into();
+        // Sorts first by name and id, but started later: it cannot take the service.
+        let mut squatter = container(
+            "aaa",
+            "aaa-squatter",
+            &[
+                ("warden.service", "web"),
+                ("warden.frontend", "web.example"),
+                ("warden.elb", "victim-elb"),
+            ],
+        );
+        squatter.started_at = "2026-12-01T10:00:00.123Z".into();
+        let mut twin = container(
+            "ccc",
+            "web-2",
+            &[
+                ("warden.service", "web"),
+                ("warden.frontend", "web.example"),
+            ],
+        );
+        twin.started_at = "2026-12-01T11:00:00Z".into();
+        let (services, warnings) = derive("warden", &[squatter, victim, twin]);
+        assert_eq!(services.len(), 1);
+        assert_eq!(services[0].elb, None, "the first container's definition");
+        assert_eq!(
+            services[0].matches.ids,
+            BTreeSet::from(["bbb".to_string(), "ccc".to_string()]),
+            "the squatter is not one of the service's containers"
+        );
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("aaa-squatter")
+                && warnings[0].contains("web-1")
+                && warnings[0].contains("refused"),
+            "{warnings:?}"
+        );
+    }
+
+    #[test]
+    fn values_and_counts_are_bounded_and_long_values_are_elided() {
+        let big = "x".repeat(10_000);
+        let e = parse_labels(
+            "warden",
+            &labels(&[("warden.service", "web"), ("warden.frontend", big.as_str())]),
+        )
+        .unwrap_err();
+        assert!(e.why.contains("10000 bytes") && e.why.len() < 200, "{e:?}");
+        let many = (0..17)
+            .map(|i| format!("h{i}.example"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let e = parse_labels(
+            "warden",
+            &labels(&[
+                ("warden.service", "web"),
+                ("warden.frontend", many.as_str()),
+            ]),
+        )
+        .unwrap_err();
+        assert!(e.why.contains("17 values"), "{e:?}");
+        let e =
+            parse_labels("warden", &labels(&[("warden.service", &"s".repeat(900))])).unwrap_err();
+        assert!(e.why.len() < 200, "{e:?}");
     }
 }
