@@ -25,6 +25,16 @@
 --
 -- Debian's lua-resty-redis 0.27 turns any unknown name looked up on a client into a Redis
 -- command: call only the methods `CLIENT_METHODS` lists (checked at start) and commands.
+--
+-- The router trusts only what it can check, whoever wrote Redis (warden, stock Redx's
+-- API, redis-cli): a server is routed to only if it is an IPv4 address inside the
+-- configured container networks (`networks`, CIDRs); loopback only when a configured
+-- network is itself inside 127.0.0.0/8, link-local (169.254.0.0/16, where instance
+-- metadata answers), 0.0.0.0/8 and multicast never. A key of the wrong type (a
+-- front-end that is not a string, a backend that is not a hash) is skipped with one log
+-- line; the rest of the table is served. Refusals are logged once per key or server.
+-- Redis is reached over TCP or a unix socket (`unix:/path`), with AUTH when a password
+-- is configured.
 
 local ok_redis, redis = pcall(require, "nginx.redis")
 if not ok_redis then
@@ -35,6 +45,9 @@ local balancer = require "ngx.balancer"
 local _M = {
   redis_host = "127.0.0.1",
   redis_port = 6379,
+  redis_password = nil,
+  -- Comma-separated CIDRs whose addresses may be servers (Docker's default pools).
+  networks = "172.16.0.0/12,192.168.0.0/16",
   max_path_length = 3,
   balance = "random",
   check_ms = 1000,
@@ -43,12 +56,94 @@ local _M = {
 }
 
 -- The client methods the router calls; anything else would be sent to Redis as a command.
-local CLIENT_METHODS = { "new", "set_timeout", "connect", "set_keepalive", "read_reply", "close" }
+local CLIENT_METHODS = { "new", "set_timeout", "connect", "set_keepalive", "read_reply", "close",
+  "get_reused_times" }
+
+-- Parsed `networks`: { base = number, size = number, loopback = bool }.
+local allowed = {}
+local bad_networks = {}
+
+-- A dotted IPv4 address as a number (exact in a double), or nil.
+local function ip4(s)
+  local a, b, c, d = string.match(s, "^(%d+)%.(%d+)%.(%d+)%.(%d+)$")
+  if not a then
+    return nil
+  end
+  a, b, c, d = tonumber(a), tonumber(b), tonumber(c), tonumber(d)
+  if a > 255 or b > 255 or c > 255 or d > 255 then
+    return nil
+  end
+  return ((a * 256 + b) * 256 + c) * 256 + d
+end
+_M.ip4 = ip4
+
+local function within(ip, base, size)
+  return ip >= base and ip < base + size
+end
+
+local LOOPBACK, LOOPBACK_SIZE = 127 * 2 ^ 24, 2 ^ 24
+
+local function parse_networks(text)
+  allowed, bad_networks = {}, {}
+  for item in string.gmatch(text or "", "[^,%s]+") do
+    local addr, len = string.match(item, "^([%d%.]+)/(%d+)$")
+    local ip = addr and ip4(addr)
+    len = tonumber(len)
+    if ip and len and len >= 0 and len <= 32 then
+      local size = 2 ^ (32 - len)
+      local base = math.floor(ip / size) * size
+      allowed[#allowed + 1] = { base = base, size = size,
+        loopback = within(base, LOOPBACK, LOOPBACK_SIZE) and len >= 8 }
+    else
+      bad_networks[#bad_networks + 1] = item
+    end
+  end
+end
+
+-- Why a server address may not be routed to (nil: it may).
+function _M.refuse_server(addr_ip)
+  local ip = ip4(addr_ip)
+  if not ip then
+    return "not an IPv4 address"
+  end
+  if within(ip, 169 * 2 ^ 24 + 254 * 2 ^ 16, 2 ^ 16) then
+    return "link-local (instance metadata answers there)"
+  end
+  if ip < 2 ^ 24 or ip >= 224 * 2 ^ 24 then
+    return "not a unicast address"
+  end
+  local loopback = within(ip, LOOPBACK, LOOPBACK_SIZE)
+  for _, n in ipairs(allowed) do
+    if within(ip, n.base, n.size) and (n.loopback or not loopback) then
+      return nil
+    end
+  end
+  if loopback then
+    return "loopback (allowed only when a configured network is inside 127.0.0.0/8)"
+  end
+  return "outside the router's networks (" .. _M.networks .. ")"
+end
 
 function _M.configure(opts)
   for k, v in pairs(opts or {}) do
     _M[k] = v
   end
+  parse_networks(_M.networks)
+end
+
+-- Said once per key or server and worker (bounded), so a hostile writer cannot flood the
+-- log or grow the table.
+local said, said_count = {}, 0
+local function say_once(key, ...)
+  if said[key] then
+    return
+  end
+  if said_count >= 1000 then
+    return
+  end
+  said[key] = true
+  said_count = said_count + 1
+  ngx.log(ngx.WARN, ...)
 end
 
 -- The table this worker serves: nil until the first snapshot.
@@ -56,12 +151,14 @@ local routes = nil
 local rr = {}
 local redis_lost = false
 
--- Returns version (or false), then a flat list: n frontends, key/value pairs, then per
--- backend: name, n servers, servers.
+-- Returns version (or false), then a flat list: n keys skipped (wrong type), those keys,
+-- n frontends, key/value pairs, then per backend: name, n servers, servers.
 local SNAPSHOT = [[
 local out = {}
-local v = redis.call('GET', 'warden:routes:version')
+local v = redis.pcall('GET', 'warden:routes:version')
+if type(v) == 'table' then v = false end
 out[1] = v or ''
+local skipped = {}
 local keys = {}
 for _, pattern in ipairs({'frontend:*', 'warden:port:*'}) do
   local cursor = '0'
@@ -71,16 +168,33 @@ for _, pattern in ipairs({'frontend:*', 'warden:port:*'}) do
     for _, k in ipairs(r[2]) do keys[#keys + 1] = k end
   until cursor == '0'
 end
-out[#out + 1] = #keys
+local pairs_out = {}
 local backends = {}
 for _, k in ipairs(keys) do
-  local b = redis.call('GET', k)
-  out[#out + 1] = k
-  out[#out + 1] = b or ''
-  if b then backends[b] = true end
+  local b = redis.pcall('GET', k)
+  if type(b) == 'table' then
+    skipped[#skipped + 1] = k
+  else
+    pairs_out[#pairs_out + 1] = k
+    pairs_out[#pairs_out + 1] = b or ''
+    if b then backends[b] = true end
+  end
 end
+local per_backend = {}
 for b in pairs(backends) do
-  local fields = redis.call('HKEYS', 'backend:' .. b)
+  local fields = redis.pcall('HKEYS', 'backend:' .. b)
+  if fields.err then
+    skipped[#skipped + 1] = 'backend:' .. b
+    fields = {}
+  end
+  per_backend[#per_backend + 1] = { b, fields }
+end
+out[#out + 1] = #skipped
+for _, k in ipairs(skipped) do out[#out + 1] = k end
+out[#out + 1] = #pairs_out / 2
+for _, x in ipairs(pairs_out) do out[#out + 1] = x end
+for _, bf in ipairs(per_backend) do
+  local b, fields = bf[1], bf[2]
   local servers = {}
   for _, f in ipairs(fields) do
     if string.sub(f, 1, 1) ~= '_' then servers[#servers + 1] = f end
@@ -95,9 +209,22 @@ return out
 local function connect(timeout_ms)
   local red = redis:new()
   red:set_timeout(timeout_ms)
-  local ok, err = red:connect(_M.redis_host, _M.redis_port)
+  local ok, err
+  if string.sub(_M.redis_host, 1, 5) == "unix:" then
+    ok, err = red:connect(_M.redis_host)
+  else
+    ok, err = red:connect(_M.redis_host, _M.redis_port)
+  end
   if not ok then
     return nil, err
+  end
+  local password = _M.redis_password
+  if password and password ~= "" and red:get_reused_times() == 0 then
+    local authed, aerr = red:auth(password)
+    if not authed then
+      red:close()
+      return nil, "AUTH refused: " .. tostring(aerr)
+    end
   end
   return red
 end
@@ -122,6 +249,13 @@ end
 local function build(res)
   local t = { version = res[1], frontends = {}, paths = {}, ports = {}, backends = {} }
   local i = 2
+  local skipped = tonumber(res[i])
+  i = i + 1
+  for _ = 1, skipped do
+    say_once("type " .. res[i], "warden router: key ", res[i], " is not of Redx's type ",
+      "(a front-end must be a string, a backend a hash); skipped")
+    i = i + 1
+  end
   local n = tonumber(res[i])
   i = i + 1
   for _ = 1, n do
@@ -148,8 +282,16 @@ local function build(res)
     for j = 1, count do
       local addr = res[i + j - 1]
       local ip, port = string.match(addr, "^(.+):(%d+)$")
-      if ip then
-        servers[#servers + 1] = { addr = addr, ip = ip, port = tonumber(port) }
+      port = tonumber(port)
+      local why = not ip and "not ip:port" or _M.refuse_server(ip)
+      if not why and (port < 1 or port > 65535) then
+        why = "not a port"
+      end
+      if why then
+        say_once("server " .. b .. " " .. addr, "warden router: server ", addr, " of backend ", b,
+          " refused: ", why)
+      else
+        servers[#servers + 1] = { addr = addr, ip = ip, port = port }
       end
     end
     i = i + count
@@ -278,6 +420,10 @@ function _M.init_worker()
       ngx.log(ngx.ERR, "warden router: the redis client module has no method ", m,
         "; calling it would send a Redis command instead")
     end
+  end
+  if #bad_networks > 0 and ngx.worker.id() == 0 then
+    ngx.log(ngx.ERR, "warden router: networks entries not understood (CIDRs such as ",
+      "172.16.0.0/12 expected), ignored: ", table.concat(bad_networks, ", "))
   end
   math.randomseed(ngx.now() * 1000 + ngx.worker.pid())
   ngx.timer.at(0, subscriber)

@@ -80,6 +80,14 @@ dirs = ["$work/plugins"]
 local_redis = "redis://127.0.0.1:$redis_port"
 router_ports_file = "$work/router/ports.conf"
 router_pid_file = "$work/router/nginx.pid"
+# The router's own port: no container may take it.
+reserved_ports = [$router_port]
+# What container labels may claim (nothing by default).
+[grants]
+frontends = ["*.local"]
+frontend_ports = ["18000-18099"]
+load_balancers = ["demo-*"]
+target_groups = ["demo-*"]
 [manager]
 central_redis = "redis://127.0.0.1:$redis_port"
 loop_secs = 2

@@ -5,6 +5,7 @@
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -492,12 +493,27 @@ impl Router {
         Self::start_with(redis, "random")
     }
 
+    /// Loopback backends (the harness's `Backend`s) and Docker's networks are servers.
+    pub const TEST_NETWORKS: &'static str = "127.0.0.0/8,172.16.0.0/12,192.168.0.0/16";
+
     /// `balance`: `random` or `round-robin`.
     pub fn start_with(redis: &Redis, balance: &str) -> Router {
+        Self::start_full(redis, balance, Self::TEST_NETWORKS, &[])
+    }
+
+    /// As shipped: servers only in Docker's networks (no loopback), with more
+    /// environment for start.sh (a Redis password...).
+    pub fn start_strict(redis: &Redis, env: &[(&str, &str)]) -> Router {
+        Self::start_full(redis, "random", "172.16.0.0/12,192.168.0.0/16", env)
+    }
+
+    fn start_full(redis: &Redis, balance: &str, networks: &str, env: &[(&str, &str)]) -> Router {
         let port = free_port();
         let prefix = tempfile::tempdir().unwrap();
         let child = Command::new(workspace_root().join("router/start.sh"))
             .process_group(0)
+            .env("WARDEN_ROUTER_NETWORKS", networks)
+            .envs(env.iter().copied())
             .args([
                 prefix.path().to_str().unwrap(),
                 &port.to_string(),
@@ -695,6 +711,18 @@ fn with_run_label(config: &str) -> String {
     }
 }
 
+/// Grants everything (but special hosts and reserved ports) unless the test says what
+/// it grants: most tests are about something else than the trust boundary.
+pub const GRANT_ALL: &str = "\n[grants]\nfrontends = [\"*\"]\nfrontend_ports = [\"1-65535\"]\nload_balancers = [\"*\"]\ntarget_groups = [\"*\", \"arn:*\"]\nclusters = [\"*\"]\ntask_definitions = [\"*\", \"*:*\", \"arn:*\"]\necs_services = [\"*\"]\nmax_tasks = 10000\n";
+
+fn with_grants(config: &str) -> String {
+    if config.contains("[grants]") {
+        config.to_owned()
+    } else {
+        format!("{config}{GRANT_ALL}")
+    }
+}
+
 /// Containers (and networks) made by one test, removed when dropped.
 pub struct Containers {
     pub tag: String,
@@ -836,7 +864,9 @@ impl Warden {
                 Some(port),
             )
         };
-        std::fs::write(&cfg, with_run_label(&text)).unwrap();
+        std::fs::write(&cfg, with_run_label(&with_grants(&text))).unwrap();
+        // A config may hold passwords: warden refuses one others can read.
+        std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o600)).unwrap();
         let log = dir.path().join("warden.log");
         let mut w = Warden {
             child: Command::new("true").spawn().unwrap(),

@@ -327,6 +327,9 @@ fn empty_object() -> serde_json::Value {
 pub enum ConfigError {
     #[error("{file}: cannot read: {message}")]
     Read { file: String, message: String },
+    /// The file is not safe to act on: others can write it, or read its secrets.
+    #[error("{file}: refused: {message}")]
+    Unsafe { file: String, message: String },
     #[error("{file}: {message}")]
     Parse { file: String, message: String },
     #[error("{file}: {key}: {message}")]
@@ -342,10 +345,31 @@ impl Config {
     pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             file: file.to_owned(),
-            message: e.to_string().trim_end().replace("\n\n", "\n"),
+            message: toml_message(text, &e),
         })?;
         config.validate(file)?;
         Ok(config)
+    }
+
+    /// The settings that hold a secret: Redis URLs with a password, and plugin configs'
+    /// keys named like a secret (`password`, `secret`, `token`...) or URLs with one.
+    pub fn secrets(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if crate::redis_util::has_password(&self.registrar.local_redis) {
+            out.push("registrar.local_redis".to_owned());
+        }
+        if self
+            .manager
+            .central_redis
+            .as_deref()
+            .is_some_and(crate::redis_util::has_password)
+        {
+            out.push("manager.central_redis".to_owned());
+        }
+        for (key, _, r) in self.plugin_refs() {
+            secrets_in(&format!("{key}.config"), &r.config, &mut out);
+        }
+        out
     }
 
     /// Reads the file at `path`, or the embedded defaults when `path` is `None`, then
@@ -357,11 +381,23 @@ impl Config {
         let (mut config, file) = match path {
             Some(p) => {
                 let file = p.display().to_string();
+                let unsafe_file = |message: String| ConfigError::Unsafe {
+                    file: file.clone(),
+                    message,
+                };
+                // Whoever can write it can grant themselves anything: StrictModes first.
+                warden_plugin_api::sdk::trust::check_file(p).map_err(unsafe_file)?;
                 let text = std::fs::read_to_string(p).map_err(|e| ConfigError::Read {
                     file: file.clone(),
                     message: e.to_string(),
                 })?;
-                (Config::parse(&text, &file)?, file)
+                let config = Config::parse(&text, &file)?;
+                let secrets = config.secrets();
+                if !secrets.is_empty() {
+                    let what = format!("a secret ({})", secrets.join(", "));
+                    warden_plugin_api::sdk::trust::check_private(p, &what).map_err(unsafe_file)?;
+                }
+                (config, file)
             }
             None => (Config::default(), "(embedded defaults)".to_owned()),
         };
@@ -639,6 +675,84 @@ fn check_plugin_ref(r: &PluginRef) -> Result<(), String> {
     Ok(())
 }
 
+/// Keys named like a secret, or URLs with a password, under `v`.
+fn secrets_in(at: &str, v: &serde_json::Value, out: &mut Vec<String>) {
+    const NAMES: [&str; 6] = ["password", "passwd", "secret", "token", "credential", "apikey"];
+    match v {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                let key = format!("{at}.{k}");
+                let named = NAMES
+                    .iter()
+                    .any(|n| k.to_ascii_lowercase().replace(['_', '-'], "").contains(n));
+                if named && v.as_str().is_some_and(|s| !s.is_empty()) {
+                    out.push(key);
+                } else {
+                    secrets_in(&key, v, out);
+                }
+            }
+        }
+        serde_json::Value::Array(list) => {
+            for (i, v) in list.iter().enumerate() {
+                secrets_in(&format!("{at}[{i}]"), v, out);
+            }
+        }
+        serde_json::Value::String(s) if crate::redis_util::has_password(s) => {
+            out.push(at.to_owned())
+        }
+        _ => {}
+    }
+}
+
+/// A TOML error with its line and column, and never a value of the file: the snippet
+/// toml prints may be a line holding a password, and serde quotes the value it could not
+/// read (`invalid type: string "..."`).
+fn toml_message(text: &str, e: &toml::de::Error) -> String {
+    let mut message = redact_strings(e.message().trim());
+    if let Some(span) = e.span() {
+        let before = &text[..span.start.min(text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+        let key = text
+            .lines()
+            .nth(line - 1)
+            .and_then(|l| l.split_once('='))
+            .map(|(k, _)| k.trim())
+            .filter(|k| !k.is_empty() && !k.starts_with('['));
+        message = match key {
+            Some(k) => format!("line {line}, column {column}: key {k}: {message}"),
+            None => format!("line {line}, column {column}: {message}"),
+        };
+    }
+    message
+}
+
+/// `string "hunter2"` → `a string`.
+fn redact_strings(message: &str) -> String {
+    let mut out = String::new();
+    let mut rest = message;
+    while let Some(i) = rest.find("string \"") {
+        out.push_str(&rest[..i]);
+        out.push_str("a string");
+        let after = &rest[i + "string \"".len()..];
+        let mut escaped = false;
+        let mut end = after.len();
+        for (j, c) in after.char_indices() {
+            match c {
+                '\\' if !escaped => escaped = true,
+                '"' if !escaped => {
+                    end = j + 1;
+                    break;
+                }
+                _ => escaped = false,
+            }
+        }
+        rest = &after[end.min(after.len())..];
+    }
+    out.push_str(rest);
+    out
+}
+
 fn check_redis_url(url: &str) -> Result<(), String> {
     let ok = ["redis://", "rediss://", "redis+unix://", "unix://"]
         .iter()
@@ -869,6 +983,57 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("policy.tolerance"), "{e}");
+    }
+
+    #[test]
+    fn toml_errors_never_echo_a_value() {
+        let e = Config::parse(
+            "[manager]\ncentral_redis = \"redis://:hunter2@c:6379\"\nlease_ms = \"hunter3\"\n",
+            "w.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(!e.contains("hunter"), "{e}");
+        assert!(
+            e.contains("line 3") && e.contains("lease_ms") && e.contains("a string"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn secrets_are_found_in_urls_and_plugin_configs() {
+        let c = Config::parse(
+            "[registrar]\nlocal_redis = \"redis://:pw@127.0.0.1:6379\"\n[metrics.q]\nplugin = \"p\"\nconfig = { url = \"redis://u:pw@h:1\", auth_token = \"t\", name = \"x\" }\n",
+            "w.toml",
+        )
+        .unwrap();
+        assert_eq!(
+            c.secrets(),
+            ["registrar.local_redis", "metrics.q.config.auth_token", "metrics.q.config.url"]
+        );
+        assert!(Config::default().secrets().is_empty());
+    }
+
+    #[test]
+    fn a_config_with_a_secret_that_others_can_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("w.toml");
+        std::fs::write(&f, "[manager]\ncentral_redis = \"redis://:pw@c:6379\"\n").unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = Config::load(Some(&f), no_env).unwrap_err();
+        assert!(
+            matches!(&e, ConfigError::Unsafe { message, .. } if message.contains("manager.central_redis") && message.contains("chmod 0600")),
+            "{e}"
+        );
+        assert!(!e.to_string().contains("pw@"), "{e}");
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        Config::load(Some(&f), no_env).unwrap();
+        // Writable by others: refused whatever it holds.
+        std::fs::write(&f, "[registrar]\nresync_secs = 5\n").unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o646)).unwrap();
+        let e = Config::load(Some(&f), no_env).unwrap_err();
+        assert!(e.to_string().contains("writable by others"), "{e}");
     }
 
     #[test]

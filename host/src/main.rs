@@ -430,7 +430,14 @@ fn health(
 }
 
 fn check(path: Option<PathBuf>, insecure: bool) -> anyhow::Result<ExitCode> {
-    let config = load_config(path.as_deref())?;
+    // The same exit code as `run` for the same file: 78 for any configuration error.
+    let config = match load_config(path.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            println!("{e:#}");
+            return Ok(ExitCode::from(warden::supervisor::EXIT_CONFIG));
+        }
+    };
     let file = path.as_ref().map_or("(embedded defaults)".to_owned(), |p| {
         p.display().to_string()
     });

@@ -13,6 +13,17 @@ pub fn addr(url: &str) -> String {
     rest[..end].to_owned()
 }
 
+/// Whether a URL carries a password (`scheme://[user]:password@host...`).
+pub fn has_password(url: &str) -> bool {
+    let Some((_, rest)) = url.split_once("://") else {
+        return false;
+    };
+    let authority = rest.split(['/', '?']).next().unwrap_or(rest);
+    authority
+        .rsplit_once('@')
+        .is_some_and(|(userinfo, _)| userinfo.split_once(':').is_some_and(|(_, pw)| !pw.is_empty()))
+}
+
 /// A URL with its password (and user) replaced by `***`, for messages.
 pub fn redact(url: &str) -> String {
     match (url.split_once("://"), url.rfind('@')) {

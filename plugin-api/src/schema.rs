@@ -3,7 +3,8 @@
 //! [`crate::testing`] use this one function, so a plugin's tests refuse exactly what
 //! warden refuses.
 
-/// Validates `config`; each error names the key (as a JSON pointer) and what was expected.
+/// Validates `config`; each error names the key (as a JSON pointer) and what was
+/// expected, never the value found (a config may hold a password).
 pub fn validate(schema: &serde_json::Value, config: &serde_json::Value) -> Result<(), Vec<String>> {
     let validator = match jsonschema::validator_for(schema) {
         Ok(v) => v,
@@ -22,7 +23,7 @@ pub fn validate(schema: &serde_json::Value, config: &serde_json::Value) -> Resul
             } else {
                 at.trim_start_matches('/').replace('/', ".")
             };
-            format!("{at}: {e}")
+            format!("{at}: {}", e.masked())
         })
         .collect();
     if errors.is_empty() {

@@ -17,6 +17,7 @@ pub mod export;
 mod logging;
 mod once;
 mod runtime;
+pub mod trust;
 
 pub use once::SaidOnce;
 pub use runtime::runtime;

@@ -19,7 +19,7 @@
 //! disagree is refused with one warning and not routed, never merged, so a container
 //! that names another's service cannot change where that service's traffic goes.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use warden_plugin_api::model::{elide, normalise_frontend, start_order};
@@ -321,6 +321,7 @@ export_plugin! { name: "docker-labels", service_definitions: DockerLabels }
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
