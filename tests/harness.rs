@@ -4,8 +4,8 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::unix::process::CommandExt;
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -741,6 +741,18 @@ impl Containers {
 
     /// Starts a container serving a page with its name; returns its id.
     pub fn run(&self, name: &str, labels: &[(&str, &str)], extra: &[&str]) -> String {
+        self.run_cmd(name, labels, extra, &[])
+    }
+
+    /// As [`Containers::run`], with the image's command replaced by `cmd` (empty: the
+    /// image's own).
+    pub fn run_cmd(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+        extra: &[&str],
+        cmd: &[&str],
+    ) -> String {
         let full = format!("{}-{name}", self.tag);
         let mut args: Vec<String> = vec![
             "run".into(),
@@ -760,6 +772,7 @@ impl Containers {
         }
         args.extend(extra.iter().map(|s| s.to_string()));
         args.push(IMAGE.into());
+        args.extend(cmd.iter().map(|s| s.to_string()));
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         docker(&refs)
     }

@@ -99,6 +99,14 @@ pub struct PluginsConfig {
     /// Where plugin instances live by default: `in-process`, or `process` (each in a
     /// supervised child of its own, so a crash costs only that child).
     pub isolation: Isolation,
+    /// The user isolated plugin processes run as (warden must be root or hold
+    /// CAP_SETUID/CAP_SETGID); warden's own user when unset.
+    pub isolation_user: Option<String>,
+    /// An isolated plugin process's data limit (RLIMIT_DATA), in MiB.
+    pub isolation_memory_mb: u64,
+    /// SHA-256 pins by plugin name (hex): a file of that name whose digest differs is
+    /// refused, in process or isolated.
+    pub sha256: BTreeMap<String, String>,
 }
 
 /// Where a plugin instance lives.
@@ -126,6 +134,9 @@ impl Default for PluginsConfig {
             breaker_failures: 3,
             breaker_open_ms: 30_000,
             isolation: Isolation::InProcess,
+            isolation_user: None,
+            isolation_memory_mb: 1024,
+            sha256: BTreeMap::new(),
         }
     }
 }
@@ -305,6 +316,10 @@ pub struct PluginRef {
     /// For a service source: what its definitions may claim, instead of `[grants]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grants: Option<crate::grants::Grants>,
+    /// For an instance in a process of its own: the variables of warden's environment
+    /// its process gets (it gets no other, but PATH, RUST_LOG and NO_COLOR).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<String>,
 }
 
 impl PluginRef {
@@ -315,6 +330,7 @@ impl PluginRef {
             config: empty_object(),
             isolation: None,
             grants: None,
+            env: Vec::new(),
         }
     }
 }
@@ -484,6 +500,26 @@ impl Config {
             3_600_000,
             "ms; the rest doubles up to 10 min",
         )?;
+        within(
+            "plugins.isolation_memory_mb",
+            p.isolation_memory_mb,
+            64,
+            1_048_576,
+            "MiB an isolated plugin process may use for data",
+        )?;
+        for (name, digest) in &p.sha256 {
+            if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(bad(
+                    &format!("plugins.sha256.{name}"),
+                    "expected 64 hex digits (sha256sum of the .so)".into(),
+                ));
+            }
+        }
+        if let Some(u) = &p.isolation_user {
+            if u.trim().is_empty() {
+                return Err(bad("plugins.isolation_user", "expected a user name".into()));
+            }
+        }
         within(
             "registrar.resync_secs",
             self.registrar.resync_secs,
@@ -677,7 +713,14 @@ fn check_plugin_ref(r: &PluginRef) -> Result<(), String> {
 
 /// Keys named like a secret, or URLs with a password, under `v`.
 fn secrets_in(at: &str, v: &serde_json::Value, out: &mut Vec<String>) {
-    const NAMES: [&str; 6] = ["password", "passwd", "secret", "token", "credential", "apikey"];
+    const NAMES: [&str; 6] = [
+        "password",
+        "passwd",
+        "secret",
+        "token",
+        "credential",
+        "apikey",
+    ];
     match v {
         serde_json::Value::Object(map) => {
             for (k, v) in map {
@@ -1009,7 +1052,11 @@ mod tests {
         .unwrap();
         assert_eq!(
             c.secrets(),
-            ["registrar.local_redis", "metrics.q.config.auth_token", "metrics.q.config.url"]
+            [
+                "registrar.local_redis",
+                "metrics.q.config.auth_token",
+                "metrics.q.config.url"
+            ]
         );
         assert!(Config::default().secrets().is_empty());
     }
@@ -1137,7 +1184,7 @@ mod doc_tests {
                 ]
                 .contains(&f)
             });
-            let plugin_ref = ["plugin", "config", "isolation"].iter().any(|f| {
+            let plugin_ref = ["plugin", "config", "isolation", "env"].iter().any(|f| {
                 key == &format!("metrics.<name>.{f}") || key == &format!("registrar.sources[].{f}")
             }) || key == "registrar.sources[].grants";
             assert!(

@@ -55,7 +55,13 @@ async fn sources(
                 ..options
             };
             match host
-                .create(&r.plugin, Kind::ServiceDefinitions, &r.config, options)
+                .create_with_env(
+                    &r.plugin,
+                    Kind::ServiceDefinitions,
+                    &r.config,
+                    options,
+                    &r.env,
+                )
                 .await
             {
                 Ok(c) => out.push(ServicesClient(c)),
@@ -127,10 +133,43 @@ fn managed_services(
     Ok(out)
 }
 
+/// The plugins of the plugin directories, as a configuration loads them: pins checked,
+/// isolated children started as `[plugins]` says (an unknown `isolation_user` is a
+/// problem [`problems`] reports; the children then run as warden's own user).
+pub fn load_plugins(config: &Config, insecure: bool) -> PluginHost {
+    let p = &config.plugins;
+    let mut host = PluginHost::load_dirs_pinned(&p.dirs, insecure || p.allow_insecure, &p.sha256);
+    host.set_child_policy(crate::plugins::isolated::ChildPolicy {
+        user: p
+            .isolation_user
+            .as_deref()
+            .and_then(|u| crate::plugins::isolated::ChildUser::lookup(u).ok()),
+        memory_mb: p.isolation_memory_mb,
+    });
+    host
+}
+
 /// What makes a configuration unable to work, one line each: the same checks for
 /// `warden check` and before `warden run` starts anything.
 pub fn problems(config: &Config, host: &PluginHost) -> Vec<String> {
     let mut out = Vec::new();
+    if let Some(u) = &config.plugins.isolation_user {
+        if let Err(e) = crate::plugins::isolated::ChildUser::lookup(u) {
+            out.push(format!("plugins.isolation_user: {e}"));
+        }
+    }
+    for name in config.plugins.sha256.keys() {
+        if host.find(name).is_none() {
+            let why = host
+                .failures()
+                .iter()
+                .find(|f| f.reason.contains(&format!("{name:?}")))
+                .map_or(String::new(), |f| format!(" ({f})"));
+            out.push(format!(
+                "plugins.sha256.{name}: no plugin of that name is loaded{why}"
+            ));
+        }
+    }
     if config.plugins.dirs != PluginsConfig::default().dirs {
         for d in &config.plugins.dirs {
             if !d.is_dir() {
@@ -756,10 +795,7 @@ impl Running {
     /// Re-reads the configuration and applies what changed, or refuses the whole of it.
     async fn reload(&mut self, path: Option<&Path>, insecure: bool) -> Result<ReloadPlan, String> {
         let new = Config::load(path, |k| std::env::var(k).ok()).map_err(|e| e.to_string())?;
-        let host = Arc::new(PluginHost::load_dirs(
-            &new.plugins.dirs,
-            insecure || new.plugins.allow_insecure,
-        ));
+        let host = Arc::new(load_plugins(&new, insecure));
         let found = problems(&new, &host);
         if !found.is_empty() {
             return Err(found.join("; "));
@@ -840,10 +876,7 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
     mut reload: mpsc::UnboundedReceiver<()>,
 ) -> Result<(), Fatal> {
-    let host = Arc::new(PluginHost::load_dirs(
-        &config.plugins.dirs,
-        insecure || config.plugins.allow_insecure,
-    ));
+    let host = Arc::new(load_plugins(&config, insecure));
     let found = problems(&config, &host);
     if !found.is_empty() {
         return Err(Fatal::Config(found.join("\n")));

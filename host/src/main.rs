@@ -81,6 +81,9 @@ enum Command {
         file: PathBuf,
         #[arg(long)]
         socket: PathBuf,
+        /// The file's SHA-256 pin: checked on the descriptor that is then loaded.
+        #[arg(long)]
+        sha256: Option<String>,
     },
     /// Run the daemon until SIGTERM or SIGINT.
     Run {
@@ -251,8 +254,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => unreachable!("handled before logging is set up"),
         Command::Check { config } => check(config, insecure),
         Command::Run { config } => daemon(config, insecure),
-        Command::PluginHost { file, socket } => {
-            plugins::isolated::serve(&file, &socket)?;
+        Command::PluginHost {
+            file,
+            socket,
+            sha256,
+        } => {
+            plugins::isolated::serve(&file, &socket, sha256.as_deref())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Health {
@@ -441,10 +448,7 @@ fn check(path: Option<PathBuf>, insecure: bool) -> anyhow::Result<ExitCode> {
     let file = path.as_ref().map_or("(embedded defaults)".to_owned(), |p| {
         p.display().to_string()
     });
-    let host = PluginHost::load_dirs(
-        &config.plugins.dirs,
-        insecure || config.plugins.allow_insecure,
-    );
+    let host = warden::daemon::load_plugins(&config, insecure);
     let problems = warden::daemon::problems(&config, &host);
     for p in &problems {
         println!("{file}: {p}");

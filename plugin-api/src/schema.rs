@@ -23,7 +23,7 @@ pub fn validate(schema: &serde_json::Value, config: &serde_json::Value) -> Resul
             } else {
                 at.trim_start_matches('/').replace('/', ".")
             };
-            format!("{at}: {}", e.masked())
+            format!("{at}: {}", e.masked_with("the value given"))
         })
         .collect();
     if errors.is_empty() {

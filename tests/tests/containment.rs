@@ -188,7 +188,7 @@ async fn a_panic_in_create_and_a_bad_config_are_errors_not_crashes() {
         .unwrap();
     assert!(
         e.to_string()
-            .contains("sequence: \"ok:1\" is not of type \"array\""),
+            .contains("sequence: the value given is not of type \"array\""),
         "{e}"
     );
     let e = host

@@ -506,10 +506,10 @@ fn warden_check_refuses_duplicate_and_colliding_service_names() {
         let file = dir.path().join("w.toml");
         std::fs::write(&file, text).unwrap();
         let (code, out, err) = warden_tests::warden(&["check", "--config", file.to_str().unwrap()]);
-        assert_ne!(code, 0, "{out}{err}");
+        assert_eq!(code, 78, "{out}{err}");
         assert!(
-            err.contains(&expect) && err.contains("manager.services[1].name"),
-            "{err}"
+            out.contains(&expect) && out.contains("manager.services[1].name"),
+            "{out}"
         );
     }
 }

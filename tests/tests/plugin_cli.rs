@@ -160,7 +160,7 @@ fn check_names_file_key_and_expectation() {
         "{out}"
     );
     assert!(
-        out.contains(&format!("{cfg_name}: metrics.upstream: config does not match plugin \"template\"'s schema: value: \"five\" is not of type \"number\"")),
+        out.contains(&format!("{cfg_name}: metrics.upstream: config does not match plugin \"template\"'s schema: value: the value given is not of type \"number\"")),
         "{out}"
     );
     assert!(

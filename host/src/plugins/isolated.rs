@@ -8,6 +8,19 @@
 //! op, args), `cancel` (id: the caller dropped the call), `shutdown`. Answers: `{id, ok}`
 //! with the plugin's JSON text, or `{id, err: {kind, message}}`. The child dies with its
 //! parent (`PR_SET_PDEATHSIG`) and when the socket closes.
+//!
+//! What the child is given, because isolation must isolate and not only contain crashes:
+//! * the same checks as an in-process load before every start and restart (permissions,
+//!   ELF, the SHA-256 pin, which the child checks again on the very file descriptor it
+//!   then loads), and the manifest it loaded compared with the one warden checked;
+//! * an empty environment but PATH, RUST_LOG, NO_COLOR and the variables its instance's
+//!   `env` names (warden's AWS and Redis secrets stay in warden);
+//! * `plugins.isolation_user`'s uid and gid when set (no supplementary groups),
+//!   `no_new_privs`, no core dumps, 1024 open files, `plugins.isolation_memory_mb` of data;
+//! * bounded output: an answer longer than [`MAX_ANSWER`] ends the child, a log line
+//!   longer than [`MAX_LOG_LINE`] is cut.
+//! It still shares warden's network (instance metadata included: deny it with a firewall
+//! rule on the uid, see docs/operations.md) and file system (read-only to another uid).
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -83,11 +96,27 @@ fn line<T: Serialize>(v: &T) -> String {
 
 /// The child's side (`warden plugin-host --file F --socket S`): load the file, serve one
 /// connection, end when it closes.
-pub fn serve(file: &Path, socket: &Path) -> anyhow::Result<()> {
+pub fn serve(file: &Path, socket: &Path, sha256: Option<&str>) -> anyhow::Result<()> {
     // SAFETY: prctl(PR_SET_PDEATHSIG) has no memory-safety preconditions.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
-    let library = warden_plugin_api::host::Library::load(file)
+    // With a pin, the bytes hashed are the bytes loaded: the open descriptor is loaded,
+    // not the path (which could be renamed over in between).
+    let opened =
+        std::fs::File::open(file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let load_path = match sha256 {
+        Some(pin) => {
+            super::pin::verify_reader(&opened, "this plugin", pin)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            PathBuf::from(format!(
+                "/proc/self/fd/{}",
+                std::os::fd::AsRawFd::as_raw_fd(&opened)
+            ))
+        }
+        None => file.to_owned(),
+    };
+    let library = warden_plugin_api::host::Library::load(&load_path)
         .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let manifest = serde_json::to_string(library.manifest()).expect("a manifest serializes");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -111,7 +140,7 @@ pub fn serve(file: &Path, socket: &Path) -> anyhow::Result<()> {
                                 instance = Some(Arc::new(i));
                                 Answer {
                                     id,
-                                    ok: Some(String::new()),
+                                    ok: Some(manifest.clone()),
                                     err: None,
                                 }
                             }
@@ -208,15 +237,138 @@ impl Conn {
     }
 }
 
+/// The longest answer line read from a child (a service list can be large).
+pub const MAX_ANSWER: usize = 16 << 20;
+/// The longest log line of a child passed on whole.
+pub const MAX_LOG_LINE: usize = 4096;
+
+/// The user an isolated child runs as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChildUser {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl ChildUser {
+    /// Looks a user up by name (the system's user database).
+    pub fn lookup(name: &str) -> Result<ChildUser, String> {
+        let c = std::ffi::CString::new(name).map_err(|_| format!("{name:?}: not a user name"))?;
+        // SAFETY: getpwnam takes a valid C string; the fields read are copied at once, on
+        // the thread that called it, before any other getpw* call.
+        let pw = unsafe { libc::getpwnam(c.as_ptr()) };
+        if pw.is_null() {
+            return Err(format!("no user named {name:?} on this host"));
+        }
+        // SAFETY: pw is non-null and points to getpwnam's static record.
+        let (uid, gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
+        Ok(ChildUser {
+            name: name.to_owned(),
+            uid,
+            gid,
+        })
+    }
+}
+
+/// How isolated children are started, for every instance (`[plugins]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChildPolicy {
+    pub user: Option<ChildUser>,
+    /// RLIMIT_DATA, MiB.
+    pub memory_mb: u64,
+}
+
+impl Default for ChildPolicy {
+    fn default() -> Self {
+        Self {
+            user: None,
+            memory_mb: 1024,
+        }
+    }
+}
+
+/// What one isolated instance's child gets.
+#[derive(Debug, Clone)]
+pub struct ChildSettings {
+    pub policy: ChildPolicy,
+    /// The environment it gets (name, value).
+    pub env: Vec<(String, String)>,
+    pub create_timeout: Duration,
+}
+
+/// The child's environment: PATH, RUST_LOG and NO_COLOR, and the variables `names`
+/// names, as warden has them now.
+pub fn pass_env(names: &[String]) -> Vec<(String, String)> {
+    ["PATH", "RUST_LOG", "NO_COLOR"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(names.iter().cloned())
+        .filter_map(|k| std::env::var(&k).ok().map(|v| (k, v)))
+        .collect()
+}
+
 /// How to start a child for one instance.
 #[derive(Clone)]
 struct Spec {
     exe: PathBuf,
-    file: PathBuf,
-    plugin: String,
+    plugin: Arc<super::Plugin>,
     kind: Kind,
     config: String,
-    create_timeout: Duration,
+    settings: ChildSettings,
+}
+
+impl Spec {
+    fn name(&self) -> &str {
+        &self.plugin.manifest().name
+    }
+}
+
+/// Reads one line of at most `max` bytes (without its newline) into `buf`; `Ok(false)`
+/// at the end. A longer line is consumed whole and cut: `Err` with how long it was when
+/// `fail_long`, else the first `max` bytes are kept.
+async fn read_line_bounded<R: tokio::io::AsyncBufRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<Option<usize>> {
+    use tokio::io::AsyncBufReadExt as _;
+    buf.clear();
+    let mut total = 0usize;
+    loop {
+        let chunk = r.fill_buf().await?;
+        if chunk.is_empty() {
+            return Ok((total > 0).then_some(total));
+        }
+        let (part, done) = match chunk.iter().position(|&b| b == b'\n') {
+            Some(i) => (&chunk[..i], Some(i + 1)),
+            None => (chunk, None),
+        };
+        let room = max.saturating_sub(buf.len());
+        buf.extend_from_slice(&part[..part.len().min(room)]);
+        total += part.len();
+        let used = done.unwrap_or(chunk.len());
+        r.consume(used);
+        if done.is_some() {
+            return Ok(Some(total));
+        }
+    }
+}
+
+/// Passes a child's log lines on to warden's stderr, each cut at [`MAX_LOG_LINE`].
+async fn relay_logs(stderr: tokio::process::ChildStderr, plugin: String) {
+    use std::io::Write as _;
+    let mut r = BufReader::new(stderr);
+    let mut buf = Vec::new();
+    while let Ok(Some(len)) = read_line_bounded(&mut r, &mut buf, MAX_LOG_LINE).await {
+        let mut line = String::from_utf8_lossy(&buf).into_owned();
+        if len > MAX_LOG_LINE {
+            line.push_str(&format!(
+                " … (plugin {plugin}: {} more bytes of this line cut)",
+                len - MAX_LOG_LINE
+            ));
+        }
+        let _ = writeln!(std::io::stderr(), "{line}");
+    }
 }
 
 struct Child {
@@ -235,27 +387,88 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Starts a child, connects, and creates the instance in it.
 async fn start_child(spec: &Spec) -> Result<Child, PluginError> {
     let transient = |m: String| PluginError::new(ErrorKind::Transient, m);
+    // The same checks as an in-process load, at every start: the file may have changed.
+    let plugin = spec.plugin.clone();
+    tokio::task::spawn_blocking(move || plugin.recheck())
+        .await
+        .map_err(|e| transient(format!("the file check did not finish: {e}")))?
+        .map_err(|e| {
+            PluginError::new(
+                ErrorKind::Config,
+                format!("{}: {e}", spec.plugin.path().display()),
+            )
+        })?;
     let dir = tempfile::Builder::new()
         .prefix("warden-plugin-")
         .tempdir()
         .map_err(|e| transient(format!("cannot make a socket directory: {e}")))?;
+    let policy = &spec.settings.policy;
+    if let Some(u) = &policy.user {
+        let path = std::ffi::CString::new(dir.path().as_os_str().as_encoded_bytes())
+            .map_err(|_| transient("the socket directory's path has a NUL".into()))?;
+        // SAFETY: chown takes a valid C string and plain numbers.
+        if unsafe { libc::chown(path.as_ptr(), u.uid, u.gid) } != 0 {
+            return Err(transient(format!(
+                "cannot give the socket directory to user {}: {}",
+                u.name,
+                std::io::Error::last_os_error()
+            )));
+        }
+    }
     let socket = dir.path().join("s");
-    let mut process = tokio::process::Command::new(&spec.exe)
-        .args([
-            "--log-format",
-            crate::logging::current_format().as_str(),
-            "plugin-host",
-            "--file",
-        ])
-        .arg(&spec.file)
-        .arg("--socket")
-        .arg(&socket)
+    let mut cmd = tokio::process::Command::new(&spec.exe);
+    cmd.args([
+        "--log-format",
+        crate::logging::current_format().as_str(),
+        "plugin-host",
+        "--file",
+    ])
+    .arg(spec.plugin.path())
+    .arg("--socket")
+    .arg(&socket);
+    if let Some(pin) = spec.plugin.pin() {
+        cmd.arg("--sha256").arg(pin);
+    }
+    cmd.env_clear()
+        .envs(spec.settings.env.iter().map(|(k, v)| (k, v)))
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
-        .kill_on_drop(true)
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    if let Some(u) = &policy.user {
+        cmd.uid(u.uid).gid(u.gid);
+    }
+    let data = policy.memory_mb.saturating_mul(1 << 20);
+    // SAFETY: the closure runs in the forked child before exec and calls only
+    // async-signal-safe functions (prctl, setrlimit), allocating nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            for (res, limit) in [
+                (libc::RLIMIT_CORE, 0),
+                (libc::RLIMIT_NOFILE, 1024),
+                (libc::RLIMIT_DATA, data),
+            ] {
+                let l = libc::rlimit {
+                    rlim_cur: limit,
+                    rlim_max: limit,
+                };
+                if libc::setrlimit(res, &l) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let mut process = cmd
         .spawn()
         .map_err(|e| transient(format!("cannot start {}: {e}", spec.exe.display())))?;
-    let deadline = tokio::time::Instant::now() + spec.create_timeout;
+    if let Some(stderr) = process.stderr.take() {
+        tokio::spawn(relay_logs(stderr, spec.name().to_owned()));
+    }
+    let deadline = tokio::time::Instant::now() + spec.settings.create_timeout;
     let stream = loop {
         match UnixStream::connect(&socket).await {
             Ok(s) => break s,
@@ -279,10 +492,16 @@ async fn start_child(spec: &Spec) -> Result<Child, PluginError> {
     let wr: Writer = Arc::new(tokio::sync::Mutex::new(wr));
     let pending: Pending = Arc::default();
     let p = pending.clone();
+    let name = spec.name().to_owned();
     let reader = tokio::spawn(async move {
-        let mut lines = BufReader::new(rd).lines();
-        while let Ok(Some(l)) = lines.next_line().await {
-            if let Ok(a) = serde_json::from_str::<Answer>(&l) {
+        let mut r = BufReader::new(rd);
+        let mut buf = Vec::new();
+        while let Ok(Some(len)) = read_line_bounded(&mut r, &mut buf, MAX_ANSWER).await {
+            if len > MAX_ANSWER {
+                tracing::error!(plugin = %name, bytes = len, "plugin process answered more than {MAX_ANSWER} bytes in one line; its connection is dropped (it is restarted)");
+                break;
+            }
+            if let Ok(a) = serde_json::from_slice::<Answer>(&buf) {
                 if let Some(waiter) = lock(&p).remove(&a.id) {
                     let r = match (a.ok, a.err) {
                         (_, Some(e)) => Err(e.into()),
@@ -313,12 +532,28 @@ async fn start_child(spec: &Spec) -> Result<Child, PluginError> {
     )
     .await;
     match tokio::time::timeout_at(deadline, orx).await {
-        Ok(Ok(Ok(_))) => Ok(Child {
-            conn,
-            process,
-            reader,
-            _dir: dir,
-        }),
+        Ok(Ok(Ok(loaded))) => {
+            let want = spec.plugin.manifest();
+            match serde_json::from_str::<warden_plugin_api::Manifest>(&loaded) {
+                Ok(m) if m == *want => Ok(Child {
+                    conn,
+                    process,
+                    reader,
+                    _dir: dir,
+                }),
+                Ok(m) => Err(PluginError::new(
+                    ErrorKind::Config,
+                    format!(
+                        "the plugin process loaded {} {}, not the {} {} warden checked; restart warden to use a new file",
+                        m.name, m.version, want.name, want.version
+                    ),
+                )),
+                Err(e) => Err(PluginError::new(
+                    ErrorKind::InvalidResponse,
+                    format!("the plugin process's manifest is unreadable: {e}"),
+                )),
+            }
+        }
         Ok(Ok(Err(e))) => Err(e),
         Ok(Err(_)) => Err(transient(
             "the plugin process ended while creating the instance".into(),
@@ -347,27 +582,27 @@ impl ProcessClient {
     /// Afterwards a keeper restarts the child whenever it ends.
     pub async fn start(
         exe: PathBuf,
-        file: PathBuf,
-        plugin: &str,
+        plugin: Arc<super::Plugin>,
         kind: Kind,
         config: &serde_json::Value,
         options: CallOptions,
-        create_timeout: Duration,
+        settings: ChildSettings,
     ) -> Result<Arc<ProcessClient>, CreateError> {
+        let name = plugin.manifest().name.clone();
         let spec = Spec {
             exe,
-            file,
-            plugin: plugin.to_owned(),
+            plugin,
             kind,
             config: config.to_string(),
-            create_timeout,
+            settings,
         };
         let child = start_child(&spec)
             .await
             .map_err(|error| CreateError::Plugin {
-                plugin: plugin.to_owned(),
+                plugin: name.clone(),
                 error,
             })?;
+        let plugin = name.as_str();
         let (stop, stopped) = watch::channel(false);
         let client = Arc::new(ProcessClient {
             plugin: plugin.to_owned(),
@@ -406,7 +641,7 @@ async fn keep(
                 return;
             }
             _ = restart.notified() => {
-                tracing::warn!(plugin = %spec.plugin, "plugin process not answering a call in time; killing it");
+                tracing::warn!(plugin = %spec.name(), "plugin process not answering a call in time; killing it");
                 let _ = child.process.kill().await;
                 child.process.wait().await
             }
@@ -423,20 +658,20 @@ async fn keep(
         };
         loop {
             let delay = backoff.next_delay();
-            tracing::warn!(plugin = %spec.plugin, restart_in = %crate::logs::humantime(delay), "plugin process {how}; its calls fail until it is restarted");
+            tracing::warn!(plugin = %spec.name(), restart_in = %crate::logs::humantime(delay), "plugin process {how}; its calls fail until it is restarted");
             tokio::select! {
                 _ = stop.changed() => return,
                 _ = tokio::time::sleep(delay) => {}
             }
             match start_child(&spec).await {
                 Ok(c) => {
-                    tracing::info!(plugin = %spec.plugin, "plugin process restarted; instance created again");
+                    tracing::info!(plugin = %spec.name(), "plugin process restarted; instance created again");
                     *lock(&slot) = Some(c.conn.clone());
                     child = c;
                     break;
                 }
                 Err(e) => {
-                    tracing::warn!(plugin = %spec.plugin, "plugin process not restarted: {e}")
+                    tracing::warn!(plugin = %spec.name(), "plugin process not restarted: {e}")
                 }
             }
         }

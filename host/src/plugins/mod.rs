@@ -15,6 +15,7 @@ pub mod call;
 pub mod client;
 pub mod elf;
 pub mod isolated;
+pub mod pin;
 pub mod probe;
 pub mod schema;
 pub mod security;
@@ -38,6 +39,8 @@ pub struct Plugin {
     manifest: Manifest,
     path: PathBuf,
     allow_insecure: bool,
+    /// Its SHA-256 pin (`plugins.sha256`), checked again before every load.
+    pin: Option<String>,
     library: OnceLock<Result<Library, String>>,
 }
 
@@ -47,8 +50,32 @@ impl Plugin {
             manifest: library.manifest().clone(),
             path: library.path().to_owned(),
             allow_insecure: false,
+            pin: None,
             library: OnceLock::from(Ok(library)),
         }
+    }
+
+    /// Whether its permission checks are skipped (`allow_insecure`).
+    pub fn allow_insecure(&self) -> bool {
+        self.allow_insecure
+    }
+
+    /// Its SHA-256 pin, when the config gives one.
+    pub fn pin(&self) -> Option<&str> {
+        self.pin.as_deref()
+    }
+
+    /// Every check of a load again, without loading (before an isolated child loads the
+    /// file itself): permissions, ELF, pin.
+    pub fn recheck(&self) -> Result<(), String> {
+        if !self.allow_insecure {
+            security::check_plugin_file(&self.path)?;
+        }
+        elf::check_file(&self.path)?;
+        if let Some(pin) = &self.pin {
+            pin::verify(&self.path, &self.manifest.name, pin)?;
+        }
+        Ok(())
     }
 
     pub fn manifest(&self) -> &Manifest {
@@ -70,6 +97,9 @@ impl Plugin {
     /// stays: the file is not tried again before a restart.
     pub fn library(&self) -> Result<&Library, String> {
         let loaded = self.library.get_or_init(|| {
+            if let Some(pin) = &self.pin {
+                pin::verify(&self.path, &self.manifest.name, pin)?;
+            }
             let library = open_checked(&self.path, self.allow_insecure)?;
             let (was, now) = (&self.manifest, library.manifest());
             if was != now {
@@ -125,6 +155,8 @@ pub enum CreateError {
 pub struct PluginHost {
     plugins: Vec<Arc<Plugin>>,
     failures: Vec<LoadFailure>,
+    /// How isolated children are started.
+    child: isolated::ChildPolicy,
 }
 
 /// Checks one file: permissions (unless `allow_insecure`), the ELF structure (no code of
@@ -132,6 +164,25 @@ pub struct PluginHost {
 /// library itself is mapped into this process on first use ([`Plugin::library`]). Without
 /// a probe (a library user such as a test) the file is loaded here at once.
 pub fn load_file(path: &Path, allow_insecure: bool) -> Result<Plugin, String> {
+    load_file_pinned(path, allow_insecure, &std::collections::BTreeMap::new())
+}
+
+/// [`load_file`], with the SHA-256 pins by plugin name (checked once the probe has said
+/// the file's name).
+pub fn load_file_pinned(
+    path: &Path,
+    allow_insecure: bool,
+    pins: &std::collections::BTreeMap<String, String>,
+) -> Result<Plugin, String> {
+    let mut plugin = load_unpinned(path, allow_insecure)?;
+    if let Some(pin) = pins.get(&plugin.manifest.name) {
+        pin::verify(path, &plugin.manifest.name, pin)?;
+        plugin.pin = Some(pin.clone());
+    }
+    Ok(plugin)
+}
+
+fn load_unpinned(path: &Path, allow_insecure: bool) -> Result<Plugin, String> {
     if !allow_insecure {
         security::check_plugin_file(path)?;
     }
@@ -147,6 +198,7 @@ pub fn load_file(path: &Path, allow_insecure: bool) -> Result<Plugin, String> {
             manifest,
             path: path.to_owned(),
             allow_insecure,
+            pin: None,
             library: OnceLock::new(),
         }),
         _ => Library::load(path)
@@ -174,6 +226,15 @@ fn open_checked(path: &Path, allow_insecure: bool) -> Result<Library, String> {
 impl PluginHost {
     /// Loads every `*.so` in `dirs`, in order; a missing directory is skipped.
     pub fn load_dirs(dirs: &[PathBuf], allow_insecure: bool) -> PluginHost {
+        Self::load_dirs_pinned(dirs, allow_insecure, &std::collections::BTreeMap::new())
+    }
+
+    /// [`PluginHost::load_dirs`] with SHA-256 pins by plugin name.
+    pub fn load_dirs_pinned(
+        dirs: &[PathBuf],
+        allow_insecure: bool,
+        pins: &std::collections::BTreeMap<String, String>,
+    ) -> PluginHost {
         let mut host = PluginHost::default();
         for dir in dirs {
             if !dir.is_dir() {
@@ -198,7 +259,7 @@ impl PluginHost {
             };
             files.sort();
             for file in files {
-                host.load_one(&file, allow_insecure);
+                host.load_one(&file, allow_insecure, pins);
             }
         }
         host
@@ -209,8 +270,18 @@ impl PluginHost {
         self.failures.push(LoadFailure { path, reason });
     }
 
-    fn load_one(&mut self, file: &Path, allow_insecure: bool) {
-        match load_file(file, allow_insecure) {
+    /// How isolated children are started (user, limits).
+    pub fn set_child_policy(&mut self, policy: isolated::ChildPolicy) {
+        self.child = policy;
+    }
+
+    fn load_one(
+        &mut self,
+        file: &Path,
+        allow_insecure: bool,
+        pins: &std::collections::BTreeMap<String, String>,
+    ) {
+        match load_file_pinned(file, allow_insecure, pins) {
             Ok(plugin) => {
                 let name = &plugin.manifest().name;
                 if let Some(first) = self.find(name) {
@@ -278,6 +349,19 @@ impl PluginHost {
         config: &serde_json::Value,
         options: CallOptions,
     ) -> Result<Arc<dyn PluginClient>, CreateError> {
+        self.create_with_env(name, kind, config, options, &[]).await
+    }
+
+    /// [`PluginHost::create`]; an isolated instance's process gets the variables of
+    /// warden's environment that `env` names, and no others.
+    pub async fn create_with_env(
+        &self,
+        name: &str,
+        kind: Kind,
+        config: &serde_json::Value,
+        options: CallOptions,
+        env: &[String],
+    ) -> Result<Arc<dyn PluginClient>, CreateError> {
         let plugin = self.check_config(name, kind, config)?;
         match options.isolation {
             crate::config::Isolation::InProcess => {
@@ -295,12 +379,15 @@ impl PluginHost {
                 })?;
                 let c: Arc<dyn PluginClient> = isolated::ProcessClient::start(
                     exe,
-                    plugin.path().to_owned(),
-                    name,
+                    plugin.clone(),
                     kind,
                     config,
                     options,
-                    Duration::from_secs(10),
+                    isolated::ChildSettings {
+                        policy: self.child.clone(),
+                        env: isolated::pass_env(env),
+                        create_timeout: Duration::from_secs(10),
+                    },
                 )
                 .await?;
                 Ok(c)

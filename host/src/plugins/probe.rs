@@ -99,16 +99,20 @@ pub fn in_child(path: &Path) -> Result<Option<Report>, String> {
     let mut child = Command::new(exe)
         .args(["plugins", "probe"])
         .arg(path)
+        // The file is not trusted yet (its constructors run here): none of warden's
+        // environment, where AWS and Redis secrets may be.
+        .env_clear()
         .env("RUST_LOG", "off")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .map_err(|e| format!("cannot start the probe ({}): {e}", exe.display()))?;
-    let mut stdout = child.stdout.take().expect("piped");
+    let stdout = child.stdout.take().expect("piped");
     let reader = std::thread::spawn(move || {
+        // A report is a manifest: a few kB. Bounded, whatever the file prints.
         let mut out = String::new();
-        let _ = stdout.read_to_string(&mut out);
+        let _ = stdout.take(4 << 20).read_to_string(&mut out);
         out
     });
     let started = Instant::now();

@@ -42,9 +42,15 @@ mod tests {
 
     #[test]
     fn a_wrong_value_is_not_echoed() {
-        let e = validate(&schema(), &json!({ "path": "/x", "limits": { "max": "hunter2" } }))
-            .unwrap_err();
-        assert!(e[0].starts_with("limits.max: ") && !e[0].contains("hunter2"), "{e:?}");
+        let e = validate(
+            &schema(),
+            &json!({ "path": "/x", "limits": { "max": "hunter2" } }),
+        )
+        .unwrap_err();
+        assert!(
+            e[0].starts_with("limits.max: ") && !e[0].contains("hunter2"),
+            "{e:?}"
+        );
     }
 
     #[test]

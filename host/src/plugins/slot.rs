@@ -158,8 +158,11 @@ impl Creator {
                 self.r.config.clone(),
                 self.options,
             );
-            let mut attempt =
-                tokio::spawn(async move { host.create(&plugin, kind, &config, options).await });
+            let env = self.r.env.clone();
+            let mut attempt = tokio::spawn(async move {
+                host.create_with_env(&plugin, kind, &config, options, &env)
+                    .await
+            });
             let mut waited = Duration::ZERO;
             let result = loop {
                 tokio::select! {

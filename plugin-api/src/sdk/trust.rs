@@ -93,7 +93,6 @@ pub fn check_dir(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
-
 /// The process's effective uid.
 pub fn euid() -> u32 {
     // SAFETY: geteuid has no preconditions and cannot fail.

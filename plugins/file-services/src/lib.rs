@@ -19,6 +19,12 @@
 //! the Perl version's (`Name`, `BackendName`, `ContainerName`, ...) or the Go version's
 //! (`name`, `backendName`, `containerName`, ...), mapped onto warden's model by
 //! [`legacy`] (the README's table says what each field becomes).
+//!
+//! The file enrols the host in load balancers and names what the manager runs, so it
+//! gets the same check as a plugin file (StrictModes: not writable by group or others,
+//! owned by root or warden's user, every directory up to `/` likewise), at start and at
+//! every re-read: a file that fails it is refused (at start) or ignored, keeping the
+//! last good services.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -156,6 +162,10 @@ impl FileServices {
             return;
         }
         st.stamp = now;
+        if let Err(e) = warden_plugin_api::sdk::trust::check_file(&self.path) {
+            tracing::error!(path = %self.path.display(), "the services file is not safe to act on, keeping the last good services: {e}");
+            return;
+        }
         let text = match std::fs::read_to_string(&self.path) {
             Ok(t) => t,
             Err(e) => {
@@ -186,6 +196,11 @@ impl ServiceDefinitions for FileServices {
     async fn new(config: Config) -> Result<Self, PluginError> {
         let path = PathBuf::from(&config.path);
         let json = path.extension().is_some_and(|e| e == "json");
+        warden_plugin_api::sdk::trust::check_file(&path).map_err(|e| {
+            PluginError::config(format!(
+                "path: {e} (a services file steers load balancers and ECS: whoever can write it must be trusted like root)"
+            ))
+        })?;
         let text = std::fs::read_to_string(&path).map_err(|e| {
             PluginError::config(format!("path: cannot read {}: {e}", path.display()))
         })?;
@@ -248,6 +263,33 @@ match = { image_prefix = "registry.example/web" }
             s[0].matches.image_prefix.as_deref(),
             Some("registry.example/web")
         );
+    }
+
+    #[warden_plugin_api::tokio::test(crate = "warden_plugin_api::tokio")]
+    async fn a_file_others_can_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("services.toml");
+        std::fs::write(&f, GOOD).unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let e = FileServices::new(Config {
+            path: f.to_str().unwrap().to_owned(),
+        })
+        .await
+        .err()
+        .expect("refused");
+        assert!(e.message.contains("writable by"), "{e}");
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let fs = FileServices::new(Config {
+            path: f.to_str().unwrap().to_owned(),
+        })
+        .await
+        .unwrap();
+        assert_eq!(fs.list().await.unwrap().len(), 1);
+        // Made writable later, with a new content: ignored, the last good set kept.
+        std::fs::write(&f, "").unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o666)).unwrap();
+        assert_eq!(fs.list().await.unwrap().len(), 1);
     }
 
     #[test]

@@ -6,7 +6,9 @@
 //! config), `sleep:<ms>` (then returns 1), `log` (emits a tracing event, returns 2),
 //! `file:<path>` (the number in that file; a transient error if it holds none).
 //! `create_delay_ms` makes `new` slow (or, with a large value, hang). `segfault` and
-//! `spin` (an endless loop that never yields) are for process isolation.
+//! `spin` (an endless loop that never yields) are for process isolation; `env:<NAME>`
+//! (1 when the variable is in the plugin's environment, else 0), `uid` (the process's
+//! effective uid) and `nofile` (its open-files limit) show what an isolated process got.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -107,6 +109,26 @@ impl MetricSource for Chaos {
                 text.trim().parse().map(Measurement::new).map_err(|_| {
                     PluginError::transient(format!("{arg}: {:?} is not a number", text.trim()))
                 })
+            }
+            "env" => Ok(Measurement::new(if std::env::var_os(arg).is_some() {
+                1.0
+            } else {
+                0.0
+            })),
+            "uid" | "nofile" => {
+                let (file, field, at) = if verb == "uid" {
+                    ("/proc/self/status", "Uid:", 2)
+                } else {
+                    ("/proc/self/limits", "Max open files", 3)
+                };
+                let text = std::fs::read_to_string(file)
+                    .map_err(|e| PluginError::transient(format!("{file}: {e}")))?;
+                text.lines()
+                    .find(|l| l.starts_with(field))
+                    .and_then(|l| l.split_whitespace().nth(at))
+                    .and_then(|v| v.parse().ok())
+                    .map(Measurement::new)
+                    .ok_or_else(|| PluginError::transient(format!("no {field} in {file}")))
             }
             "log" => {
                 tracing::warn!(step = i, "chaos plugin says hello");
