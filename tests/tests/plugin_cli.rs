@@ -178,12 +178,13 @@ fn check_names_file_key_and_expectation() {
         "{out}"
     );
 
+    // A type error is a configuration error like any other: 78, as `run` gives.
     std::fs::write(&cfg, "[registrar]\nlocal_redis = 6379\n").unwrap();
-    let (code, _, err) = warden(&["check", "--config", cfg.to_str().unwrap()]);
-    assert_eq!(code, 2);
+    let (code, out, _) = warden(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 78, "{out}");
     assert!(
-        err.contains(&cfg_name) && err.contains("line 2") && err.contains("local_redis"),
-        "{err}"
+        out.contains(&cfg_name) && out.contains("line 2") && out.contains("local_redis"),
+        "{out}"
     );
 }
 
