@@ -31,10 +31,10 @@ else
   access_log="access_log $access combined buffer=64k flush=1s;"
 fi
 dir=$(cd "$(dirname "$0")" && pwd)
-mkdir -p "$prefix/logs"
+mkdir -p "$prefix/logs" "$prefix/tmp"
 [ -f "$prefix/ports.conf" ] || echo "# no port front-ends yet" > "$prefix/ports.conf"
 sed -e "s#@PREFIX@#$prefix#g" -e "s#@ROUTER_DIR@#$dir#g" -e "s#@PORT@#$port#g" \
     -e "s#@REDIS_HOST@#$redis_host#g" -e "s#@REDIS_PORT@#$redis_port#g" -e "s#@BALANCE@#$balance#g" \
     -e "s#@WORKERS@#$workers#g" -e "s#@ACCESS_LOG@#$access_log#g" -e "s#@NETWORKS@#$networks#g" \
     "$dir/nginx.conf.template" > "$prefix/nginx.conf"
-exec nginx -p "$prefix" -c "$prefix/nginx.conf" -g 'daemon off;'
+exec nginx -p "$prefix" -c "$prefix/nginx.conf" -e "$prefix/error.log" -g 'daemon off;'

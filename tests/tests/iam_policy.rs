@@ -1,4 +1,5 @@
-//! The IAM policy in `examples/deploy/iam-policy.json` against the AWS actions warden and
+//! The IAM policies in `examples/deploy/iam-policy-{registrar,manager,plugins}.json`
+//! (each part gets its own, scoped by resource) against the AWS actions warden and
 //! its plugins really sent: every end-to-end test's moto_server leaves the actions it
 //! recorded (told apart by warden's `app/warden` user agent) in `target/aws-actions/`;
 //! this check, run by `scripts/test.sh` after the rest of the suite, fails when one of
@@ -9,22 +10,47 @@ use std::collections::BTreeSet;
 use warden_tests::harness::aws_actions_dir;
 use warden_tests::workspace_root;
 
+const POLICIES: [&str; 3] = [
+    "examples/deploy/iam-policy-registrar.json",
+    "examples/deploy/iam-policy-manager.json",
+    "examples/deploy/iam-policy-plugins.json",
+];
+
+/// Actions that AWS does not scope by resource: `Resource: "*"` is allowed for these only.
+const UNSCOPABLE: [&str; 7] = [
+    "elasticloadbalancing:DescribeLoadBalancers",
+    "elasticloadbalancing:DescribeTargetGroups",
+    "elasticloadbalancing:DescribeTargetHealth",
+    "elasticloadbalancing:DescribeTargetGroupAttributes",
+    "ec2:DescribeAvailabilityZones",
+    "ec2:DescribeInstances",
+    "cloudwatch:GetMetricData",
+];
+
 fn policy_actions() -> BTreeSet<String> {
-    let text = std::fs::read_to_string(workspace_root().join("examples/deploy/iam-policy.json"))
-        .expect("examples/deploy/iam-policy.json");
-    let v: serde_json::Value = serde_json::from_str(&text).expect("the policy is JSON");
     let mut out = BTreeSet::new();
-    for s in v["Statement"].as_array().expect("Statement is a list") {
-        assert_eq!(s["Effect"], "Allow", "only Allow statements: {s}");
-        match &s["Action"] {
-            serde_json::Value::String(a) => {
-                out.insert(a.clone());
+    for file in POLICIES {
+        let text = std::fs::read_to_string(workspace_root().join(file)).expect(file);
+        let v: serde_json::Value = serde_json::from_str(&text).expect("the policy is JSON");
+        for s in v["Statement"].as_array().expect("Statement is a list") {
+            assert_eq!(s["Effect"], "Allow", "{file}: only Allow statements: {s}");
+            let actions: Vec<String> = match &s["Action"] {
+                serde_json::Value::String(a) => vec![a.clone()],
+                serde_json::Value::Array(list) => list
+                    .iter()
+                    .map(|a| a.as_str().expect("an action").to_owned())
+                    .collect(),
+                other => panic!("{file}: Action must be a string or a list, got {other}"),
+            };
+            if s["Resource"] == "*" {
+                for a in &actions {
+                    assert!(
+                        UNSCOPABLE.contains(&a.as_str()),
+                        "{file}: {a} is granted on every resource; scope it (an ARN pattern or a condition)"
+                    );
+                }
             }
-            serde_json::Value::Array(list) => out.extend(
-                list.iter()
-                    .map(|a| a.as_str().expect("an action").to_owned()),
-            ),
-            other => panic!("Action must be a string or a list, got {other}"),
+            out.extend(actions);
         }
     }
     assert!(
@@ -60,7 +86,7 @@ fn the_policy_grants_every_action_warden_sent_and_nothing_else() {
     let missing: Vec<_> = recorded.difference(&policy).collect();
     assert!(
         missing.is_empty(),
-        "actions warden sent that examples/deploy/iam-policy.json does not grant: {missing:?}"
+        "actions warden sent that examples/deploy/iam-policy-*.json do not grant: {missing:?}"
     );
     let unused: Vec<_> = policy.difference(&recorded).collect();
     assert!(
