@@ -114,7 +114,7 @@ impl<'de> Deserialize<'de> for PortRange {
 }
 
 /// What definitions from plugins may claim. Empty lists grant nothing.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Grants {
     /// Front-end host patterns (`*.example.com`, `api.example.com`); the path part of a
@@ -138,20 +138,11 @@ pub struct Grants {
     pub max_tasks: u32,
 }
 
-impl Default for Grants {
-    fn default() -> Self {
-        Self {
-            frontends: Vec::new(),
-            frontend_ports: Vec::new(),
-            load_balancers: Vec::new(),
-            target_groups: Vec::new(),
-            clusters: Vec::new(),
-            task_definitions: Vec::new(),
-            ecs_services: Vec::new(),
-            max_tasks: 0,
-        }
-    }
-}
+/// The most front-ends one definition may claim (each is a key every router worker
+/// reloads on every change).
+pub const MAX_FRONTENDS: usize = 64;
+/// The most target groups one definition may claim.
+pub const MAX_TARGET_GROUPS: usize = 16;
 
 /// What the checks know of this host: the router's own ports, and the names and
 /// addresses that are this host's.
@@ -303,6 +294,19 @@ impl Grants {
 
     /// Every claim of a definition from a plugin: the first claim refused, if any.
     pub fn service(&self, def: &ServiceDefinition, facts: &HostFacts) -> Result<(), Refusal> {
+        if def.frontends.len() > MAX_FRONTENDS || def.target_groups.len() > MAX_TARGET_GROUPS {
+            return Err(refuse(
+                format!(
+                    "{} front-ends and {} target groups",
+                    def.frontends.len(),
+                    def.target_groups.len()
+                ),
+                "warden's bounds",
+                &format!(
+                    "a service names at most {MAX_FRONTENDS} front-ends and {MAX_TARGET_GROUPS} target groups"
+                ),
+            ));
+        }
         for f in &def.frontends {
             // A front-end that does not parse is refused later with its own reason.
             if let Ok(f) = warden_plugin_api::model::normalise_frontend(f) {
@@ -467,6 +471,12 @@ mod tests {
         assert!(r.to_string().contains("front-end \"web.example\""), "{r}");
         // A service that claims nothing but its backend needs no grant.
         g.service(&ServiceDefinition::default(), &facts()).unwrap();
+        let many = ServiceDefinition {
+            frontends: (0..65).map(|i| format!("h{i}.example")).collect(),
+            ..Default::default()
+        };
+        let r = Grants::all().service(&many, &facts()).unwrap_err();
+        assert_eq!(r.grant, "warden's bounds", "{r}");
     }
 
     #[test]

@@ -529,3 +529,71 @@ async fn an_isolated_plugin_gets_no_secret_and_not_root() {
     assert_eq!(m.measure().await.unwrap().value, 1024.0);
     m.0.shutdown();
 }
+
+/// A local client that opens connections without end gets at most 64 of them; and
+/// `/status` asked 100 times in a burst costs the central Redis one connection, not 100
+/// (counted by the central Redis itself: `total_connections_received`).
+#[test]
+fn the_http_endpoint_is_bounded_and_status_reuses_one_connection() {
+    let central = Redis::start();
+    let w = Warden::start(
+        &format!(
+            "[registrar]\nenabled = false\n[manager]\ncentral_redis = \"{}\"\n",
+            central.url()
+        ),
+        &[],
+    );
+    let port = w.http_port.unwrap();
+    let connections = |r: &Redis| -> u64 {
+        let info: String = redis::cmd("INFO")
+            .arg("stats")
+            .query(&mut r.conn())
+            .unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_connections_received:"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let (s, _) = w.http("/status").unwrap();
+    assert_eq!(s, 200);
+    let before = connections(&central);
+    for _ in 0..100 {
+        let (s, body) = w.http("/status").unwrap();
+        assert_eq!(s, 200);
+        assert!(body.contains("\"cluster\""), "{body}");
+    }
+    // One for each INFO of this test, at most one of warden's (a reconnect).
+    let after = connections(&central);
+    assert!(
+        after - before <= 2,
+        "{} connections for 100 /status",
+        after - before
+    );
+
+    let held: Vec<std::net::TcpStream> = (0..64)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    eventually(
+        Duration::from_secs(10),
+        "the 65th connection closed at once",
+        || {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+            let _ = s.write_all(b"GET /livez HTTP/1.0\r\n\r\n");
+            let mut buf = [0u8; 64];
+            matches!(s.read(&mut buf), Ok(0) | Err(_)).then_some(())
+        },
+    );
+    drop(held);
+    eventually(
+        Duration::from_secs(10),
+        "served again once they close",
+        || {
+            let (s, _) = w.http("/livez").ok()?;
+            (s == 200).then_some(())
+        },
+    );
+    wait_log(&w, "the refusal said", &["64 connections open"]);
+}

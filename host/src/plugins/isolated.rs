@@ -19,6 +19,7 @@
 //!   `no_new_privs`, no core dumps, 1024 open files, `plugins.isolation_memory_mb` of data;
 //! * bounded output: an answer longer than [`MAX_ANSWER`] ends the child, a log line
 //!   longer than [`MAX_LOG_LINE`] is cut.
+//!
 //! It still shares warden's network (instance metadata included: deny it with a firewall
 //! rule on the uid, see docs/operations.md) and file system (read-only to another uid).
 
