@@ -194,6 +194,9 @@ pub struct ManagerConfig {
     pub central_redis: Option<String>,
     /// PEM CA that signs a `rediss://` central Redis's certificate (default: the system's).
     pub central_redis_ca_file: Option<PathBuf>,
+    /// Replicas of the central Redis that must acknowledge every lease and fence write
+    /// (`WAIT`) before it counts: with 1 or more, a failover never gives two leaders.
+    pub central_min_replicas: u32,
     /// Leadership lease; a dead leader is replaced within about lease + tick + guard.
     pub lease_ms: u64,
     /// How often hosts renew or check the lease.
@@ -215,6 +218,7 @@ impl Default for ManagerConfig {
         Self {
             central_redis: None,
             central_redis_ca_file: None,
+            central_min_replicas: 0,
             lease_ms: 2000,
             tick_ms: 250,
             guard_ms: 500,
@@ -579,6 +583,13 @@ impl Config {
         }
         let m = &self.manager;
         self.check_manager_timing(file)?;
+        within(
+            "manager.central_min_replicas",
+            u64::from(m.central_min_replicas),
+            0,
+            16,
+            "replicas acknowledging each lease write",
+        )?;
         let mut names: BTreeMap<&str, usize> = BTreeMap::new();
         let mut started: BTreeMap<String, usize> = BTreeMap::new();
         for (i, s) in m.services.iter().enumerate() {
@@ -797,9 +808,16 @@ fn redact_strings(message: &str) -> String {
 }
 
 fn check_redis_url(url: &str) -> Result<(), String> {
-    let ok = ["redis://", "rediss://", "redis+unix://", "unix://"]
-        .iter()
-        .any(|scheme| url.starts_with(scheme) && url.len() > scheme.len());
+    let ok = [
+        "redis://",
+        "rediss://",
+        "redis+unix://",
+        "unix://",
+        "redis+sentinel://",
+        "rediss+sentinel://",
+    ]
+    .iter()
+    .any(|scheme| url.starts_with(scheme) && url.len() > scheme.len());
     if ok {
         Ok(())
     } else {

@@ -210,7 +210,11 @@ pub fn problems(config: &Config, host: &PluginHost) -> Vec<String> {
     ];
     for (key, url, ca) in tls {
         if let (Some(url), Some(ca)) = (url, ca) {
-            if let Err(e) = crate::redis_util::open(url, Some(ca)) {
+            let t = crate::redis_link::Timeouts {
+                connect: Duration::from_secs(1),
+                response: Duration::from_secs(1),
+            };
+            if let Err(e) = crate::redis_link::Endpoint::new(url, Some(ca), t) {
                 out.push(format!("{key}: {e}"));
             }
         }
@@ -314,13 +318,14 @@ pub fn plan_reload(
         (
             m.central_redis.clone(),
             m.central_redis_ca_file.clone(),
+            m.central_min_replicas,
             m.lease_ms,
             m.tick_ms,
             m.guard_ms,
         )
     };
     if election(old) != election(new) {
-        restart.push("manager.central_redis, central_redis_ca_file, lease_ms, tick_ms or guard_ms");
+        restart.push("manager.central_redis, central_redis_ca_file, central_min_replicas, lease_ms, tick_ms or guard_ms");
     }
     if old.manager.sources != new.manager.sources {
         restart.push("manager.sources");
@@ -551,13 +556,21 @@ impl Running {
         };
         let plan = self.plan_now()?;
         let m = &self.config.manager;
-        let central =
-            crate::redis_util::open(&url, m.central_redis_ca_file.as_deref()).map_err(|e| {
-                Fatal::Config(format!(
-                    "manager.central_redis {}: {e}",
-                    crate::redis_util::addr(&url)
-                ))
-            })?;
+        let half = Duration::from_millis(m.lease_ms / 2);
+        let central = crate::redis_link::Endpoint::new(
+            &url,
+            m.central_redis_ca_file.as_deref(),
+            crate::redis_link::Timeouts {
+                connect: half,
+                response: half,
+            },
+        )
+        .map_err(|e| {
+            Fatal::Config(format!(
+                "manager.central_redis {}: {e}",
+                crate::redis_util::addr(&url)
+            ))
+        })?;
         let id = self.me.instance_id.clone().unwrap_or_else(hostname);
         let (plan_tx, plan_rx) = watch::channel(plan);
         let manager = Manager {
@@ -567,8 +580,8 @@ impl Running {
                 .availability_zone
                 .clone()
                 .unwrap_or_else(|| "unknown".into()),
-            central,
-            central_addr: crate::redis_util::addr(&url),
+            central: Arc::new(central),
+            min_replicas: m.central_min_replicas,
             timing: Timing {
                 lease: Duration::from_millis(m.lease_ms),
                 tick: Duration::from_millis(m.tick_ms),

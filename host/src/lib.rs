@@ -18,6 +18,7 @@ pub mod logs;
 pub mod manager;
 pub mod metrics;
 pub mod plugins;
+pub mod redis_link;
 pub mod redis_util;
 pub mod registrar;
 pub mod routes;

@@ -57,24 +57,22 @@ async fn scan(
 
 const WHICH: &str = "central";
 
-/// One connection to the central Redis, for `read_from`.
+/// One connection to the central Redis (an address, or Sentinels), for `read_from`.
 pub async fn connect(
     url: &str,
     ca_file: Option<&std::path::Path>,
 ) -> anyhow::Result<redis::aio::MultiplexedConnection> {
-    let addr = crate::redis_util::addr(url);
-    let fail = |e: redis::RedisError| {
-        anyhow::anyhow!("central redis {addr}: {}", crate::redis_util::describe(&e))
+    let t = crate::redis_link::Timeouts {
+        connect: Duration::from_secs(5),
+        response: Duration::from_secs(5),
     };
-    let client = crate::redis_util::open(url, ca_file)
-        .map_err(|m| anyhow::anyhow!("{} redis {addr}: {m}", WHICH))?;
-    tokio::time::timeout(
-        Duration::from_secs(5),
-        client.get_multiplexed_async_connection(),
-    )
-    .await
-    .map_err(|_| anyhow::anyhow!("central redis {addr}: no answer within 5 s"))?
-    .map_err(fail)
+    let endpoint = crate::redis_link::Endpoint::new(url, ca_file, t)
+        .map_err(|m| anyhow::anyhow!("{} redis {}: {m}", WHICH, crate::redis_util::addr(url)))?;
+    let addr = endpoint.addr.clone();
+    endpoint
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("central redis {addr}: {}", crate::redis_util::describe(&e)))
 }
 
 pub async fn read(url: &str, ca_file: Option<&std::path::Path>) -> anyhow::Result<Status> {

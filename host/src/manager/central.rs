@@ -18,8 +18,10 @@
 use std::future::Future;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use redis::aio::MultiplexedConnection;
 use redis::Script;
+
+use crate::redis_link::Link;
 use serde::{Deserialize, Serialize};
 
 use super::election::Lease;
@@ -77,9 +79,13 @@ pub struct LiveHost {
 pub trait LeaseStore: Send + Sync + 'static {
     fn leader(&self) -> impl Future<Output = StoreResult<Option<Lease>>> + Send;
     fn heartbeat_age(&self) -> impl Future<Output = StoreResult<Option<Duration>>> + Send;
-    /// Extends the lease by `ttl` if it is still ours, and publishes the heartbeat.
-    fn renew(&self, lease: &Lease, ttl: Duration)
-        -> impl Future<Output = StoreResult<bool>> + Send;
+    /// Extends the lease by `ttl` if it is still ours and no kill message deposed it,
+    /// and publishes the heartbeat.
+    fn renew(
+        &self,
+        lease: &Lease,
+        ttl: Duration,
+    ) -> impl Future<Output = StoreResult<Renewal>> + Send;
     /// Takes the lease if it is free (or exactly `depose`), with a new epoch.
     fn acquire(
         &self,
@@ -95,8 +101,6 @@ pub trait LeaseStore: Send + Sync + 'static {
         successor: Option<&str>,
         successor_ttl: Duration,
     ) -> impl Future<Output = StoreResult<bool>> + Send;
-    /// The epoch that deposed `id`, if a kill message waits for it.
-    fn kill_message(&self, id: &str) -> impl Future<Output = StoreResult<Option<u64>>> + Send;
     /// Enters the competition with a random number that lives `ttl`.
     fn enter(&self, id: &str, ttl: Duration) -> impl Future<Output = StoreResult<()>> + Send;
     /// The highest live entry of the competition.
@@ -117,7 +121,43 @@ pub trait LeaseStore: Send + Sync + 'static {
     ) -> impl Future<Output = StoreResult<Vec<LiveHost>>> + Send;
     /// Waits up to `max` for a wake-up addressed to `id` (a follower's pause between ticks).
     fn wait_wake(&self, id: &str, max: Duration) -> impl Future<Output = StoreResult<bool>> + Send;
+    /// Waits up to `max` for the leader's heartbeat (published with every renewal) or a
+    /// wake-up addressed to `id`: a follower that hears the leader sends nothing. Without
+    /// a subscription (a fake), a wake-up or nothing.
+    fn wait_beat(&self, id: &str, max: Duration) -> impl Future<Output = StoreResult<Beat>> + Send {
+        async move {
+            Ok(if self.wait_wake(id, max).await? {
+                Beat::Woken
+            } else {
+                Beat::Quiet
+            })
+        }
+    }
 }
+
+/// What a renewal found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Renewal {
+    Renewed,
+    /// The lease is someone else's, or gone.
+    NotOurs,
+    /// A kill message from this (newer) epoch deposed us.
+    Killed(u64),
+}
+
+/// What a follower heard while it waited.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Beat {
+    /// The leader's heartbeat: it renewed just now.
+    Leader(Lease),
+    /// A departing leader named this host.
+    Woken,
+    /// Nothing within the wait.
+    Quiet,
+}
+
+/// The channel every renewal publishes the lease on.
+pub const BEAT_CHANNEL: &str = "warden:beat";
 
 /// One ECS call as journalled before it is sent (and, with `result`, after).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -181,14 +221,33 @@ pub const REFUSED: &str = "warden:refused";
 
 const NOW: &str = "local t = redis.call('TIME') local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)";
 
-/// Renews the lease if it is still ours, and publishes the heartbeat in Redis time.
+/// Renews the lease if it is still ours and no newer epoch left a kill message (then
+/// minus that epoch), writes the heartbeat in Redis time and publishes it to followers.
 const RENEW: &str = r#"
 local v = redis.call('GET', KEYS[1])
 if v ~= ARGV[1] then return 0 end
+local kill = tonumber(redis.call('GET', KEYS[3]) or '0')
+if kill > tonumber(ARGV[5]) then return -kill end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 @NOW@
 redis.call('HSET', KEYS[2], 'id', ARGV[3], 'az', ARGV[4], 'epoch', ARGV[5], 'time_ms', now)
+redis.call('PUBLISH', KEYS[4], ARGV[1])
 return 1
+"#;
+
+/// The competition's winner in one step: the live entries, dead ones dropped.
+const WINNER: &str = r#"
+local entries = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+local out = {}
+for i = 1, #entries, 2 do
+  if redis.call('EXISTS', 'warden:candidate:' .. entries[i]) == 1 then
+    out[#out + 1] = entries[i]
+    out[#out + 1] = entries[i + 1]
+  else
+    redis.call('ZREM', KEYS[1], entries[i])
+  end
+end
+return out
 "#;
 
 /// Takes the lease if it is free, or if it is exactly the holder we saw and chose to
@@ -247,6 +306,7 @@ if ARGV[2] ~= '' then
   redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
   redis.call('RPUSH', 'warden:wake:' .. ARGV[2], '1')
   redis.call('PEXPIRE', 'warden:wake:' .. ARGV[2], ARGV[3])
+  redis.call('PUBLISH', 'warden:wake:' .. ARGV[2], '1')
 end
 return 1
 "#;
@@ -303,13 +363,21 @@ fn script(body: &str) -> Script {
     Script::new(&body.replace("@NOW@", NOW))
 }
 
-/// The central Redis, for one loop (the elector and the worker each have their own).
+/// The central Redis, for one loop (the elector and the worker each have their own):
+/// one [`Link`] (a connection dropped on timeouts and failovers, made again on the next
+/// call), a subscription for the heartbeat, and, with `min_replicas`, every write that
+/// leadership rests on (acquire, renew, fence) acknowledged by that many replicas
+/// (`WAIT`) or counted as failed: a primary cut off from its replicas cannot keep a
+/// leader, and a promoted replica holds every lease and epoch that was acted on.
 #[derive(Clone)]
 pub struct Central {
-    conn: ConnectionManager,
+    link: std::sync::Arc<Link>,
+    pubsub: std::sync::Arc<tokio::sync::Mutex<Option<redis::aio::PubSub>>>,
     /// `host:port` for messages (never the URL: it may hold a password).
     addr: String,
     scripts: std::sync::Arc<Scripts>,
+    min_replicas: u32,
+    ack_timeout: Duration,
 }
 
 struct Scripts {
@@ -323,13 +391,17 @@ struct Scripts {
     live: Script,
     record: Script,
     note_refused: Script,
+    winner: Script,
 }
 
 impl Central {
-    pub fn new(conn: ConnectionManager, addr: String) -> Self {
+    pub fn new(link: std::sync::Arc<Link>, min_replicas: u32, ack_timeout: Duration) -> Self {
         Self {
-            conn,
-            addr,
+            addr: link.endpoint.addr.clone(),
+            link,
+            pubsub: Default::default(),
+            min_replicas,
+            ack_timeout,
             scripts: std::sync::Arc::new(Scripts {
                 renew: script(RENEW),
                 acquire: script(ACQUIRE),
@@ -341,6 +413,7 @@ impl Central {
                 live: script(LIVE_HOSTS),
                 record: script(RECORD),
                 note_refused: script(NOTE_REFUSED),
+                winner: script(WINNER),
             }),
         }
     }
@@ -353,16 +426,46 @@ impl Central {
         ))
     }
 
-    fn conn(&self) -> ConnectionManager {
-        self.conn.clone()
+    /// Runs `f` on the connection; an error that says it is no good drops it.
+    async fn with<T, F, Fut>(&self, f: F) -> StoreResult<T>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let c = self.link.get().await.map_err(|e| {
+            self.link.reset();
+            self.err(e)
+        })?;
+        let r = f(c).await;
+        self.link.outcome(&r);
+        r.map_err(|e| self.err(e))
     }
 
-    async fn get<T: redis::FromRedisValue>(&self, key: &str) -> StoreResult<T> {
-        redis::cmd("GET")
-            .arg(key)
-            .query_async(&mut self.conn())
+    /// With `min_replicas`, waits for that many replicas to have this connection's writes;
+    /// fewer is an error (the write may be lost in a failover).
+    async fn acked(&self, c: &mut MultiplexedConnection) -> redis::RedisResult<Result<(), String>> {
+        if self.min_replicas == 0 {
+            return Ok(Ok(()));
+        }
+        let n: i64 = redis::cmd("WAIT")
+            .arg(self.min_replicas)
+            .arg(self.ack_timeout.as_millis().max(1) as u64)
+            .query_async(c)
+            .await?;
+        Ok(if n >= i64::from(self.min_replicas) {
+            Ok(())
+        } else {
+            Err(format!(
+                "acknowledged by {n} of the {} replicas asked for (manager.central_min_replicas) within {} ms",
+                self.min_replicas,
+                self.ack_timeout.as_millis()
+            ))
+        })
+    }
+
+    async fn get<T: redis::FromRedisValue + Send>(&self, key: &str) -> StoreResult<T> {
+        self.with(|mut c| async move { redis::cmd("GET").arg(key).query_async(&mut c).await })
             .await
-            .map_err(|e| self.err(e))
     }
 }
 
@@ -374,30 +477,43 @@ impl LeaseStore for Central {
 
     async fn heartbeat_age(&self) -> StoreResult<Option<Duration>> {
         let ms: i64 = self
-            .scripts
-            .age
-            .key(HEARTBEAT)
-            .invoke_async(&mut self.conn())
-            .await
-            .map_err(|e| self.err(e))?;
+            .with(|mut c| async move { self.scripts.age.key(HEARTBEAT).invoke_async(&mut c).await })
+            .await?;
         Ok((ms >= 0).then(|| Duration::from_millis(ms as u64)))
     }
 
-    async fn renew(&self, lease: &Lease, ttl: Duration) -> StoreResult<bool> {
-        let ok: i64 = self
-            .scripts
-            .renew
-            .key(LEADER)
-            .key(HEARTBEAT)
-            .arg(lease.value())
-            .arg(ttl.as_millis() as u64)
-            .arg(&lease.id)
-            .arg(&lease.az)
-            .arg(lease.epoch)
-            .invoke_async(&mut self.conn())
-            .await
-            .map_err(|e| self.err(e))?;
-        Ok(ok == 1)
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> StoreResult<Renewal> {
+        let (n, acked) = self
+            .with(|mut c| async move {
+                let n: i64 = self
+                    .scripts
+                    .renew
+                    .key(LEADER)
+                    .key(HEARTBEAT)
+                    .key(kill_key(&lease.id))
+                    .key(BEAT_CHANNEL)
+                    .arg(lease.value())
+                    .arg(ttl.as_millis() as u64)
+                    .arg(&lease.id)
+                    .arg(&lease.az)
+                    .arg(lease.epoch)
+                    .invoke_async(&mut c)
+                    .await?;
+                let acked = if n == 1 {
+                    self.acked(&mut c).await?
+                } else {
+                    Ok(())
+                };
+                Ok((n, acked))
+            })
+            .await?;
+        match n {
+            1 => acked
+                .map(|()| Renewal::Renewed)
+                .map_err(|why| StoreError(format!("central redis {}: renewal {why}", self.addr))),
+            0 => Ok(Renewal::NotOurs),
+            k => Ok(Renewal::Killed(k.unsigned_abs())),
+        }
     }
 
     async fn acquire(
@@ -407,21 +523,33 @@ impl LeaseStore for Central {
         ttl: Duration,
         depose: Option<&Lease>,
     ) -> StoreResult<Option<Lease>> {
-        let e: i64 = self
-            .scripts
-            .acquire
-            .key(LEADER)
-            .key(EPOCH)
-            .key(HEARTBEAT)
-            .key(CANDIDATES)
-            .key(SUCCESSOR)
-            .arg(id)
-            .arg(az)
-            .arg(ttl.as_millis() as u64)
-            .arg(depose.map(Lease::value).unwrap_or_default())
-            .invoke_async(&mut self.conn())
-            .await
-            .map_err(|e| self.err(e))?;
+        let (e, acked) = self
+            .with(|mut c| async move {
+                let e: i64 = self
+                    .scripts
+                    .acquire
+                    .key(LEADER)
+                    .key(EPOCH)
+                    .key(HEARTBEAT)
+                    .key(CANDIDATES)
+                    .key(SUCCESSOR)
+                    .arg(id)
+                    .arg(az)
+                    .arg(ttl.as_millis() as u64)
+                    .arg(depose.map(Lease::value).unwrap_or_default())
+                    .invoke_async(&mut c)
+                    .await?;
+                let acked = if e > 0 {
+                    self.acked(&mut c).await?
+                } else {
+                    Ok(())
+                };
+                Ok((e, acked))
+            })
+            .await?;
+        // A lease the replicas do not have is not leadership: it expires by itself.
+        acked
+            .map_err(|why| StoreError(format!("central redis {}: acquisition {why}", self.addr)))?;
         Ok((e > 0).then(|| Lease {
             id: id.to_owned(),
             epoch: e as u64,
@@ -436,61 +564,50 @@ impl LeaseStore for Central {
         successor_ttl: Duration,
     ) -> StoreResult<bool> {
         let n: i64 = self
-            .scripts
-            .release
-            .key(LEADER)
-            .key(SUCCESSOR)
-            .arg(lease.value())
-            .arg(successor.unwrap_or(""))
-            .arg(successor_ttl.as_millis().max(1) as u64)
-            .invoke_async(&mut self.conn())
-            .await
-            .map_err(|e| self.err(e))?;
+            .with(|mut c| async move {
+                self.scripts
+                    .release
+                    .key(LEADER)
+                    .key(SUCCESSOR)
+                    .arg(lease.value())
+                    .arg(successor.unwrap_or(""))
+                    .arg(successor_ttl.as_millis().max(1) as u64)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
         Ok(n == 1)
-    }
-
-    async fn kill_message(&self, id: &str) -> StoreResult<Option<u64>> {
-        self.get(&kill_key(id)).await
     }
 
     async fn enter(&self, id: &str, ttl: Duration) -> StoreResult<()> {
         let score = fastrand::u32(0..1_000_000);
-        redis::pipe()
-            .atomic()
-            .zadd(CANDIDATES, id, score)
-            .ignore()
-            .cmd("SET")
-            .arg(candidate_key(id))
-            .arg(1)
-            .arg("PX")
-            .arg(ttl.as_millis() as u64)
-            .ignore()
-            .query_async::<()>(&mut self.conn())
-            .await
-            .map_err(|e| self.err(e))
+        self.with(|mut c| async move {
+            redis::pipe()
+                .atomic()
+                .zadd(CANDIDATES, id, score)
+                .ignore()
+                .cmd("SET")
+                .arg(candidate_key(id))
+                .arg(1)
+                .arg("PX")
+                .arg(ttl.as_millis() as u64)
+                .ignore()
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await
     }
 
     async fn winner(&self) -> StoreResult<Option<String>> {
-        let mut conn = self.conn();
-        let entries: Vec<(String, f64)> = redis::cmd("ZRANGE")
-            .arg(CANDIDATES)
-            .arg(0)
-            .arg(-1)
-            .arg("WITHSCORES")
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| self.err(e))?;
-        let mut alive = Vec::new();
-        for (id, score) in entries {
-            let live: bool = redis::cmd("EXISTS")
-                .arg(candidate_key(&id))
-                .query_async(&mut conn)
-                .await
-                .map_err(|e| self.err(e))?;
-            if live {
-                alive.push((id, score));
-            }
-        }
+        let alive: Vec<(String, f64)> = self
+            .with(|mut c| async move {
+                self.scripts
+                    .winner
+                    .key(CANDIDATES)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
         Ok(super::election::pick_winner(&alive))
     }
 
@@ -500,28 +617,32 @@ impl LeaseStore for Central {
 
     async fn seen(&self, id: &str, az: &str, ttl: Duration) -> StoreResult<()> {
         let _: i64 = self
-            .scripts
-            .seen
-            .key(host_key(id))
-            .key(HOSTS)
-            .arg(id)
-            .arg(az)
-            .arg(ttl.as_millis() as u64)
-            .invoke_async(&mut self.conn())
-            .await
-            .map_err(|e| self.err(e))?;
+            .with(|mut c| async move {
+                self.scripts
+                    .seen
+                    .key(host_key(id))
+                    .key(HOSTS)
+                    .arg(id)
+                    .arg(az)
+                    .arg(ttl.as_millis() as u64)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
         Ok(())
     }
 
     async fn live_hosts(&self, max_age: Duration) -> StoreResult<Vec<LiveHost>> {
         let flat: Vec<String> = self
-            .scripts
-            .live
-            .key(HOSTS)
-            .arg(max_age.as_millis() as u64)
-            .invoke_async(&mut self.conn())
-            .await
-            .map_err(|e| self.err(e))?;
+            .with(|mut c| async move {
+                self.scripts
+                    .live
+                    .key(HOSTS)
+                    .arg(max_age.as_millis() as u64)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
         Ok(flat
             .chunks_exact(3)
             .map(|c| LiveHost {
@@ -535,22 +656,77 @@ impl LeaseStore for Central {
     async fn wait_wake(&self, id: &str, max: Duration) -> StoreResult<bool> {
         // BLPOP's timeout is in seconds, with decimals since Redis 6.
         let secs = (max.as_secs_f64()).max(0.01);
-        let v: Option<(String, String)> = redis::cmd("BLPOP")
-            .arg(wake_key(id))
-            .arg(format!("{secs:.3}"))
-            .query_async(&mut self.conn())
-            .await
-            .map_err(|e| self.err(e))?;
+        let v: Option<(String, String)> = self
+            .with(|mut c| async move {
+                redis::cmd("BLPOP")
+                    .arg(wake_key(id))
+                    .arg(format!("{secs:.3}"))
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
         Ok(v.is_some())
+    }
+
+    async fn wait_beat(&self, id: &str, max: Duration) -> StoreResult<Beat> {
+        use futures_util::StreamExt as _;
+        let mut guard = self.pubsub.lock().await;
+        if guard.is_none() {
+            let subscribed = async {
+                let mut ps = self.link.endpoint.pubsub().await?;
+                ps.subscribe(BEAT_CHANNEL).await?;
+                ps.subscribe(wake_key(id)).await?;
+                Ok::<_, redis::RedisError>(ps)
+            };
+            match tokio::time::timeout(max.max(Duration::from_millis(100)) * 4, subscribed).await {
+                Ok(Ok(ps)) => *guard = Some(ps),
+                Ok(Err(e)) => return Err(self.err(e)),
+                Err(_) => {
+                    return Err(StoreError(format!(
+                        "central redis {}: no subscription within {:?}",
+                        self.addr,
+                        max * 4
+                    )))
+                }
+            }
+        }
+        let Some(ps) = guard.as_mut() else {
+            return Ok(Beat::Quiet);
+        };
+        let next = tokio::time::timeout(max, ps.on_message().next()).await;
+        match next {
+            Err(_) => Ok(Beat::Quiet),
+            Ok(None) => {
+                *guard = None;
+                Err(StoreError(format!(
+                    "central redis {}: the heartbeat subscription closed",
+                    self.addr
+                )))
+            }
+            Ok(Some(msg)) if msg.get_channel_name() == BEAT_CHANNEL => Ok(msg
+                .get_payload::<String>()
+                .ok()
+                .as_deref()
+                .and_then(Lease::parse)
+                .map_or(Beat::Quiet, Beat::Leader)),
+            Ok(Some(_)) => Ok(Beat::Woken),
+        }
+    }
+}
+
+impl Central {
+    /// Drops the heartbeat subscription (it is made again on the next wait): after an
+    /// error of the other connection, it may hang on the same dead path.
+    pub async fn drop_subscription(&self) {
+        *self.pubsub.lock().await = None;
     }
 }
 
 impl Ledger for Central {
     async fn now_ms(&self) -> StoreResult<u64> {
-        let (s, us): (u64, u64) = redis::cmd("TIME")
-            .query_async(&mut self.conn())
-            .await
-            .map_err(|e| self.err(e))?;
+        let (s, us): (u64, u64) = self
+            .with(|mut c| async move { redis::cmd("TIME").query_async(&mut c).await })
+            .await?;
         Ok(s * 1000 + us / 1000)
     }
 
@@ -574,29 +750,46 @@ impl Ledger for Central {
         service: &str,
         call: &CallEntry,
     ) -> StoreResult<bool> {
-        let ok: i64 = self
-            .scripts
-            .fence
-            .key(LEADER)
-            .key(calls_key(service))
-            .arg(lease.value())
-            .arg(min_left.as_millis() as u64)
-            .arg(serde_json::to_string(call).expect("a call entry serializes"))
-            .invoke_async(&mut self.conn())
-            .await
-            .map_err(|e| self.err(e))?;
+        let entry = serde_json::to_string(call).expect("a call entry serializes");
+        let (ok, acked) = self
+            .with(|mut c| async move {
+                let ok: i64 = self
+                    .scripts
+                    .fence
+                    .key(LEADER)
+                    .key(calls_key(service))
+                    .arg(lease.value())
+                    .arg(min_left.as_millis() as u64)
+                    .arg(&entry)
+                    .invoke_async(&mut c)
+                    .await?;
+                let acked = if ok == 1 {
+                    self.acked(&mut c).await?
+                } else {
+                    Ok(())
+                };
+                Ok((ok, acked))
+            })
+            .await?;
+        if let Err(why) = acked {
+            tracing::warn!(service, op = %call.op, "fence refused: the lease check was {why}; the call is not sent");
+            return Ok(false);
+        }
         Ok(ok == 1)
     }
 
     async fn journal(&self, service: &str, call: &CallEntry) -> StoreResult<()> {
+        let entry = serde_json::to_string(call).expect("a call entry serializes");
         let _: i64 = self
-            .scripts
-            .journal
-            .key(calls_key(service))
-            .arg(serde_json::to_string(call).expect("a call entry serializes"))
-            .invoke_async(&mut self.conn())
-            .await
-            .map_err(|e| self.err(e))?;
+            .with(|mut c| async move {
+                self.scripts
+                    .journal
+                    .key(calls_key(service))
+                    .arg(&entry)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
         Ok(())
     }
 
@@ -606,33 +799,41 @@ impl Ledger for Central {
         record: &Record,
         state: &PolicyState,
     ) -> StoreResult<bool> {
+        let (rec, st) = (
+            serde_json::to_string(record).expect("a record serializes"),
+            serde_json::to_string(state).expect("a policy state serializes"),
+        );
         let ok: i64 = self
-            .scripts
-            .record
-            .key(LEADER)
-            .key(decision_key(&record.service))
-            .key(history_key(&record.service))
-            .key(policy_key(&record.service))
-            .arg(lease.value())
-            .arg(serde_json::to_string(record).expect("a record serializes"))
-            .arg(serde_json::to_string(state).expect("a policy state serializes"))
-            .invoke_async(&mut self.conn())
-            .await
-            .map_err(|e| self.err(e))?;
+            .with(|mut c| async move {
+                self.scripts
+                    .record
+                    .key(LEADER)
+                    .key(decision_key(&record.service))
+                    .key(history_key(&record.service))
+                    .key(policy_key(&record.service))
+                    .arg(lease.value())
+                    .arg(&rec)
+                    .arg(&st)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
         Ok(ok == 1)
     }
 
     async fn note_refused(&self, lease: &Lease, json: &str) -> StoreResult<bool> {
         let ok: i64 = self
-            .scripts
-            .note_refused
-            .key(LEADER)
-            .key(REFUSED)
-            .arg(lease.value())
-            .arg(json)
-            .invoke_async(&mut self.conn())
-            .await
-            .map_err(|e| self.err(e))?;
+            .with(|mut c| async move {
+                self.scripts
+                    .note_refused
+                    .key(LEADER)
+                    .key(REFUSED)
+                    .arg(lease.value())
+                    .arg(json)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
         Ok(ok == 1)
     }
 }

@@ -15,6 +15,12 @@
 //! renewal, a kill message arrives, or its own AZ becomes unavailable. On shutdown it
 //! stops acting first, then gives the lease up and names the most recently seen other
 //! host as successor, which is woken at once and takes the lease without a competition.
+//!
+//! What it costs the central Redis: every renewal publishes the lease on a channel, and
+//! a follower that hears it sends nothing; it registers itself once a lease period and
+//! looks at the lease itself only when the heartbeat has been quiet for a lease period
+//! (then every tick, until a leader is heard again). The leader sends one script a tick
+//! (and a `WAIT` with `central_min_replicas`). Measured in docs/benchmarks.md.
 
 use std::time::Duration;
 
@@ -22,7 +28,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::az::AzCache;
-use super::central::{LeaseStore, LiveHost, StoreError};
+use super::central::{Beat, LeaseStore, LiveHost, Renewal, StoreError};
 use super::leadership::Leadership;
 use crate::logs::Repeated;
 
@@ -110,44 +116,67 @@ impl<S: LeaseStore> Elector<S> {
         let mut held: Option<Held> = None;
         let mut errors = Repeated::new("election: central redis");
         let mut seen_errors = Repeated::new("host registration in the central redis");
+        // When a follower last heard the leader's heartbeat, and registered itself.
+        let mut last_beat: Option<Instant> = None;
+        let mut last_seen: Option<Instant> = None;
         loop {
-            // Between ticks a follower blocks on its wake list, so a departing leader
-            // can hand over at once.
+            // A leader ticks; a follower waits for the heartbeat (or a wake-up), and looks
+            // at the lease itself only when the heartbeat has been quiet for a lease.
             let pause = async {
                 match &held {
-                    Some(_) => tokio::time::sleep(self.timing.tick).await,
+                    Some(_) => {
+                        tokio::time::sleep(self.timing.tick).await;
+                        None
+                    }
                     None => {
-                        if self
-                            .store
-                            .wait_wake(&self.id, self.timing.tick)
-                            .await
-                            .is_err()
-                        {
-                            tokio::time::sleep(self.timing.tick).await;
+                        let quiet = last_beat.map(|t| t.elapsed());
+                        let max = match quiet {
+                            Some(q) if q < self.timing.lease => self.timing.lease - q,
+                            _ => self.timing.tick,
+                        };
+                        match self.store.wait_beat(&self.id, max).await {
+                            Ok(beat) => Some(beat),
+                            Err(e) => {
+                                tracing::debug!(error = %e, "heartbeat wait failed");
+                                tokio::time::sleep(self.timing.tick).await;
+                                Some(Beat::Quiet)
+                            }
                         }
                     }
                 }
             };
-            tokio::select! {
+            let beat = tokio::select! {
                 biased;
                 _ = shutdown.changed() => break,
-                _ = pause => {}
-            }
+                b = pause => b,
+            };
             if *shutdown.borrow() {
                 break;
             }
-            match self
-                .store
-                .seen(&self.id, &self.az, self.timing.lease * 10)
-                .await
-            {
-                Ok(()) => {
-                    seen_errors.cleared();
-                    crate::metrics::get().set_up(crate::metrics::Dependency::CentralRedis, true);
+            if last_seen.is_none_or(|t| t.elapsed() >= self.timing.lease) {
+                last_seen = Some(Instant::now());
+                match self
+                    .store
+                    .seen(&self.id, &self.az, self.timing.lease * 10)
+                    .await
+                {
+                    Ok(()) => {
+                        seen_errors.cleared();
+                        crate::metrics::get()
+                            .set_up(crate::metrics::Dependency::CentralRedis, true);
+                    }
+                    Err(e) => {
+                        seen_errors.failed(&e.0);
+                        crate::metrics::get()
+                            .set_up(crate::metrics::Dependency::CentralRedis, false);
+                    }
                 }
-                Err(e) => {
-                    seen_errors.failed(&e.0);
-                    crate::metrics::get().set_up(crate::metrics::Dependency::CentralRedis, false);
+            }
+            if let Some(Beat::Leader(lease)) = &beat {
+                last_beat = Some(Instant::now());
+                // A leader heard, in an available AZ: nothing to do this time.
+                if lease.id != self.id && self.azs.available(&lease.az) {
+                    continue;
                 }
             }
             held = match held.take() {
@@ -179,6 +208,10 @@ impl<S: LeaseStore> Elector<S> {
                     }
                 }
             };
+            if held.is_none() && !matches!(beat, Some(Beat::Leader(_))) {
+                // Still no leader heard: keep looking every tick.
+                last_beat = last_beat.filter(|t| t.elapsed() < self.timing.lease);
+            }
         }
         // Stop acting first, then give the lease up.
         tx.send_replace(Leadership::Following);
@@ -226,28 +259,20 @@ impl<S: LeaseStore> Elector<S> {
                 self.az
             ));
         }
-        match self.store.kill_message(&self.id).await {
-            Ok(Some(e)) if e > lease.epoch => return Err(format!("kill message from epoch {e}")),
-            Err(e) => return Err(format!("cannot read the kill message: {e}")),
-            _ => {}
-        }
         match self.store.renew(lease, self.timing.lease).await {
-            Ok(true) => Ok(()),
-            Ok(false) => Err("the lease is no longer ours".into()),
+            Ok(Renewal::Renewed) => Ok(()),
+            Ok(Renewal::NotOurs) => Err("the lease is no longer ours".into()),
+            Ok(Renewal::Killed(e)) => Err(format!("kill message from epoch {e}")),
             Err(e) => Err(format!("cannot renew the lease: {e}")),
         }
     }
 
     /// Gives the lease up, naming the most recently seen other host.
     async fn release(&self, lease: &Lease) {
-        let hosts = self
-            .store
-            .live_hosts(self.timing.tick * 4)
-            .await
-            .unwrap_or_default();
-        let successor = choose_successor(&hosts, &self.id, self.timing.tick * 4, |az| {
-            self.azs.available(az)
-        });
+        // Hosts register once a lease period.
+        let recent = self.timing.lease * 2 + self.timing.tick;
+        let hosts = self.store.live_hosts(recent).await.unwrap_or_default();
+        let successor = choose_successor(&hosts, &self.id, recent, |az| self.azs.available(az));
         match self
             .store
             .release(lease, successor.as_deref(), self.timing.lease)

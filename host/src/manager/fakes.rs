@@ -11,7 +11,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use warden_plugin_api::Kind;
 
-use super::central::{CallEntry, LeaseStore, Ledger, LiveHost, StoreResult};
+use super::central::{CallEntry, LeaseStore, Ledger, LiveHost, Renewal, StoreResult};
 use super::ecs::{Calls, Ecs, EcsError, RunTask, Started, Task};
 use super::election::Lease;
 use super::leadership::Guard;
@@ -100,17 +100,20 @@ impl LeaseStore for FakeCentral {
             .heartbeat
             .map(|t| Instant::now().saturating_duration_since(t)))
     }
-    async fn renew(&self, lease: &Lease, ttl: Duration) -> StoreResult<bool> {
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> StoreResult<Renewal> {
         if self.state().hang_renew {
             std::future::pending::<()>().await;
         }
         let mut s = self.state();
         if Self::lease_now(&mut s).as_ref() != Some(lease) {
-            return Ok(false);
+            return Ok(Renewal::NotOurs);
+        }
+        if let Some(&e) = s.kills.get(&lease.id).filter(|e| **e > lease.epoch) {
+            return Ok(Renewal::Killed(e));
         }
         s.lease = Some((lease.clone(), Instant::now() + ttl));
         s.heartbeat = Some(Instant::now());
-        Ok(true)
+        Ok(Renewal::Renewed)
     }
     async fn acquire(
         &self,
@@ -159,9 +162,6 @@ impl LeaseStore for FakeCentral {
             self.wake(x).notify_one();
         }
         Ok(true)
-    }
-    async fn kill_message(&self, id: &str) -> StoreResult<Option<u64>> {
-        Ok(self.state().kills.get(id).copied())
     }
     async fn enter(&self, id: &str, ttl: Duration) -> StoreResult<()> {
         let score = fastrand::u32(0..1_000_000);

@@ -26,12 +26,10 @@ pub mod worker;
 mod fakes;
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::backoff::Backoff;
 use crate::plugins::slot::Slot;
 use crate::plugins::CallError;
 use central::Central;
@@ -305,9 +303,10 @@ async fn observe_leadership(mut rx: watch::Receiver<Leadership>) {
 pub struct Manager {
     pub id: String,
     pub az: String,
-    pub central: redis::Client,
-    /// `host:port` of the central Redis, for messages.
-    pub central_addr: String,
+    /// The central Redis (an address, or Sentinels and a master name).
+    pub central: std::sync::Arc<crate::redis_link::Endpoint>,
+    /// Replicas that must acknowledge every lease and fence write (`WAIT`); 0: none.
+    pub min_replicas: u32,
     pub timing: Timing,
     /// The managed services, loop interval and dry-run: replaced by a reload.
     pub plan: watch::Receiver<worker::Plan>,
@@ -318,41 +317,15 @@ pub struct Manager {
 }
 
 impl Manager {
-    async fn connect(&self, shutdown: &mut watch::Receiver<bool>) -> Option<Central> {
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
-        let mut errors = crate::logs::Repeated::new("manager: central redis");
-        loop {
-            let config = redis::aio::ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(self.timing.lease / 2))
-                .set_response_timeout(Some(self.timing.lease / 2))
-                .set_number_of_retries(1);
-            let connecting =
-                redis::aio::ConnectionManager::new_with_config(self.central.clone(), config);
-            match connecting.await {
-                Ok(c) => {
-                    errors.cleared();
-                    return Some(Central::new(c, self.central_addr.clone()));
-                }
-                Err(e) => errors.failed(&format!(
-                    "{}: {}",
-                    self.central_addr,
-                    crate::redis_util::describe(&e)
-                )),
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(backoff.next_delay()) => {}
-                _ = shutdown.changed() => return None,
-            }
-        }
+    /// A central store for one loop: a connection of its own, made on first use and
+    /// made again after any error that says it is no good (a timeout, a failover).
+    fn central(&self) -> Central {
+        let link = std::sync::Arc::new(crate::redis_link::Link::new((*self.central).clone()));
+        Central::new(link, self.min_replicas, self.timing.tick)
     }
 
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let Some(elector_store) = self.connect(&mut shutdown).await else {
-            return;
-        };
-        let Some(ledger) = self.connect(&mut shutdown).await else {
-            return;
-        };
+    pub async fn run(self, shutdown: watch::Receiver<bool>) {
+        let (elector_store, ledger) = (self.central(), self.central());
         let azs = az::AzCache::start(self.ec2.clone(), shutdown.clone());
         let (tx, rx) = watch::channel(Leadership::Following);
         tokio::spawn(observe_leadership(rx.clone()));

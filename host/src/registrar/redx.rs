@@ -20,7 +20,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 
-use redis::aio::ConnectionManager;
 use redis::Script;
 
 use super::entry::{self, Actual, Blocked, Entry, Op};
@@ -125,8 +124,9 @@ pub trait RouteStore: Send + 'static {
 
 /// The local Redis.
 pub struct RedisStore {
-    client: redis::Client,
-    conn: Option<ConnectionManager>,
+    /// One connection, dropped on a timeout or I/O error (TCP keepalive and a user
+    /// timeout notice a peer that stopped answering) and made again on the next call.
+    link: crate::redis_link::Link,
     addr: String,
     owned_key: String,
     state_key: String,
@@ -140,13 +140,21 @@ impl RedisStore {
         instance: &str,
     ) -> Result<Self, RouteError> {
         let addr = crate::redis_util::addr(url);
-        let client = crate::redis_util::open(url, ca_file).map_err(|message| RouteError {
+        let two = std::time::Duration::from_secs(2);
+        let endpoint = crate::redis_link::Endpoint::new(
+            url,
+            ca_file,
+            crate::redis_link::Timeouts {
+                connect: two,
+                response: two,
+            },
+        )
+        .map_err(|message| RouteError {
             addr: addr.clone(),
             message,
         })?;
         Ok(Self {
-            client,
-            conn: None,
+            link: crate::redis_link::Link::new(endpoint),
             addr,
             owned_key: owned_key(instance),
             state_key: state_key(instance),
@@ -154,26 +162,23 @@ impl RedisStore {
         })
     }
 
+    /// The error as an operator reads it; one that says the connection is no good
+    /// drops it, so the next call connects again.
     fn err(&self, e: redis::RedisError) -> RouteError {
+        if crate::redis_link::drops_connection(&e) {
+            self.link.reset();
+        }
         RouteError {
             addr: self.addr.clone(),
             message: crate::redis_util::describe(&e),
         }
     }
 
-    async fn conn(&mut self) -> Result<ConnectionManager, RouteError> {
-        if let Some(c) = &self.conn {
-            return Ok(c.clone());
+    async fn conn(&mut self) -> Result<redis::aio::MultiplexedConnection, RouteError> {
+        match self.link.get().await {
+            Ok(c) => Ok(c),
+            Err(e) => Err(self.err(e)),
         }
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(std::time::Duration::from_secs(2)))
-            .set_response_timeout(Some(std::time::Duration::from_secs(2)))
-            .set_number_of_retries(1);
-        let c = ConnectionManager::new_with_config(self.client.clone(), config)
-            .await
-            .map_err(|e| self.err(e))?;
-        self.conn = Some(c.clone());
-        Ok(c)
     }
 }
 
