@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what warden's demo and tests need on a fresh Debian machine with Rust and
-# Docker: Redis, nginx with the Lua module and lua-resty-redis, busybox (for the test
+# Docker: Redis (and Sentinel, for the failover tier), iptables (partitions between
+# network namespaces), nginx with the Lua module and lua-resty-redis, busybox (for the test
 # image), openssl (a throwaway CA for the Redis TLS test), prometheus (the
 # prometheus plugin's test), moto_server (AWS API
 # stand-in) from PyPI, and cargo-deb. Idempotent and quick when
@@ -9,6 +10,8 @@ set -euo pipefail
 
 need_apt=()
 command -v redis-server >/dev/null || need_apt+=(redis-server)
+command -v redis-sentinel >/dev/null || need_apt+=(redis-sentinel)
+command -v iptables >/dev/null || need_apt+=(iptables)
 command -v nginx >/dev/null || need_apt+=(nginx)
 [ -e /usr/lib/nginx/modules/ngx_http_lua_module.so ] || need_apt+=(libnginx-mod-http-lua)
 [ -e /usr/share/lua/5.1/nginx/redis.lua ] || need_apt+=(lua-nginx-redis)
@@ -35,6 +38,7 @@ if ! cargo deb --version >/dev/null 2>&1; then
 fi
 # Some Debian packages start their service on install; tests start their own.
 (service redis-server stop || true) >/dev/null 2>&1
+(service redis-sentinel stop || true) >/dev/null 2>&1
 (service nginx stop || true) >/dev/null 2>&1
 (service prometheus stop || true) >/dev/null 2>&1
 echo "setup: ok"

@@ -121,6 +121,7 @@ impl Drop for Redis {
 /// the calls on the AWS side.
 pub struct Moto {
     pub port: u16,
+    host: String,
     child: Child,
     _dir: tempfile::TempDir,
     recording: PathBuf,
@@ -162,28 +163,37 @@ pub fn late_calls(rec: &[Recorded]) -> Vec<(usize, Recorded)> {
 
 impl Moto {
     pub fn start() -> Moto {
+        Self::start_on("127.0.0.1")
+    }
+
+    /// moto listening on `host` (the bridge's address, for wardens in namespaces).
+    pub fn start_on(host: &str) -> Moto {
         let port = free_port();
         let dir = tempfile::tempdir().unwrap();
         let recording = dir.path().join("recording.jsonl");
         let child = Command::new("python3")
             .arg(workspace_root().join("tests/fixtures/moto_server.py"))
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .args(["-H", host, "-p", &port.to_string()])
             .env("MOTO_ENABLE_RECORDING", "1")
             .env("MOTO_RECORDER_FILEPATH", &recording)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("python3 with moto[server] (run scripts/setup.sh)");
-        wait_for_port(port, "moto_server");
+        let addr: std::net::SocketAddr = format!("{host}:{port}").parse().unwrap();
+        eventually(Duration::from_secs(20), "moto_server", || {
+            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()
+        });
         Moto {
             port,
+            host: host.to_owned(),
             child,
             _dir: dir,
             recording,
         }
     }
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}:{}", self.host, self.port)
     }
     /// Environment for an AWS SDK client (warden's or the test's) pointed at moto.
     pub fn env(&self) -> Vec<(String, String)> {
@@ -841,6 +851,8 @@ pub struct Warden {
     registrar: bool,
     /// The port of warden's HTTP endpoint (one per warden, so tests run side by side).
     pub http_port: Option<u16>,
+    /// The network namespace it runs in (`tests/cluster.rs`), if any.
+    netns: Option<String>,
     _plugins: tempfile::TempDir,
     _dir: tempfile::TempDir,
 }
@@ -849,6 +861,11 @@ impl Warden {
     /// `config` is the TOML body; the plugin directory (with docker-labels and
     /// file-services) is prepended.
     pub fn start(config: &str, env: &[(String, String)]) -> Warden {
+        Self::start_in(None, config, env)
+    }
+
+    /// [`Warden::start`], inside a network namespace.
+    pub fn start_in(netns: Option<&str>, config: &str, env: &[(String, String)]) -> Warden {
         let plugins = plugin_dir(&[
             plugin_so("warden_plugin_docker_labels").as_path(),
             plugin_so("warden_plugin_file_services").as_path(),
@@ -888,6 +905,7 @@ impl Warden {
             env: env.to_vec(),
             registrar,
             http_port,
+            netns: netns.map(str::to_owned),
             _plugins: plugins,
             _dir: dir,
         };
@@ -918,7 +936,14 @@ impl Warden {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let mut cmd = Command::new(warden_bin());
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(warden_bin());
+                c
+            }
+            None => Command::new(warden_bin()),
+        };
         cmd.args([
             "--log-format",
             "json",

@@ -2,6 +2,7 @@
 //! real `.so` files and the `warden` binary, and laying plugins out in directories with
 //! the permissions warden demands.
 
+pub mod cluster;
 pub mod harness;
 pub mod proxy;
 

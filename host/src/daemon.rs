@@ -556,13 +556,15 @@ impl Running {
         };
         let plan = self.plan_now()?;
         let m = &self.config.manager;
-        let half = Duration::from_millis(m.lease_ms / 2);
+        // A quarter lease: a renewal that times out is tried again on a new connection
+        // and still lands before the leader's deadline (lease − 25 %).
+        let quarter = Duration::from_millis(m.lease_ms / 4);
         let central = crate::redis_link::Endpoint::new(
             &url,
             m.central_redis_ca_file.as_deref(),
             crate::redis_link::Timeouts {
-                connect: half,
-                response: half,
+                connect: quarter,
+                response: quarter,
             },
         )
         .map_err(|e| {

@@ -124,6 +124,12 @@ pub trait LeaseStore: Send + Sync + 'static {
     /// Waits up to `max` for the leader's heartbeat (published with every renewal) or a
     /// wake-up addressed to `id`: a follower that hears the leader sends nothing. Without
     /// a subscription (a fake), a wake-up or nothing.
+    /// Drops the heartbeat subscription, to be made again on the next wait: it may be on
+    /// a path that died without a word (a failed-over primary).
+    fn reset_beats(&self) -> impl Future<Output = ()> + Send {
+        std::future::ready(())
+    }
+
     fn wait_beat(&self, id: &str, max: Duration) -> impl Future<Output = StoreResult<Beat>> + Send {
         async move {
             Ok(if self.wait_wake(id, max).await? {
@@ -134,6 +140,8 @@ pub trait LeaseStore: Send + Sync + 'static {
         }
     }
 }
+
+// (A subscription that may be on a dead path is dropped with `reset_beats`.)
 
 /// What a renewal found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -668,6 +676,10 @@ impl LeaseStore for Central {
         Ok(v.is_some())
     }
 
+    async fn reset_beats(&self) {
+        *self.pubsub.lock().await = None;
+    }
+
     async fn wait_beat(&self, id: &str, max: Duration) -> StoreResult<Beat> {
         use futures_util::StreamExt as _;
         let mut guard = self.pubsub.lock().await;
@@ -711,14 +723,6 @@ impl LeaseStore for Central {
                 .map_or(Beat::Quiet, Beat::Leader)),
             Ok(Some(_)) => Ok(Beat::Woken),
         }
-    }
-}
-
-impl Central {
-    /// Drops the heartbeat subscription (it is made again on the next wait): after an
-    /// error of the other connection, it may hang on the same dead path.
-    pub async fn drop_subscription(&self) {
-        *self.pubsub.lock().await = None;
     }
 }
 

@@ -59,6 +59,33 @@ impl Timing {
     }
 }
 
+/// Why a leader steps down.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepDown {
+    /// Its own Availability Zone is not available: it gives the lease up.
+    OwnAz(String),
+    /// The lease is someone else's, or gone.
+    NotOurs,
+    /// A newer epoch left a kill message.
+    Killed(u64),
+    /// The store did not renew it (twice): the text says why.
+    Store(String),
+    /// The deadline passed without a renewal.
+    Deadline,
+}
+
+impl std::fmt::Display for StepDown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StepDown::OwnAz(az) => write!(f, "own Availability Zone {az} is not available"),
+            StepDown::NotOurs => write!(f, "the lease is no longer ours"),
+            StepDown::Killed(e) => write!(f, "kill message from epoch {e}"),
+            StepDown::Store(e) => write!(f, "cannot renew the lease: {e}"),
+            StepDown::Deadline => write!(f, "the lease deadline passed without a renewal"),
+        }
+    }
+}
+
 /// Who holds the lease, as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
@@ -119,6 +146,7 @@ impl<S: LeaseStore> Elector<S> {
         // When a follower last heard the leader's heartbeat, and registered itself.
         let mut last_beat: Option<Instant> = None;
         let mut last_seen: Option<Instant> = None;
+        let mut quiet_since: Option<Instant> = None;
         loop {
             // A leader ticks; a follower waits for the heartbeat (or a wake-up), and looks
             // at the lease itself only when the heartbeat has been quiet for a lease.
@@ -174,6 +202,7 @@ impl<S: LeaseStore> Elector<S> {
             }
             if let Some(Beat::Leader(lease)) = &beat {
                 last_beat = Some(Instant::now());
+                quiet_since = None;
                 // A leader heard, in an available AZ: nothing to do this time.
                 if lease.id != self.id && self.azs.available(&lease.az) {
                     continue;
@@ -209,8 +238,15 @@ impl<S: LeaseStore> Elector<S> {
                 }
             };
             if held.is_none() && !matches!(beat, Some(Beat::Leader(_))) {
-                // Still no leader heard: keep looking every tick.
+                // Still no leader heard: keep looking every tick; a subscription quiet for
+                // two leases may be on a dead path (a failed-over primary): made anew.
                 last_beat = last_beat.filter(|t| t.elapsed() < self.timing.lease);
+                if quiet_since.get_or_insert_with(Instant::now).elapsed() >= self.timing.lease * 2 {
+                    self.store.reset_beats().await;
+                    quiet_since = None;
+                }
+            } else {
+                quiet_since = None;
             }
         }
         // Stop acting first, then give the lease up.
@@ -227,10 +263,22 @@ impl<S: LeaseStore> Elector<S> {
         tx: &watch::Sender<Leadership>,
         errors: &mut Repeated,
     ) -> Option<Held> {
-        let sent = Instant::now();
-        let step = tokio::time::timeout_at(h.deadline, self.renew(&h.lease)).await;
-        let reason = match step {
-            Ok(Ok(())) => {
+        // A renewal that fails on the store's side (a timeout, a connection dropped by a
+        // failover) is tried again on a new connection, within the deadline: a leader
+        // whose primary was replaced keeps its lease on the new one if it is there.
+        let attempt = async {
+            let mut sent = Instant::now();
+            match self.renew(&h.lease).await {
+                Err(StepDown::Store(first)) => {
+                    tracing::debug!(error = %first, "renewal failed; trying again on a new connection");
+                    sent = Instant::now();
+                    self.renew(&h.lease).await.map(|()| sent)
+                }
+                other => other.map(|()| sent),
+            }
+        };
+        let reason = match tokio::time::timeout_at(h.deadline, attempt).await {
+            Ok(Ok(sent)) => {
                 errors.cleared();
                 h.deadline = sent + self.timing.lease - self.timing.margin();
                 tx.send_modify(|l| {
@@ -241,29 +289,27 @@ impl<S: LeaseStore> Elector<S> {
                 return Some(h);
             }
             Ok(Err(reason)) => reason,
-            Err(_) => "the lease deadline passed without a renewal".to_owned(),
+            Err(_) => StepDown::Deadline,
         };
         tx.send_replace(Leadership::Following);
         tracing::warn!(epoch = h.lease.epoch, "stepping down: {reason}");
-        if reason.starts_with("own Availability Zone") {
+        if matches!(reason, StepDown::OwnAz(_)) {
             self.release(&h.lease).await;
         }
         None
     }
 
-    /// Checks the kill message and the own AZ, then renews. `Err(reason)` to step down.
-    async fn renew(&self, lease: &Lease) -> Result<(), String> {
+    /// Checks the own AZ, then renews (the store checks the kill message in the same
+    /// step). `Err` says why to step down.
+    async fn renew(&self, lease: &Lease) -> Result<(), StepDown> {
         if !self.azs.available(&self.az) {
-            return Err(format!(
-                "own Availability Zone {} is not available",
-                self.az
-            ));
+            return Err(StepDown::OwnAz(self.az.clone()));
         }
         match self.store.renew(lease, self.timing.lease).await {
             Ok(Renewal::Renewed) => Ok(()),
-            Ok(Renewal::NotOurs) => Err("the lease is no longer ours".into()),
-            Ok(Renewal::Killed(e)) => Err(format!("kill message from epoch {e}")),
-            Err(e) => Err(format!("cannot renew the lease: {e}")),
+            Ok(Renewal::NotOurs) => Err(StepDown::NotOurs),
+            Ok(Renewal::Killed(e)) => Err(StepDown::Killed(e)),
+            Err(e) => Err(StepDown::Store(e.0)),
         }
     }
 

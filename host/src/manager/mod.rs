@@ -321,6 +321,8 @@ impl Manager {
     /// made again after any error that says it is no good (a timeout, a failover).
     fn central(&self) -> Central {
         let link = std::sync::Arc::new(crate::redis_link::Link::new((*self.central).clone()));
+        // Timeouts of a quarter lease leave time for a second attempt on a new
+        // connection before a leader's deadline (lease − 25 %).
         Central::new(link, self.min_replicas, self.timing.tick)
     }
 
