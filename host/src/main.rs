@@ -511,38 +511,60 @@ fn daemon(path: Option<PathBuf>, insecure: bool) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Signals that are logged and ignored: their default action would end warden (or dump
+/// its core) without a word and without giving up its lease, and log rotators and
+/// process supervisors send some of them (USR1, USR2) as a matter of course. SIGPIPE is
+/// ignored by Rust's runtime already (a closed peer is an error on the write).
+const IGNORED: [(libc::c_int, &str); 10] = [
+    (libc::SIGUSR1, "SIGUSR1"),
+    (libc::SIGUSR2, "SIGUSR2"),
+    (libc::SIGALRM, "SIGALRM"),
+    (libc::SIGVTALRM, "SIGVTALRM"),
+    (libc::SIGPROF, "SIGPROF"),
+    (libc::SIGIO, "SIGIO"),
+    (libc::SIGPWR, "SIGPWR"),
+    (libc::SIGXFSZ, "SIGXFSZ"),
+    (libc::SIGXCPU, "SIGXCPU"),
+    (libc::SIGWINCH, "SIGWINCH"),
+];
+
 /// SIGHUP asks for a configuration reload (the receiver gets one message per signal);
-/// SIGUSR1 is logged and ignored. Neither is ever fatal: their default action would end
-/// warden without a word and without giving up its lease.
+/// the [`IGNORED`] ones are logged and ignored. None is ever fatal.
 fn other_signals() -> anyhow::Result<tokio::sync::mpsc::UnboundedReceiver<()>> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
-    let mut usr1 = signal(SignalKind::user_defined1()).context("cannot listen for SIGUSR1")?;
+    for (number, name) in IGNORED {
+        let mut stream = signal(SignalKind::from_raw(number))
+            .with_context(|| format!("cannot listen for {name}"))?;
+        tokio::spawn(async move {
+            while stream.recv().await.is_some() {
+                tracing::info!(signal = name, "{name} received; ignored");
+            }
+        });
+    }
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                Some(()) = hup.recv() => {
-                    tracing::info!("SIGHUP received: reloading the configuration");
-                    let _ = tx.send(());
-                }
-                Some(()) = usr1.recv() => tracing::info!("SIGUSR1 received; ignored"),
-                else => return,
-            }
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP received: reloading the configuration");
+            let _ = tx.send(());
         }
     });
     Ok(rx)
 }
 
-/// Resolves on the first SIGTERM or SIGINT; the handlers are in place when this returns.
+/// Resolves on the first SIGTERM, SIGINT or SIGQUIT (each a stop with handover: a
+/// core dump on QUIT would cost the lease and the routes' drain); the handlers are in
+/// place when this returns.
 fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    let mut quit = signal(SignalKind::quit()).context("cannot listen for SIGQUIT")?;
     Ok(async move {
         tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+            _ = term.recv() => tracing::info!(signal = "SIGTERM", "SIGTERM received: stopping"),
+            _ = int.recv() => tracing::info!(signal = "SIGINT", "SIGINT received: stopping"),
+            _ = quit.recv() => tracing::info!(signal = "SIGQUIT", "SIGQUIT received: stopping"),
         }
     })
 }

@@ -531,3 +531,99 @@ fn sighup_applies_a_good_configuration_refuses_a_bad_one_and_keeps_routes_and_le
         Some(1.0)
     );
 }
+
+fn lease(central: &Redis) -> Option<(String, u64)> {
+    let v: Option<String> = redis::cmd("GET")
+        .arg("warden:leader")
+        .query(&mut central.conn())
+        .unwrap();
+    let v = v?;
+    let mut it = v.split('\t');
+    Some((it.next()?.to_owned(), it.next()?.parse().ok()?))
+}
+
+/// USR1, USR2, PIPE, ALRM, WINCH (and the other signals whose default would end the
+/// process) sent to a leader that also routes: it stays alive, keeps its epoch in the
+/// central Redis and its route in the local one, and logs each catchable one as
+/// ignored; SIGQUIT then stops it cleanly (exit 0, lease given up), as SIGTERM does.
+#[test]
+fn stray_signals_cost_neither_the_lease_nor_a_route_and_sigquit_stops_cleanly() {
+    let (local, central) = (Redis::start(), Redis::start());
+    let config = registrar_and_dry_run_manager(
+        "i-signals",
+        &format!("local_redis = \"{}\"", local.url()),
+        &format!("central_redis = \"{}\"", central.url()),
+    );
+    let mut w = Warden::start(&config, &[]);
+    let cs = Containers::new("signals");
+    cs.run(
+        "web",
+        &[
+            ("warden.service", "s-web"),
+            ("warden.frontend", "s-web.example"),
+        ],
+        &[],
+    );
+    let route = || -> Option<String> {
+        redis::cmd("GET")
+            .arg("frontend:s-web.example")
+            .query(&mut local.conn())
+            .unwrap()
+    };
+    eventually(Duration::from_secs(15), "route written", || {
+        (route().as_deref() == Some("s-web")).then_some(())
+    });
+    let (id, epoch) = eventually(Duration::from_secs(15), "leading", || lease(&central));
+    assert_eq!(id, "i-signals");
+    wait_metric(&w, "warden_leader", 1.0);
+
+    let logged = [
+        (libc::SIGUSR1, "SIGUSR1"),
+        (libc::SIGUSR2, "SIGUSR2"),
+        (libc::SIGALRM, "SIGALRM"),
+        (libc::SIGWINCH, "SIGWINCH"),
+        (libc::SIGVTALRM, "SIGVTALRM"),
+        (libc::SIGPROF, "SIGPROF"),
+        (libc::SIGIO, "SIGIO"),
+        (libc::SIGPWR, "SIGPWR"),
+        (libc::SIGXFSZ, "SIGXFSZ"),
+        (libc::SIGXCPU, "SIGXCPU"),
+    ];
+    let from = w.log_text().len();
+    w.signal(libc::SIGPIPE);
+    for (sig, _) in logged {
+        w.signal(sig);
+    }
+    eventually(Duration::from_secs(10), "every signal logged", || {
+        let log = w.log_text();
+        let log = log.get(from..)?;
+        logged
+            .iter()
+            .all(|(_, name)| log.contains(&format!("{name} received; ignored")))
+            .then_some(())
+    });
+    // Two more renewals after the last signal, heard on the leader's heartbeat channel.
+    let mut sub = central.conn();
+    sub.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut sub = sub.as_pubsub();
+    sub.subscribe("warden:beat").unwrap();
+    for _ in 0..2 {
+        let beat: String = sub
+            .get_message()
+            .expect("a renewal within 10 s")
+            .get_payload()
+            .unwrap();
+        assert!(beat.starts_with("i-signals\t"), "{beat}");
+    }
+    drop(sub);
+    assert!(w.child_alive(), "a signal ended warden");
+    assert_eq!(lease(&central), Some((id, epoch)), "the lease changed");
+    assert_eq!(route().as_deref(), Some("s-web"), "the route changed");
+    assert!(!w.log_text().contains("restarting"), "{}", w.log_text());
+
+    w.signal(libc::SIGQUIT);
+    let status = w.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{}", w.log_text());
+    assert_eq!(lease(&central), None, "the lease was not given up");
+    assert!(w.log_text().contains("SIGQUIT received: stopping"));
+}
