@@ -291,6 +291,28 @@ impl ReloadPlan {
     }
 }
 
+/// The dotted keys under `at` whose values differ between `old` and `new` (a key
+/// present in one only counts as changed; arrays are compared whole).
+fn changed_keys<T: serde::Serialize>(at: &str, old: &T, new: &T, out: &mut Vec<String>) {
+    fn walk(at: &str, old: &serde_json::Value, new: &serde_json::Value, out: &mut Vec<String>) {
+        use serde_json::Value::Object;
+        match (old, new) {
+            (Object(a), Object(b)) => {
+                let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+                let null = serde_json::Value::Null;
+                for k in keys {
+                    let (x, y) = (a.get(k).unwrap_or(&null), b.get(k).unwrap_or(&null));
+                    walk(&format!("{at}.{k}"), x, y, out);
+                }
+            }
+            (a, b) if a != b => out.push(at.to_owned()),
+            _ => {}
+        }
+    }
+    let value = |t: &T| serde_json::to_value(t).unwrap_or(serde_json::Value::Null);
+    walk(at, &value(old), &value(new), out);
+}
+
 /// Decides a reload, or says which changed settings need a restart (then nothing is
 /// applied: a reload is all or nothing). `dirs_loaded_new` is true when the plugin
 /// directories hold files that were not loaded before.
@@ -300,35 +322,37 @@ pub fn plan_reload(
     new_plugin_files: bool,
 ) -> Result<ReloadPlan, String> {
     let mut restart = Vec::new();
-    if old.host != new.host {
-        restart.push("host");
-    }
-    if old.http != new.http {
-        restart.push("http");
-    }
+    changed_keys("host", &old.host, &new.host, &mut restart);
+    changed_keys("http", &old.http, &new.http, &mut restart);
     let without_dirs = |c: &Config| PluginsConfig {
         dirs: Vec::new(),
         ..c.plugins.clone()
     };
-    if without_dirs(old) != without_dirs(new) {
-        restart.push("plugins (other than dirs)");
-    }
-    let election = |c: &Config| {
-        let m = &c.manager;
+    changed_keys(
+        "plugins",
+        &without_dirs(old),
+        &without_dirs(new),
+        &mut restart,
+    );
+    let (o, n) = (&old.manager, &new.manager);
+    for (key, changed) in [
+        ("manager.central_redis", o.central_redis != n.central_redis),
         (
-            m.central_redis.clone(),
-            m.central_redis_ca_file.clone(),
-            m.central_min_replicas,
-            m.lease_ms,
-            m.tick_ms,
-            m.guard_ms,
-        )
-    };
-    if election(old) != election(new) {
-        restart.push("manager.central_redis, central_redis_ca_file, central_min_replicas, lease_ms, tick_ms or guard_ms");
-    }
-    if old.manager.sources != new.manager.sources {
-        restart.push("manager.sources");
+            "manager.central_redis_ca_file",
+            o.central_redis_ca_file != n.central_redis_ca_file,
+        ),
+        (
+            "manager.central_min_replicas",
+            o.central_min_replicas != n.central_min_replicas,
+        ),
+        ("manager.lease_ms", o.lease_ms != n.lease_ms),
+        ("manager.tick_ms", o.tick_ms != n.tick_ms),
+        ("manager.guard_ms", o.guard_ms != n.guard_ms),
+        ("manager.sources", o.sources != n.sources),
+    ] {
+        if changed {
+            restart.push(key.to_owned());
+        }
     }
     if !restart.is_empty() {
         return Err(format!(
@@ -809,7 +833,9 @@ impl Running {
 
     /// Re-reads the configuration and applies what changed, or refuses the whole of it.
     async fn reload(&mut self, path: Option<&Path>, insecure: bool) -> Result<ReloadPlan, String> {
-        let new = Config::load(path, |k| std::env::var(k).ok()).map_err(|e| e.to_string())?;
+        // Every problem, on the one line of the refusal.
+        let new = Config::load(path, |k| std::env::var(k).ok())
+            .map_err(|e| e.to_string().replace('\n', "; "))?;
         let host = Arc::new(load_plugins(&new, insecure));
         let found = problems(&new, &host);
         if !found.is_empty() {
@@ -1079,10 +1105,13 @@ mod tests {
                 "manager.central_redis",
                 BASE.replace("redis://c:6379", "redis://d:6379"),
             ),
-            ("host", format!("{BASE}[host]\ninstance_id = \"i-1\"\n")),
-            ("http", format!("{BASE}[http]\nlisten = \"off\"\n")),
             (
-                "plugins",
+                "host.instance_id",
+                format!("{BASE}[host]\ninstance_id = \"i-1\"\n"),
+            ),
+            ("http.listen", format!("{BASE}[http]\nlisten = \"off\"\n")),
+            (
+                "plugins.call_timeout_ms",
                 format!("{BASE}[plugins]\ncall_timeout_ms = 100\n"),
             ),
         ] {

@@ -121,6 +121,15 @@ fn text(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Respo
 
 const PLAIN: &str = "text/plain; charset=utf-8";
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const CLASSIC: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+fn accepts_openmetrics(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get_all(hyper::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"))
+}
 
 async fn route(req: Request<Incoming>, info: &HostInfo) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
@@ -136,7 +145,11 @@ async fn route(req: Request<Incoming>, info: &HostInfo) -> Response<Full<Bytes>>
                 format!("not ready: {}\n", down.join(", ")),
             ),
         },
-        "/metrics" => text(StatusCode::OK, OPENMETRICS, metrics::get().encode()),
+        // OpenMetrics to whoever asks for it (Prometheus does), the classic format else.
+        "/metrics" if accepts_openmetrics(&req) => {
+            text(StatusCode::OK, OPENMETRICS, metrics::get().encode())
+        }
+        "/metrics" => text(StatusCode::OK, CLASSIC, metrics::get().encode_classic()),
         "/status" => {
             let body = status(info).await;
             text(

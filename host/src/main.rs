@@ -472,7 +472,9 @@ fn daemon(path: Option<PathBuf>, insecure: bool) -> anyhow::Result<ExitCode> {
     let config = match load_config(path.as_deref()) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("warden: {e:#}");
+            for line in format!("{e:#}").lines() {
+                eprintln!("warden: {line}");
+            }
             return Ok(ExitCode::from(warden::supervisor::EXIT_CONFIG));
         }
     };

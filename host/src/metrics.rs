@@ -364,6 +364,12 @@ impl Metrics {
         Metrics { registry: r, ..m }
     }
 
+    /// Every series in Prometheus' classic text format (0.0.4), for clients that do not
+    /// ask for OpenMetrics (curl, `promtool check metrics`, older scrapers).
+    pub fn encode_classic(&self) -> String {
+        to_classic(&self.encode())
+    }
+
     /// The OpenMetrics text of every series.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -552,5 +558,55 @@ mod tests {
         m.set_required([Dependency::Docker]);
         assert_eq!(m.readiness(), Ok(vec!["docker"]));
         assert!(!m.encode().contains("local_redis"));
+    }
+}
+
+/// OpenMetrics text → the classic text format: a counter's metadata is named as its
+/// samples are (`x_total`), `# UNIT` and `# EOF` lines go (the classic format has
+/// neither). Everything else reads the same in both.
+pub fn to_classic(openmetrics: &str) -> String {
+    let counters: BTreeSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        match meta {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                let name = if counters.contains(name) {
+                    format!("{name}_total")
+                } else {
+                    name.to_owned()
+                };
+                out.push_str(&format!("{prefix}{name} {tail}\n"));
+            }
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod classic_tests {
+    use super::to_classic;
+
+    #[test]
+    fn counters_are_named_as_their_samples_and_units_and_eof_go() {
+        let om = "# HELP a_b Things done.\n# TYPE a_b counter\na_b_total 3\n# HELP t Time.\n# TYPE t histogram\n# UNIT t seconds\nt_count 1\n# EOF\n";
+        assert_eq!(
+            to_classic(om),
+            "# HELP a_b_total Things done.\n# TYPE a_b_total counter\na_b_total 3\n# HELP t Time.\n# TYPE t histogram\nt_count 1\n"
+        );
     }
 }

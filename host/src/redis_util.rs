@@ -63,12 +63,18 @@ pub fn open(url: &str, ca_file: Option<&std::path::Path>) -> Result<redis::Clien
 
 /// The error's text, without the repetition some I/O errors carry
 /// (`Connection refused (os error 111): Connection refused (os error 111)`).
+/// A server certificate that the system's trust store does not vouch for gets a hint at
+/// the setting that names its CA.
 pub fn describe(e: &redis::RedisError) -> String {
     let text = e.to_string();
-    match text.split_once(": ") {
+    let text = match text.split_once(": ") {
         Some((a, b)) if a == b => a.to_owned(),
         _ => text,
+    };
+    if text.contains("UnknownIssuer") || text.contains("invalid peer certificate") {
+        return format!("{text} (a server certificate from a private CA: name that CA's PEM file in registrar.local_redis_ca_file or manager.central_redis_ca_file)");
     }
+    text
 }
 
 #[cfg(test)]
@@ -87,5 +93,20 @@ mod tests {
         assert_eq!(redact("redis://:secret@h:1/2"), "redis://***@h:1/2");
         assert_eq!(redact("redis://h:1"), "redis://h:1");
         assert_eq!(redact("secret@h"), "***@h");
+    }
+
+    #[test]
+    fn an_unknown_issuer_points_at_the_ca_settings() {
+        let e = redis::RedisError::from(std::io::Error::other(
+            "invalid peer certificate: UnknownIssuer",
+        ));
+        let text = describe(&e);
+        assert!(
+            text.contains("UnknownIssuer") && text.contains("central_redis_ca_file"),
+            "{text}"
+        );
+        let e =
+            redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert!(!describe(&e).contains("ca_file"));
     }
 }

@@ -2,6 +2,7 @@
 //! `warden health`, against a running warden with real Docker containers and
 //! redis-server. Values are read from the endpoint after known actions.
 
+use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 use std::time::Duration;
 
@@ -94,7 +95,48 @@ fn metrics_follow_known_actions() {
         body.contains("warden_reconcile_duration_seconds_count"),
         "{body}"
     );
-    assert!(body.contains("# EOF"), "{body}");
+    // Without an Accept header (curl, promtool): the classic format, which promtool's
+    // check passes (every family with help text, counters named as their samples).
+    assert!(!body.contains("# EOF"), "{body}");
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package; scripts/setup.sh installs it)");
+    use std::io::Write;
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        // (The harness trims the body; the endpoint ends it with a newline.)
+        .write_all(format!("{body}\n").as_bytes())
+        .unwrap();
+    let checked = promtool.wait_with_output().unwrap();
+    assert!(
+        checked.status.success() && checked.stdout.is_empty() && checked.stderr.is_empty(),
+        "promtool: {}{}\n{body}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    // What Prometheus asks for: OpenMetrics.
+    let om = {
+        use std::io::Read;
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", w.http_port.unwrap())).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5\r\nConnection: close\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    assert!(
+        om.contains("content-type: application/openmetrics-text"),
+        "{om}"
+    );
+    assert!(
+        om.contains("# TYPE warden_reconciles counter") && om.trim_end().ends_with("# EOF"),
+        "{om}"
+    );
 
     // One stopped: drained, 2 servers.
     cs.rm(&ids[0]);
@@ -357,6 +399,29 @@ fn auth_and_tls_on_both_redis_connections_and_the_password_is_never_shown() {
         "{http_status}"
     );
 
+    // No CA file for a server whose certificate a private CA signed: the error says
+    // which setting names it.
+    let no_ca = w.config.with_extension("no-ca.toml");
+    let text_no_ca: String = std::fs::read_to_string(&w.config)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with("central_redis_ca_file"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&no_ca, text_no_ca).unwrap();
+    std::fs::set_permissions(&no_ca, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let untrusted = Command::new(warden_bin())
+        .args(["status", "--config", no_ca.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let untrusted_text = String::from_utf8_lossy(&untrusted.stderr).into_owned();
+    assert!(!untrusted.status.success(), "{untrusted_text}");
+    assert!(
+        untrusted_text.contains("UnknownIssuer")
+            && untrusted_text.contains("manager.central_redis_ca_file"),
+        "{untrusted_text}"
+    );
+
     // Wrong password: said, with the address and not the password.
     let wrong = Command::new(warden_bin())
         .args(["routes", "--config", w.config.to_str().unwrap()])
@@ -478,7 +543,7 @@ fn sighup_applies_a_good_configuration_refuses_a_bad_one_and_keeps_routes_and_le
     w.signal(libc::SIGHUP);
     let line = reload_line(from, "the restart-only change refused");
     assert!(
-        line.contains("refused") && line.contains("lease_ms"),
+        line.contains("refused") && line.contains("manager.lease_ms"),
         "{line}"
     );
 

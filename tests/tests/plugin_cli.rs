@@ -178,14 +178,42 @@ fn check_names_file_key_and_expectation() {
         "{out}"
     );
 
-    // A type error is a configuration error like any other: 78, as `run` gives.
-    std::fs::write(&cfg, "[registrar]\nlocal_redis = 6379\n").unwrap();
-    let (code, out, _) = warden(&["check", "--config", cfg.to_str().unwrap()]);
-    assert_eq!(code, 78, "{out}");
-    assert!(
-        out.contains(&cfg_name) && out.contains("line 2") && out.contains("local_redis"),
-        "{out}"
-    );
+    // A type error, an unknown key, a bound, and all at once: each is a configuration
+    // error like any other (78, as `run` gives), printed with file, line, column and key.
+    let type_error = "line 2, column 1: registrar.local_redis: invalid type: integer `6379`";
+    let unknown = "line 3, column 1: registrar.bogus: unknown field `bogus`";
+    let bound = "line 5, column 1: manager.loop_secs: 0 is outside 1..=86400";
+    for (text, want) in [
+        ("[registrar]\nlocal_redis = 6379\n", vec![type_error]),
+        ("[registrar]\n\nbogus = 1\n", vec![unknown]),
+        (
+            "[registrar]\nlocal_redis = 6379\nbogus = 1\n[manager]\nloop_secs = 0\n",
+            vec![type_error, unknown, bound],
+        ),
+    ] {
+        std::fs::write(&cfg, text).unwrap();
+        let (code, out, _) = warden(&["check", "--config", cfg.to_str().unwrap()]);
+        assert_eq!(code, 78, "{text}\n{out}");
+        assert_eq!(out.lines().count(), want.len(), "{text}\n{out}");
+        for w in &want {
+            assert!(
+                out.contains(&format!("{cfg_name}: {w}")),
+                "{text}\nwanted {w:?} in\n{out}"
+            );
+        }
+        let run = std::process::Command::new(warden_bin())
+            .args(["run", "--config", cfg.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&run.stderr);
+        assert_eq!(run.status.code(), Some(78), "{text}\n{err}");
+        for w in &want {
+            assert!(
+                err.contains(&format!("warden: {cfg_name}: {w}")),
+                "{text}\nwanted {w:?} in\n{err}"
+            );
+        }
+    }
 }
 
 #[test]

@@ -315,15 +315,18 @@ fn two_wardens_sharing_a_service_never_leave_it_without_its_frontend() {
     wait_key(&redis, "frontend:s-web.example", None);
 }
 
-/// Front-end labels with a tab, a newline, `*`, `..` or a 300-character host are refused:
-/// one warning naming the container, the label and the value; nothing of them in Redis.
+/// Front-end labels with a tab, a newline, `*`, `..`, a 300-character host or a 10 kB
+/// value are refused: one warning naming the container, the label and the value (a long
+/// one elided); nothing of them in Redis.
 #[test]
 fn malformed_frontends_are_refused_by_name() {
     let redis = Redis::start();
     let w = Warden::start(&config(&redis, "i-bad"), &[]);
     let cs = Containers::new("badfe");
     let long = format!("{}.example", "a".repeat(300));
+    let huge = format!("{}.example", "h".repeat(10_000));
     let cases = [
+        ("huge", huge.as_str()),
         ("tab", "p-web.example/x\tzz-evil"),
         ("nl", "p-web.example/x\nzz"),
         ("star", "*.example.com"),
@@ -360,5 +363,20 @@ fn malformed_frontends_are_refused_by_name() {
     }
     let keys: Vec<String> = redis.conn().keys("frontend:*").unwrap();
     assert_eq!(keys, vec!["frontend:ok.example".to_owned()]);
+    // The 10 kB value is named by its size and a prefix, never written whole.
+    let log = w.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains(&cs.full_name("huge")))
+        .unwrap();
+    assert!(
+        line.len() < 1000 && line.contains("10008 bytes"),
+        "{} bytes: {line:.300}",
+        line.len()
+    );
+    assert!(
+        log.lines().all(|l| l.len() < 4096),
+        "a log line of more than 4 kB"
+    );
     let _ = good;
 }

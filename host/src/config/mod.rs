@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+mod problems;
+
 /// Environment variables that override settings of the same meaning.
 pub const ENV_PLUGIN_DIR: &str = "WARDEN_PLUGIN_DIR";
 pub const ENV_LOCAL_REDIS: &str = "WARDEN_LOCAL_REDIS";
@@ -358,16 +360,33 @@ pub enum ConfigError {
         key: String,
         message: String,
     },
+    /// Every problem found in a file, each `line L, column C: key: what` (one a line).
+    #[error("{}", problems.iter().map(|p| format!("{file}: {p}")).collect::<Vec<_>>().join("\n"))]
+    Problems { file: String, problems: Vec<String> },
 }
 
 impl Config {
-    /// Parses config text; `file` names it in errors.
+    /// Parses config text; `file` names it in errors, which list every problem found
+    /// (see [`problems`]), each with its line, column and key.
     pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            file: file.to_owned(),
-            message: toml_message(text, &e),
+        let every = |first: ConfigError| {
+            let problems = problems::every(text, file);
+            if problems.is_empty() {
+                first
+            } else {
+                ConfigError::Problems {
+                    file: file.to_owned(),
+                    problems,
+                }
+            }
+        };
+        let config: Config = toml::from_str(text).map_err(|e| {
+            every(ConfigError::Parse {
+                file: file.to_owned(),
+                message: toml_message(text, &e),
+            })
         })?;
-        config.validate(file)?;
+        config.validate(file).map_err(every)?;
         Ok(config)
     }
 
@@ -912,11 +931,9 @@ mod tests {
         let e = Config::parse("[registrar]\nlocal_redis = \"localhost\"\n", "w.toml").unwrap_err();
         assert_eq!(
             e,
-            ConfigError::Invalid {
+            ConfigError::Problems {
                 file: "w.toml".into(),
-                key: "registrar.local_redis".into(),
-                message: "expected a Redis URL such as redis://127.0.0.1:6379, got \"localhost\""
-                    .into()
+                problems: vec!["line 2, column 1: registrar.local_redis: expected a Redis URL such as redis://127.0.0.1:6379, got \"localhost\"".into()]
             }
         );
         let e = Config::parse("[metrics.q]\nplugin = \"x\"\nconfig = 3\n", "w.toml").unwrap_err();
