@@ -92,6 +92,24 @@ impl Net {
             "dev",
             &bridge,
         ]);
+        // Docker loads br_netfilter, which sends bridged frames through iptables'
+        // FORWARD chain, whose rules Docker rewrites whenever it makes a network: our
+        // bridge's frames skip iptables altogether (and the ACCEPT rule below stays for
+        // kernels without the per-bridge switch).
+        let _ = sh(&[
+            "ip",
+            "link",
+            "set",
+            &bridge,
+            "type",
+            "bridge",
+            "nf_call_iptables",
+            "0",
+            "nf_call_ip6tables",
+            "0",
+            "nf_call_arptables",
+            "0",
+        ]);
         must(&["ip", "link", "set", &bridge, "up"]);
         // Docker's FORWARD policy drops bridged traffic (br_netfilter): let ours pass.
         must(&[
