@@ -76,6 +76,12 @@ fn clean_stale() {
     }
 }
 
+impl Default for Net {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Net {
     pub fn new() -> Net {
         clean_stale();

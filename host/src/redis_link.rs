@@ -69,10 +69,21 @@ fn with_tcp(client: redis::Client) -> RedisResult<redis::Client> {
     redis::Client::open(info)
 }
 
+/// The parts of a `redis+sentinel://` URL.
+#[derive(Debug)]
+struct SentinelUrl {
+    /// `redis` or `rediss`: how to reach the master.
+    scheme: &'static str,
+    /// `user:pass@` or empty.
+    userinfo: String,
+    sentinels: Vec<(String, u16)>,
+    master: String,
+    /// `/2` or empty.
+    db: String,
+}
+
 /// `redis+sentinel://[user:pass@]h1:p1,h2:p2/master[/db]`: its parts, or why not.
-fn parse_sentinel(
-    url: &str,
-) -> Result<(&'static str, String, Vec<(String, u16)>, String, String), String> {
+fn parse_sentinel(url: &str) -> Result<SentinelUrl, String> {
     let (scheme, rest) = if let Some(r) = url.strip_prefix("redis+sentinel://") {
         ("redis", r)
     } else if let Some(r) = url.strip_prefix("rediss+sentinel://") {
@@ -104,7 +115,13 @@ fn parse_sentinel(
     if sentinels.is_empty() {
         return Err("no Sentinel address".into());
     }
-    Ok((scheme, userinfo, sentinels, master, db))
+    Ok(SentinelUrl {
+        scheme,
+        userinfo,
+        sentinels,
+        master,
+        db,
+    })
 }
 
 /// Whether a URL names Sentinels.
@@ -120,7 +137,13 @@ impl Endpoint {
         timeouts: Timeouts,
     ) -> Result<Endpoint, String> {
         if is_sentinel(url) {
-            let (scheme, userinfo, sentinels, master, db) = parse_sentinel(url)?;
+            let SentinelUrl {
+                scheme,
+                userinfo,
+                sentinels,
+                master,
+                db,
+            } = parse_sentinel(url)?;
             let addr = format!(
                 "sentinel {} master {master}",
                 sentinels
@@ -315,9 +338,14 @@ mod tests {
 
     #[test]
     fn sentinel_urls_parse_with_their_parts() {
-        let (scheme, userinfo, s, master, db) =
-            parse_sentinel("rediss+sentinel://:pw@10.0.0.1:26379,10.0.0.2,s3:26380/mymaster/2")
-                .unwrap();
+        let SentinelUrl {
+            scheme,
+            userinfo,
+            sentinels: s,
+            master,
+            db,
+        } = parse_sentinel("rediss+sentinel://:pw@10.0.0.1:26379,10.0.0.2,s3:26380/mymaster/2")
+            .unwrap();
         assert_eq!((scheme, userinfo.as_str()), ("rediss", ":pw@"));
         assert_eq!(
             s,
