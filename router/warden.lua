@@ -7,8 +7,14 @@
 --   * warden publishes on `warden:routes` (it does so with every write that changes a
 --     route): a subscriber in each worker reloads at once;
 --   * `warden:routes:version` differs from the table's (checked every `check_ms`);
---   * every `full_ms`, whatever the version says: the safety net that picks up writers
---     that follow only Redx's model (stock Redx's API, redis-cli).
+--   * another writer (stock Redx's API, redis-cli) changes a `frontend:`, `backend:` or
+--     `warden:port:` key: the same subscriber hears Redis's keyspace notifications
+--     (warden enables them on its local Redis) and reloads `outside_ms` later, once for a
+--     burst, unless the table served was read after the last change (warden's own
+--     writes are followed by its publication, which comes after their notifications and
+--     reloads at once);
+--   * every `full_ms`, whatever the version says: the safety net for a Redis whose
+--     notifications are off.
 -- When Redis is lost the last table keeps serving (one log line when lost, one when back).
 --
 -- All routing happens in the balancer phase, which runs without a coroutine of its own:
@@ -52,6 +58,7 @@ local _M = {
   balance = "random",
   check_ms = 1000,
   full_ms = 5000,
+  outside_ms = 50,
   timeout_ms = 500,
 }
 
@@ -309,7 +316,12 @@ local function count(t)
 end
 
 -- Reads a snapshot and swaps it in. Returns true when a table is in place and current.
+-- Other writers' changes heard (keyspace notifications), and how many of them the table
+-- now served had been heard when its snapshot was taken.
+local events, loaded_events = 0, 0
+
 function _M.reload(why)
+  local upto = events
   local red, err = connect(_M.timeout_ms)
   if not red then
     lost(err)
@@ -334,6 +346,7 @@ function _M.reload(why)
     return false
   end
   routes = t
+  loaded_events = upto
   ngx.log(ngx.INFO, "warden router: routing table v", t.version, " loaded (", why, "): ",
     count(t.frontends), " front-ends, ", count(t.ports), " port front-ends")
   return true
@@ -360,23 +373,50 @@ local function version()
   return v
 end
 
--- Follows warden's publications; reconnects with backoff.
+-- Keyspace notifications of the keys the router reads, in any database.
+local OUTSIDE_PATTERNS = {
+  "__keyspace@*__:frontend:*",
+  "__keyspace@*__:backend:*",
+  "__keyspace@*__:warden:port:*",
+}
+
+-- Follows warden's publications and other writers' changes; reconnects with backoff.
 local function subscriber(premature)
   local delay = 0.1
   while not premature and not ngx.worker.exiting() do
     local red, err = connect(_M.timeout_ms)
     if red then
       local res, serr = red:subscribe("warden:routes")
+      for _, p in ipairs(OUTSIDE_PATTERNS) do
+        if res then
+          res, serr = red:psubscribe(p)
+        end
+      end
       if res then
         delay = 0.1
         -- Catch up on whatever changed while not subscribed.
         _M.reload("subscribed")
         red:set_timeout(1000)
+        local pending = false
         while not ngx.worker.exiting() do
           local msg, rerr = red:read_reply()
           if msg then
             if msg[1] == "message" then
               _M.reload("published")
+            elseif msg[1] == "pmessage" then
+              -- A change by anyone (warden's own come with its publication, after
+              -- them): one reload for a burst, unless a snapshot taken since the last
+              -- change is served already.
+              events = events + 1
+              if not pending then
+                pending = true
+                ngx.timer.at(_M.outside_ms / 1000, function(premature)
+                  pending = false
+                  if not premature and loaded_events < events then
+                    _M.reload("written by another")
+                  end
+                end)
+              end
             end
           elseif rerr ~= "timeout" then
             lost(rerr)

@@ -511,6 +511,11 @@ impl Router {
         Self::start_full(redis, balance, Self::TEST_NETWORKS, &[])
     }
 
+    /// With more environment for start.sh (the test networks).
+    pub fn start_env(redis: &Redis, env: &[(&str, &str)]) -> Router {
+        Self::start_full(redis, "random", Self::TEST_NETWORKS, env)
+    }
+
     /// As shipped: servers only in Docker's networks (no loopback), with more
     /// environment for start.sh (a Redis password...).
     pub fn start_strict(redis: &Redis, env: &[(&str, &str)]) -> Router {

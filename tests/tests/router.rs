@@ -254,6 +254,57 @@ fn removals_are_followed_and_plain_redx_writes_are_picked_up() {
     );
 }
 
+/// Another writer's changes (plain Redis commands, as stock Redx's API or redis-cli
+/// make them: no version, no publication) reach the router through the keyspace
+/// notifications warden enables on its local Redis — with the router's full reload
+/// pushed out to 10 minutes, so that nothing else can deliver them: a new front-end and
+/// backend, a server added, a front-end deleted.
+#[test]
+fn other_writers_changes_are_heard_through_keyspace_notifications() {
+    let redis = Redis::start();
+    let before: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("notify-keyspace-events")
+        .query(&mut redis.conn())
+        .unwrap();
+    assert_eq!(before[1], "", "redis-server starts with notifications off");
+    let (a, b) = (Backend::start("a"), Backend::start("b"));
+    let router = Router::start_env(&redis, &[("WARDEN_ROUTER_FULL_RELOAD_MS", "600000")]);
+    // warden's first write enables them.
+    write(
+        &redis,
+        &[
+            Entry::server("web", &a.addr()),
+            Entry::key("frontend:web.test", "web"),
+        ],
+    );
+    wait_body(&router, "web.test", "/", "a");
+    let after: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("notify-keyspace-events")
+        .query(&mut redis.conn())
+        .unwrap();
+    assert!(
+        warden::registrar::redx::notifications_needed(&after[1]).is_none(),
+        "{after:?}"
+    );
+
+    let mut c = redis.conn();
+    let _: () = c.hset("backend:plain", b.addr(), "0").unwrap();
+    let _: () = c.set("frontend:plain.test", "plain").unwrap();
+    wait_body(&router, "plain.test", "/", "b");
+    // A server added by hand to warden's backend is served too.
+    let _: () = c.hdel("backend:web", a.addr()).unwrap();
+    let _: () = c.hset("backend:web", b.addr(), "0").unwrap();
+    wait_body(&router, "web.test", "/", "b");
+    let _: () = c.del("frontend:plain.test").unwrap();
+    eventually(Duration::from_secs(10), "plain.test removed", || {
+        (status_and_body(&router, router.port, "plain.test", "/").0 == 404).then_some(())
+    });
+    let log = router.error_log();
+    assert!(!log.contains("[error]"), "{log}");
+}
+
 /// Servers that refuse connections are skipped: every request reaches the live one (the
 /// retry takes the next server not yet tried), and a miss gets the fallback's 404.
 #[test]

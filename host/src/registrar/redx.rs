@@ -131,6 +131,26 @@ pub struct RedisStore {
     owned_key: String,
     state_key: String,
     script: Script,
+    /// Keyspace notifications were checked on the current connection.
+    notifications_checked: bool,
+    /// Said that they cannot be enabled (said once).
+    said_notifications: bool,
+}
+
+/// The keyspace notification classes the router listens to: keyspace events (K) for
+/// string (`$`), hash (`h`) and generic (`g`: DEL, RENAME, EXPIRE) commands and expiry
+/// (`x`). `A` stands for all classes but K and E.
+const NOTIFY_CLASSES: [char; 4] = ['$', 'h', 'g', 'x'];
+
+/// The `notify-keyspace-events` value that adds what the router needs to `current`, or
+/// `None` if it has it already.
+pub fn notifications_needed(current: &str) -> Option<String> {
+    let has = |c: char| current.contains(c) || (c != 'K' && current.contains('A'));
+    let missing: String = std::iter::once('K')
+        .chain(NOTIFY_CLASSES)
+        .filter(|c| !has(*c))
+        .collect();
+    (!missing.is_empty()).then(|| format!("{current}{missing}"))
 }
 
 impl RedisStore {
@@ -159,14 +179,58 @@ impl RedisStore {
             owned_key: owned_key(instance),
             state_key: state_key(instance),
             script: Script::new(APPLY),
+            notifications_checked: false,
+            said_notifications: false,
         })
+    }
+
+    /// Other writers' route changes reach the router at once only through keyspace
+    /// notifications: enable the classes it needs on the local Redis (warden's own) if
+    /// they are off, once per connection (a restarted Redis forgets a CONFIG SET).
+    async fn ensure_notifications(&mut self, conn: &mut redis::aio::MultiplexedConnection) {
+        let got: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("notify-keyspace-events")
+            .query_async(conn)
+            .await;
+        let result = match got {
+            Ok(v) => {
+                let current = v.get(1).cloned().unwrap_or_default();
+                match notifications_needed(&current) {
+                    None => Ok(()),
+                    Some(wanted) => redis::cmd("CONFIG")
+                        .arg("SET")
+                        .arg("notify-keyspace-events")
+                        .arg(&wanted)
+                        .query_async::<()>(conn)
+                        .await
+                        .map(|()| {
+                            tracing::info!(redis = %self.addr, was = %current, now = %wanted, "local Redis: keyspace notifications enabled, so that the router serves other writers' route changes at once");
+                        }),
+                }
+            }
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => self.notifications_checked = true,
+            Err(e) if crate::redis_link::drops_connection(&e) => {}
+            Err(e) => {
+                // CONFIG renamed or not allowed: the router's full reload still follows.
+                self.notifications_checked = true;
+                if !self.said_notifications {
+                    self.said_notifications = true;
+                    tracing::warn!(redis = %self.addr, error = %crate::redis_util::describe(&e), "local Redis: cannot enable keyspace notifications (notify-keyspace-events K$hgx); route changes by other writers reach the router at its full reload (5 s) instead of at once");
+                }
+            }
+        }
     }
 
     /// The error as an operator reads it; one that says the connection is no good
     /// drops it, so the next call connects again.
-    fn err(&self, e: redis::RedisError) -> RouteError {
+    fn err(&mut self, e: redis::RedisError) -> RouteError {
         if crate::redis_link::drops_connection(&e) {
             self.link.reset();
+            self.notifications_checked = false;
         }
         RouteError {
             addr: self.addr.clone(),
@@ -176,7 +240,12 @@ impl RedisStore {
 
     async fn conn(&mut self) -> Result<redis::aio::MultiplexedConnection, RouteError> {
         match self.link.get().await {
-            Ok(c) => Ok(c),
+            Ok(mut c) => {
+                if !self.notifications_checked {
+                    self.ensure_notifications(&mut c).await;
+                }
+                Ok(c)
+            }
             Err(e) => Err(self.err(e)),
         }
     }
@@ -549,6 +618,21 @@ impl<S: RouteStore> Routes<S> {
         stats.blocked.sort();
         stats.blocked.dedup();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod notify_tests {
+    use super::notifications_needed;
+
+    #[test]
+    fn only_what_is_missing_is_added() {
+        assert_eq!(notifications_needed("").as_deref(), Some("K$hgx"));
+        assert_eq!(notifications_needed("Ex").as_deref(), Some("ExK$hg"));
+        assert_eq!(notifications_needed("KA"), None);
+        assert_eq!(notifications_needed("AK"), None);
+        assert_eq!(notifications_needed("A").as_deref(), Some("AK"));
+        assert_eq!(notifications_needed("$hgxK"), None);
     }
 }
 
