@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# warden's demo: installs what is missing, builds warden (release), then
+# warden's demo: installs what is missing, builds warden and the five plugins it loads
+# (the debug build the tests share: the demo shows behaviour, not speed; the shipped
+# package is the release profile's fat-LTO build), then
 #  1. lists and checks plugins;
 #  2. starts Redis, the router (nginx + Lua), moto_server (AWS) and three labelled
 #     containers, runs warden, and shows requests answered by different containers
@@ -8,8 +10,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-cargo build --release --workspace --exclude warden-bench --locked
-bin=$PWD/target/release/warden
+cargo build --locked -p warden -p warden-plugin-docker-labels -p warden-plugin-file-services \
+  -p warden-plugin-template -p warden-plugin-beanstalk-instances -p warden-plugin-s3-table
+bin=$PWD/target/debug/warden
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 work=$(mktemp -d /tmp/warden-demo.XXXXXX)
 chmod 755 "$work"
@@ -22,9 +25,9 @@ trap cleanup EXIT
 
 # --- plugins ---------------------------------------------------------------
 mkdir -m 755 "$work/plugins"
-install -m 644 target/release/libwarden_plugin_docker_labels.so target/release/libwarden_plugin_file_services.so \
-  target/release/libwarden_plugin_template.so target/release/libwarden_plugin_beanstalk_instances.so \
-  target/release/libwarden_plugin_s3_table.so "$work/plugins/"
+install -m 644 target/debug/libwarden_plugin_docker_labels.so target/debug/libwarden_plugin_file_services.so \
+  target/debug/libwarden_plugin_template.so target/debug/libwarden_plugin_beanstalk_instances.so \
+  target/debug/libwarden_plugin_s3_table.so "$work/plugins/"
 say "warden plugins list --dir $work/plugins"
 "$bin" plugins list --dir "$work/plugins"
 say "warden plugins check (the template plugin, with a config)"

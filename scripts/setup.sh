@@ -4,7 +4,7 @@
 # network namespaces), nginx with the Lua module and lua-resty-redis, busybox (for the test
 # image), openssl (a throwaway CA for the Redis TLS test), prometheus (the
 # prometheus plugin's test), moto_server (AWS API
-# stand-in) from PyPI, and cargo-deb. Idempotent and quick when
+# stand-in) from PyPI, and with --tests cargo-deb. Idempotent and quick when
 # everything is already there.
 set -euo pipefail
 
@@ -31,8 +31,9 @@ if ! command -v moto_server >/dev/null; then
   python3 -m pip install -q 'moto[server]==5.*'
   hash -r
 fi
-# cargo-deb builds the Debian package (its test installs it with dpkg).
-if ! cargo deb --version >/dev/null 2>&1; then
+# cargo-deb builds the Debian package; only the package test needs it (`--tests`), so
+# the demo does not wait for it to compile.
+if [ "${1:-}" = --tests ] && ! cargo deb --version >/dev/null 2>&1; then
   echo "setup: installing cargo-deb from crates.io"
   cargo install -q cargo-deb --locked
 fi

@@ -3,7 +3,7 @@
 # (debug, shared by every test), then runs every unit, integration and end-to-end test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
+scripts/setup.sh --tests
 cargo build --workspace --exclude warden-bench --all-targets --locked
 # Each end-to-end test's moto_server leaves here the AWS actions warden sent it; the IAM
 # policy check reads them after the suite.
