@@ -71,9 +71,21 @@ impl Failures {
     }
 }
 
+/// A task that ends with whoever holds it: dropped (its owner returned, or unwound from
+/// a panic), it is aborted. A loop's helpers (the elector beside the manager's worker)
+/// are held so, so that a restarted loop never finds the last run's helpers still at
+/// work under the same identity.
+pub struct Owned(pub tokio::task::JoinHandle<()>);
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Test builds only: `WARDEN_TEST_PANIC=<loop>:<n>` makes the first `n` runs of that
 /// loop panic, so the supervision is tested in the real binary. Release builds ignore it.
-fn injected_panic(name: &str, run: u32) -> bool {
+pub fn injected_panic(name: &str, run: u32) -> bool {
     if !cfg!(debug_assertions) {
         return false;
     }

@@ -321,6 +321,52 @@ fn a_panicking_loop_is_restarted_and_one_that_keeps_panicking_ends_warden() {
     assert!(err.contains("loop manager keeps failing"), "{err}");
 }
 
+/// The manager's worker panics while its host leads: the supervisor restarts the manager
+/// loop, and the last run's elector ends with it (no zombie renewing the lease under
+/// this host's id), so the lease lapses and the host leads again with a new epoch and
+/// scales (a decision recorded under that epoch in the central Redis).
+#[test]
+fn a_worker_panic_leaves_no_zombie_elector_and_leadership_comes_back() {
+    let central = Redis::start();
+    let dry = "[metrics.m]\nplugin = \"template\"\nconfig = { value = 1.0 }\n[[manager.services]]\nname = \"web\"\ntask_definition = \"web\"\nmetric = \"m\"\nmapping = { target_per_task = 1.0 }\n";
+    let w = manager_warden(
+        &central,
+        "i-zombie",
+        dry,
+        &[("WARDEN_TEST_PANIC".into(), "worker:1".into())],
+    );
+    let epoch_of = |v: &str| v.split('\t').nth(1).and_then(|e| e.parse::<u64>().ok());
+    let first = eventually(Duration::from_secs(20), "the worker's panic", || {
+        w.log_text()
+            .contains("loop manager panicked")
+            .then_some(())?;
+        let v: Option<String> = central.conn().get("warden:leader").ok()?;
+        v.as_deref().and_then(epoch_of)
+    });
+    let decision = eventually(
+        Duration::from_secs(20),
+        "a decision under a new epoch",
+        || {
+            let items: Vec<String> = central.conn().lrange("warden:decisions:web", 0, -1).ok()?;
+            items
+                .iter()
+                .filter_map(|i| serde_json::from_str::<serde_json::Value>(i).ok())
+                .find(|d| d["epoch"].as_u64().is_some_and(|e| e != first))
+        },
+    );
+    let v: String = central.conn().get("warden:leader").unwrap();
+    assert!(v.starts_with("i-zombie\t"), "{v}");
+    assert_eq!(epoch_of(&v), decision["epoch"].as_u64(), "{v} {decision}");
+    let log = w.log_text();
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.contains("loop manager panicked"))
+            .count(),
+        1,
+        "{log}"
+    );
+}
+
 /// The central Redis down for 30 s: a handful of log lines, not one per tick.
 #[test]
 fn a_central_redis_down_for_30s_is_said_a_handful_of_times() {

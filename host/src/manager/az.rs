@@ -14,12 +14,18 @@ use crate::logs::Repeated;
 pub struct AzCache(Arc<RwLock<BTreeMap<String, String>>>);
 
 impl AzCache {
-    /// Starts the refresher (none without an EC2 client: every AZ counts as available).
-    pub fn start(ec2: Option<aws_sdk_ec2::Client>, mut shutdown: watch::Receiver<bool>) -> AzCache {
+    /// Starts the refresher (none without an EC2 client: every AZ counts as available);
+    /// it is stopped when the returned task is dropped.
+    pub fn start(
+        ec2: Option<aws_sdk_ec2::Client>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> (AzCache, Option<crate::supervisor::Owned>) {
         let cache = AzCache::default();
-        let Some(ec2) = ec2 else { return cache };
+        let Some(ec2) = ec2 else {
+            return (cache, None);
+        };
         let c = cache.clone();
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let mut errors = Repeated::new("AZ check: EC2 DescribeAvailabilityZones");
             loop {
                 match ec2.describe_availability_zones().send().await {
@@ -42,7 +48,7 @@ impl AzCache {
                 }
             }
         });
-        cache
+        (cache, Some(crate::supervisor::Owned(task)))
     }
 
     pub fn set(&self, states: BTreeMap<String, String>) {

@@ -285,13 +285,16 @@ where
     R: std::fmt::Debug,
 {
     let message = crate::aws::describe(&e);
-    let error = match e {
-        SdkError::ServiceError(_) => EcsError::Refused { op, message },
-        SdkError::ConstructionFailure(_) => EcsError::NotSent { op, why: message },
+    // The guard is read once: checked twice, it could pass the second time (a panic on
+    // the unwrap) or differ from what the match decided on.
+    let lost = guard.check().err();
+    let error = match (e, lost) {
+        (SdkError::ServiceError(_), _) => EcsError::Refused { op, message },
+        (SdkError::ConstructionFailure(_), _) => EcsError::NotSent { op, why: message },
         // An interceptor refusal surfaces as a dispatch failure: say why plainly.
-        SdkError::DispatchFailure(_) if guard.check().is_err() => EcsError::NotSent {
+        (SdkError::DispatchFailure(_), Some(lost)) => EcsError::NotSent {
             op,
-            why: guard.check().unwrap_err().to_string(),
+            why: lost.to_string(),
         },
         _ => EcsError::Unknown { op, message },
     };

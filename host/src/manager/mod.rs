@@ -32,6 +32,7 @@ use tokio::sync::watch;
 
 use crate::plugins::slot::Slot;
 use crate::plugins::CallError;
+use crate::supervisor::Owned;
 use central::Central;
 use ecs::{AwsEcs, Calls};
 use election::{Elector, Timing};
@@ -328,9 +329,12 @@ impl Manager {
 
     pub async fn run(self, shutdown: watch::Receiver<bool>) {
         let (elector_store, ledger) = (self.central(), self.central());
-        let azs = az::AzCache::start(self.ec2.clone(), shutdown.clone());
+        // Every task started here ends with this run, also when the worker panics: a
+        // restarted run must not find the last run's elector still renewing the lease
+        // under this host's id (it would never lead, and no other host could).
+        let (azs, _az_refresher) = az::AzCache::start(self.ec2.clone(), shutdown.clone());
         let (tx, rx) = watch::channel(Leadership::Following);
-        tokio::spawn(observe_leadership(rx.clone()));
+        let _observer = Owned(tokio::spawn(observe_leadership(rx.clone())));
         let elector = Elector {
             id: self.id.clone(),
             az: self.az.clone(),
@@ -338,7 +342,7 @@ impl Manager {
             timing: self.timing,
             azs,
         };
-        let elector = tokio::spawn(elector.run(tx, shutdown.clone()));
+        let mut elector = Owned(tokio::spawn(elector.run(tx, shutdown.clone())));
         let worker = worker::Worker {
             id: self.id,
             ecs: self.ecs,
@@ -347,6 +351,6 @@ impl Manager {
             margin: self.timing.margin(),
         };
         worker.run(rx, shutdown).await;
-        let _ = elector.await;
+        let _ = (&mut elector.0).await;
     }
 }

@@ -167,6 +167,12 @@ impl<E: Ecs, L: Ledger> Worker<E, L> {
                     dry_run = plan.dry_run,
                     "leading: scaling work started"
                 );
+                // Test builds: `WARDEN_TEST_PANIC=worker:<n>` panics the first n terms.
+                static TERMS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+                let term = TERMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                if crate::supervisor::injected_panic("worker", term) {
+                    panic!("injected by WARDEN_TEST_PANIC (worker term {term})");
+                }
                 let work = async {
                     self.term(&plan, &lease, &guard).await;
                     // No services: nothing to do until the plan or the lease changes.
