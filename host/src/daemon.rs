@@ -313,6 +313,13 @@ fn changed_keys<T: serde::Serialize>(at: &str, old: &T, new: &T, out: &mut Vec<S
     walk(at, &value(old), &value(new), out);
 }
 
+/// What starting the registrar needs that can fail, made before it is started.
+struct RegistrarInputs {
+    docker: bollard::Docker,
+    owner: String,
+    selector: Option<registrar::store::Selector>,
+}
+
 /// Decides a reload, or says which changed settings need a restart (then nothing is
 /// applied: a reload is all or nothing). `dirs_loaded_new` is true when the plugin
 /// directories hold files that were not loaded before.
@@ -686,17 +693,22 @@ impl Running {
         if !self.config.registrar.enabled {
             return Ok(());
         }
-        let part = Part::new(self.fatal.clone());
-        let r = &self.config.registrar;
+        let inputs = self.registrar_inputs(&self.config)?;
+        self.launch_registrar(inputs);
+        Ok(())
+    }
+
+    /// What starting the registrar with `config` needs and can fail at: checked before
+    /// a reload stops anything, so that a reload that cannot start it refuses whole.
+    fn registrar_inputs(&self, config: &Config) -> Result<RegistrarInputs, Fatal> {
+        let r = &config.registrar;
         let docker = bollard::Docker::connect_with_defaults().map_err(|e| {
             Fatal::Config(format!(
                 "cannot set up the Docker client (DOCKER_HOST?): {e}"
             ))
         })?;
         let owner = self.me.instance_id.clone().unwrap_or_else(hostname);
-        let local_redis = r.local_redis.clone();
-        let local_ca = r.local_redis_ca_file.clone();
-        redx::RedisStore::new(&local_redis, local_ca.as_deref(), &owner)
+        redx::RedisStore::new(&r.local_redis, r.local_redis_ca_file.as_deref(), &owner)
             .map_err(|e| Fatal::Config(format!("registrar.local_redis: {e}")))?;
         let selector = r
             .require_label
@@ -704,6 +716,24 @@ impl Running {
             .map(registrar::store::Selector::parse)
             .transpose()
             .map_err(|e| Fatal::Config(format!("registrar.require_label: {e}")))?;
+        Ok(RegistrarInputs {
+            docker,
+            owner,
+            selector,
+        })
+    }
+
+    /// Starts the registrar's loops with the current configuration; nothing here fails.
+    fn launch_registrar(&mut self, inputs: RegistrarInputs) {
+        let RegistrarInputs {
+            docker,
+            owner,
+            selector,
+        } = inputs;
+        let part = Part::new(self.fatal.clone());
+        let r = &self.config.registrar;
+        let local_redis = r.local_redis.clone();
+        let local_ca = r.local_redis_ca_file.clone();
         let (elb_tx, elb_rx) = watch::channel(BTreeMap::new());
         let (tg_tx, tg_rx) = watch::channel(BTreeMap::new());
         let (ports_tx, ports_rx) = watch::channel(BTreeSet::new());
@@ -828,7 +858,6 @@ impl Running {
             stop: part.stop,
             sup,
         });
-        Ok(())
     }
 
     /// Re-reads the configuration and applies what changed, or refuses the whole of it.
@@ -846,6 +875,14 @@ impl Running {
         };
         let new_files = !loaded(&host).is_subset(&loaded(&self.host));
         let plan = plan_reload(&self.config, &new, new_files)?;
+        // Whatever can fail in starting the new registrar, before anything is stopped.
+        let registrar_inputs = match plan.registrar {
+            RegistrarChange::Restart | RegistrarChange::Start if new.registrar.enabled => Some(
+                self.registrar_inputs(&new)
+                    .map_err(|e| format!("the registrar could not start: {e}"))?,
+            ),
+            _ => None,
+        };
         let old = std::mem::replace(&mut self.config, new);
         let old_host = std::mem::replace(&mut self.host, host);
         // New metric sources first: one whose plugin refuses its configuration at once
@@ -897,11 +934,8 @@ impl Running {
                 }
             }
         }
-        if matches!(
-            plan.registrar,
-            RegistrarChange::Restart | RegistrarChange::Start
-        ) {
-            self.start_registrar().map_err(|e| e.to_string())?;
+        if let Some(inputs) = registrar_inputs {
+            self.launch_registrar(inputs);
         }
         crate::metrics::get().set_required(required_for(&self.config));
         Ok(plan)

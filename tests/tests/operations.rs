@@ -547,6 +547,44 @@ fn sighup_applies_a_good_configuration_refuses_a_bad_one_and_keeps_routes_and_le
         "{line}"
     );
 
+    // 2b. A registrar setting it cannot start with (a CA file that is not there):
+    // refused whole, by the checks that run before anything stops; the running
+    // registrar goes on (a new container is routed).
+    std::fs::write(
+        &w.config,
+        good.replace(
+            "resync_secs = 30",
+            "resync_secs = 30\nlocal_redis_ca_file = \"/nonexistent/ca.pem\"",
+        ),
+    )
+    .unwrap();
+    let from = w.log_text().len();
+    w.signal(libc::SIGHUP);
+    let line = reload_line(from, "the registrar that cannot start refused");
+    assert!(
+        line.contains("refused") && line.contains("/nonexistent/ca.pem"),
+        "{line}"
+    );
+    cs.run(
+        "web2",
+        &[
+            ("warden.service", "r-web2"),
+            ("warden.frontend", "r-web2.example"),
+        ],
+        &[],
+    );
+    eventually(
+        Duration::from_secs(15),
+        "the running registrar routes a new container",
+        || {
+            let v: Option<String> = redis::cmd("GET")
+                .arg("frontend:r-web2.example")
+                .query(&mut conn)
+                .ok()?;
+            (v.as_deref() == Some("r-web2")).then_some(())
+        },
+    );
+
     // 3. Good: metric 3 → 5, a second service, a registrar setting.
     let new = good.replace("value = 3.0", "value = 5.0").replace("resync_secs = 30", "resync_secs = 20")
         + "[[manager.services]]\nname = \"api\"\ntask_definition = \"api\"\nmetric = \"m\"\nmapping = { target_per_task = 1.0 }\n";
