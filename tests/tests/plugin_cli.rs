@@ -334,3 +334,39 @@ fn the_original_wardens_service_files_are_read_by_file_services() {
         "{all}"
     );
 }
+
+/// `plugins call --timeout-ms` on a metric whose code never yields (a busy loop, in
+/// process): the command ends by itself, exit 1, with `timeout` as the error kind and
+/// the stage named apart; an async hang gets the call's own timeout, as before.
+#[test]
+fn plugins_call_honours_its_timeout_for_code_that_never_yields() {
+    let so = plugin_so("warden_plugin_test_chaos");
+    for (step, stage) in [("spin", "call"), ("sleep:60000", "call")] {
+        let config = serde_json::json!({ "sequence": [step] }).to_string();
+        let mut child = std::process::Command::new(warden_bin())
+            .args(["plugins", "call"])
+            .arg(&so)
+            .args(["--config", &config, "--timeout-ms", "300"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("{step}: plugins call did not return");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
+        assert_eq!(status.code(), Some(1), "{step}: {out}");
+        let v: serde_json::Value =
+            serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{step}: {e}: {out}"));
+        assert_eq!(v["stage"], stage, "{step}: {out}");
+        assert_eq!(v["error"]["kind"], "timeout", "{step}: {out}");
+    }
+}

@@ -78,6 +78,48 @@ fn fail(stage: &str, kind: &str, message: String) -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// How long `new` may take here (as the daemon's default `plugins.create_timeout_ms`).
+const CREATE_LIMIT: Duration = Duration::from_secs(10);
+
+/// Ends the process when the stage in hand outlives its limit. A call's own timeout is
+/// a future's: plugin code that blocks its thread (a blocking read, a busy loop) never
+/// lets it fire, and in-process code cannot be interrupted, so the watchdog, on a thread
+/// of its own, says `timeout` and exits 1 instead.
+struct Watchdog(Arc<std::sync::Mutex<Option<(Instant, &'static str, Duration)>>>);
+
+impl Watchdog {
+    fn start() -> Watchdog {
+        let due: Arc<std::sync::Mutex<Option<(Instant, &'static str, Duration)>>> = Arc::default();
+        let d = due.clone();
+        std::thread::spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(10));
+            let now = *d.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((at, stage, limit)) = now {
+                if Instant::now() >= at {
+                    let _ = fail(
+                        stage,
+                        "timeout",
+                        format!("no answer within {} ms, and the plugin's code does not yield (blocking code cannot be interrupted in-process; isolation = \"process\" kills and restarts it)", limit.as_millis()),
+                    );
+                    std::process::exit(1);
+                }
+            }
+        });
+        Watchdog(due)
+    }
+
+    /// Watches `stage` for `limit` plus a grace for the call's own timeout to answer.
+    fn watch(&self, stage: &'static str, limit: Duration) {
+        let grace = Duration::from_millis(200);
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((Instant::now() + limit + grace, stage, limit));
+    }
+
+    fn done(&self) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+}
+
 /// Loads `file`, creates an instance and makes the calls; prints one JSON document.
 pub fn run(file: &Path, req: Request, insecure: bool) -> anyhow::Result<ExitCode> {
     let plugin = match super::load_file(file, insecure) {
@@ -134,6 +176,8 @@ pub fn run(file: &Path, req: Request, insecure: bool) -> anyhow::Result<ExitCode
         ..CallOptions::default()
     };
     let started = Instant::now();
+    let watchdog = Watchdog::start();
+    watchdog.watch("create", CREATE_LIMIT);
     let client = match rt.block_on(super::create_instance(
         plugin.clone(),
         kind,
@@ -143,13 +187,16 @@ pub fn run(file: &Path, req: Request, insecure: bool) -> anyhow::Result<ExitCode
         Ok(c) => c,
         Err(e) => return Ok(fail("create", "create", e.to_string())),
     };
+    watchdog.done();
     let created_ms = ms(started.elapsed());
     let client: Arc<dyn PluginClient> = client;
     let mut times = Vec::new();
     let (mut last_ok, mut last_err, mut failures) = (None, None, 0u32);
     for _ in 0..req.repeat.max(1) {
         let t = Instant::now();
+        watchdog.watch("call", req.timeout);
         let r = rt.block_on(once(&client, kind, Some(&op), req.value));
+        watchdog.done();
         times.push(ms(t.elapsed()));
         match r {
             Ok(v) => last_ok = Some(v),
@@ -175,6 +222,10 @@ pub fn run(file: &Path, req: Request, insecure: bool) -> anyhow::Result<ExitCode
         "answer": last_ok,
         "error": last_err,
     });
+    if failures > 0 {
+        // Where it failed, apart from how (the error's kind).
+        out["stage"] = "call".into();
+    }
     if times.len() == 1 {
         out["took_ms"] = times[0].into();
     } else {
