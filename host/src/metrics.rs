@@ -145,6 +145,8 @@ pub struct Metrics {
     pub leader: Gauge,
     pub epoch: Gauge,
     pub leader_changes: Counter,
+    /// Call threads abandoned to in-process plugin code that never returned.
+    pub plugin_wedged: Counter,
     pub decisions: Family<Decision, Counter>,
     pub ecs_calls: Family<OpOutcome, Counter>,
     pub metric_value: Family<ServiceLabel, F64Gauge>,
@@ -206,6 +208,7 @@ impl Metrics {
             leader: Gauge::default(),
             epoch: Gauge::default(),
             leader_changes: Counter::default(),
+            plugin_wedged: Counter::default(),
             decisions: Family::default(),
             ecs_calls: Family::default(),
             metric_value: Family::default(),
@@ -340,6 +343,11 @@ impl Metrics {
             "Plugin call time, by plugin and operation",
             Unit::Seconds,
             m.plugin_call_seconds.clone(),
+        );
+        r.register(
+            "plugin_wedged",
+            "Call threads abandoned to in-process plugin code that never returned (see the ERROR naming the plugin; run it with isolation = \"process\")",
+            m.plugin_wedged.clone(),
         );
         r.register(
             "plugin_breaker_open",

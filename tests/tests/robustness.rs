@@ -469,3 +469,58 @@ mapping = { target_per_task = 1.0 }
         "{log}"
     );
 }
+
+/// Four in-process metric plugins whose code never yields (busy loops), on this 2-core
+/// machine: each call times out and its thread is abandoned (ERROR naming the plugin,
+/// `warden_plugin_wedged_total`), while warden itself stays whole — `/livez` answers, the
+/// lease is renewed (heard at the central Redis under the same epoch), and SIGTERM ends
+/// it cleanly, the lease given up.
+#[test]
+fn plugins_that_never_yield_cost_only_their_own_values() {
+    let central = Redis::start();
+    let mut extra = String::from("[plugins]\ncall_timeout_ms = 300\n");
+    for i in 0..4 {
+        extra.push_str(&format!(
+            "[metrics.m{i}]\nplugin = \"test-chaos\"\nconfig = {{ sequence = [\"spin\"] }}\n[[manager.services]]\nname = \"s{i}\"\ntask_definition = \"s{i}\"\nmetric = \"m{i}\"\nmapping = {{ target_per_task = 1.0 }}\n"
+        ));
+    }
+    let mut w = manager_warden(&central, "i-spin", &extra, &[]);
+    eventually(
+        Duration::from_secs(30),
+        "every spinning call wedged",
+        || (w.metric("warden_plugin_wedged_total")? >= 4.0).then_some(()),
+    );
+    let log = w.log_text();
+    assert!(
+        log.contains("\"ERROR\"") && log.contains("wedged") && log.contains("test-chaos"),
+        "{log}"
+    );
+    let (id, epoch) = {
+        let v: String = central.conn().get("warden:leader").unwrap();
+        let mut it = v.split('\t');
+        (it.next().unwrap().to_owned(), it.next().unwrap().to_owned())
+    };
+    assert_eq!(id, "i-spin");
+    let (code, body) = w.http("/livez").unwrap();
+    assert_eq!((code, body.as_str()), (200, "ok"));
+    let mut sub = central.conn();
+    sub.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut sub = sub.as_pubsub();
+    sub.subscribe("warden:beat").unwrap();
+    for _ in 0..3 {
+        let beat: String = sub.get_message().expect("a renewal").get_payload().unwrap();
+        assert!(beat.starts_with(&format!("i-spin\t{epoch}\t")), "{beat}");
+    }
+    drop(sub);
+    let t = Instant::now();
+    w.signal(libc::SIGTERM);
+    let status = w.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{}", w.log_text());
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "shutdown took {:?}",
+        t.elapsed()
+    );
+    let lease: Option<String> = central.conn().get("warden:leader").unwrap();
+    assert_eq!(lease, None, "the lease was not given up");
+}

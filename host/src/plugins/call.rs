@@ -85,7 +85,10 @@ const CREATE_LIMIT: Duration = Duration::from_secs(10);
 /// a future's: plugin code that blocks its thread (a blocking read, a busy loop) never
 /// lets it fire, and in-process code cannot be interrupted, so the watchdog, on a thread
 /// of its own, says `timeout` and exits 1 instead.
-struct Watchdog(Arc<std::sync::Mutex<Option<(Instant, &'static str, Duration)>>>);
+struct Watchdog(Arc<std::sync::Mutex<Option<Due>>>);
+
+/// When the stage in hand is due, its name and its limit.
+type Due = (Instant, &'static str, Duration);
 
 impl Watchdog {
     fn start() -> Watchdog {

@@ -194,6 +194,8 @@ pub struct InProcessClient {
     instance: Arc<RawInstance>,
     timeout: Duration,
     health: Health,
+    /// The instance's own call thread: its code never runs on warden's runtime.
+    executor: Arc<super::executor::Executor>,
 }
 
 impl InProcessClient {
@@ -203,12 +205,14 @@ impl InProcessClient {
         instance: RawInstance,
         options: CallOptions,
     ) -> Self {
+        let executor = Arc::new(super::executor::Executor::new(&plugin.manifest().name));
         Self {
             plugin,
             kind,
             instance: Arc::new(instance),
             timeout: options.timeout,
             health: Health::new(&options),
+            executor,
         }
     }
 }
@@ -244,17 +248,13 @@ impl PluginClient for InProcessClient {
         let health = self.health.clone();
         let started = std::time::Instant::now();
         let call = self.instance.call(&op, args);
-        let timeout = self.timeout;
-        let task = tokio::spawn(async move { tokio::time::timeout(timeout, call).await });
+        let call = self.executor.call(&op, call, self.timeout);
+        let task = tokio::spawn(call);
         let guard = AbortOnDrop(task.abort_handle());
         Box::pin(async move {
             let outcome = match task.await {
-                Ok(Ok(Ok(text))) => decode_answer(&text, decode),
-                Ok(Ok(Err(e))) => Err(e),
-                Ok(Err(_elapsed)) => Err(PluginError::new(
-                    ErrorKind::Timeout,
-                    format!("no answer within {timeout:?}; the call was cancelled"),
-                )),
+                Ok(Ok(text)) => decode_answer(&text, decode),
+                Ok(Err(e)) => Err(e),
                 Err(join) => Err(PluginError::new(
                     ErrorKind::Panicked,
                     format!("call task failed: {join}"),

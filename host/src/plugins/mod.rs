@@ -14,6 +14,7 @@ pub mod breaker;
 pub mod call;
 pub mod client;
 pub mod elf;
+pub mod executor;
 pub mod isolated;
 pub mod pin;
 pub mod probe;
