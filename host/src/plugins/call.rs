@@ -92,7 +92,7 @@ type Due = (Instant, &'static str, Duration);
 
 impl Watchdog {
     fn start() -> Watchdog {
-        let due: Arc<std::sync::Mutex<Option<(Instant, &'static str, Duration)>>> = Arc::default();
+        let due: Arc<std::sync::Mutex<Option<Due>>> = Arc::default();
         let d = due.clone();
         std::thread::spawn(move || loop {
             std::thread::sleep(Duration::from_millis(10));
