@@ -137,14 +137,32 @@ async fn route(req: Request<Incoming>, info: &HostInfo) -> Response<Full<Bytes>>
     }
     match req.uri().path() {
         "/livez" => text(StatusCode::OK, PLAIN, "ok\n"),
-        "/readyz" => match metrics::get().readiness() {
-            Ok(up) => text(StatusCode::OK, PLAIN, format!("ready: {}\n", up.join(", "))),
-            Err(down) => text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                PLAIN,
-                format!("not ready: {}\n", down.join(", ")),
-            ),
-        },
+        "/readyz" => {
+            let m = metrics::get();
+            // A wedged plugin instance needs an operator (isolate it, restart warden).
+            let wedged = m.wedged();
+            let wedged_text = (!wedged.is_empty())
+                .then(|| format!("plugin instances wedged: {}", wedged.join(", ")));
+            match (m.readiness(), wedged_text) {
+                (Ok(up), None) => {
+                    text(StatusCode::OK, PLAIN, format!("ready: {}\n", up.join(", ")))
+                }
+                (r, wedged) => {
+                    let mut why: Vec<String> = r
+                        .err()
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|d| d.to_string())
+                        .collect();
+                    why.extend(wedged);
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        PLAIN,
+                        format!("not ready: {}\n", why.join(", ")),
+                    )
+                }
+            }
+        }
         // OpenMetrics to whoever asks for it (Prometheus does), the classic format else.
         "/metrics" if accepts_openmetrics(&req) => {
             text(StatusCode::OK, OPENMETRICS, metrics::get().encode())
@@ -172,7 +190,10 @@ async fn status(info: &HostInfo) -> serde_json::Value {
         Ok(up) => (true, serde_json::json!({"up": up, "down": []})),
         Err(down) => (false, serde_json::json!({"down": down})),
     };
+    let wedged = m.wedged();
+    let ready = ready && wedged.is_empty();
     let mut out = serde_json::json!({
+        "wedged_plugins": wedged,
         "instance_id": info.instance_id,
         "availability_zone": info.availability_zone,
         "version": env!("CARGO_PKG_VERSION"),

@@ -160,6 +160,8 @@ pub struct Metrics {
     pub reloads: Family<OutcomeLabel, Counter>,
     /// Which dependencies `/readyz` waits for (set once by `run`).
     required: Mutex<BTreeSet<Dependency>>,
+    /// In-process plugin instances whose call thread is stuck in their code.
+    wedged: Mutex<BTreeSet<String>>,
     /// The refusals of each part (`registrar`, `manager`), one line each, for `/status`.
     refused: Mutex<std::collections::BTreeMap<&'static str, Vec<String>>>,
     started: AtomicU64,
@@ -221,6 +223,7 @@ impl Metrics {
             loop_restarts: Family::default(),
             reloads: Family::default(),
             required: Mutex::new(BTreeSet::new()),
+            wedged: Mutex::new(BTreeSet::new()),
             refused: Mutex::new(std::collections::BTreeMap::new()),
             started: AtomicU64::new(0),
             seen: Seen::default(),
@@ -397,6 +400,26 @@ impl Metrics {
         }
         *self.required.lock().expect("not poisoned") = deps;
         self.started.store(1, Ordering::Relaxed);
+    }
+
+    /// Marks an in-process plugin instance wedged (its call thread stuck in its code) or
+    /// answering again; `/readyz` and `/status` name the wedged ones.
+    pub fn set_wedged(&self, instance: &str, wedged: bool) {
+        let mut set = self.wedged.lock().unwrap_or_else(|p| p.into_inner());
+        if wedged {
+            set.insert(instance.to_owned());
+        } else {
+            set.remove(instance);
+        }
+    }
+
+    pub fn wedged(&self) -> Vec<String> {
+        self.wedged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
     }
 
     pub fn set_up(&self, d: Dependency, up: bool) {

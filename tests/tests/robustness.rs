@@ -472,7 +472,8 @@ mapping = { target_per_task = 1.0 }
 
 /// Four in-process metric plugins whose code never yields (busy loops), on this 2-core
 /// machine: each call times out and its thread is abandoned (ERROR naming the plugin,
-/// `warden_plugin_wedged_total`), while warden itself stays whole — `/livez` answers, the
+/// `warden_plugin_wedged_total`, `/readyz` not ready naming them, `/status`), while warden
+/// itself stays whole — `/livez` answers, the
 /// lease is renewed (heard at the central Redis under the same epoch), and SIGTERM ends
 /// it cleanly, the lease given up.
 #[test]
@@ -503,6 +504,20 @@ fn plugins_that_never_yield_cost_only_their_own_values() {
     assert_eq!(id, "i-spin");
     let (code, body) = w.http("/livez").unwrap();
     assert_eq!((code, body.as_str()), (200, "ok"));
+    // Not ready, and why: the wedged instances by name.
+    let (code, body) = w.http("/readyz").unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("wedged") && body.contains("test-chaos#"),
+        "{body}"
+    );
+    let (_, status) = w.http("/status").unwrap();
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(
+        status["wedged_plugins"].as_array().map(Vec::len),
+        Some(4),
+        "{status}"
+    );
     let mut sub = central.conn();
     sub.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut sub = sub.as_pubsub();

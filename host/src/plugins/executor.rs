@@ -12,7 +12,9 @@
 //! the thread is still inside the plugin's code, it cannot be interrupted: the instance
 //! is *wedged*. Its thread is abandoned (counted, said at ERROR once) and the next call
 //! gets a new one, up to [`MAX_ABANDONED`] a client; past that, calls fail at once with
-//! `wedged` and say why, so a plugin that wedges every call cannot use up threads.
+//! `wedged` and say why, so a plugin that wedges every call cannot use up threads. A
+//! wedged instance is named by `/readyz` (not ready) and `/status` until a call of it
+//! answers again.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -112,6 +114,8 @@ impl Future for Watched {
 /// The calls of one in-process instance, on a thread of their own.
 pub struct Executor {
     name: String,
+    /// `name#n`: this instance, as `/readyz` names it.
+    instance: String,
     epoch: Instant,
     worker: Mutex<Option<Arc<Worker>>>,
     abandoned: AtomicUsize,
@@ -119,8 +123,11 @@ pub struct Executor {
 
 impl Executor {
     pub fn new(name: &str) -> Executor {
+        static INSTANCES: AtomicUsize = AtomicUsize::new(0);
+        let n = INSTANCES.fetch_add(1, Ordering::Relaxed) + 1;
         Executor {
             name: name.to_owned(),
+            instance: format!("{name}#{n}"),
             epoch: Instant::now(),
             worker: Mutex::new(None),
             abandoned: AtomicUsize::new(0),
@@ -174,7 +181,13 @@ impl Executor {
                 ));
             }
             match tokio::time::timeout(limit, rx).await {
-                Ok(Ok(answer)) => answer,
+                Ok(Ok(answer)) => {
+                    // Its thread answers again (a new one after a wedge).
+                    if abandoned > 0 {
+                        crate::metrics::get().set_wedged(&this.instance, false);
+                    }
+                    answer
+                }
                 Ok(Err(_)) => Err(PluginError::new(
                     ErrorKind::Panicked,
                     "the call ended without an answer",
@@ -199,6 +212,7 @@ impl Executor {
             *w = None;
             let n = self.abandoned.fetch_add(1, Ordering::Relaxed) + 1;
             crate::metrics::get().plugin_wedged.inc();
+            crate::metrics::get().set_wedged(&self.instance, true);
             tracing::error!(plugin = %self.name, op = %op, abandoned = n, "plugin {} {op}: wedged: {why} (code that does not yield, in process); its thread is abandoned ({n} of at most {MAX_ABANDONED}) and the next call gets a new one; run it with isolation = \"process\" so that it can be killed", self.name);
         }
     }
