@@ -464,6 +464,7 @@ mapping = { target_per_task = 1.0 }
     assert!(w.child_alive(), "warden died");
     let log = w.log_text();
     assert!(log.contains("plugin process killed by signal 11"), "{log}");
+    assert!(log.contains("plugin instance created (process)"), "{log}");
     assert!(
         log.contains("not answering a call in time; killing it"),
         "{log}"
@@ -494,6 +495,12 @@ fn plugins_that_never_yield_cost_only_their_own_values() {
     let log = w.log_text();
     assert!(
         log.contains("\"ERROR\"") && log.contains("wedged") && log.contains("test-chaos"),
+        "{log}"
+    );
+    // Each instance said where it runs when it was created.
+    assert_eq!(
+        log.matches("plugin instance created (in-process)").count(),
+        4,
         "{log}"
     );
     let (id, epoch) = {

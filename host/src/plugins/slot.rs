@@ -185,7 +185,11 @@ impl Creator {
             };
             let error = match result {
                 Ok(Ok(client)) => {
-                    tracing::info!(source = %self.name, plugin = %self.r.plugin, "plugin instance created");
+                    let isolation = match self.options.isolation {
+                        crate::config::Isolation::InProcess => "in-process",
+                        crate::config::Isolation::Process => "process",
+                    };
+                    tracing::info!(source = %self.name, plugin = %self.r.plugin, isolation, "plugin instance created ({isolation})");
                     tx.send_replace(SlotState::Ready(client));
                     return;
                 }
