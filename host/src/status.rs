@@ -128,6 +128,15 @@ async fn read_inner(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Res
             services.push(r);
         }
     }
+    // Only the services the leader manages now (a decision of a service no longer
+    // configured stays in Redis, but is not news).
+    let managed: Option<String> = redis::cmd("GET")
+        .arg(central::MANAGED)
+        .query_async(&mut conn)
+        .await?;
+    if let Some(names) = managed.and_then(|t| serde_json::from_str::<Vec<String>>(&t).ok()) {
+        services.retain(|r| names.contains(&r.service));
+    }
     let refused: Option<String> = redis::cmd("GET")
         .arg(central::REFUSED)
         .query_async(&mut conn)

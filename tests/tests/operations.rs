@@ -633,6 +633,46 @@ fn sighup_applies_a_good_configuration_refuses_a_bad_one_and_keeps_routes_and_le
         w.metric("warden_config_reloads_total{outcome=\"applied\"}"),
         Some(1.0)
     );
+
+    // 4. The second service removed again: `warden status` (read from the central
+    // Redis) lists only the services managed now.
+    let status_services = || -> Vec<String> {
+        let out = Command::new(warden_bin())
+            .args(["status", "--json", "--config", w.config.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v["services"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s["service"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    eventually(
+        Duration::from_secs(15),
+        "both services in warden status",
+        || {
+            let mut names = status_services();
+            names.sort();
+            (names == ["api", "web"]).then_some(())
+        },
+    );
+    std::fs::write(
+        &w.config,
+        good.replace("value = 3.0", "value = 5.0")
+            .replace("resync_secs = 30", "resync_secs = 20"),
+    )
+    .unwrap();
+    let from = w.log_text().len();
+    w.signal(libc::SIGHUP);
+    let line = reload_line(from, "the reload without api applied");
+    assert!(line.contains("configuration reloaded"), "{line}");
+    eventually(Duration::from_secs(15), "only web in warden status", || {
+        (status_services() == ["web"]).then_some(())
+    });
 }
 
 fn lease(central: &Redis) -> Option<(String, u64)> {

@@ -222,10 +222,24 @@ pub trait Ledger: Send + Sync + 'static {
         let _ = (lease, json);
         std::future::ready(Ok(true))
     }
+    /// Publishes the names of the managed services (JSON array), only if `lease` is
+    /// still the lease.
+    fn note_managed(
+        &self,
+        lease: &Lease,
+        json: &str,
+    ) -> impl Future<Output = StoreResult<bool>> + Send {
+        let _ = (lease, json);
+        std::future::ready(Ok(true))
+    }
 }
 
 /// Managed services refused by their grants, as the leader last published them (JSON).
 pub const REFUSED: &str = "warden:refused";
+
+/// The names of the services the leader manages now (JSON array): `warden status` shows
+/// the decisions of these only, not of services no longer configured.
+pub const MANAGED: &str = "warden:managed";
 
 const NOW: &str = "local t = redis.call('TIME') local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)";
 
@@ -424,6 +438,23 @@ impl Central {
                 winner: script(WINNER),
             }),
         }
+    }
+
+    /// Writes `json` at `key` only if `lease` is still the lease.
+    async fn note(&self, key: &'static str, lease: &Lease, json: &str) -> StoreResult<bool> {
+        let ok: i64 = self
+            .with(|mut c| async move {
+                self.scripts
+                    .note_refused
+                    .key(LEADER)
+                    .key(key)
+                    .arg(lease.value())
+                    .arg(json)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(ok == 1)
     }
 
     fn err(&self, e: redis::RedisError) -> StoreError {
@@ -826,18 +857,10 @@ impl Ledger for Central {
     }
 
     async fn note_refused(&self, lease: &Lease, json: &str) -> StoreResult<bool> {
-        let ok: i64 = self
-            .with(|mut c| async move {
-                self.scripts
-                    .note_refused
-                    .key(LEADER)
-                    .key(REFUSED)
-                    .arg(lease.value())
-                    .arg(json)
-                    .invoke_async(&mut c)
-                    .await
-            })
-            .await?;
-        Ok(ok == 1)
+        self.note(REFUSED, lease, json).await
+    }
+
+    async fn note_managed(&self, lease: &Lease, json: &str) -> StoreResult<bool> {
+        self.note(MANAGED, lease, json).await
     }
 }

@@ -161,6 +161,11 @@ impl<E: Ecs, L: Ledger> Worker<E, L> {
                 if let Err(e) = self.ledger.note_refused(&lease, &refused).await {
                     tracing::debug!(error = %e, "refused managed services not published");
                 }
+                let names: Vec<&str> = plan.services.iter().map(|s| s.name.as_str()).collect();
+                let names = serde_json::to_string(&names).expect("names serialize");
+                if let Err(e) = self.ledger.note_managed(&lease, &names).await {
+                    tracing::debug!(error = %e, "managed services not published");
+                }
                 tracing::info!(
                     epoch = lease.epoch,
                     services = plan.services.len(),
