@@ -646,6 +646,24 @@ impl Drop for Backend {
     }
 }
 
+/// How many calls of `action` warden sent moto (its recorder).
+pub fn count(moto: &Moto, action: &str) -> usize {
+    moto.warden_action_list()
+        .iter()
+        .filter(|a| *a == action)
+        .count()
+}
+
+/// Waits (30 s at most) for a line of warden's log holding every one of `all`.
+pub fn wait_log(w: &Warden, what: &str, all: &[&str]) -> String {
+    eventually(Duration::from_secs(30), what, || {
+        w.log_text()
+            .lines()
+            .find(|l| all.iter().all(|s| l.contains(s)))
+            .map(str::to_owned)
+    })
+}
+
 /// One HTTP/1.0 GET; returns (status, body).
 pub fn http_get(port: u16, host: &str, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;

@@ -114,6 +114,16 @@ fn config(id: &str, central: &str, metric: &std::path::Path, min_replicas: u32) 
 }
 
 /// Three wardens, each in a host of its own, reaching AWS at moto on the bridge.
+/// moto on the bridge's address with a cluster `c1` of room for 6 `web` tasks, and the
+/// metric file the wardens read (3: three tasks).
+fn moto_and_metric(net: &Net, dir: &std::path::Path) -> (Moto, std::path::PathBuf) {
+    let moto = Moto::start_on(&net.gateway);
+    moto.fixture(&["ecs-setup", "c1", "web", "6"]);
+    let metric = dir.join("metric");
+    std::fs::write(&metric, "3").unwrap();
+    (moto, metric)
+}
+
 fn wardens(
     net: &mut Net,
     moto: &Moto,
@@ -178,11 +188,8 @@ fn a_black_holed_primary_and_a_re_pointed_name_give_a_leader_again_in_bound() {
     eventually(Duration::from_secs(20), "replication", || {
         replication_up(&r.ip).then_some(())
     });
-    let moto = Moto::start_on(&net.gateway);
-    moto.fixture(&["ecs-setup", "c1", "web", "6"]);
     let dir = tempfile::tempdir().unwrap();
-    let metric = dir.path().join("metric");
-    std::fs::write(&metric, "3").unwrap();
+    let (moto, metric) = moto_and_metric(&net, dir.path());
     let (hosts, _ws) = wardens(
         &mut net,
         &moto,
@@ -252,11 +259,8 @@ fn split_brain_is_fenced_by_replica_acknowledgements() {
             replication_up(&r.ip).then_some(())
         });
     }
-    let moto = Moto::start_on(&net.gateway);
-    moto.fixture(&["ecs-setup", "c1", "web", "6"]);
     let dir = tempfile::tempdir().unwrap();
-    let metric = dir.path().join("metric");
-    std::fs::write(&metric, "3").unwrap();
+    let (moto, metric) = moto_and_metric(&net, dir.path());
     let (hosts, ws) = wardens(
         &mut net,
         &moto,
@@ -376,10 +380,7 @@ fn sentinel_failovers_on_kill_and_stop_keep_one_leader() {
             .collect::<Vec<_>>()
             .join(",")
     );
-    let moto = Moto::start_on(&net.gateway);
-    moto.fixture(&["ecs-setup", "c1", "web", "6"]);
-    let metric = dir.path().join("metric");
-    std::fs::write(&metric, "3").unwrap();
+    let (moto, metric) = moto_and_metric(&net, dir.path());
     let (_hosts, _ws) = wardens(&mut net, &moto, &url, &metric, 1, &[]);
     eventually(Duration::from_secs(30), "a leader", || lease(&nodes[0].ip));
     eventually(Duration::from_secs(30), "the leader's tasks", || {

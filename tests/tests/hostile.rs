@@ -15,22 +15,6 @@ use warden_tests::harness::*;
 
 const VICTIM_PORT: u16 = 18_801;
 
-fn count(moto: &Moto, action: &str) -> usize {
-    moto.warden_action_list()
-        .iter()
-        .filter(|a| *a == action)
-        .count()
-}
-
-fn wait_log(w: &Warden, what: &str, all: &[&str]) -> String {
-    eventually(Duration::from_secs(30), what, || {
-        w.log_text()
-            .lines()
-            .find(|l| all.iter().all(|s| l.contains(s)))
-            .map(str::to_owned)
-    })
-}
-
 fn get(redis: &Redis, key: &str) -> Option<String> {
     redis.conn().get(key).unwrap()
 }

@@ -38,15 +38,6 @@ fn wait_key(redis: &Redis, key: &str, want: Option<&str>) {
     );
 }
 
-fn wait_log(w: &Warden, what: &str, all: &[&str]) -> String {
-    eventually(Duration::from_secs(15), what, || {
-        w.log_text()
-            .lines()
-            .find(|l| all.iter().all(|s| l.contains(s)))
-            .map(str::to_owned)
-    })
-}
-
 /// A later service claiming a held front-end and front-end port is refused, said once
 /// with both services and containers, and shown in warden's account; after a restart the
 /// holder still holds them; when the holder goes, the claimant gets them at once.

@@ -11,15 +11,6 @@ fn get(redis: &Redis, key: &str) -> Option<String> {
     redis.conn().get(key).unwrap()
 }
 
-fn wait_log(w: &Warden, what: &str, all: &[&str]) -> String {
-    eventually(Duration::from_secs(20), what, || {
-        w.log_text()
-            .lines()
-            .find(|l| all.iter().all(|s| l.contains(s)))
-            .map(str::to_owned)
-    })
-}
-
 /// A service written into the hash is routed without a restart; a malformed entry is
 /// skipped and named while the good one stays; the services Redis going away keeps the
 /// last good set; deleting the entry takes the route away.

@@ -30,22 +30,6 @@ fn config(redis: &Redis, instance: &str) -> String {
     )
 }
 
-fn count(moto: &Moto, action: &str) -> usize {
-    moto.warden_action_list()
-        .iter()
-        .filter(|a| *a == action)
-        .count()
-}
-
-fn wait_log(w: &Warden, what: &str, all: &[&str]) -> String {
-    eventually(Duration::from_secs(30), what, || {
-        w.log_text()
-            .lines()
-            .find(|l| all.iter().all(|s| l.contains(s)))
-            .map(str::to_owned)
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instance_and_ip_groups_and_a_classic_elb_follow_the_service_across_a_restart() {
     let redis = Redis::start();

@@ -482,8 +482,14 @@ impl Central {
 
     /// With `min_replicas`, waits for that many replicas to have this connection's writes;
     /// fewer is an error (the write may be lost in a failover).
-    async fn acked(&self, c: &mut MultiplexedConnection) -> redis::RedisResult<Result<(), String>> {
-        if self.min_replicas == 0 {
+    /// After a write (`wrote`), waits for `min_replicas` replicas to acknowledge it; no
+    /// write, or no replicas asked for, needs none.
+    async fn acked(
+        &self,
+        c: &mut MultiplexedConnection,
+        wrote: bool,
+    ) -> redis::RedisResult<Result<(), String>> {
+        if !wrote || self.min_replicas == 0 {
             return Ok(Ok(()));
         }
         let n: i64 = redis::cmd("WAIT")
@@ -538,11 +544,7 @@ impl LeaseStore for Central {
                     .arg(lease.epoch)
                     .invoke_async(&mut c)
                     .await?;
-                let acked = if n == 1 {
-                    self.acked(&mut c).await?
-                } else {
-                    Ok(())
-                };
+                let acked = self.acked(&mut c, n == 1).await?;
                 Ok((n, acked))
             })
             .await?;
@@ -578,11 +580,7 @@ impl LeaseStore for Central {
                     .arg(depose.map(Lease::value).unwrap_or_default())
                     .invoke_async(&mut c)
                     .await?;
-                let acked = if e > 0 {
-                    self.acked(&mut c).await?
-                } else {
-                    Ok(())
-                };
+                let acked = self.acked(&mut c, e > 0).await?;
                 Ok((e, acked))
             })
             .await?;
@@ -798,11 +796,7 @@ impl Ledger for Central {
                     .arg(&entry)
                     .invoke_async(&mut c)
                     .await?;
-                let acked = if ok == 1 {
-                    self.acked(&mut c).await?
-                } else {
-                    Ok(())
-                };
+                let acked = self.acked(&mut c, ok == 1).await?;
                 Ok((ok, acked))
             })
             .await?;

@@ -205,6 +205,24 @@ mod tests {
         false
     }
 
+    /// Waits (5 s at most) until `file` holds `text`.
+    async fn until_written(file: &Path, text: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !std::fs::read_to_string(file).is_ok_and(|t| t.contains(text)) {
+            assert!(std::time::Instant::now() < deadline, "{text:?} not written");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// A "router" starts and writes its pid file; whether it gets the reload (SIGHUP).
+    async fn router_appears(pid_file: &Path) -> bool {
+        let mut router = hup_target();
+        std::fs::write(pid_file, router.id().to_string()).unwrap();
+        tokio::task::spawn_blocking(move || ended_by_hup(&mut router))
+            .await
+            .unwrap()
+    }
+
     #[test]
     fn a_missing_pid_file_is_a_router_not_started_yet() {
         let dir = tempfile::tempdir().unwrap();
@@ -229,20 +247,9 @@ mod tests {
         let (tx, rx) = watch::channel(BTreeSet::from([8001]));
         let (stop_tx, stop) = watch::channel(false);
         let task = tokio::spawn(run(ports_file.clone(), Some(pid_file.clone()), rx, stop));
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while !std::fs::read_to_string(&ports_file).is_ok_and(|t| t.contains("listen 8001;")) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "ports file not written"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let mut router = hup_target();
-        std::fs::write(&pid_file, router.id().to_string()).unwrap();
+        until_written(&ports_file, "listen 8001;").await;
         assert!(
-            tokio::task::spawn_blocking(move || ended_by_hup(&mut router))
-                .await
-                .unwrap(),
+            router_appears(&pid_file).await,
             "the reload was not sent once the router appeared"
         );
 
@@ -252,20 +259,9 @@ mod tests {
         std::fs::write(&pid_file, gone.id().to_string()).unwrap();
         tx.send(BTreeSet::from([8001, 8002])).unwrap();
         // The reload is tried right after the write, in the same step.
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while !std::fs::read_to_string(&ports_file).is_ok_and(|t| t.contains("listen 8002;")) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "ports file not rewritten"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let mut router = hup_target();
-        std::fs::write(&pid_file, router.id().to_string()).unwrap();
+        until_written(&ports_file, "listen 8002;").await;
         assert!(
-            tokio::task::spawn_blocking(move || ended_by_hup(&mut router))
-                .await
-                .unwrap(),
+            router_appears(&pid_file).await,
             "a failed reload was not retried"
         );
         stop_tx.send(true).unwrap();
