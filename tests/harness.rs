@@ -876,7 +876,7 @@ pub struct Warden {
     pub http_port: Option<u16>,
     /// The network namespace it runs in (`tests/cluster.rs`), if any.
     netns: Option<String>,
-    _plugins: tempfile::TempDir,
+    _plugins: [tempfile::TempDir; 2],
     _dir: tempfile::TempDir,
 }
 
@@ -889,19 +889,29 @@ impl Warden {
 
     /// [`Warden::start`], inside a network namespace.
     pub fn start_in(netns: Option<&str>, config: &str, env: &[(String, String)]) -> Warden {
-        let plugins = plugin_dir(&[
+        // As the package lays them out: the plugins shipped with warden in a directory
+        // of their own, run in process under `isolation = "auto"`; the others (a test
+        // plugin, the template, optional sources) in another, run in a child each.
+        let shipped = plugin_dir(&[
             plugin_so("warden_plugin_docker_labels").as_path(),
             plugin_so("warden_plugin_file_services").as_path(),
-            plugin_so("warden_plugin_template").as_path(),
-            plugin_so("warden_plugin_test_chaos").as_path(),
             plugin_so("warden_plugin_beanstalk_instances").as_path(),
             plugin_so("warden_plugin_s3_table").as_path(),
+        ]);
+        let others = plugin_dir(&[
+            plugin_so("warden_plugin_template").as_path(),
+            plugin_so("warden_plugin_test_chaos").as_path(),
             plugin_so("warden_plugin_redis_services").as_path(),
             plugin_so("warden_plugin_dynamodb_services").as_path(),
         ]);
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("warden.toml");
-        let dirs = format!("dirs = [{:?}]\n", plugins.path());
+        let dirs = format!(
+            "dirs = [{:?}, {:?}]\nin_process_dirs = [{:?}]\n",
+            shipped.path(),
+            others.path(),
+            shipped.path()
+        );
         let text = if config.contains("[plugins]\n") {
             config.replacen("[plugins]\n", &format!("[plugins]\n{dirs}"), 1)
         } else {
@@ -929,7 +939,7 @@ impl Warden {
             registrar,
             http_port,
             netns: netns.map(str::to_owned),
-            _plugins: plugins,
+            _plugins: [shipped, others],
             _dir: dir,
         };
         w.spawn();

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch, OnceCell};
-use warden_plugin_api::{ErrorKind, Kind};
+use tokio::sync::{mpsc, watch};
+use warden_plugin_api::Kind;
 
 use crate::config::{Config, ManagedServiceConfig, PluginRef, PluginsConfig};
 use crate::identity;
@@ -20,7 +20,7 @@ use crate::manager::worker::Plan;
 use crate::manager::{ManagedService, Manager, Target};
 use crate::metrics::Dependency;
 use crate::plugins::slot::Slot;
-use crate::plugins::{CallOptions, CreateError, PluginHost, ServicesClient};
+use crate::plugins::{CallOptions, CreateError, PluginHost};
 use crate::registrar::{self, redx, Registrar};
 use crate::supervisor::{Fatal, Supervisor};
 
@@ -35,58 +35,32 @@ fn hostname() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
-/// Creates the service sources, retrying until every one is created (a source that
-/// cannot start must not make its services' routes disappear). A source that refuses its
-/// configuration is fatal: retrying cannot help until an operator fixes it.
-async fn sources(
-    what: &'static str,
-    host: &PluginHost,
-    refs: &[PluginRef],
+/// A service source's slot: created in the background like every plugin instance
+/// ([`Slot`]: timeout, backoff by the error's kind, said while it hangs, re-created in a
+/// process if it wedges); a source not yet created holds its services' routes.
+fn source_slot(
+    host: &Arc<PluginHost>,
+    key: &str,
+    r: &PluginRef,
     options: CallOptions,
-    mut shutdown: watch::Receiver<bool>,
+    create_timeout: Duration,
+    stop: watch::Receiver<bool>,
     fatal: mpsc::UnboundedSender<Fatal>,
-) -> Option<Vec<ServicesClient>> {
-    loop {
-        let mut out = Vec::new();
-        let mut failed = false;
-        for (i, r) in refs.iter().enumerate() {
-            let options = CallOptions {
-                isolation: r.isolation.unwrap_or(options.isolation),
-                ..options
-            };
-            match host
-                .create_with_env(
-                    &r.plugin,
-                    Kind::ServiceDefinitions,
-                    &r.config,
-                    options,
-                    &r.env,
-                )
-                .await
-            {
-                Ok(c) => out.push(ServicesClient(c)),
-                Err(e) if matches!(&e, CreateError::Plugin { error, .. } if error.kind != ErrorKind::Config) =>
-                {
-                    tracing::error!(
-                        source = %format!("{what}[{i}]"),
-                        "service source not created; waiting for it: {e}"
-                    );
-                    failed = true;
-                }
-                Err(e) => {
-                    let _ = fatal.send(Fatal::Config(format!("{what}[{i}]: {e}")));
-                    std::future::pending::<()>().await;
-                }
-            }
-        }
-        if !failed {
-            return Some(out);
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(10)) => {}
-            _ = shutdown.changed() => return None,
-        }
-    }
+) -> Slot {
+    let options = CallOptions {
+        isolation: r.isolation.unwrap_or(options.isolation),
+        ..options
+    };
+    Slot::spawn(
+        host.clone(),
+        key,
+        r,
+        Kind::ServiceDefinitions,
+        options,
+        create_timeout,
+        stop,
+        fatal,
+    )
 }
 
 /// Managed services, each with its metric (and mapping) plugin slot.
@@ -146,6 +120,7 @@ pub fn load_plugins(config: &Config, insecure: bool) -> PluginHost {
             .and_then(|u| crate::plugins::isolated::ChildUser::lookup(u).ok()),
         memory_mb: p.isolation_memory_mb,
     });
+    host.set_in_process_dirs(&p.in_process_dirs);
     host
 }
 
@@ -633,44 +608,32 @@ impl Running {
         Ok(())
     }
 
-    /// Follows `[[manager.sources]]`: created once (retried until they are), then polled.
+    /// Follows `[[manager.sources]]`: each a slot (created in the background), polled.
     fn follow_sources(&self, global: &mut Supervisor, stop: watch::Receiver<bool>) {
-        let created: Arc<OnceCell<Option<Vec<ServicesClient>>>> = Arc::new(OnceCell::new());
-        let refs = self.config.manager.sources.clone();
-        let (host, options, fatal) = (self.host.clone(), self.options, self.fatal.clone());
+        let create_timeout = Duration::from_millis(self.config.plugins.create_timeout_ms);
+        let keyed: Vec<(String, Slot)> = self
+            .config
+            .manager
+            .sources
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let key = format!("manager.sources[{i}]");
+                let slot = source_slot(
+                    &self.host,
+                    &key,
+                    r,
+                    self.options,
+                    create_timeout,
+                    stop.clone(),
+                    self.fatal.clone(),
+                );
+                (key, slot)
+            })
+            .collect();
         let tx = self.defs_tx.clone();
         global.spawn("manager sources", move || {
-            let (created, host, refs, stop, fatal, tx) = (
-                created.clone(),
-                host.clone(),
-                refs.clone(),
-                stop.clone(),
-                fatal.clone(),
-                tx.clone(),
-            );
-            async move {
-                let clients = created
-                    .get_or_init(|| {
-                        sources(
-                            "manager.sources",
-                            &host,
-                            &refs,
-                            options,
-                            stop.clone(),
-                            fatal,
-                        )
-                    })
-                    .await;
-                let Some(clients) = clients.clone() else {
-                    return;
-                };
-                let keyed = clients
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, c)| (format!("manager.sources[{i}]"), c))
-                    .collect();
-                managed_sources::run(keyed, tx, SOURCES_EVERY, stop).await;
-            }
+            managed_sources::run(keyed.clone(), tx.clone(), SOURCES_EVERY, stop.clone())
         });
     }
 
@@ -772,34 +735,39 @@ impl Running {
         } else {
             r.sources.clone()
         };
-        let keys: Vec<(String, crate::grants::Grants)> = refs
+        let create_timeout = Duration::from_millis(self.config.plugins.create_timeout_ms);
+        // Each source is created once, in the background; a restarted loop reuses it.
+        let sources: Vec<registrar::Source> = refs
             .iter()
             .enumerate()
             .map(|(i, s)| {
-                (
-                    format!("registrar.sources[{i}] ({})", s.plugin),
-                    s.grants
+                let key = format!("registrar.sources[{i}] ({})", s.plugin);
+                let slot = source_slot(
+                    &self.host,
+                    &key,
+                    s,
+                    self.options,
+                    create_timeout,
+                    stop_rx.clone(),
+                    self.fatal.clone(),
+                );
+                registrar::Source {
+                    key,
+                    slot,
+                    grants: s
+                        .grants
                         .clone()
                         .unwrap_or_else(|| self.config.grants.clone()),
-                )
+                }
             })
             .collect();
         let facts = self.host_facts();
         let resync = Duration::from_secs(r.resync_secs);
         let drain_on_stop = r.drain_on_stop;
-        let options = self.options;
-        // The sources are created once; a restarted registrar loop reuses them.
-        let created: Arc<OnceCell<Option<Vec<ServicesClient>>>> = Arc::new(OnceCell::new());
-        let (host, stop, fatal) = (self.host.clone(), stop_rx.clone(), self.fatal.clone());
+        let stop = stop_rx.clone();
+        tracing::info!(owner = %owner, sources = sources.len(), "registrar started");
         sup.spawn("registrar", move || {
-            let (created, host, refs, stop, fatal) = (
-                created.clone(),
-                host.clone(),
-                refs.clone(),
-                stop.clone(),
-                fatal.clone(),
-            );
-            let (keys, facts) = (keys.clone(), facts.clone());
+            let (sources, facts, stop) = (sources.clone(), facts.clone(), stop.clone());
             let (docker, owner, local_redis, local_ca, selector) = (
                 docker.clone(),
                 owner.clone(),
@@ -809,39 +777,14 @@ impl Running {
             );
             let (elbs, target_groups, ports) = (elb_tx.clone(), tg_tx.clone(), ports_tx.clone());
             async move {
-                let sources = created
-                    .get_or_init(|| {
-                        sources(
-                            "registrar.sources",
-                            &host,
-                            &refs,
-                            options,
-                            stop.clone(),
-                            fatal,
-                        )
-                    })
-                    .await;
-                let Some(sources) = sources.clone() else {
-                    return;
-                };
-                let sources = sources
-                    .into_iter()
-                    .zip(keys.iter().cloned())
-                    .map(|(client, (key, grants))| registrar::Source {
-                        key,
-                        client,
-                        grants,
-                    })
-                    .collect::<Vec<_>>();
                 let Ok(store) = redx::RedisStore::new(&local_redis, local_ca.as_deref(), &owner)
                 else {
                     return;
                 };
-                tracing::info!(owner = %owner, sources = sources.len(), "registrar started");
                 Registrar {
                     docker,
                     sources,
-                    facts: facts.clone(),
+                    facts,
                     routes: redx::Routes::new(store),
                     resync,
                     drain_on_stop,

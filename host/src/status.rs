@@ -196,6 +196,15 @@ pub fn render(s: &Status) -> String {
             r.epoch,
             d.reason
         ));
+        if let Some(i) = r.metric_isolation {
+            out.push_str(&format!(
+                "    metric source runs {}\n",
+                match i {
+                    crate::config::Isolation::Process => "in a process of its own",
+                    _ => "in warden's process",
+                }
+            ));
+        }
         if !r.labels.is_empty() {
             let labels: Vec<String> = r.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
             out.push_str(&format!("    metric labels: {}\n", labels.join(", ")));

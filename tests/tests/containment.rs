@@ -193,18 +193,15 @@ async fn a_panic_in_create_and_a_bad_config_are_errors_not_crashes() {
     );
     let e = host
         .create(
-            "test-chaos",
-            Kind::ServiceDefinitions,
+            "file-services",
+            Kind::MetricSource,
             &json!({}),
             options(1000, 3),
         )
         .await
         .err()
         .unwrap();
-    assert!(
-        e.to_string().contains("offers no service-definitions"),
-        "{e}"
-    );
+    assert!(e.to_string().contains("offers no metric-source"), "{e}");
     // The plugin's own check, after the schema.
     let e = host
         .create(

@@ -32,7 +32,7 @@ fn every_plugin_is_listed_with_name_version_kinds_api_and_path() {
         ("template", "metric-source", "libwarden_plugin_template.so"),
         (
             "test-chaos",
-            "metric-source",
+            "metric-source,service-definitions",
             "libwarden_plugin_test_chaos.so",
         ),
     ];

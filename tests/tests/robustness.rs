@@ -470,70 +470,98 @@ mapping = { target_per_task = 1.0 }
         "{log}"
     );
 }
+/// Polls `/livez` every 20 ms on a thread of its own until stopped; the slowest answer.
+struct LivezWatch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<(Duration, usize, Vec<String>)>,
+}
 
-/// Four in-process metric plugins whose code never yields (busy loops), on this 2-core
-/// machine: each call times out and its thread is abandoned (ERROR naming the plugin,
-/// `warden_plugin_wedged_total`, `/readyz` not ready naming them, `/status`), while warden
-/// itself stays whole — `/livez` answers, the
-/// lease is renewed (heard at the central Redis under the same epoch), and SIGTERM ends
-/// it cleanly, the lease given up.
-#[test]
-fn plugins_that_never_yield_cost_only_their_own_values() {
+impl LivezWatch {
+    fn start(port: u16) -> LivezWatch {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let (mut worst, mut n, mut bad) = (Duration::ZERO, 0, Vec::new());
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = Instant::now();
+                match http_get(port, "127.0.0.1", "/livez") {
+                    Ok((200, _)) => {}
+                    other => bad.push(format!("{other:?}")),
+                }
+                worst = worst.max(t.elapsed());
+                n += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (worst, n, bad)
+        });
+        LivezWatch { stop, handle }
+    }
+
+    /// (slowest answer, answers, failures)
+    fn finish(self) -> (Duration, usize, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle.join().unwrap()
+    }
+}
+
+/// `n` in-process metric plugins whose calls never return (`step`: `spin` burns a
+/// core, `block:<ms>` holds its thread) on this 2-core machine: each wedges once, is
+/// said at ERROR and created again in a process; meanwhile `/livez` answers every
+/// 20 ms poll within 100 ms, the lease keeps its epoch (renewals heard on the central
+/// Redis), and SIGTERM ends warden within 2 s with the lease given up.
+fn never_returning_plugins_cost_only_their_own_values(id: &str, step: &str, n: usize) {
     let central = Redis::start();
-    let mut extra = String::from("[plugins]\ncall_timeout_ms = 300\n");
-    for i in 0..4 {
+    let mut extra = String::from("[plugins]\ncall_timeout_ms = 300\nisolation = \"in-process\"\n");
+    for i in 0..n {
         extra.push_str(&format!(
-            "[metrics.m{i}]\nplugin = \"test-chaos\"\nconfig = {{ sequence = [\"spin\"] }}\n[[manager.services]]\nname = \"s{i}\"\ntask_definition = \"s{i}\"\nmetric = \"m{i}\"\nmapping = {{ target_per_task = 1.0 }}\n"
+            "[metrics.m{i}]\nplugin = \"test-chaos\"\nconfig = {{ sequence = [\"{step}\"] }}\n[[manager.services]]\nname = \"s{i}\"\ntask_definition = \"s{i}\"\nmetric = \"m{i}\"\nmapping = {{ target_per_task = 1.0 }}\n"
         ));
     }
-    let mut w = manager_warden(&central, "i-spin", &extra, &[]);
+    let mut w = manager_warden(&central, id, &extra, &[]);
+    let livez = LivezWatch::start(w.http_port.unwrap());
     eventually(
         Duration::from_secs(30),
-        "every spinning call wedged",
-        || (w.metric("warden_plugin_wedged_total")? >= 4.0).then_some(()),
+        "every instance wedged once and created again in a process",
+        || {
+            let log = w.log_text();
+            (log.matches("plugin instance created (process)").count() == n).then_some(())
+        },
     );
     let log = w.log_text();
-    assert!(
-        log.contains("\"ERROR\"") && log.contains("wedged") && log.contains("test-chaos"),
-        "{log}"
-    );
-    // Each instance said where it runs when it was created.
     assert_eq!(
         log.matches("plugin instance created (in-process)").count(),
-        4,
+        n,
         "{log}"
     );
-    let (id, epoch) = {
+    let wedged: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("\"ERROR\"") && l.contains("wedged"))
+        .collect();
+    assert_eq!(wedged.len(), n, "one ERROR per instance: {log}");
+    assert!(wedged.iter().all(|l| l.contains("test-chaos")), "{log}");
+    let (lead, epoch) = {
         let v: String = central.conn().get("warden:leader").unwrap();
         let mut it = v.split('\t');
         (it.next().unwrap().to_owned(), it.next().unwrap().to_owned())
     };
-    assert_eq!(id, "i-spin");
-    let (code, body) = w.http("/livez").unwrap();
-    assert_eq!((code, body.as_str()), (200, "ok"));
-    // Not ready, and why: the wedged instances by name.
-    let (code, body) = w.http("/readyz").unwrap();
-    assert_eq!(code, 503, "{body}");
-    assert!(
-        body.contains("wedged") && body.contains("test-chaos#"),
-        "{body}"
-    );
-    let (_, status) = w.http("/status").unwrap();
-    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
-    assert_eq!(
-        status["wedged_plugins"].as_array().map(Vec::len),
-        Some(4),
-        "{status}"
-    );
+    assert_eq!(lead, id);
     let mut sub = central.conn();
     sub.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut sub = sub.as_pubsub();
     sub.subscribe("warden:beat").unwrap();
     for _ in 0..3 {
         let beat: String = sub.get_message().expect("a renewal").get_payload().unwrap();
-        assert!(beat.starts_with(&format!("i-spin\t{epoch}\t")), "{beat}");
+        assert!(beat.starts_with(&format!("{id}\t{epoch}\t")), "{beat}");
     }
     drop(sub);
+    let (worst, polls, failures) = livez.finish();
+    eprintln!("/livez: {polls} polls, slowest {worst:?}");
+    assert!(failures.is_empty(), "/livez failed: {failures:?}");
+    assert!(polls > 10, "only {polls} polls");
+    assert!(worst < Duration::from_millis(100), "/livez took {worst:?}");
+    // The epoch the leader started with is still the only one.
+    let e: u64 = central.conn().get("warden:epoch").unwrap();
+    assert_eq!(e.to_string(), epoch);
     let t = Instant::now();
     w.signal(libc::SIGTERM);
     let status = w.child.wait().unwrap();
@@ -545,4 +573,77 @@ fn plugins_that_never_yield_cost_only_their_own_values() {
     );
     let lease: Option<String> = central.conn().get("warden:leader").unwrap();
     assert_eq!(lease, None, "the lease was not given up");
+}
+
+#[test]
+fn four_plugins_that_never_yield_cost_only_their_own_values() {
+    never_returning_plugins_cost_only_their_own_values("i-spin4", "spin", 4);
+}
+
+#[test]
+fn two_plugins_that_block_their_thread_cost_only_their_own_values() {
+    never_returning_plugins_cost_only_their_own_values("i-block2", "block:600000", 2);
+}
+
+#[test]
+fn two_plugins_that_never_yield_cost_only_their_own_values() {
+    never_returning_plugins_cost_only_their_own_values("i-spin2", "spin", 2);
+}
+
+/// A read that hangs once, in process: the instance is reported wedged and created
+/// again in a process, and the service's value comes back from it: the leader's
+/// record in the central Redis holds it, with where the source now runs, and `warden
+/// status` says so; `/readyz` is ready again and names no wedged instance.
+#[test]
+fn a_wedged_instance_is_created_again_in_a_process_and_its_value_comes_back() {
+    let central = Redis::start();
+    let marker = tempfile::tempdir().unwrap();
+    let marker = marker.path().join("spun");
+    let extra = format!(
+        "[plugins]\ncall_timeout_ms = 300\n[metrics.m]\nplugin = \"test-chaos\"\nisolation = \"in-process\"\nconfig = {{ sequence = [\"spin_once:{}\"] }}\n[[manager.services]]\nname = \"web\"\ntask_definition = \"web\"\nmetric = \"m\"\nmapping = {{ target_per_task = 1.0 }}\n",
+        marker.display()
+    );
+    let w = manager_warden(&central, "i-once", &extra, &[]);
+    let record = eventually(
+        Duration::from_secs(30),
+        "the value from the process",
+        || {
+            let text: Option<String> = central.conn().get("warden:decision:web").unwrap();
+            let r: serde_json::Value = serde_json::from_str(&text?).ok()?;
+            (r["metric"] == 7.0).then_some(r)
+        },
+    );
+    assert_eq!(record["metric_isolation"], "process", "{record}");
+    let log = w.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("\"ERROR\"") && l.contains("wedged") && l.contains("test-chaos")),
+        "{log}"
+    );
+    assert!(
+        log.contains("plugin instance created (in-process)"),
+        "{log}"
+    );
+    assert!(log.contains("plugin instance created (process)"), "{log}");
+    assert!(w.metric("warden_plugin_wedged_total").unwrap() >= 1.0);
+    let (code, body) = eventually(Duration::from_secs(10), "ready again", || {
+        let (code, body) = w.http("/readyz").ok()?;
+        (code == 200).then_some((code, body))
+    });
+    assert!(!body.contains("wedged"), "{code} {body}");
+    let (_, status) = w.http("/status").unwrap();
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["wedged_plugins"], serde_json::json!([]), "{status}");
+    let out = Command::new(warden_bin())
+        .args(["status"])
+        .env("WARDEN_CENTRAL_REDIS", central.url())
+        .env_remove("WARDEN_CONFIG")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("web: metric 7")
+            && text.contains("metric source runs in a process of its own"),
+        "{text}"
+    );
 }

@@ -192,9 +192,12 @@ fn services_in_dynamodb_are_routed_live_and_a_read_failure_keeps_the_last_good_s
     );
     let config = format!(
         "[host]\ninstance_id = \"i-ddb\"\n[registrar]\nlocal_redis = \"{}\"\n\
-         [[registrar.sources]]\nplugin = \"dynamodb-services\"\nconfig = {{ refresh_secs = 1 }}\n",
+         [[registrar.sources]]\nplugin = \"dynamodb-services\"\nconfig = {{ refresh_secs = 1 }}\n\
+         env = [\"AWS_ENDPOINT_URL\", \"AWS_REGION\", \"AWS_ACCESS_KEY_ID\", \"AWS_SECRET_ACCESS_KEY\", \"AWS_EC2_METADATA_DISABLED\"]\n",
         local.url()
     );
+    // Not shipped with warden, the plugin runs in a process of its own (the default
+    // `isolation = "auto"`), which gets only the variables its `env` names.
     let w = Warden::start(&config, &moto.env());
     let cs = Containers::new("ddb");
     let id = cs.run("web", &[("svc", "ddb-web")], &[]);
@@ -259,4 +262,78 @@ fn services_in_dynamodb_are_routed_live_and_a_read_failure_keeps_the_last_good_s
         1,
         "the malformed item is named once"
     );
+}
+
+/// A service source whose `list` never returns, in process: its last good services keep
+/// their routes, and the registrar loop goes on: a container of another source started
+/// after the wedge is routed, and the wedged source is created again in a process.
+#[test]
+fn a_source_that_never_returns_keeps_its_routes_and_the_registrar_goes_on() {
+    let local = Redis::start();
+    let cs = Containers::new("wedge");
+    let tag = format!("warden-test={}", cs.tag);
+    let (k, v) = tag.split_once('=').unwrap();
+    let first = cs.run("first", &[("svc", "wedged-src")], &[]);
+    let server = format!("{}:80", cs.ip(&first, "bridge"));
+    let defined = serde_json::json!({"name": "wedge-web", "match": {"labels": {k: v, "svc": "wedged-src"}},
+                                     "port": 80, "frontends": ["wedge.example"]});
+    let config = format!(
+        "[host]\ninstance_id = \"i-wedge\"\n[plugins]\ncall_timeout_ms = 300\n\
+         [registrar]\nlocal_redis = \"{}\"\n\
+         [[registrar.sources]]\nplugin = \"test-chaos\"\nisolation = \"in-process\"\n\
+         config = {{ sequence = [\"ok\", \"spin\"], services = [{}] }}\n\
+         [[registrar.sources]]\nplugin = \"docker-labels\"\n",
+        local.url(),
+        toml_inline(&defined)
+    );
+    let w = Warden::start(&config, &[]);
+    eventually(Duration::from_secs(20), "the first route", || {
+        (get(&local, "frontend:wedge.example").as_deref() == Some("wedge-web")).then_some(())
+    });
+    // The next list spins: the source wedges and is created again in a process.
+    wait_log(&w, "the wedge said", &["\"ERROR\"", "wedged", "test-chaos"]);
+    wait_log(
+        &w,
+        "created again",
+        &["plugin instance created (process)", "test-chaos"],
+    );
+    let second = cs.run(
+        "second",
+        &[
+            ("warden.service", "wedge-other"),
+            ("warden.frontend", "other.wedge.example"),
+        ],
+        &[],
+    );
+    let other = format!("{}:80", cs.ip(&second, "bridge"));
+    eventually(Duration::from_secs(20), "the other source's route", || {
+        let servers: Vec<String> = local.conn().hkeys("backend:wedge-other").unwrap();
+        (get(&local, "frontend:other.wedge.example").as_deref() == Some("wedge-other")
+            && servers == vec![other.clone()])
+        .then_some(())
+    });
+    assert_eq!(
+        get(&local, "frontend:wedge.example").as_deref(),
+        Some("wedge-web")
+    );
+    let servers: Vec<String> = local.conn().hkeys("backend:wedge-web").unwrap();
+    assert_eq!(servers, vec![server]);
+}
+
+/// A JSON object as a TOML inline table.
+fn toml_inline(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Object(m) => {
+            let parts: Vec<String> = m
+                .iter()
+                .map(|(k, v)| format!("{:?} = {}", k, toml_inline(v)))
+                .collect();
+            format!("{{ {} }}", parts.join(", "))
+        }
+        serde_json::Value::Array(a) => {
+            let parts: Vec<String> = a.iter().map(toml_inline).collect();
+            format!("[{}]", parts.join(", "))
+        }
+        other => other.to_string(),
+    }
 }

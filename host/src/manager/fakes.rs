@@ -431,6 +431,10 @@ impl PluginClient for FakeMetric {
             })
         })
     }
+    fn isolation(&self) -> crate::config::Isolation {
+        crate::config::Isolation::InProcess
+    }
+
     fn shutdown(&self) {}
 }
 

@@ -213,6 +213,9 @@ pub struct Record {
     /// What a mapping plugin answered for the reading.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mapped_value: Option<f64>,
+    /// Where the metric source's instance runs (`in-process`, `process`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metric_isolation: Option<crate::config::Isolation>,
     /// RUNNING + PENDING tasks counted in ECS (or the service's desired count); none in
     /// dry-run, which counts nothing.
     pub running: Option<u32>,

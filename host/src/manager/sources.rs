@@ -36,6 +36,25 @@ pub trait DefinitionSource: Send + Sync {
     ) -> impl std::future::Future<Output = Result<Vec<ServiceDefinition>, String>> + Send;
 }
 
+/// A source whose instance may not be created yet: until it is, it fails (and its last
+/// good list, if any, is kept).
+impl DefinitionSource for crate::plugins::slot::Slot {
+    async fn generation(&self) -> Result<u64, String> {
+        let client = self.get().map_err(|nc| format!("{}: {nc}", self.name()))?;
+        ServicesClient(client)
+            .generation()
+            .await
+            .map_err(|e| e.to_string())
+    }
+    async fn list(&self) -> Result<Vec<ServiceDefinition>, String> {
+        let client = self.get().map_err(|nc| format!("{}: {nc}", self.name()))?;
+        ServicesClient(client)
+            .list()
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
 impl DefinitionSource for ServicesClient {
     async fn generation(&self) -> Result<u64, String> {
         ServicesClient::generation(self)

@@ -53,6 +53,8 @@ pub struct Plan {
 pub struct Reading {
     pub metric: Result<Measurement, MetricError>,
     pub mapped: Option<Result<f64, MetricError>>,
+    /// Where the metric source's instance runs (none before it is created).
+    pub isolation: Option<crate::config::Isolation>,
 }
 
 impl Reading {
@@ -111,7 +113,9 @@ async fn next_term(rx: &mut watch::Receiver<Leadership>) -> Option<Lease> {
 }
 
 async fn read_metric(s: &ManagedService) -> Reading {
-    let metric = match s.metric.get() {
+    let client = s.metric.get();
+    let isolation = client.as_ref().ok().map(|c| c.isolation());
+    let metric = match client {
         Ok(c) => MetricClient(c)
             .measure()
             .await
@@ -134,7 +138,11 @@ async fn read_metric(s: &ManagedService) -> Reading {
         }),
         _ => None,
     };
-    Reading { metric, mapped }
+    Reading {
+        metric,
+        mapped,
+        isolation,
+    }
 }
 
 impl<E: Ecs, L: Ledger> Worker<E, L> {
@@ -583,6 +591,7 @@ impl Record {
             labels,
             metric_error: metric_error.or(mapping_error),
             mapped_value,
+            metric_isolation: reading.isolation,
             running: count.running(),
             decision,
             outcome,

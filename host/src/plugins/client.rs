@@ -86,6 +86,13 @@ pub trait PluginClient: Send + Sync {
         decode: Decode,
     ) -> BoxFuture<Result<Box<dyn Any + Send>, CallError>>;
     fn shutdown(&self);
+    /// Where the instance runs: `in-process` or `process`.
+    fn isolation(&self) -> crate::config::Isolation;
+    /// For an in-process instance: the number of its calls that wedged (never returned
+    /// from the plugin's code), watched, so that its slot can re-create it elsewhere.
+    fn wedges(&self) -> Option<tokio::sync::watch::Receiver<usize>> {
+        None
+    }
 }
 
 /// An instance's circuit breaker and last error: the same rules for every kind of client.
@@ -266,7 +273,19 @@ impl PluginClient for InProcessClient {
     }
 
     fn shutdown(&self) {
-        self.instance.shutdown();
+        // A wedged instance's code may never return: it is not called again, shutdown
+        // included (its thread holds it, and the process's end frees it).
+        if self.executor.abandoned() == 0 {
+            self.instance.shutdown();
+        }
+    }
+
+    fn isolation(&self) -> crate::config::Isolation {
+        crate::config::Isolation::InProcess
+    }
+
+    fn wedges(&self) -> Option<tokio::sync::watch::Receiver<usize>> {
+        Some(self.executor.wedges())
     }
 }
 

@@ -14,7 +14,8 @@
 //! gets a new one, up to [`MAX_ABANDONED`] a client; past that, calls fail at once with
 //! `wedged` and say why, so a plugin that wedges every call cannot use up threads. A
 //! wedged instance is named by `/readyz` (not ready) and `/status` until a call of it
-//! answers again.
+//! answers again or it is replaced: its slot ([`super::slot`]) creates it again in a
+//! process of its own, where a call past its timeout is killed, so its value comes back.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -119,6 +120,17 @@ pub struct Executor {
     epoch: Instant,
     worker: Mutex<Option<Arc<Worker>>>,
     abandoned: AtomicUsize,
+    /// `abandoned`, watched (the slot re-creates a wedged instance).
+    wedges: tokio::sync::watch::Sender<usize>,
+}
+
+impl Drop for Executor {
+    /// An instance replaced or gone is no longer wedged: `/readyz` stops naming it.
+    fn drop(&mut self) {
+        if self.abandoned() > 0 {
+            crate::metrics::get().set_wedged(&self.instance, false);
+        }
+    }
 }
 
 impl Executor {
@@ -131,7 +143,13 @@ impl Executor {
             epoch: Instant::now(),
             worker: Mutex::new(None),
             abandoned: AtomicUsize::new(0),
+            wedges: tokio::sync::watch::channel(0).0,
         }
+    }
+
+    /// The number of abandoned calls, watched.
+    pub fn wedges(&self) -> tokio::sync::watch::Receiver<usize> {
+        self.wedges.subscribe()
     }
 
     /// Threads abandoned to wedged calls so far.
@@ -211,9 +229,10 @@ impl Executor {
         if w.as_ref().is_some_and(|cur| Arc::ptr_eq(cur, worker)) {
             *w = None;
             let n = self.abandoned.fetch_add(1, Ordering::Relaxed) + 1;
+            self.wedges.send_replace(n);
             crate::metrics::get().plugin_wedged.inc();
             crate::metrics::get().set_wedged(&self.instance, true);
-            tracing::error!(plugin = %self.name, op = %op, abandoned = n, "plugin {} {op}: wedged: {why} (code that does not yield, in process); its thread is abandoned ({n} of at most {MAX_ABANDONED}) and the next call gets a new one; run it with isolation = \"process\" so that it can be killed", self.name);
+            tracing::error!(plugin = %self.name, op = %op, abandoned = n, "plugin {} {op}: wedged: {why} (code that does not yield, in process); its thread is abandoned ({n} of at most {MAX_ABANDONED}) and the instance is created again in a process of its own, where such a call is killed; set isolation = \"process\" for this plugin", self.name);
         }
     }
 }
@@ -245,6 +264,27 @@ mod tests {
             )
             .await;
         assert_eq!(ok.unwrap(), "1");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_wedge_is_watched_and_named_until_the_instance_is_replaced() {
+        let ex = Arc::new(Executor::new("spin-named"));
+        let mut wedges = ex.wedges();
+        let spin = async {
+            loop {
+                std::hint::spin_loop();
+            }
+        };
+        let _ = ex.call("measure", spin, Duration::from_millis(100)).await;
+        assert_eq!(*wedges.borrow_and_update(), 1);
+        let named = |name: &str| crate::metrics::get().wedged().iter().any(|w| w == name);
+        let instance = ex.instance.clone();
+        assert!(named(&instance), "{instance} is named while wedged");
+        drop(ex);
+        assert!(
+            !named(&instance),
+            "{instance} is named after it was replaced"
+        );
     }
 
     #[tokio::test]

@@ -776,6 +776,10 @@ impl PluginClient for ProcessClient {
         })
     }
 
+    fn isolation(&self) -> crate::config::Isolation {
+        crate::config::Isolation::Process
+    }
+
     fn shutdown(&self) {
         let _ = self.stop.send(true);
     }

@@ -158,6 +158,9 @@ pub struct PluginHost {
     failures: Vec<LoadFailure>,
     /// How isolated children are started.
     child: isolated::ChildPolicy,
+    /// Under `isolation = "auto"`, the directories whose plugins run in process
+    /// (canonical paths).
+    in_process_dirs: Vec<PathBuf>,
 }
 
 /// Checks one file: permissions (unless `allow_insecure`), the ELF structure (no code of
@@ -276,6 +279,34 @@ impl PluginHost {
         self.child = policy;
     }
 
+    /// The directories whose plugins run in process under `isolation = "auto"`.
+    pub fn set_in_process_dirs(&mut self, dirs: &[PathBuf]) {
+        self.in_process_dirs = dirs
+            .iter()
+            .map(|d| std::fs::canonicalize(d).unwrap_or_else(|_| d.clone()))
+            .collect();
+    }
+
+    /// Where an instance of `plugin` runs when `wanted`: `auto` is in process for a
+    /// file in `in_process_dirs` (or when no process can be started: a library user
+    /// without the warden executable), in a process for any other.
+    pub fn resolve(
+        &self,
+        wanted: crate::config::Isolation,
+        plugin: &Plugin,
+    ) -> crate::config::Isolation {
+        let dir = plugin
+            .path()
+            .parent()
+            .map(|d| std::fs::canonicalize(d).unwrap_or_else(|_| d.to_owned()));
+        resolve_isolation(
+            wanted,
+            dir.as_deref(),
+            &self.in_process_dirs,
+            probe::command().is_some(),
+        )
+    }
+
     fn load_one(
         &mut self,
         file: &Path,
@@ -364,8 +395,12 @@ impl PluginHost {
         env: &[String],
     ) -> Result<Arc<dyn PluginClient>, CreateError> {
         let plugin = self.check_config(name, kind, config)?;
+        let options = CallOptions {
+            isolation: self.resolve(options.isolation, &plugin),
+            ..options
+        };
         match options.isolation {
-            crate::config::Isolation::InProcess => {
+            crate::config::Isolation::Auto | crate::config::Isolation::InProcess => {
                 let c: Arc<dyn PluginClient> =
                     create_instance(plugin, kind, config, options).await?;
                 Ok(c)
@@ -394,6 +429,67 @@ impl PluginHost {
                 Ok(c)
             }
         }
+    }
+}
+
+/// Where an instance runs (pure): `auto` is in process for a plugin whose directory is
+/// one of `in_process_dirs`, or when no child can be started (`can_spawn`), and in a
+/// process for any other; an explicit choice stands.
+pub fn resolve_isolation(
+    wanted: crate::config::Isolation,
+    dir: Option<&Path>,
+    in_process_dirs: &[PathBuf],
+    can_spawn: bool,
+) -> crate::config::Isolation {
+    use crate::config::Isolation;
+    match wanted {
+        Isolation::Auto => {
+            let shipped = dir.is_some_and(|d| in_process_dirs.iter().any(|s| s == d));
+            if shipped || !can_spawn {
+                Isolation::InProcess
+            } else {
+                Isolation::Process
+            }
+        }
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod isolation_tests {
+    use super::*;
+    use crate::config::Isolation;
+
+    #[test]
+    fn auto_runs_shipped_plugins_in_process_and_others_in_a_child() {
+        let shipped = [PathBuf::from("/usr/lib/warden/plugins")];
+        fn at(d: &str) -> Option<&Path> {
+            Some(Path::new(d))
+        }
+        let r = |w, d, spawn| resolve_isolation(w, d, &shipped, spawn);
+        assert_eq!(
+            r(Isolation::Auto, at("/usr/lib/warden/plugins"), true),
+            Isolation::InProcess
+        );
+        assert_eq!(
+            r(Isolation::Auto, at("/etc/warden/plugins"), true),
+            Isolation::Process
+        );
+        assert_eq!(r(Isolation::Auto, None, true), Isolation::Process);
+        // A library user without the warden executable cannot start a child.
+        assert_eq!(
+            r(Isolation::Auto, at("/opt/x"), false),
+            Isolation::InProcess
+        );
+        // An operator's choice stands either way.
+        assert_eq!(
+            r(Isolation::InProcess, at("/opt/x"), true),
+            Isolation::InProcess
+        );
+        assert_eq!(
+            r(Isolation::Process, at("/usr/lib/warden/plugins"), true),
+            Isolation::Process
+        );
     }
 }
 

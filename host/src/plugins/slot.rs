@@ -147,93 +147,157 @@ struct Creator {
 }
 
 impl Creator {
+    /// Creates the instance; if it wedges in process, creates it again in a process of
+    /// its own (where warden can start one), so that its value comes back while the
+    /// wedged thread is abandoned.
     async fn run(self, tx: watch::Sender<SlotState>, mut shutdown: watch::Receiver<bool>) {
+        let mut isolation = self.options.isolation;
+        let mut first = true;
+        loop {
+            let created = self.create(isolation, first, &tx, &mut shutdown).await;
+            first = false;
+            let Some(client) = created else {
+                return;
+            };
+            let wedges = client.wedges();
+            tx.send_replace(SlotState::Ready(client));
+            let Some(mut wedges) = wedges else { return };
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                r = wedges.wait_for(|n| *n > 0) => if r.is_err() { return },
+            }
+            if super::probe::command().is_none() {
+                // No process can be started here: the executor gives calls a new thread.
+                return;
+            }
+            tracing::warn!(source = %self.name, plugin = %self.r.plugin, "plugin instance wedged in process; creating it again in a process of its own (isolation = \"process\"), where a call that does not return is killed");
+            isolation = crate::config::Isolation::Process;
+        }
+    }
+
+    /// Creates the instance, retrying by the error's kind; `None` when it never will be
+    /// (a host-side refusal) or on shutdown. A refused config is fatal on the `first`
+    /// creation only (a re-creation keeps the instance it has).
+    async fn create(
+        &self,
+        isolation: crate::config::Isolation,
+        first: bool,
+        tx: &watch::Sender<SlotState>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Option<Arc<dyn PluginClient>> {
         let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
         let mut last_error: Option<String> = None;
         loop {
-            let host = self.host.clone();
-            let (plugin, kind, config, options) = (
-                self.r.plugin.clone(),
-                self.kind,
-                self.r.config.clone(),
-                self.options,
-            );
-            let env = self.r.env.clone();
-            let mut attempt = tokio::spawn(async move {
-                host.create_with_env(&plugin, kind, &config, options, &env)
-                    .await
-            });
-            let mut waited = Duration::ZERO;
-            let result = loop {
-                tokio::select! {
-                    biased;
-                    _ = shutdown.changed() => { attempt.abort(); return }
-                    r = &mut attempt => break r,
-                    _ = tokio::time::sleep(self.timeout) => {
-                        waited += self.timeout;
-                        let message = format!(
-                            "plugin {} has not returned from new after {}; still waiting for it",
-                            self.r.plugin,
-                            crate::logs::humantime(waited)
-                        );
-                        if waited == self.timeout {
-                            tracing::warn!(source = %self.name, "{message}");
-                        }
-                        tx.send_replace(SlotState::Pending(NotCreated { kind: "timeout".into(), message }));
-                    }
+            let error = match self.attempt(isolation, tx, shutdown).await? {
+                Ok(client) => {
+                    let isolation = client.isolation();
+                    tracing::info!(source = %self.name, plugin = %self.r.plugin, %isolation, "plugin instance created ({isolation})");
+                    return Some(client);
                 }
-            };
-            let error = match result {
-                Ok(Ok(client)) => {
-                    let isolation = match self.options.isolation {
-                        crate::config::Isolation::InProcess => "in-process",
-                        crate::config::Isolation::Process => "process",
-                    };
-                    tracing::info!(source = %self.name, plugin = %self.r.plugin, isolation, "plugin instance created ({isolation})");
-                    tx.send_replace(SlotState::Ready(client));
-                    return;
-                }
-                Ok(Err(e)) => e,
-                Err(join) => CreateError::Plugin {
-                    plugin: self.r.plugin.clone(),
-                    error: warden_plugin_api::PluginError::new(
-                        ErrorKind::Panicked,
-                        format!("create task failed: {join}"),
-                    ),
-                },
+                Err(e) => e,
             };
             let retry = retry_after(&error, &mut backoff);
             let message = error.to_string();
-            if last_error.is_none() && kind_of(&error) == "config" {
+            if first && last_error.is_none() && kind_of(&error) == "config" {
                 let _ = self.fatal.send(crate::supervisor::Fatal::Config(format!(
                     "{}: {message}",
                     self.name
                 )));
             }
             if last_error.as_deref() != Some(&message) {
-                match retry {
-                    Retry::Never => {
-                        tracing::error!(source = %self.name, "plugin instance cannot be created until warden is restarted with a fixed config: {message}")
-                    }
-                    Retry::After(d) if kind_of(&error) == "config" => {
-                        tracing::error!(source = %self.name, retry_in = %crate::logs::humantime(d), "plugin refused its config: {message}")
-                    }
-                    Retry::After(d) => {
-                        tracing::warn!(source = %self.name, retry_in = %crate::logs::humantime(d), "plugin instance not created: {message}")
-                    }
-                }
+                self.say(&error, retry, &message);
                 last_error = Some(message.clone());
             }
-            tx.send_replace(SlotState::Pending(NotCreated {
-                kind: kind_of(&error),
-                message,
-            }));
-            let Retry::After(delay) = retry else { return };
+            if tx.borrow().is_pending() {
+                tx.send_replace(SlotState::Pending(NotCreated {
+                    kind: kind_of(&error),
+                    message,
+                }));
+            }
+            let Retry::After(delay) = retry else {
+                return None;
+            };
             tokio::select! {
-                _ = shutdown.changed() => return,
+                _ = shutdown.changed() => return None,
                 _ = tokio::time::sleep(delay) => {}
             }
         }
+    }
+
+    /// One attempt, waited on however long it takes (said after `timeout`, and while
+    /// the slot is pending, in its state); `None` on shutdown.
+    async fn attempt(
+        &self,
+        isolation: crate::config::Isolation,
+        tx: &watch::Sender<SlotState>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Option<Result<Arc<dyn PluginClient>, CreateError>> {
+        let host = self.host.clone();
+        let (plugin, kind, config, env) = (
+            self.r.plugin.clone(),
+            self.kind,
+            self.r.config.clone(),
+            self.r.env.clone(),
+        );
+        let options = CallOptions {
+            isolation,
+            ..self.options
+        };
+        let mut attempt = tokio::spawn(async move {
+            host.create_with_env(&plugin, kind, &config, options, &env)
+                .await
+        });
+        let mut waited = Duration::ZERO;
+        let result = loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => { attempt.abort(); return None }
+                r = &mut attempt => break r,
+                _ = tokio::time::sleep(self.timeout) => {
+                    waited += self.timeout;
+                    let message = format!(
+                        "plugin {} has not returned from new after {}; still waiting for it",
+                        self.r.plugin,
+                        crate::logs::humantime(waited)
+                    );
+                    if waited == self.timeout {
+                        tracing::warn!(source = %self.name, "{message}");
+                    }
+                    if tx.borrow().is_pending() {
+                        tx.send_replace(SlotState::Pending(NotCreated { kind: "timeout".into(), message }));
+                    }
+                }
+            }
+        };
+        Some(result.unwrap_or_else(|join| {
+            Err(CreateError::Plugin {
+                plugin: self.r.plugin.clone(),
+                error: warden_plugin_api::PluginError::new(
+                    ErrorKind::Panicked,
+                    format!("create task failed: {join}"),
+                ),
+            })
+        }))
+    }
+
+    fn say(&self, error: &CreateError, retry: Retry, message: &str) {
+        match retry {
+            Retry::Never => {
+                tracing::error!(source = %self.name, "plugin instance cannot be created until warden is restarted with a fixed config: {message}")
+            }
+            Retry::After(d) if kind_of(error) == "config" => {
+                tracing::error!(source = %self.name, retry_in = %crate::logs::humantime(d), "plugin refused its config: {message}")
+            }
+            Retry::After(d) => {
+                tracing::warn!(source = %self.name, retry_in = %crate::logs::humantime(d), "plugin instance not created: {message}")
+            }
+        }
+    }
+}
+
+impl SlotState {
+    fn is_pending(&self) -> bool {
+        matches!(self, SlotState::Pending(_))
     }
 }
 

@@ -30,19 +30,21 @@ use warden_plugin_api::ServiceDefinition;
 
 use crate::backoff::Backoff;
 use crate::metrics::{self, Dependency};
+use crate::plugins::slot::Slot;
 use crate::plugins::ServicesClient;
 use desired::ElbWant;
 use docker::InspectError;
 use redx::RouteStore;
 use store::{Need, Store};
 
-/// A service source: its client, its config key for logs, and what its definitions may
-/// claim.
+/// A service source: its instance's slot, its config key for logs, and what its
+/// definitions may claim.
 #[derive(Clone)]
 pub struct Source {
     /// `registrar.sources[0] (docker-labels)`.
     pub key: String,
-    pub client: ServicesClient,
+    /// The instance, once created (until then its services' routes are held).
+    pub slot: Slot,
     pub grants: crate::grants::Grants,
 }
 
@@ -238,9 +240,12 @@ impl Loop {
     async fn sources_changed(&mut self) -> bool {
         let mut changed = false;
         for (i, s) in self.r.sources.iter().enumerate() {
-            if let Ok(g) = s.client.generation().await {
+            let Ok(client) = s.slot.get() else { continue };
+            if let Ok(g) = ServicesClient(client).generation().await {
+                // A first generation counts as a change too: the source may have been
+                // created (in the background) after the last list, or changed since.
                 if self.generations[i] != Some(g) {
-                    changed |= self.generations[i].is_some();
+                    changed = true;
                     self.generations[i] = Some(g);
                 }
             }
@@ -253,7 +258,14 @@ impl Loop {
         let started = Instant::now();
         let views = self.store.views();
         for (i, s) in self.r.sources.iter().enumerate() {
-            match s.client.list_for(&views).await {
+            let listed = match s.slot.get() {
+                Ok(client) => ServicesClient(client)
+                    .list_for(&views)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(not_created) => Err(not_created.to_string()),
+            };
+            match listed {
                 Ok(list) => self.last_services[i] = Some(list),
                 Err(e) => {
                     tracing::warn!(source = %s.key, error = %e, "service source failed; using its last good services")

@@ -6,7 +6,10 @@
 //! config), `sleep:<ms>` (then returns 1), `log` (emits a tracing event, returns 2),
 //! `file:<path>` (the number in that file; a transient error if it holds none).
 //! `create_delay_ms` makes `new` slow (or, with a large value, hang). `segfault` and
-//! `spin` (an endless loop that never yields) are for process isolation; `env:<NAME>`
+//! `spin` (an endless loop that never yields) are for process isolation;
+//! `spin_once:<marker>` spins if the marker file is absent (creating it first) and
+//! returns 7 once it exists (a read that hung once); `block:<ms>` blocks its thread
+//! (`std::thread::sleep`), then returns 1; `env:<NAME>`
 //! (1 when the variable is in the plugin's environment, else 0), `uid` (the process's
 //! effective uid) and `nofile` (its open-files limit) show what an isolated process got.
 
@@ -93,6 +96,20 @@ impl MetricSource for Chaos {
             "spin" => loop {
                 std::hint::spin_loop();
             },
+            "spin_once" => {
+                if std::fs::metadata(arg).is_ok() {
+                    return Ok(Measurement::new(7.0));
+                }
+                let _ = std::fs::write(arg, "spun");
+                loop {
+                    std::hint::spin_loop();
+                }
+            }
+            "block" => {
+                let ms = arg.parse().unwrap_or(1000);
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+                Ok(Measurement::new(1.0))
+            }
             "error" => Err(match arg {
                 "permanent" => PluginError::permanent("chaos asked for a permanent error"),
                 "config" => PluginError::config("chaos asked for a config error"),
@@ -139,4 +156,75 @@ impl MetricSource for Chaos {
     }
 }
 
-export_plugin! { name: "test-chaos", metric_source: Chaos }
+/// A service source that misbehaves on demand: each `list` takes the next step of its
+/// sequence: `ok` (the configured services), `spin`, `spin_once:<marker>` (as for
+/// metrics; the services once the marker exists), `block:<ms>` (blocks its thread, then
+/// the services), `error` (a transient error).
+#[derive(Deserialize, JsonSchema)]
+#[serde(crate = "warden_plugin_api::serde", deny_unknown_fields)]
+#[schemars(crate = "warden_plugin_api::schemars")]
+pub struct ServicesConfig {
+    /// Steps taken in turn, cycling.
+    pub sequence: Vec<String>,
+    /// The service definitions answered (as a services file holds them).
+    pub services: Vec<warden_plugin_api::serde_json::Value>,
+}
+
+pub struct ChaosServices {
+    sequence: Vec<String>,
+    services: Vec<ServiceDefinition>,
+    next: AtomicUsize,
+}
+
+impl ServiceDefinitions for ChaosServices {
+    type Config = ServicesConfig;
+
+    async fn new(config: ServicesConfig) -> Result<Self, PluginError> {
+        if config.sequence.is_empty() {
+            return Err(PluginError::config("sequence: must not be empty"));
+        }
+        let services = config
+            .services
+            .into_iter()
+            .map(warden_plugin_api::serde_json::from_value)
+            .collect::<Result<Vec<ServiceDefinition>, _>>()
+            .map_err(|e| PluginError::config(format!("services: {e}")))?;
+        Ok(ChaosServices {
+            sequence: config.sequence,
+            services,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    async fn list(&self) -> Result<Vec<ServiceDefinition>, PluginError> {
+        let i = self.next.fetch_add(1, Ordering::SeqCst) % self.sequence.len();
+        let step = self.sequence[i].as_str();
+        let (verb, arg) = step.split_once(':').unwrap_or((step, ""));
+        match verb {
+            "ok" => {}
+            "spin" => loop {
+                std::hint::spin_loop();
+            },
+            "spin_once" => {
+                if std::fs::metadata(arg).is_err() {
+                    let _ = std::fs::write(arg, "spun");
+                    loop {
+                        std::hint::spin_loop();
+                    }
+                }
+            }
+            "block" => std::thread::sleep(std::time::Duration::from_millis(
+                arg.parse().unwrap_or(1000),
+            )),
+            "error" => return Err(PluginError::transient("chaos asked for an error")),
+            _ => return Err(PluginError::config(format!("unknown step {step:?}"))),
+        }
+        Ok(self.services.clone())
+    }
+
+    async fn generation(&self) -> Result<u64, PluginError> {
+        Ok(1)
+    }
+}
+
+export_plugin! { name: "test-chaos", metric_source: Chaos, service_definitions: ChaosServices }
