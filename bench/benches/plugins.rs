@@ -100,6 +100,30 @@ fn calls(c: &mut Criterion) {
             })
         })
     });
+    // The same constant through stabby (bench/stabby-proto): a synchronous call that
+    // returns the JSON text, beside `abi_raw_instance` (abi_stable, an FFI future).
+    let proto = warden_bench::release_stabby_proto_so();
+    // SAFETY: the prototype's own library, built just now; stabby checks each symbol's
+    // type layout against the one asked for.
+    let proto = unsafe { libloading::Library::new(&proto) }.unwrap();
+    let (stabby_new, stabby_measure) = unsafe {
+        use stabby::libloading::StabbyLibrary;
+        (
+            *proto
+                .get_stabbied::<extern "C" fn(f64) -> usize>(b"warden_stabby_new")
+                .unwrap(),
+            *proto
+                .get_stabbied::<extern "C" fn(usize) -> stabby::string::String>(
+                    b"warden_stabby_measure",
+                )
+                .unwrap(),
+        )
+    };
+    let instance = stabby_new(3.0);
+    assert_eq!(stabby_measure(instance).as_str(), r#"{"value":3.0}"#);
+    g.bench_function("stabby_sync_json", |b| {
+        b.iter(|| std::hint::black_box(stabby_measure(std::hint::black_box(instance))))
+    });
     g.bench_function("abi_host_client", |b| {
         b.iter_custom(|iters| {
             let client = client.clone();

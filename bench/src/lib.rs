@@ -32,6 +32,25 @@ pub fn release_template_so() -> PathBuf {
     target.join("release/libwarden_plugin_template.so")
 }
 
+/// Builds the stabby prototype plugin (bench/stabby-proto, a workspace of its own) in
+/// release mode and returns its `.so`.
+pub fn release_stabby_proto_so() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+        .join("stabby-proto");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "--release", "--locked", "--manifest-path"])
+        .arg(workspace_root().join("bench/stabby-proto/Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&target)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    target.join("release/libwarden_stabby_proto.so")
+}
+
 /// Builds the `warden` binary in release mode and returns its path (it probes plugin
 /// files and hosts isolated plugins).
 pub fn release_warden_bin() -> PathBuf {

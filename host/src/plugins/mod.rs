@@ -455,44 +455,6 @@ pub fn resolve_isolation(
     }
 }
 
-#[cfg(test)]
-mod isolation_tests {
-    use super::*;
-    use crate::config::Isolation;
-
-    #[test]
-    fn auto_runs_shipped_plugins_in_process_and_others_in_a_child() {
-        let shipped = [PathBuf::from("/usr/lib/warden/plugins")];
-        fn at(d: &str) -> Option<&Path> {
-            Some(Path::new(d))
-        }
-        let r = |w, d, spawn| resolve_isolation(w, d, &shipped, spawn);
-        assert_eq!(
-            r(Isolation::Auto, at("/usr/lib/warden/plugins"), true),
-            Isolation::InProcess
-        );
-        assert_eq!(
-            r(Isolation::Auto, at("/etc/warden/plugins"), true),
-            Isolation::Process
-        );
-        assert_eq!(r(Isolation::Auto, None, true), Isolation::Process);
-        // A library user without the warden executable cannot start a child.
-        assert_eq!(
-            r(Isolation::Auto, at("/opt/x"), false),
-            Isolation::InProcess
-        );
-        // An operator's choice stands either way.
-        assert_eq!(
-            r(Isolation::InProcess, at("/opt/x"), true),
-            Isolation::InProcess
-        );
-        assert_eq!(
-            r(Isolation::Process, at("/usr/lib/warden/plugins"), true),
-            Isolation::Process
-        );
-    }
-}
-
 /// Schema check of one instance config.
 pub fn check_plugin_config(
     plugin: &Plugin,
@@ -552,5 +514,43 @@ impl CallOptions {
             breaker_rest: Duration::from_millis(c.breaker_open_ms),
             isolation: c.isolation,
         }
+    }
+}
+
+#[cfg(test)]
+mod isolation_tests {
+    use super::*;
+    use crate::config::Isolation;
+
+    #[test]
+    fn auto_runs_shipped_plugins_in_process_and_others_in_a_child() {
+        let shipped = [PathBuf::from("/usr/lib/warden/plugins")];
+        fn at(d: &str) -> Option<&Path> {
+            Some(Path::new(d))
+        }
+        let r = |w, d, spawn| resolve_isolation(w, d, &shipped, spawn);
+        assert_eq!(
+            r(Isolation::Auto, at("/usr/lib/warden/plugins"), true),
+            Isolation::InProcess
+        );
+        assert_eq!(
+            r(Isolation::Auto, at("/etc/warden/plugins"), true),
+            Isolation::Process
+        );
+        assert_eq!(r(Isolation::Auto, None, true), Isolation::Process);
+        // A library user without the warden executable cannot start a child.
+        assert_eq!(
+            r(Isolation::Auto, at("/opt/x"), false),
+            Isolation::InProcess
+        );
+        // An operator's choice stands either way.
+        assert_eq!(
+            r(Isolation::InProcess, at("/opt/x"), true),
+            Isolation::InProcess
+        );
+        assert_eq!(
+            r(Isolation::Process, at("/usr/lib/warden/plugins"), true),
+            Isolation::Process
+        );
     }
 }
