@@ -655,6 +655,17 @@ pub fn count(moto: &Moto, action: &str) -> usize {
 }
 
 /// Waits (30 s at most) for a line of warden's log holding every one of `all`.
+/// `warden status` (text) against `central`, with no config file.
+pub fn status_text(central: &Redis) -> String {
+    let out = Command::new(warden_bin())
+        .args(["status"])
+        .env("WARDEN_CENTRAL_REDIS", central.url())
+        .env_remove("WARDEN_CONFIG")
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 pub fn wait_log(w: &Warden, what: &str, all: &[&str]) -> String {
     eventually(Duration::from_secs(30), what, || {
         w.log_text()

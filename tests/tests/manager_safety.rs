@@ -550,13 +550,7 @@ mapping = { target_per_task = 1.0 }
         "{}",
         recs[1]
     );
-    let out = std::process::Command::new(warden_tests::warden_bin())
-        .args(["status"])
-        .env("WARDEN_CENTRAL_REDIS", central.url())
-        .env_remove("WARDEN_CONFIG")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = status_text(&central);
     assert!(
         text.contains("metric error (resting after permanent)"),
         "{text}"

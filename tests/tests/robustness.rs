@@ -634,13 +634,7 @@ fn a_wedged_instance_is_created_again_in_a_process_and_its_value_comes_back() {
     let (_, status) = w.http("/status").unwrap();
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();
     assert_eq!(status["wedged_plugins"], serde_json::json!([]), "{status}");
-    let out = Command::new(warden_bin())
-        .args(["status"])
-        .env("WARDEN_CENTRAL_REDIS", central.url())
-        .env_remove("WARDEN_CONFIG")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = status_text(&central);
     assert!(
         text.contains("web: metric 7")
             && text.contains("metric source runs in a process of its own"),
