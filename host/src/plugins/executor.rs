@@ -16,6 +16,14 @@
 //! wedged instance is named by `/readyz` (not ready) and `/status` until a call of it
 //! answers again or it is replaced: its slot ([`super::slot`]) creates it again in a
 //! process of its own, where a call past its timeout is killed, so its value comes back.
+//!
+//! Handing a call to another thread and back costs two wake-ups of a parked thread
+//! (about 5 µs each on a 2-core VM, 10.9 µs a call measured). Both sides spin briefly
+//! instead: the call thread looks for the next call for [`IDLE_SPIN`] after each one
+//! before it parks, and the caller looks for the answer for [`ANSWER_SPIN`] before it
+//! awaits it. A metric read once a loop pays one wake-up; calls made one after another
+//! pay none. The price is bounded CPU: at most [`IDLE_SPIN`] of a busy call thread after
+//! each call, and at most [`ANSWER_SPIN`] of a runtime worker held by a caller.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -29,6 +37,13 @@ use warden_plugin_api::{ErrorKind, PluginError};
 
 /// Threads a client may abandon to wedged calls before it stops calling.
 pub const MAX_ABANDONED: usize = 4;
+
+/// How long a call thread looks for the next call before it parks.
+pub const IDLE_SPIN: Duration = Duration::from_micros(50);
+
+/// How long a caller looks for its answer before it awaits it (holding its runtime
+/// worker that long at most).
+pub const ANSWER_SPIN: Duration = Duration::from_micros(20);
 
 type Answer = Result<String, PluginError>;
 type Job = (
@@ -64,7 +79,7 @@ impl Worker {
                     Err(_) => return,
                 };
                 rt.block_on(async move {
-                    while let Some((fut, tx)) = rx.recv().await {
+                    while let Some((fut, tx)) = next_job(&mut rx).await {
                         let since = since.clone();
                         tokio::spawn(async move {
                             let mut tx = tx;
@@ -79,6 +94,8 @@ impl Worker {
                                 _ = tx.closed() => {}
                             }
                         });
+                        // Let the call run before looking for the next one.
+                        tokio::task::yield_now().await;
                     }
                 });
             })?;
@@ -92,6 +109,45 @@ impl Worker {
     fn stuck(&self, epoch: Instant, at_least: Duration) -> bool {
         let since = self.polling_since.load(Ordering::Relaxed);
         since != 0 && now_ms(epoch).saturating_sub(since) >= at_least.as_millis() as u64
+    }
+}
+
+/// The next call: looked for during [`IDLE_SPIN`] (yielding, so that calls in progress
+/// run), then awaited parked. `None` once the executor is gone.
+async fn next_job(rx: &mut mpsc::UnboundedReceiver<Job>) -> Option<Job> {
+    let until = Instant::now() + IDLE_SPIN;
+    loop {
+        match rx.try_recv() {
+            Ok(job) => return Some(job),
+            Err(mpsc::error::TryRecvError::Disconnected) => return None,
+            Err(mpsc::error::TryRecvError::Empty) if Instant::now() < until => {
+                tokio::task::yield_now().await
+            }
+            Err(mpsc::error::TryRecvError::Empty) => return rx.recv().await,
+        }
+    }
+}
+
+/// What a caller sees of its call during [`ANSWER_SPIN`].
+enum Soon {
+    Answered(Answer),
+    /// The call ended without an answer (its task was dropped).
+    Lost,
+    Wait(oneshot::Receiver<Answer>),
+}
+
+/// The answer if it comes within [`ANSWER_SPIN`]; the receiver to await otherwise.
+fn answer_soon(mut rx: oneshot::Receiver<Answer>) -> Soon {
+    let until = Instant::now() + ANSWER_SPIN;
+    loop {
+        match rx.try_recv() {
+            Ok(answer) => return Soon::Answered(answer),
+            Err(oneshot::error::TryRecvError::Closed) => return Soon::Lost,
+            Err(oneshot::error::TryRecvError::Empty) if Instant::now() < until => {
+                std::hint::spin_loop()
+            }
+            Err(oneshot::error::TryRecvError::Empty) => return Soon::Wait(rx),
+        }
     }
 }
 
@@ -198,7 +254,12 @@ impl Executor {
                     "the call thread ended",
                 ));
             }
-            match tokio::time::timeout(limit, rx).await {
+            let waited = match answer_soon(rx) {
+                Soon::Answered(answer) => Ok(Ok(answer)),
+                Soon::Lost => Ok(Err(())),
+                Soon::Wait(rx) => tokio::time::timeout(limit, async { rx.await.map_err(drop) }).await,
+            };
+            match waited {
                 Ok(Ok(answer)) => {
                     // Its thread answers again (a new one after a wedge).
                     if abandoned > 0 {
