@@ -122,6 +122,24 @@ pub struct PolicyState {
     /// repeating a step its predecessor took without recording it derives the same token.
     #[serde(default)]
     pub actions: u64,
+    /// The leader's epoch that counted `consecutive_failures`.
+    #[serde(default)]
+    pub failures_epoch: u64,
+}
+
+impl PolicyState {
+    /// The state as the leader of `epoch` counts from: the failures another leader
+    /// counted (an earlier process, or another host's instance of the metric source)
+    /// say nothing of this one's, so a new epoch counts its own from 0. The rest (the
+    /// scale-down window, the last action, the action count of the RunTask token)
+    /// carries over: those are the service's, not the leader's.
+    pub fn for_epoch(mut self, epoch: u64) -> PolicyState {
+        if self.failures_epoch != epoch {
+            self.consecutive_failures = 0;
+            self.failures_epoch = epoch;
+        }
+        self
+    }
 }
 
 /// What a decision does to the count.
@@ -426,5 +444,36 @@ mod tests {
         };
         assert_eq!(decide(Ok(40.0), 20, 30_000, &m, &p, &mut st).desired, 20);
         assert_eq!(decide(Ok(40.0), 20, 61_000, &m, &p, &mut st).desired, 40);
+    }
+
+    #[test]
+    fn failures_counted_by_another_leader_are_not_carried_over() {
+        let old = PolicyState {
+            recommendations: vec![(1, 4)],
+            last_action_ms: Some(7),
+            consecutive_failures: 2,
+            actions: 9,
+            failures_epoch: 3,
+        };
+        let same = old.clone().for_epoch(3);
+        assert_eq!(same, old, "the same leader keeps counting");
+        let next = old.clone().for_epoch(4);
+        assert_eq!(next.consecutive_failures, 0);
+        assert_eq!(next.failures_epoch, 4);
+        assert_eq!(
+            (next.recommendations, next.last_action_ms, next.actions),
+            (old.recommendations.clone(), old.last_action_ms, old.actions)
+        );
+        // A failure after the change counts 1 of the threshold, not 3.
+        let mut st = old.for_epoch(4);
+        let d = decide(
+            Err("down".into()),
+            2,
+            10,
+            &Mapping::TargetPerTask(1.0),
+            &Policy::default(),
+            &mut st,
+        );
+        assert!(d.reason.contains("(1 of 3 failures)"), "{}", d.reason);
     }
 }

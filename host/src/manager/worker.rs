@@ -238,7 +238,8 @@ impl<E: Ecs, L: Ledger> Worker<E, L> {
         guard: &Guard,
     ) -> Result<(), String> {
         let reading = read_metric(s).await;
-        let (now_ms, mut state) = self.state(s).await.map_err(|e| e.to_string())?;
+        let (now_ms, state) = self.state(s).await.map_err(|e| e.to_string())?;
+        let mut state = state.for_epoch(lease.epoch);
         let mut calls = Calls::default();
         let count = self
             .count(ecs, s, guard, &mut calls)
