@@ -83,6 +83,19 @@ impl Slot {
         }
     }
 
+    /// A slot whose instance is never created (tests: a source that never answers).
+    #[cfg(test)]
+    pub fn pending(name: &str) -> Slot {
+        let (_tx, rx) = watch::channel(SlotState::Pending(NotCreated {
+            kind: "pending".into(),
+            message: "not created yet".into(),
+        }));
+        Slot {
+            name: name.to_owned(),
+            rx,
+        }
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

@@ -15,12 +15,11 @@ use futures_util::{stream, StreamExt, TryStreamExt};
 
 use super::store::{Container, Event, Health};
 
-#[derive(Debug, thiserror::Error)]
-pub enum InspectError {
-    #[error("container {0} is gone or not running")]
-    Gone(String),
-    #[error("docker: {0}")]
-    Docker(#[from] bollard::errors::Error),
+pub use super::containers::InspectError;
+use super::containers::DockerError;
+
+fn docker_error(e: bollard::errors::Error) -> DockerError {
+    DockerError(e.to_string())
 }
 
 /// Builds a [`Container`] from `docker inspect`; `None` if it is not running.
@@ -84,18 +83,19 @@ pub async fn inspect(docker: &Docker, id: &str) -> Result<Container, InspectErro
         Err(bollard::errors::Error::DockerResponseServerError {
             status_code: 404, ..
         }) => Err(InspectError::Gone(id.to_owned())),
-        Err(e) => Err(InspectError::Docker(e)),
+        Err(e) => Err(InspectError::Docker(docker_error(e))),
     }
 }
 
 /// Lists and inspects every running container (8 inspections at a time).
-pub async fn list_running(docker: &Docker) -> Result<Vec<Container>, bollard::errors::Error> {
+pub async fn list_running(docker: &Docker) -> Result<Vec<Container>, DockerError> {
     let ids: Vec<String> = docker
         .list_containers(Some(ListContainersOptions {
             all: false,
             ..Default::default()
         }))
-        .await?
+        .await
+        .map_err(docker_error)?
         .into_iter()
         .filter_map(|c| c.id)
         .collect();

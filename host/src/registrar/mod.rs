@@ -10,10 +10,13 @@
 //! with jittered backoff and re-lists after every reconnect; the loop never exits on its
 //! own.
 
+pub mod containers;
 pub mod desired;
 pub mod docker;
 pub mod elb;
 pub mod entry;
+#[cfg(test)]
+pub mod fakes;
 pub mod redx;
 pub mod router;
 pub mod store;
@@ -22,7 +25,6 @@ pub mod target_group;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use bollard::Docker;
 use futures_util::{FutureExt, StreamExt};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -32,9 +34,9 @@ use crate::backoff::Backoff;
 use crate::metrics::{self, Dependency};
 use crate::plugins::slot::Slot;
 use crate::plugins::ServicesClient;
+use containers::{Containers, InspectError, Seen};
 use desired::ElbWant;
-use docker::InspectError;
-use redx::RouteStore;
+use redx::{RedisStore, RouteStore};
 use store::{Need, Store};
 
 /// A service source: its instance's slot, its config key for logs, and what its
@@ -48,13 +50,15 @@ pub struct Source {
     pub grants: crate::grants::Grants,
 }
 
-/// What the registrar loop is given; `main` wires it.
-pub struct Registrar {
-    pub docker: Docker,
+/// What the registrar loop is given; `main` wires it. Docker and the local Redis are
+/// ports ([`Containers`], [`RouteStore`]): bollard and Redis in the daemon, fakes in
+/// the loop's tests ([`fakes`]).
+pub struct Registrar<C: Containers = bollard::Docker, S: RouteStore = RedisStore> {
+    pub docker: C,
     pub sources: Vec<Source>,
     /// The router's ports and this host's own names, for the grant checks.
     pub facts: crate::grants::HostFacts,
-    pub routes: redx::Routes<redx::RedisStore>,
+    pub routes: redx::Routes<S>,
     pub resync: Duration,
     /// See `RegistrarConfig::drain_on_stop`.
     pub drain_on_stop: bool,
@@ -69,8 +73,8 @@ pub struct Registrar {
 }
 
 /// State kept between reconciles.
-struct Loop {
-    r: Registrar,
+struct Loop<C: Containers, S: RouteStore> {
+    r: Registrar<C, S>,
     store: Store,
     /// Each source's last good answer (`None` until it first answers).
     last_services: Vec<Option<Vec<ServiceDefinition>>>,
@@ -92,7 +96,7 @@ struct Loop {
     ready: bool,
 }
 
-impl Registrar {
+impl<C: Containers, S: RouteStore> Registrar<C, S> {
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let n = self.sources.len();
         let die_only = !self.drain_on_stop;
@@ -118,7 +122,7 @@ impl Registrar {
         loop {
             // Replay events from just before the list, so none is missed in between.
             let since = unix_now() - 1;
-            match docker::list_running(&l.r.docker).await {
+            match l.r.docker.list_running().await {
                 Ok(list) => {
                     if docker_backoff.attempts() > 0 {
                         tracing::info!(
@@ -147,7 +151,7 @@ impl Registrar {
             }
             l.reconcile().await;
             l.verify().await;
-            let mut events = docker::events(&l.r.docker, since);
+            let mut events = l.r.docker.events(since);
             let mut resync = tokio::time::interval_at(Instant::now() + l.r.resync, l.r.resync);
             let mut poll_sources = tokio::time::interval(Duration::from_secs(2));
             let mut check_redis = tokio::time::interval(Duration::from_secs(2));
@@ -174,7 +178,7 @@ impl Registrar {
                         }
                     },
                     _ = resync.tick() => {
-                        match docker::list_running(&l.r.docker).await {
+                        match l.r.docker.list_running().await {
                             Ok(list) => l.store.replace_all(list),
                             Err(e) => {
                                 tracing::warn!(error = %e, "docker re-list failed; reconnecting");
@@ -210,8 +214,8 @@ impl Registrar {
     }
 }
 
-impl Loop {
-    async fn on_event(&mut self, msg: &bollard::models::EventMessage) {
+impl<C: Containers, S: RouteStore> Loop<C, S> {
+    async fn on_event(&mut self, msg: &Seen) {
         if let Some(action) = msg.action.as_deref() {
             // `health_status: healthy` and the like count under their type.
             let kind = action.split(':').next().unwrap_or(action);
@@ -222,12 +226,12 @@ impl Loop {
                 })
                 .inc();
         }
-        let Some(event) = docker::to_event(msg) else {
+        let Some(event) = msg.event.clone() else {
             return;
         };
         tracing::debug!(?event, "docker event");
         if let Need::Inspect { id, started } = self.store.apply(event) {
-            match docker::inspect(&self.r.docker, &id).await {
+            match self.r.docker.inspect(&id).await {
                 Ok(c) => self.store.upsert(c, started),
                 Err(InspectError::Gone(_)) => {}
                 Err(InspectError::Docker(e)) => {
