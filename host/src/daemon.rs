@@ -597,7 +597,7 @@ impl Running {
             },
             plan: plan_rx,
             ecs: Some(AwsEcs::new(&sdk)),
-            ec2: Some(aws_sdk_ec2::Client::new(&sdk)),
+            ec2: ec2_client(&sdk),
         };
         tracing::info!(instance = %id, services = m.services.len(), dry_run = m.dry_run, "manager started");
         if !m.sources.is_empty() {
@@ -1021,6 +1021,18 @@ const SOURCES_EVERY: Duration = Duration::from_secs(2);
 
 /// The longest shutdown takes: work in flight is cancelled, not waited for.
 pub const SHUTDOWN_LIMIT: Duration = Duration::from_secs(2);
+
+/// The AZ check's EC2 client; without one (no region) every AZ counts as available,
+/// said once.
+fn ec2_client(sdk: &aws_config::SdkConfig) -> Option<Arc<warden_ec2::Ec2>> {
+    match warden_ec2::Ec2::new(sdk, Duration::from_secs(5)) {
+        Ok(ec2) => Some(Arc::new(ec2)),
+        Err(e) => {
+            tracing::warn!(error = %e, "AZ check off: every availability zone counts as available");
+            None
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -17,7 +17,7 @@ impl AzCache {
     /// Starts the refresher (none without an EC2 client: every AZ counts as available);
     /// it is stopped when the returned task is dropped.
     pub fn start(
-        ec2: Option<aws_sdk_ec2::Client>,
+        ec2: Option<Arc<warden_ec2::Ec2>>,
         mut shutdown: watch::Receiver<bool>,
     ) -> (AzCache, Option<crate::supervisor::Owned>) {
         let cache = AzCache::default();
@@ -28,19 +28,12 @@ impl AzCache {
         let task = tokio::spawn(async move {
             let mut errors = Repeated::new("AZ check: EC2 DescribeAvailabilityZones");
             loop {
-                match ec2.describe_availability_zones().send().await {
-                    Ok(out) => {
+                match ec2.describe_availability_zones().await {
+                    Ok(zones) => {
                         errors.cleared();
-                        let states = out
-                            .availability_zones()
-                            .iter()
-                            .filter_map(|z| {
-                                Some((z.zone_name()?.to_owned(), z.state()?.as_str().to_owned()))
-                            })
-                            .collect();
-                        c.set(states);
+                        c.set(zones.into_iter().map(|z| (z.name, z.state)).collect());
                     }
-                    Err(e) => errors.failed(&crate::aws::describe(&e)),
+                    Err(e) => errors.failed(&e.to_string()),
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(10)) => {}

@@ -3,10 +3,16 @@
 //! Counts instances tagged `elasticbeanstalk:environment-name = <environment>` in the
 //! `running` state (DescribeInstances, paged). That works on AWS and on moto_server, which
 //! lacks DescribeEnvironmentResources. Uses the SDK's default credential chain and honours
-//! `AWS_ENDPOINT_URL` and `AWS_REGION`.
+//! `AWS_ENDPOINT_URL` (or `AWS_ENDPOINT_URL_EC2`) and `AWS_REGION`. The call is warden's
+//! own EC2 Query client (`warden-ec2`), not `aws-sdk-ec2`, whose build took two thirds of
+//! warden's.
 
-use aws_sdk_ec2::types::Filter;
+use std::time::Duration;
+
 use warden_plugin_api::prelude::*;
+
+/// The tag Elastic Beanstalk puts on its environment's instances.
+const TAG: &str = "elasticbeanstalk:environment-name";
 
 #[derive(Deserialize, JsonSchema)]
 #[serde(crate = "warden_plugin_api::serde", deny_unknown_fields)]
@@ -21,31 +27,16 @@ pub struct Config {
 
 pub struct BeanstalkInstances {
     environment: String,
-    ec2: aws_sdk_ec2::Client,
+    ec2: warden_ec2::Ec2,
 }
 
 /// Throttling, timeouts and 5xx are worth retrying; anything else is not.
-fn classify<E, R>(e: aws_sdk_ec2::error::SdkError<E, R>) -> PluginError
-where
-    E: aws_sdk_ec2::error::ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug,
-{
-    use aws_sdk_ec2::error::SdkError;
-    let text = aws_sdk_ec2::error::DisplayErrorContext(&e).to_string();
-    match &e {
-        SdkError::ServiceError(s) => {
-            let code = s.err().code().unwrap_or("");
-            if code.contains("Throttl")
-                || code == "RequestLimitExceeded"
-                || code.starts_with("Internal")
-                || code == "Unavailable"
-            {
-                PluginError::transient(text)
-            } else {
-                PluginError::permanent(text)
-            }
-        }
-        _ => PluginError::transient(text),
+fn classify(e: warden_ec2::Ec2Error) -> PluginError {
+    let text = format!("EC2 DescribeInstances: {e}");
+    if e.is_transient() {
+        PluginError::transient(text)
+    } else {
+        PluginError::permanent(text)
     }
 }
 
@@ -61,7 +52,8 @@ impl MetricSource for BeanstalkInstances {
         if let Some(r) = config.region {
             loader = loader.region(aws_config::Region::new(r));
         }
-        let ec2 = aws_sdk_ec2::Client::new(&loader.load().await);
+        let ec2 = warden_ec2::Ec2::new(&loader.load().await, Duration::from_secs(10))
+            .map_err(|e| PluginError::config(e.to_string()))?;
         Ok(BeanstalkInstances {
             environment: config.environment,
             ec2,
@@ -69,31 +61,11 @@ impl MetricSource for BeanstalkInstances {
     }
 
     async fn measure(&self) -> Result<Measurement, PluginError> {
-        let mut pages = self
+        let count = self
             .ec2
-            .describe_instances()
-            .filters(
-                Filter::builder()
-                    .name("tag:elasticbeanstalk:environment-name")
-                    .values(&self.environment)
-                    .build(),
-            )
-            .filters(
-                Filter::builder()
-                    .name("instance-state-name")
-                    .values("running")
-                    .build(),
-            )
-            .into_paginator()
-            .send();
-        let mut count = 0usize;
-        while let Some(page) = pages.try_next().await.map_err(classify)? {
-            count += page
-                .reservations()
-                .iter()
-                .map(|r| r.instances().len())
-                .sum::<usize>();
-        }
+            .count_running_instances(TAG, &self.environment)
+            .await
+            .map_err(classify)?;
         Ok(Measurement::new(count as f64)
             .unit("instances")
             .label("environment", self.environment.clone()))
