@@ -36,13 +36,21 @@ fn the_template_copied_out_builds_tests_and_loads() {
         "the template must not inherit from a workspace:\n{changed}"
     );
     std::fs::write(copy.join("Cargo.toml"), changed).unwrap();
-    // Same dependency versions as warden's own build, and a target directory that a
-    // later run reuses.
+    // Same dependency versions as warden's own build, and its target directory and dev
+    // profile (the root's `[profile.dev]`), so that the dependencies the suite built
+    // are reused, not compiled again (89 s cold in a directory of its own, 16 s here).
     std::fs::copy(root.join("Cargo.lock"), copy.join("Cargo.lock")).unwrap();
-    let target = target_dir().join("template-copy");
+    let target = target_dir();
+    let profile = [
+        "--config",
+        "profile.dev.debug=\"line-tables-only\"",
+        "--config",
+        "profile.dev.package.\"*\".debug=false",
+    ];
     for args in [&["build"][..], &["test"][..]] {
         let out = Command::new(cargo())
             .args(args)
+            .args(profile)
             .current_dir(&copy)
             .env("CARGO_TARGET_DIR", &target)
             .env_remove("RUSTFLAGS")
