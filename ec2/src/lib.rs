@@ -110,7 +110,11 @@ impl Ec2 {
             .map_err(|e| Ec2Error::Config(format!("EC2 endpoint {url:?}: {e}")))?;
         let tls = hyper_rustls::HttpsConnectorBuilder::new()
             .with_provider_and_native_roots(rustls::crypto::aws_lc_rs::default_provider())
-            .map_err(|e| Ec2Error::Config(format!("EC2: cannot read the system's CA certificates: {e}")))?
+            .map_err(|e| {
+                Ec2Error::Config(format!(
+                    "EC2: cannot read the system's CA certificates: {e}"
+                ))
+            })?
             .https_or_http()
             .enable_http1()
             .build();
@@ -132,7 +136,9 @@ impl Ec2 {
 
     /// Every Availability Zone of the region with its state (`available`, `impaired`...).
     pub async fn describe_availability_zones(&self) -> Result<Vec<Zone>, Ec2Error> {
-        let text = self.call(&[("Action", "DescribeAvailabilityZones")]).await?;
+        let text = self
+            .call(&[("Action", "DescribeAvailabilityZones")])
+            .await?;
         xml::zones(&text)
     }
 
@@ -186,7 +192,10 @@ impl Ec2 {
     async fn signed(&self, body: String) -> Result<http::Request<Full<Bytes>>, Ec2Error> {
         let credentials = self.credentials().await?;
         let mut request = http::Request::post(self.endpoint.clone())
-            .header("content-type", "application/x-www-form-urlencoded; charset=utf-8")
+            .header(
+                "content-type",
+                "application/x-www-form-urlencoded; charset=utf-8",
+            )
             .header("user-agent", &self.user_agent)
             .header("x-amz-user-agent", &self.user_agent)
             .body(Full::new(Bytes::from(body.clone())))
@@ -266,7 +275,9 @@ pub fn form(params: &[(&str, &str)]) -> String {
 fn encode(s: &str, out: &mut String) {
     for b in s.bytes() {
         match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => out.push(b as char),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(b as char)
+            }
             _ => out.push_str(&format!("%{b:02X}")),
         }
     }
@@ -298,16 +309,28 @@ mod tests {
     #[test]
     fn the_form_is_percent_encoded_and_names_the_version() {
         assert_eq!(
-            form(&[("Action", "DescribeInstances"), ("Filter.1.Name", "tag:a b/c")]),
+            form(&[
+                ("Action", "DescribeInstances"),
+                ("Filter.1.Name", "tag:a b/c")
+            ]),
             "Action=DescribeInstances&Filter.1.Name=tag%3Aa%20b%2Fc&Version=2016-11-15"
         );
     }
 
     #[test]
     fn the_endpoint_is_the_override_or_the_regions_own() {
-        assert_eq!(endpoint("eu-west-1", None), "https://ec2.eu-west-1.amazonaws.com/");
-        assert_eq!(endpoint("cn-north-1", None), "https://ec2.cn-north-1.amazonaws.com.cn/");
-        assert_eq!(endpoint("eu-west-1", Some("http://127.0.0.1:5000")), "http://127.0.0.1:5000/");
+        assert_eq!(
+            endpoint("eu-west-1", None),
+            "https://ec2.eu-west-1.amazonaws.com/"
+        );
+        assert_eq!(
+            endpoint("cn-north-1", None),
+            "https://ec2.cn-north-1.amazonaws.com.cn/"
+        );
+        assert_eq!(
+            endpoint("eu-west-1", Some("http://127.0.0.1:5000")),
+            "http://127.0.0.1:5000/"
+        );
     }
 
     #[test]

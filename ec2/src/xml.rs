@@ -28,7 +28,10 @@ pub fn zones(text: &str) -> Result<Vec<Zone>, Ec2Error> {
     let mut doc = Document::new(text);
     let mut root = doc.root_element().map_err(bad)?;
     if !root.start_el().matches("DescribeAvailabilityZonesResponse") {
-        return Err(bad(format!("expected DescribeAvailabilityZonesResponse, found {}", root.start_el().local())));
+        return Err(bad(format!(
+            "expected DescribeAvailabilityZonesResponse, found {}",
+            root.start_el().local()
+        )));
     }
     let mut zones = Vec::new();
     while let Some(mut tag) = root.next_tag() {
@@ -61,7 +64,10 @@ pub fn instances_page(text: &str) -> Result<InstancesPage, Ec2Error> {
     let mut doc = Document::new(text);
     let mut root = doc.root_element().map_err(bad)?;
     if !root.start_el().matches("DescribeInstancesResponse") {
-        return Err(bad(format!("expected DescribeInstancesResponse, found {}", root.start_el().local())));
+        return Err(bad(format!(
+            "expected DescribeInstancesResponse, found {}",
+            root.start_el().local()
+        )));
     }
     let mut page = InstancesPage {
         instances: 0,
@@ -91,7 +97,11 @@ pub fn instances_page(text: &str) -> Result<InstancesPage, Ec2Error> {
 /// The error an answer with `status` says (EC2's `<Response><Errors><Error>`).
 pub fn error(status: u16, text: &str) -> Ec2Error {
     let (code, message) = error_fields(text).unwrap_or_default();
-    let code = if code.is_empty() { format!("HTTP {status}") } else { code };
+    let code = if code.is_empty() {
+        format!("HTTP {status}")
+    } else {
+        code
+    };
     let message = if message.is_empty() {
         text.chars().take(200).collect()
     } else {
@@ -154,8 +164,14 @@ mod tests {
         assert_eq!(
             zones(ZONES).unwrap(),
             vec![
-                Zone { name: "eu-west-1a".into(), state: "available".into() },
-                Zone { name: "eu-west-1b".into(), state: "impaired".into() },
+                Zone {
+                    name: "eu-west-1a".into(),
+                    state: "available".into()
+                },
+                Zone {
+                    name: "eu-west-1b".into(),
+                    state: "impaired".into()
+                },
             ]
         );
     }
@@ -179,12 +195,18 @@ mod tests {
 </DescribeInstancesResponse>"#;
         assert_eq!(
             instances_page(page).unwrap(),
-            InstancesPage { instances: 3, next_token: Some("abc==".into()) }
+            InstancesPage {
+                instances: 3,
+                next_token: Some("abc==".into())
+            }
         );
         let last = r#"<DescribeInstancesResponse><reservationSet/></DescribeInstancesResponse>"#;
         assert_eq!(
             instances_page(last).unwrap(),
-            InstancesPage { instances: 0, next_token: None }
+            InstancesPage {
+                instances: 0,
+                next_token: None
+            }
         );
     }
 
@@ -193,8 +215,15 @@ mod tests {
         let text = r#"<?xml version="1.0" encoding="UTF-8"?>
 <Response><Errors><Error><Code>RequestLimitExceeded</Code><Message>Request limit exceeded.</Message></Error></Errors><RequestID>ea96</RequestID></Response>"#;
         match error(503, text) {
-            Ec2Error::Service { status, code, message } => {
-                assert_eq!((status, code.as_str(), message.as_str()), (503, "RequestLimitExceeded", "Request limit exceeded."));
+            Ec2Error::Service {
+                status,
+                code,
+                message,
+            } => {
+                assert_eq!(
+                    (status, code.as_str(), message.as_str()),
+                    (503, "RequestLimitExceeded", "Request limit exceeded.")
+                );
             }
             other => panic!("{other:?}"),
         }
