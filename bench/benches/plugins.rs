@@ -138,17 +138,18 @@ fn calls(c: &mut Criterion) {
     // is that case: 2000 calls 200 µs apart (past the spin), each call timed alone.
     {
         let client = client.clone();
-        let mut took: Vec<Duration> = rt.block_on(rt.spawn(async move {
-            let mut took = Vec::with_capacity(2000);
-            for _ in 0..2000 {
-                std::thread::sleep(Duration::from_micros(200));
-                let start = Instant::now();
-                std::hint::black_box(client.measure().await.unwrap());
-                took.push(start.elapsed());
-            }
-            took
-        }))
-        .unwrap();
+        let mut took: Vec<Duration> = rt
+            .block_on(rt.spawn(async move {
+                let mut took = Vec::with_capacity(2000);
+                for _ in 0..2000 {
+                    std::thread::sleep(Duration::from_micros(200));
+                    let start = Instant::now();
+                    std::hint::black_box(client.measure().await.unwrap());
+                    took.push(start.elapsed());
+                }
+                took
+            }))
+            .unwrap();
         took.sort();
         println!(
             "metric_call/abi_host_client_spaced (2000 calls 200 µs apart): median {:.2} µs, p90 {:.2} µs, p99 {:.2} µs",

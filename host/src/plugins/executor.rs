@@ -257,7 +257,9 @@ impl Executor {
             let waited = match answer_soon(rx) {
                 Soon::Answered(answer) => Ok(Ok(answer)),
                 Soon::Lost => Ok(Err(())),
-                Soon::Wait(rx) => tokio::time::timeout(limit, async { rx.await.map_err(drop) }).await,
+                Soon::Wait(rx) => {
+                    tokio::time::timeout(limit, async { rx.await.map_err(drop) }).await
+                }
             };
             match waited {
                 Ok(Ok(answer)) => {

@@ -15,8 +15,8 @@ use futures_util::{stream, StreamExt, TryStreamExt};
 
 use super::store::{Container, Event, Health};
 
-pub use super::containers::InspectError;
 use super::containers::DockerError;
+pub use super::containers::InspectError;
 
 fn docker_error(e: bollard::errors::Error) -> DockerError {
     DockerError(e.to_string())

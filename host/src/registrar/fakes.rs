@@ -330,7 +330,11 @@ mod tests {
     }
 
     /// The registrar on fakes, with one source (`None`: a source not created yet).
-    fn start(docker: FakeDocker, routes: FakeRoutes, services: Option<Vec<ServiceDefinition>>) -> World {
+    fn start(
+        docker: FakeDocker,
+        routes: FakeRoutes,
+        services: Option<Vec<ServiceDefinition>>,
+    ) -> World {
         let slot = match services {
             Some(list) => Slot::ready(
                 "fake-services",
@@ -398,20 +402,42 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_start_is_routed_and_a_lost_event_is_caught_by_the_relist_after_a_reconnect() {
-        let w = start(FakeDocker::default(), FakeRoutes::default(), Some(vec![web()]));
-        w.docker.start(container("a", &[("app", "web")], "172.17.0.2"));
+        let w = start(
+            FakeDocker::default(),
+            FakeRoutes::default(),
+            Some(vec![web()]),
+        );
+        w.docker
+            .start(container("a", &[("app", "web")], "172.17.0.2"));
         until("a routed", || w.routed().contains("172.17.0.2:80")).await;
-        assert_eq!(w.routes.strings().get("frontend:web.example").map(String::as_str), Some("web"));
+        assert_eq!(
+            w.routes
+                .strings()
+                .get("frontend:web.example")
+                .map(String::as_str),
+            Some("web")
+        );
 
         // Docker goes away; while it is away a container starts, its event unheard.
         w.docker.go_down();
-        w.docker.start_unheard(container("b", &[("app", "web")], "172.17.0.3"));
+        w.docker
+            .start_unheard(container("b", &[("app", "web")], "172.17.0.3"));
         let lists = w.docker.lists();
         tokio::time::sleep(Duration::from_secs(5)).await;
-        assert_eq!(w.docker.lists(), lists, "no list answered while Docker is down");
-        assert!(w.routed().contains("172.17.0.2:80"), "routes kept while Docker is away");
+        assert_eq!(
+            w.docker.lists(),
+            lists,
+            "no list answered while Docker is down"
+        );
+        assert!(
+            w.routed().contains("172.17.0.2:80"),
+            "routes kept while Docker is away"
+        );
         w.docker.come_back();
-        until("b routed after the re-list", || w.routed().contains("172.17.0.3:80")).await;
+        until("b routed after the re-list", || {
+            w.routed().contains("172.17.0.3:80")
+        })
+        .await;
         assert!(w.docker.lists() > lists);
         w.stop().await;
     }
@@ -424,11 +450,14 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(10)).await;
         let from = routes.calls().len();
         routes.fail_next(4);
-        w.docker.start(container("a", &[("app", "web")], "172.17.0.2"));
+        w.docker
+            .start(container("a", &[("app", "web")], "172.17.0.2"));
         // Sooner than the 2 s verification could repair it: the retries did.
-        until_within("a routed after the retries", Duration::from_millis(1900), || {
-            w.routed().contains("172.17.0.2:80")
-        })
+        until_within(
+            "a routed after the retries",
+            Duration::from_millis(1900),
+            || w.routed().contains("172.17.0.2:80"),
+        )
         .await;
         let calls = routes.calls()[from..].to_vec();
         let gaps: Vec<Duration> = calls.windows(2).map(|p| p[1] - p[0]).collect();
@@ -443,11 +472,19 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_drifted_key_is_rewritten_by_the_verification() {
-        let w = start(FakeDocker::default(), FakeRoutes::default(), Some(vec![web()]));
-        w.docker.start(container("a", &[("app", "web")], "172.17.0.2"));
+        let w = start(
+            FakeDocker::default(),
+            FakeRoutes::default(),
+            Some(vec![web()]),
+        );
+        w.docker
+            .start(container("a", &[("app", "web")], "172.17.0.2"));
         until("a routed", || w.routed().contains("172.17.0.2:80")).await;
         w.routes.delete("frontend:web.example");
-        until("front-end rewritten", || w.routes.strings().contains_key("frontend:web.example")).await;
+        until("front-end rewritten", || {
+            w.routes.strings().contains_key("frontend:web.example")
+        })
+        .await;
         w.stop().await;
     }
 
@@ -461,18 +498,29 @@ mod tests {
         let w = start(FakeDocker::default(), routes, None);
         until("listed", || w.docker.lists() > 0).await;
         tokio::time::sleep(Duration::from_secs(10)).await;
-        assert_eq!(w.routes.writes(), 0, "nothing written while a source has never answered");
+        assert_eq!(
+            w.routes.writes(),
+            0,
+            "nothing written while a source has never answered"
+        );
         assert!(w.routed().contains("172.17.0.2:80"));
         assert!(w.routes.strings().contains_key("frontend:web.example"));
         w.stop().await;
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_stop_signal_drains_the_route_before_the_container_dies_and_a_lost_die_is_found_by_the_relist() {
-        let mut w = start(FakeDocker::default(), FakeRoutes::default(), Some(vec![web()]));
+    async fn a_stop_signal_drains_the_route_before_the_container_dies_and_a_lost_die_is_found_by_the_relist(
+    ) {
+        let mut w = start(
+            FakeDocker::default(),
+            FakeRoutes::default(),
+            Some(vec![web()]),
+        );
         until("first list", || w.docker.lists() > 0).await;
-        w.docker.start(container("a", &[("app", "web")], "172.17.0.2"));
-        w.docker.start(container("b", &[("app", "web")], "172.17.0.3"));
+        w.docker
+            .start(container("a", &[("app", "web")], "172.17.0.2"));
+        w.docker
+            .start(container("b", &[("app", "web")], "172.17.0.3"));
         until("both routed", || w.routed().len() == 2).await;
         let wanted = |elbs: &BTreeMap<String, crate::registrar::desired::ElbWant>| {
             elbs.get("web-elb").is_some_and(|e| e.wanted)
@@ -480,7 +528,10 @@ mod tests {
         until("elb wanted", || wanted(&w.elbs.borrow_and_update())).await;
 
         w.docker.kill("a", "15");
-        until("a drained", || w.routed() == BTreeSet::from(["172.17.0.3:80".to_owned()])).await;
+        until("a drained", || {
+            w.routed() == BTreeSet::from(["172.17.0.3:80".to_owned()])
+        })
+        .await;
         w.docker.die("a");
 
         // Docker away, and the last container dies unheard: the ELB membership stays
@@ -491,7 +542,10 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(3)).await;
         assert!(wanted(&w.elbs.borrow()), "ELB kept while out of sync");
         w.docker.come_back();
-        until("elb withdrawn after the re-list", || !wanted(&w.elbs.borrow())).await;
+        until("elb withdrawn after the re-list", || {
+            !wanted(&w.elbs.borrow())
+        })
+        .await;
         w.stop().await;
     }
 }
