@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 profile=${1:-release}
-cargo build --locked --profile "$profile" -p warden --bin warden -p warden-plugin-docker-labels >&2
+cargo build --locked --profile "$profile" -p warden -p warden-plugin-docker-labels >&2
 dir=target/$profile
 work=$(mktemp -d /tmp/warden-rss.XXXXXX)
 chmod 755 "$work"

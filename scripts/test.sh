@@ -4,6 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --tests
+# Here the end-to-end tier always runs: a missing tool fails its tests (tests/build.rs
+# ignores them only where this is unset, for a plain `cargo test` on a laptop).
+export WARDEN_E2E=1
 cargo build --workspace --exclude warden-bench --all-targets --locked
 # Each end-to-end test's moto_server leaves here the AWS actions warden sent it; the IAM
 # policy check reads them after the suite.

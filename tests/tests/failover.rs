@@ -179,6 +179,7 @@ fn tasks(moto: &Moto) -> u32 {
 /// is closed), its replica promoted and the name re-pointed to it: a leader renews on
 /// the new primary within lease + guard + one tick, and no deposed epoch acts.
 #[test]
+#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
 fn a_black_holed_primary_and_a_re_pointed_name_give_a_leader_again_in_bound() {
     let mut net = Net::new();
     let p = net.host("p");
@@ -246,6 +247,7 @@ fn a_black_holed_primary_and_a_re_pointed_name_give_a_leader_again_in_bound() {
 /// stops before its lease could have run out on the promoted replica, and the new
 /// leader's calls are never interleaved with the old one's (counted at moto).
 #[test]
+#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
 fn split_brain_is_fenced_by_replica_acknowledgements() {
     let mut net = Net::new();
     let p = net.host("p");
@@ -354,6 +356,7 @@ fn sentinel_primary(s: &Host) -> Option<String> {
 /// each failover a leader acts again, counted at moto, with no deposed epoch acting
 /// after its successor.
 #[test]
+#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
 fn sentinel_failovers_on_kill_and_stop_keep_one_leader() {
     let mut net = Net::new();
     let nodes: Vec<Host> = ["p", "r1", "r2"].iter().map(|n| net.host(n)).collect();

@@ -31,6 +31,7 @@ fn config(redis: &Redis, instance: &str) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
 async fn instance_and_ip_groups_and_a_classic_elb_follow_the_service_across_a_restart() {
     let redis = Redis::start();
     let moto = Moto::start();
@@ -122,6 +123,7 @@ async fn instance_and_ip_groups_and_a_classic_elb_follow_the_service_across_a_re
 }
 
 #[test]
+#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
 fn a_5xx_from_aws_never_deregisters() {
     let redis = Redis::start();
     let moto = Moto::start();

@@ -66,10 +66,12 @@ pub fn retry_after(e: &CreateError, backoff: &mut Backoff) -> Retry {
     }
 }
 
-fn kind_of(e: &CreateError) -> String {
+/// The kind of a creation's failure: the plugin's own, else `config` (the host refused
+/// the configuration before the plugin saw it).
+fn kind_of(e: &CreateError) -> ErrorKind {
     match e {
-        CreateError::Plugin { error, .. } => error.kind.as_str().to_owned(),
-        _ => "config".to_owned(),
+        CreateError::Plugin { error, .. } => error.kind,
+        _ => ErrorKind::Config,
     }
 }
 
@@ -211,7 +213,7 @@ impl Creator {
             };
             let retry = retry_after(&error, &mut backoff);
             let message = error.to_string();
-            if first && last_error.is_none() && kind_of(&error) == "config" {
+            if first && last_error.is_none() && kind_of(&error) == ErrorKind::Config {
                 let _ = self.fatal.send(crate::supervisor::Fatal::Config(format!(
                     "{}: {message}",
                     self.name
@@ -223,7 +225,7 @@ impl Creator {
             }
             if tx.borrow().is_pending() {
                 tx.send_replace(SlotState::Pending(NotCreated {
-                    kind: kind_of(&error),
+                    kind: kind_of(&error).as_str().to_owned(),
                     message,
                 }));
             }
@@ -298,7 +300,7 @@ impl Creator {
             Retry::Never => {
                 tracing::error!(source = %self.name, "plugin instance cannot be created until warden is restarted with a fixed config: {message}")
             }
-            Retry::After(d) if kind_of(error) == "config" => {
+            Retry::After(d) if kind_of(error) == ErrorKind::Config => {
                 tracing::error!(source = %self.name, retry_in = %crate::logs::humantime(d), "plugin refused its config: {message}")
             }
             Retry::After(d) => {
