@@ -22,8 +22,7 @@ use aws_credential_types::provider::{error::CredentialsError, ProvideCredentials
 use warden_plugin_api::prelude::*;
 use warden_plugin_api::serde_json::{self, json, Value};
 
-#[path = "../../http-json/src/http.rs"]
-mod web;
+use warden_plugin_common::http as web;
 
 const TARGET: &str = "GraniteServiceVersion20100801.GetMetricData";
 const CONTENT_TYPE: &str = "application/x-amz-json-1.0";

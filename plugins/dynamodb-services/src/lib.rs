@@ -30,13 +30,8 @@ use warden_plugin_api::serde_json::{self, Map, Value};
 use warden_plugin_api::tokio::sync::Mutex;
 use warden_plugin_api::tracing;
 
-#[path = "../../redis-services/src/entry.rs"]
-mod entry;
-#[path = "../../file-services/src/legacy.rs"]
-mod legacy;
-#[path = "../../redis-services/src/snapshot.rs"]
-mod snapshot;
 use snapshot::Snapshot;
+use warden_plugin_common::{entry, legacy, snapshot};
 
 /// `[[registrar.sources]] plugin = "dynamodb-services"` (or `[[manager.sources]]`).
 #[derive(Debug, Deserialize, JsonSchema)]

@@ -120,7 +120,7 @@ fn validate(mut services: Vec<ServiceDefinition>) -> Result<Vec<ServiceDefinitio
 
 pub use warden_plugin_api::model::normalise_frontend;
 
-pub mod legacy;
+use warden_plugin_common::legacy;
 
 #[derive(PartialEq, Clone, Copy)]
 struct Stamp {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use warden_plugin_api::prelude::*;
 
-pub mod http;
+use warden_plugin_common::http;
 
 /// `[metrics.<name>] plugin = "http-json"`.
 #[derive(Debug, Deserialize, JsonSchema)]

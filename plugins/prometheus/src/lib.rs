@@ -12,8 +12,7 @@ use std::time::Duration;
 use warden_plugin_api::prelude::*;
 use warden_plugin_api::serde_json::{self, Value};
 
-#[path = "../../http-json/src/http.rs"]
-mod http;
+use warden_plugin_common::http;
 
 /// `[metrics.<name>] plugin = "prometheus"`.
 #[derive(Debug, Deserialize, JsonSchema)]

@@ -14,8 +14,8 @@ use std::time::Duration;
 use warden_plugin_api::prelude::*;
 use warden_plugin_api::tokio::sync::Mutex;
 
-mod client;
 use client::addr_of;
+use warden_plugin_common::redis_client as client;
 
 /// What to read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]

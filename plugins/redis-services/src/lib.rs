@@ -63,13 +63,11 @@ fn default_timeout_ms() -> u64 {
     2000
 }
 
-#[path = "../../redis-metric/src/client.rs"]
-mod client;
-mod entry;
-mod snapshot;
 use client::addr_of;
 pub use entry::parse_value;
 use snapshot::Snapshot;
+use warden_plugin_common::redis_client as client;
+use warden_plugin_common::{entry, snapshot};
 
 /// Parses one entry of the hash: the field is the service's name. The error says what
 /// is wrong, without the field (the caller names it).

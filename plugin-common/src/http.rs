@@ -3,7 +3,6 @@
 //! plugins).
 
 // Each plugin that includes this file uses part of it.
-#![allow(dead_code)]
 
 use std::sync::Arc;
 use std::time::Duration;

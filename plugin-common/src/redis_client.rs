@@ -1,6 +1,6 @@
 //! Opening a Redis client as warden's own Redis settings do (AUTH in the URL, `rediss://`
-//! for TLS, a PEM CA for a private one): shared by `redis-metric` and `redis-services`
-//! (included by path).
+//! for TLS, a PEM CA for a private one): shared by `redis-metric` and
+//! `redis-services`.
 
 use std::path::Path;
 

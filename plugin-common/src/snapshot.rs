@@ -1,5 +1,5 @@
 //! The last good set of services of a provider that re-reads a store on an interval:
-//! shared by `redis-services` and `dynamodb-services` (included by path).
+//! shared by `redis-services` and `dynamodb-services`.
 //!
 //! Why these rules, the same for every store:
 //! * A read is due at most once per interval, whatever asks (the host asks for the

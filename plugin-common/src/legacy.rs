@@ -1,8 +1,7 @@
 //! The original warden's service files (Perl and Go), read as they were written.
-//! Shared by `file-services` and `dynamodb-services` (included by path).
+//! Shared by `file-services` and `dynamodb-services`.
 
 // Each plugin that includes this file uses part of it.
-#![allow(dead_code)]
 
 use warden_plugin_api::model::{ContainerMatch, ServiceDefinition};
 use warden_plugin_api::{serde, serde_json};

@@ -1,5 +1,5 @@
 //! One service in warden's model from JSON, checked as strictly as a services file:
-//! shared by `redis-services` and `dynamodb-services` (included by path).
+//! shared by `redis-services` and `dynamodb-services`.
 
 use warden_plugin_api::model::normalise_frontend;
 use warden_plugin_api::serde_json::Value;
