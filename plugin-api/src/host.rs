@@ -7,15 +7,14 @@
 //! and a restart, never by copying over the loaded file.
 
 use std::future::Future;
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::panic::catch_unwind;
 use std::path::{Path, PathBuf};
 
 use abi_stable::library::{lib_header_from_path, LibraryError};
 use abi_stable::std_types::{RResult, RStr};
-use futures_util::FutureExt as _;
 
 use crate::ffi::{InstanceBox, LogSink, PluginModRef};
-use crate::{ErrorKind, Kind, Manifest, PluginError};
+use crate::{Kind, Manifest, PluginError};
 
 /// Why a file could not be loaded as a plugin, in one short paragraph.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -160,12 +159,13 @@ impl Library {
         let module = header
             .init_root_module::<PluginModRef>()
             .map_err(short_reason)?;
-        let manifest_json = match catch_unwind(AssertUnwindSafe(|| (module.manifest())())) {
-            Ok(RResult::ROk(json)) => json.into_string(),
-            Ok(RResult::RErr(e)) => {
-                return Err(LoadError::Manifest(PluginError::from(e).to_string()))
-            }
-            Err(_) => return Err(LoadError::Manifest("the manifest function panicked".into())),
+        // No catch_unwind around the plugin's functions: they are `extern "C"`, so a
+        // panic cannot unwind out of them into the host (the process would abort).
+        // The plugin's side catches its panics (sdk::export) and returns them as
+        // `panicked` errors; a plugin that lets one escape is for isolation to contain.
+        let manifest_json = match (module.manifest())() {
+            RResult::ROk(json) => json.into_string(),
+            RResult::RErr(e) => return Err(LoadError::Manifest(PluginError::from(e).to_string())),
         };
         let manifest: Manifest =
             serde_json::from_str(&manifest_json).map_err(|e| LoadError::Manifest(e.to_string()))?;
@@ -203,15 +203,9 @@ impl Library {
     /// builds it: call from a blocking thread.
     pub fn create(&self, kind: Kind, config: &str) -> Result<RawInstance, PluginError> {
         let create = self.module.create();
-        match catch_unwind(AssertUnwindSafe(|| {
-            create(RStr::from_str(kind.as_str()), RStr::from_str(config))
-        })) {
-            Ok(RResult::ROk(inner)) => Ok(RawInstance { inner }),
-            Ok(RResult::RErr(e)) => Err(e.into()),
-            Err(_) => Err(PluginError::new(
-                ErrorKind::Panicked,
-                "plugin panicked in create",
-            )),
+        match create(RStr::from_str(kind.as_str()), RStr::from_str(config)) {
+            RResult::ROk(inner) => Ok(RawInstance { inner }),
+            RResult::RErr(e) => Err(e.into()),
         }
     }
 }
@@ -228,27 +222,19 @@ impl RawInstance {
         op: &str,
         args: &str,
     ) -> impl Future<Output = Result<String, PluginError>> + Send + 'static {
-        let started = catch_unwind(AssertUnwindSafe(|| {
-            self.inner.call(RStr::from_str(op), RStr::from_str(args))
-        }));
+        // As in `create`: the plugin's side turns its panics into errors.
+        let fut = self.inner.call(RStr::from_str(op), RStr::from_str(args));
         async move {
-            let fut = started.map_err(|_| {
-                PluginError::new(ErrorKind::Panicked, "plugin panicked starting a call")
-            })?;
-            match AssertUnwindSafe(fut).catch_unwind().await {
-                Ok(RResult::ROk(json)) => Ok(json.into_string()),
-                Ok(RResult::RErr(e)) => Err(e.into()),
-                Err(_) => Err(PluginError::new(
-                    ErrorKind::Panicked,
-                    "plugin panicked while polled",
-                )),
+            match fut.await {
+                RResult::ROk(json) => Ok(json.into_string()),
+                RResult::RErr(e) => Err(e.into()),
             }
         }
     }
 
     /// Tells the instance no call follows.
     pub fn shutdown(&self) {
-        let _ = catch_unwind(AssertUnwindSafe(|| self.inner.shutdown()));
+        self.inner.shutdown();
     }
 }
 
