@@ -4,6 +4,7 @@
 //! re-point a name (`/etc/netns/<ns>/hosts`, which `ip netns exec` mounts over
 //! `/etc/hosts`). Everything a [`Net`] made is removed when it is dropped, and anything
 //! left by a test process that is gone is removed by the next one.
+#![allow(unsafe_code)] // system calls (signals, namespaces, processes) in test code
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;

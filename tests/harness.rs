@@ -1,6 +1,7 @@
 //! The real parts the end-to-end tests run against, each started on a free loopback
 //! port and stopped when dropped: redis-server, moto_server, nginx with warden's router,
 //! Docker containers of a locally built busybox image, and warden itself.
+#![allow(unsafe_code)] // system calls (signals, namespaces, processes) in test code
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};

@@ -2,6 +2,7 @@
 //! the same plugin called directly as an rlib, the same in a child process
 //! (`isolation = "process"`), and loading 10 plugin files with and without the probe of
 //! each file in a child process.
+#![allow(unsafe_code)] // system calls (signals, namespaces, processes) in test code
 
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;

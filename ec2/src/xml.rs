@@ -14,7 +14,7 @@ pub struct Zone {
 
 /// What one page of DescribeInstances says.
 #[derive(Debug, PartialEq, Eq)]
-pub struct InstancesPage {
+pub(crate) struct InstancesPage {
     pub instances: usize,
     pub next_token: Option<String>,
 }
@@ -24,7 +24,7 @@ fn bad(e: impl std::fmt::Display) -> Ec2Error {
 }
 
 /// The zones of a DescribeAvailabilityZonesResponse.
-pub fn zones(text: &str) -> Result<Vec<Zone>, Ec2Error> {
+pub(crate) fn zones(text: &str) -> Result<Vec<Zone>, Ec2Error> {
     let mut doc = Document::new(text);
     let mut root = doc.root_element().map_err(bad)?;
     if !root.start_el().matches("DescribeAvailabilityZonesResponse") {
@@ -60,7 +60,7 @@ fn zone(item: &mut ScopedDecoder) -> Result<Zone, Ec2Error> {
 }
 
 /// The instance count and next token of a DescribeInstancesResponse page.
-pub fn instances_page(text: &str) -> Result<InstancesPage, Ec2Error> {
+pub(crate) fn instances_page(text: &str) -> Result<InstancesPage, Ec2Error> {
     let mut doc = Document::new(text);
     let mut root = doc.root_element().map_err(bad)?;
     if !root.start_el().matches("DescribeInstancesResponse") {
@@ -95,7 +95,7 @@ pub fn instances_page(text: &str) -> Result<InstancesPage, Ec2Error> {
 }
 
 /// The error an answer with `status` says (EC2's `<Response><Errors><Error>`).
-pub fn error(status: u16, text: &str) -> Ec2Error {
+pub(crate) fn error(status: u16, text: &str) -> Ec2Error {
     let (code, message) = error_fields(text).unwrap_or_default();
     let code = if code.is_empty() {
         format!("HTTP {status}")

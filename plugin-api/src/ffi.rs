@@ -6,6 +6,8 @@
 //! new ability is otherwise a new operation name or JSON field passed through
 //! [`Instance::call`]. This is the only module that names abi_stable.
 
+// The FFI itself: abi_stable's types and the exported functions are unsafe by nature.
+#![allow(unsafe_code)]
 #![allow(non_local_definitions)] // emitted by #[sabi_trait]
 
 use abi_stable::{

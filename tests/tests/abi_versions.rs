@@ -98,7 +98,10 @@ fn build_plugin_against(version: &str) -> PathBuf {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 async fn another_1x_loads_and_2x_is_refused_with_a_short_reason() {
     build_workspace();
     let v1_1 = build_plugin_against("1.7.0");

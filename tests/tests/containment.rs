@@ -54,7 +54,10 @@ fn kind_of(r: Result<warden_plugin_api::Measurement, CallError>) -> ErrorKind {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 async fn panic_hang_garbage_and_error_are_contained_and_the_next_call_is_served() {
     let (host, _dir) = host();
     let marker_dir = tempfile::tempdir().unwrap();
@@ -113,7 +116,10 @@ async fn panic_hang_garbage_and_error_are_contained_and_the_next_call_is_served(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 async fn dropping_a_call_cancels_the_plugin_work() {
     let (host, _dir) = host();
     let marker_dir = tempfile::tempdir().unwrap();
@@ -136,7 +142,10 @@ async fn dropping_a_call_cancels_the_plugin_work() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 async fn a_plugin_that_keeps_failing_is_rested_and_others_go_on() {
     let (host, _dir) = host();
     let bad = chaos(
@@ -157,7 +166,10 @@ async fn a_plugin_that_keeps_failing_is_rested_and_others_go_on() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 async fn a_panic_in_create_and_a_bad_config_are_errors_not_crashes() {
     let (host, _dir) = host();
     let e = host
@@ -237,7 +249,10 @@ impl std::io::Write for Capture {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 async fn plugin_tracing_reaches_the_host_log_under_the_plugin_name() {
     let capture = Capture::default();
     let writer = capture.clone();
@@ -263,7 +278,10 @@ async fn plugin_tracing_reaches_the_host_log_under_the_plugin_name() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 async fn file_services_follow_the_file_and_keep_the_last_good_set() {
     let (host, _dir) = host();
     let work = tempfile::tempdir().unwrap();

@@ -4,6 +4,7 @@
 //! half-open). Every scenario is counted at moto, by the epoch every ECS call carries:
 //! no call of an older epoch after a newer epoch's first call, tasks never above max,
 //! and a leader acting again within the stated bound.
+#![allow(unsafe_code)] // system calls (signals, namespaces, processes) in test code
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -179,7 +180,10 @@ fn tasks(moto: &Moto) -> u32 {
 /// is closed), its replica promoted and the name re-pointed to it: a leader renews on
 /// the new primary within lease + guard + one tick, and no deposed epoch acts.
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn a_black_holed_primary_and_a_re_pointed_name_give_a_leader_again_in_bound() {
     let mut net = Net::new();
     let p = net.host("p");
@@ -247,7 +251,10 @@ fn a_black_holed_primary_and_a_re_pointed_name_give_a_leader_again_in_bound() {
 /// stops before its lease could have run out on the promoted replica, and the new
 /// leader's calls are never interleaved with the old one's (counted at moto).
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn split_brain_is_fenced_by_replica_acknowledgements() {
     let mut net = Net::new();
     let p = net.host("p");
@@ -356,7 +363,10 @@ fn sentinel_primary(s: &Host) -> Option<String> {
 /// each failover a leader acts again, counted at moto, with no deposed epoch acting
 /// after its successor.
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn sentinel_failovers_on_kill_and_stop_keep_one_leader() {
     let mut net = Net::new();
     let nodes: Vec<Host> = ["p", "r1", "r2"].iter().map(|n| net.host(n)).collect();

@@ -2,6 +2,7 @@
 //! and of the central Redis, a plugin whose process looks for warden's secrets. Every
 //! test counts the damage on the far side: the calls moto recorded, the answers of the
 //! real router, the keys read back from Redis, what the plugin's own process saw.
+#![allow(unsafe_code)] // system calls (signals, namespaces, processes) in test code
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -35,7 +36,10 @@ fn answers(port: u16, host: &str, path: &str, n: usize) -> BTreeMap<String, usiz
 /// to the victim, no key of theirs is in Redis, and each refusal is logged once, named,
 /// and counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 async fn labels_get_only_what_the_operator_granted() {
     let redis = Redis::start();
     let moto = Moto::start();
@@ -242,7 +246,10 @@ fn ecs_count(moto: &Moto, family: &str, started_by: &str) -> u32 {
 /// UpdateService calls) and in ECS itself; each refusal is logged and listed by
 /// `warden status`.
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn a_central_redis_writer_makes_the_leader_run_only_what_is_granted() {
     let central = Redis::start();
     let moto = Moto::start();
@@ -367,7 +374,10 @@ fn counting_listener() -> (u16, Arc<AtomicUsize>) {
 /// router never connects to either, keeps following other writes, refuses a path whose
 /// routing would differ from what it forwards, and tells the container who asked.
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn the_router_routes_only_to_container_networks_and_only_unambiguous_paths() {
     let port = free_port();
     let redis = Redis::start_with(
@@ -467,7 +477,10 @@ fn the_router_routes_only_to_container_networks_and_only_unambiguous_paths() {
 /// only what its instance names; it runs as the configured user, with the limits set.
 /// Read by the plugin's own process (`env:`, `uid`, `nofile` steps of test-chaos).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 async fn an_isolated_plugin_gets_no_secret_and_not_root() {
     use warden::plugins::isolated::{ChildPolicy, ChildUser};
     use warden::plugins::{CallOptions, MetricClient, PluginHost};
@@ -522,7 +535,10 @@ async fn an_isolated_plugin_gets_no_secret_and_not_root() {
 /// `/status` asked 100 times in a burst costs the central Redis one connection, not 100
 /// (counted by the central Redis itself: `total_connections_received`).
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn the_http_endpoint_is_bounded_and_status_reuses_one_connection() {
     let central = Redis::start();
     let w = Warden::start(

@@ -109,7 +109,10 @@ fn the_policy_parses_and_names_actions_without_wildcards() {
 /// The ECS deployment files are what ECS accepts: boto3 checks every field against the
 /// API's shapes, moto registers the task definition and creates the daemon service.
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn the_ecs_daemon_service_files_are_accepted_by_the_ecs_api() {
     let moto = warden_tests::harness::Moto::start();
     let root = workspace_root().join("examples/deploy");

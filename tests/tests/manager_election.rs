@@ -86,7 +86,10 @@ fn wait_leader(central: &Redis, not: Option<&str>, within: Duration) -> (String,
 }
 
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn sigkill_fails_over_within_the_bound_and_sigterm_hands_over_at_once() {
     let central = Redis::start();
     let mut wardens = start_three(&central);
@@ -120,7 +123,10 @@ fn sigkill_fails_over_within_the_bound_and_sigterm_hands_over_at_once() {
 }
 
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn a_paused_leader_steps_down_when_it_resumes_and_records_nothing() {
     let central = Redis::start();
     let wardens = start_three(&central);
@@ -168,7 +174,10 @@ fn a_paused_leader_steps_down_when_it_resumes_and_records_nothing() {
 }
 
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn a_restarted_central_redis_brings_a_new_epoch_and_no_overlap() {
     let mut central = Redis::start();
     let _wardens = start_three(&central);
@@ -186,7 +195,10 @@ fn a_restarted_central_redis_brings_a_new_epoch_and_no_overlap() {
 }
 
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn warden_status_shows_the_leader_the_hosts_and_the_last_decision() {
     let central = Redis::start();
     let _wardens = start_three(&central);

@@ -77,7 +77,10 @@ policy = {{ {policy} }}
 /// leader for 40 s (20 leases of 2 s, six slow metric reads at least), and that leader
 /// gets the work done.
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn a_slow_aws_and_a_slow_metric_never_change_the_leader() {
     let central = Redis::start();
     let moto = Moto::start();
@@ -133,7 +136,10 @@ fn a_slow_aws_and_a_slow_metric_never_change_the_leader() {
 /// the old epoch after the new epoch's first call, and the task count ends at the
 /// decided 30, never above.
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn a_paused_leader_sends_nothing_after_its_successor_acts() {
     let central = Redis::start();
     let moto = Moto::start();
@@ -226,7 +232,10 @@ fn a_paused_leader_sends_nothing_after_its_successor_acts() {
 /// more tasks than the policy's max, and no epoch sends a call after its successor's
 /// first. Rounds: `WARDEN_CHAOS_ROUNDS` (default 20; the benchmark runs 100).
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn tasks_never_exceed_max_under_leader_chaos() {
     let rounds: usize = std::env::var("WARDEN_CHAOS_ROUNDS")
         .ok()
@@ -300,7 +309,10 @@ fn tasks_never_exceed_max_under_leader_chaos() {
 /// `task_definition` as family, family:revision or a full ARN: each service counts its
 /// own tasks right, so none starts more once it has its two.
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn task_definitions_as_family_revision_or_arn_are_each_counted() {
     let central = Redis::start();
     let moto = Moto::start();
@@ -348,7 +360,10 @@ fn task_definitions_as_family_revision_or_arn_are_each_counted() {
 /// Without instance id and AZ in the config, both come from instance metadata (IMDSv2);
 /// with both configured (and the region set), instance metadata is never asked.
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn instance_id_and_az_come_from_instance_metadata_only_when_not_configured() {
     let central = Redis::start();
     let moto = Moto::start();
@@ -395,7 +410,10 @@ fn instance_id_and_az_come_from_instance_metadata_only_when_not_configured() {
 /// A metric plugin whose `new` takes 6 s: the leader records holds naming the hang, the
 /// rest of warden is not held up, and once `new` returns the tasks follow the metric.
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn a_metric_plugin_slow_in_new_holds_then_scales() {
     let central = Redis::start();
     let moto = Moto::start();
@@ -436,7 +454,10 @@ mapping = { target_per_task = 1.0 }
 /// places fewer (a container instance without room) reports the shortfall, and a
 /// throttled RunTask is retried by the SDK without starting anything twice.
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn run_task_answers_are_read_partial_placement_is_reported_and_throttling_retried() {
     let central = Redis::start();
     let moto = Moto::start();
@@ -490,7 +511,10 @@ fn run_task_answers_are_read_partial_placement_is_reported_and_throttling_retrie
 /// A service name that collides with another, or whose `startedBy` would, is refused by
 /// `warden check` naming both.
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn warden_check_refuses_duplicate_and_colliding_service_names() {
     let dir = tempfile::tempdir().unwrap();
     let base = "[manager]\ncentral_redis = \"redis://127.0.0.1:1\"\n[metrics.m]\nplugin = \"template\"\nconfig = { value = 1.0 }\n";
@@ -526,7 +550,10 @@ fn warden_check_refuses_duplicate_and_colliding_service_names() {
 /// A metric plugin's error kind reaches the record and `warden status`; a permanent error
 /// rests the plugin at once (the next loop does not call it) and the rest names it.
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn metric_error_kinds_are_shown_and_a_permanent_error_rests_the_plugin() {
     let central = Redis::start();
     let body = r#"dry_run = true

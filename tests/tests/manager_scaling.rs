@@ -68,7 +68,10 @@ fn last_decision(central: &Redis) -> serde_json::Value {
 }
 
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn tasks_follow_the_metric_within_min_max_and_step_and_a_metric_failure_holds() {
     let central = Redis::start();
     let moto = Moto::start();
@@ -139,7 +142,10 @@ fn tasks_follow_the_metric_within_min_max_and_step_and_a_metric_failure_holds() 
 /// retried on the next loop; once it succeeds warden re-counts and never starts more than
 /// the decision asked for.
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn a_failed_run_task_is_retried_and_an_unknown_outcome_never_doubles() {
     let central = Redis::start();
     let moto = Moto::start();
@@ -172,7 +178,10 @@ fn a_failed_run_task_is_retried_and_an_unknown_outcome_never_doubles() {
 }
 
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn service_mode_sets_desired_count_and_dry_run_calls_nothing() {
     let central = Redis::start();
     let moto = Moto::start();
@@ -200,7 +209,10 @@ fn service_mode_sets_desired_count_and_dry_run_calls_nothing() {
 
 /// The seed's pipeline: Beanstalk instances (tagged in moto) → a table in S3 → ECS tasks.
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn beanstalk_instances_mapped_through_an_s3_table_drive_the_tasks() {
     let central = Redis::start();
     let moto = Moto::start();

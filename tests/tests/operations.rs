@@ -69,7 +69,10 @@ fn wait_metric(w: &Warden, series: &str, want: f64) {
 /// Three containers started → the routes and servers gauges say so; Docker's events and
 /// the reconciles are counted; a service that goes loses its series.
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn metrics_follow_known_actions() {
     let redis = Redis::start();
     let w = Warden::start(&config(&redis, "i-metrics"), &[]);
@@ -154,7 +157,10 @@ fn metrics_follow_known_actions() {
 /// `/readyz` turns 503 when the local Redis stops and 200 when it is back, while
 /// `/livez` stays 200; `warden health` exits accordingly; `/status` is this host's JSON.
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn readiness_follows_the_local_redis_and_liveness_does_not() {
     let mut redis = Redis::start();
     let w = Warden::start(&config(&redis, "i-ready"), &[]);
@@ -199,7 +205,10 @@ fn readiness_follows_the_local_redis_and_liveness_does_not() {
 
 /// `warden health` against nothing listening fails with the address in its message.
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn health_without_a_warden_fails_and_says_where_it_asked() {
     let port = free_port();
     let out = Command::new(warden_bin())
@@ -214,7 +223,10 @@ fn health_without_a_warden_fails_and_says_where_it_asked() {
 /// The endpoint's address is checked: a taken port stops `run` with exit 78 and a line
 /// naming `http.listen`.
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn a_taken_http_port_is_a_config_error() {
     let redis = Redis::start();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -315,7 +327,10 @@ fn throwaway_ca(dir: &std::path::Path) {
 /// reads the central Redis over TLS, and the password appears in no log line, no
 /// `warden status` output and no `/status`.
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn auth_and_tls_on_both_redis_connections_and_the_password_is_never_shown() {
     const PASSWORD: &str = "s3cret-Pa55";
     let tls = tempfile::tempdir().unwrap();
@@ -462,7 +477,10 @@ fn auth_and_tls_on_both_redis_connections_and_the_password_is_never_shown() {
 /// route of a running container never leaves Redis; a setting that needs a restart is
 /// refused by name.
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn sighup_applies_a_good_configuration_refuses_a_bad_one_and_keeps_routes_and_lease() {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::Arc;
@@ -696,7 +714,10 @@ fn lease(central: &Redis) -> Option<(String, u64)> {
 /// central Redis and its route in the local one, and logs each catchable one as
 /// ignored; SIGQUIT then stops it cleanly (exit 0, lease given up), as SIGTERM does.
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn stray_signals_cost_neither_the_lease_nor_a_route_and_sigquit_stops_cleanly() {
     let (local, central) = (Redis::start(), Redis::start());
     let config = registrar_and_dry_run_manager(

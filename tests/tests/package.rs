@@ -40,7 +40,10 @@ fn profile_dir() -> (&'static str, PathBuf) {
 }
 
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn the_deb_installs_checks_its_config_lists_its_plugins_and_purges() {
     let (installed_before, _) = run(Command::new("dpkg").args(["-s", "warden"]));
     assert!(

@@ -25,7 +25,10 @@ fn call(plugin: &str, config: serde_json::Value) -> (i32, serde_json::Value) {
 /// password is a config error, a missing server transient, a key of another type or a
 /// value that is not a number a config error naming the key; the password is never shown.
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn redis_metric_reads_lengths_and_numbers_with_auth() {
     const PASSWORD: &str = "pl-s3cret";
     let port = free_port();
@@ -106,7 +109,10 @@ fn redis_metric_reads_lengths_and_numbers_with_auth() {
 /// permanent, a server that never answers is transient after the timeout, a pointer to a
 /// string that is not a number is a config error saying what it found.
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn http_json_reads_a_number_at_a_pointer() {
     let server =
         Backend::start(r#"{"queues": {"jobs": {"depth": 12, "name": "jobs"}}, "backlog": "4.5"}"#);
@@ -155,7 +161,10 @@ fn http_json_reads_a_number_at_a_pointer() {
 /// a metrics file) every second: an instant query gives the exported value; a query of
 /// several series, a query Prometheus refuses and an empty result are each said.
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn prometheus_answers_an_instant_query() {
     let exporter = tempfile::tempdir().unwrap();
     std::fs::write(
@@ -274,7 +283,10 @@ fn call_aws(moto: &Moto, plugin: &str, config: serde_json::Value) -> (i32, serde
 /// Messages waiting in an SQS queue (moto), by name and by URL, with the in-flight ones
 /// when asked; a queue that does not exist is a config error naming it.
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn sqs_queue_counts_waiting_and_in_flight_messages() {
     let moto = Moto::start();
     let url = moto.fixture(&["sqs-setup", "jobs", "3"]).trim().to_owned();
@@ -314,7 +326,10 @@ fn sqs_queue_counts_waiting_and_in_flight_messages() {
 /// for `when_missing`), other dimensions not mixed in, and a bad statistic a config
 /// error naming the field.
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn cloudwatch_reads_the_newest_datapoint_within_its_age() {
     let moto = Moto::start();
     moto.fixture(&["cw-put", "App", "Depth", "Queue=jobs", "7", "30"]);

@@ -1,4 +1,5 @@
 //! The `warden` binary against real plugin files: listing, checking, refusing.
+#![allow(unsafe_code)] // system calls (signals, namespaces, processes) in test code
 
 use std::os::unix::fs::PermissionsExt;
 
@@ -16,7 +17,10 @@ fn all_plugins() -> Vec<std::path::PathBuf> {
 }
 
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn every_plugin_is_listed_with_name_version_kinds_api_and_path() {
     let files = all_plugins();
     let dir = plugin_dir(&files.iter().map(|p| p.as_path()).collect::<Vec<_>>());
@@ -52,7 +56,10 @@ fn every_plugin_is_listed_with_name_version_kinds_api_and_path() {
 }
 
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn a_foreign_shared_library_is_refused_in_one_line() {
     let (code, out, _) = warden(&["plugins", "check", foreign_so().to_str().unwrap()]);
     assert_eq!(code, 1);
@@ -61,7 +68,10 @@ fn a_foreign_shared_library_is_refused_in_one_line() {
 }
 
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn a_file_that_is_no_library_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("notes.so");
@@ -75,7 +85,10 @@ fn a_file_that_is_no_library_is_refused() {
 }
 
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn a_bad_plugin_file_does_not_stop_the_others() {
     let template = plugin_so("warden_plugin_template");
     let foreign = foreign_so();
@@ -93,7 +106,10 @@ fn a_bad_plugin_file_does_not_stop_the_others() {
 }
 
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn writable_or_foreign_owned_plugins_are_refused_unless_allowed() {
     let template = plugin_so("warden_plugin_template");
     let dir = plugin_dir(&[template.as_path()]);
@@ -127,7 +143,10 @@ fn writable_or_foreign_owned_plugins_are_refused_unless_allowed() {
 }
 
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn plugins_check_validates_a_config_against_the_schema() {
     let template = plugin_so("warden_plugin_template");
     let dir = plugin_dir(&[template.as_path()]);
@@ -145,7 +164,10 @@ fn plugins_check_validates_a_config_against_the_schema() {
 }
 
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn check_names_file_key_and_expectation() {
     let template = plugin_so("warden_plugin_template");
     let dir = plugin_dir(&[template.as_path()]);
@@ -224,7 +246,10 @@ fn check_names_file_key_and_expectation() {
 }
 
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn run_loads_plugins_and_stops_cleanly_on_sigterm() {
     let files = all_plugins();
     let dir = plugin_dir(&files.iter().map(|p| p.as_path()).collect::<Vec<_>>());
@@ -298,7 +323,10 @@ fn run_loads_plugins_and_stops_cleanly_on_sigterm() {
 /// file-services `.so` through `warden plugins check --call`; a misspelt field is refused
 /// with its line and column.
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn the_original_wardens_service_files_are_read_by_file_services() {
     let so = plugin_so("warden_plugin_file_services");
     let fixtures = workspace_root().join("plugins/file-services/fixtures");
@@ -348,7 +376,10 @@ fn the_original_wardens_service_files_are_read_by_file_services() {
 /// process): the command ends by itself, exit 1, with `timeout` as the error kind and
 /// the stage named apart; an async hang gets the call's own timeout, as before.
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn plugins_call_honours_its_timeout_for_code_that_never_yields() {
     let so = plugin_so("warden_plugin_test_chaos");
     for (step, stage) in [("spin", "call"), ("sleep:60000", "call")] {

@@ -18,7 +18,10 @@ fn mapped(pid: u32, file: &str) -> bool {
 }
 
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn a_plugin_the_configuration_does_not_use_is_listed_but_never_mapped() {
     // The harness's plugin directory holds eight plugins; this warden uses one.
     let w = Warden::start(
@@ -68,7 +71,10 @@ fn copy_as(from: &Path, to: &Path) {
 }
 
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn a_library_is_mapped_on_first_use_and_a_file_changed_since_its_check_is_refused() {
     warden::plugins::probe::set_command(warden_bin());
     let dir = plugin_dir(&[]);

@@ -12,7 +12,10 @@ fn cargo() -> String {
 }
 
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn the_template_copied_out_builds_tests_and_loads() {
     let root = workspace_root();
     let dir = tempfile::tempdir().unwrap();
@@ -83,7 +86,10 @@ fn the_template_copied_out_builds_tests_and_loads() {
 /// `plugins call` prints the answer with its unit and the time taken; a failing call
 /// exits 1 with the error's kind; `--repeat` gives min/median/max.
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn plugins_call_prints_the_answer_the_error_kind_and_the_time() {
     let template = plugin_so("warden_plugin_template");
     let (code, out, err) = warden(&[

@@ -35,7 +35,10 @@ fn config(redis: &Redis, router: Option<&Router>, resync: u64) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 async fn containers_are_routed_through_the_router_drained_before_exit_and_the_elb_follows() {
     let redis = Redis::start();
     let router = Router::start(&redis);

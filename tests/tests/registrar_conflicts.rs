@@ -42,7 +42,10 @@ fn wait_key(redis: &Redis, key: &str, want: Option<&str>) {
 /// with both services and containers, and shown in warden's account; after a restart the
 /// holder still holds them; when the holder goes, the claimant gets them at once.
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn a_takeover_is_refused_survives_a_restart_and_the_claimant_follows_the_holder() {
     let redis = Redis::start();
     let mut w = Warden::start(&config(&redis, "i-conf"), &[]);
@@ -144,7 +147,10 @@ fn a_takeover_is_refused_survives_a_restart_and_the_claimant_follows_the_holder(
 /// Front-end keys and server fields deleted or changed in Redis behind warden's back are
 /// back within one verification period (2 s), without any container changing.
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn drift_is_repaired_key_by_key() {
     let redis = Redis::start();
     let w = Warden::start(&config(&redis, "i-drift"), &[]);
@@ -178,7 +184,10 @@ fn drift_is_repaired_key_by_key() {
 /// A front-end written by hand before warden wanted it is never touched: not replaced
 /// while warden's container claims it, not deleted when the container leaves.
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn a_hand_written_frontend_is_left_alone() {
     let redis = Redis::start();
     let _: () = redis
@@ -229,7 +238,10 @@ fn a_hand_written_frontend_is_left_alone() {
 /// Two wardens on one Redis with the same service and front-end (each routing its own
 /// containers): while either has a server, the host never answers 404 through the router.
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn two_wardens_sharing_a_service_never_leave_it_without_its_frontend() {
     let redis = Redis::start();
     let router = Router::start(&redis);
@@ -314,7 +326,10 @@ fn two_wardens_sharing_a_service_never_leave_it_without_its_frontend() {
 /// value are refused: one warning naming the container, the label and the value (a long
 /// one elided); nothing of them in Redis.
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn malformed_frontends_are_refused_by_name() {
     let redis = Redis::start();
     let w = Warden::start(&config(&redis, "i-bad"), &[]);

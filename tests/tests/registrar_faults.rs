@@ -34,7 +34,10 @@ fn wait_servers(redis: &Redis, backend: &str, want: &BTreeSet<String>) {
 }
 
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn after_a_sigkill_and_restart_redis_holds_exactly_the_current_containers() {
     let redis = Redis::start();
     let mut warden = Warden::start(&config(&redis), &[]);
@@ -77,7 +80,10 @@ fn after_a_sigkill_and_restart_redis_holds_exactly_the_current_containers() {
 }
 
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn a_restarted_empty_redis_is_rewritten() {
     let mut redis = Redis::start();
     let _warden = Warden::start(&config(&redis), &[]);
@@ -97,7 +103,10 @@ fn a_restarted_empty_redis_is_rewritten() {
 }
 
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn several_networks_route_the_named_one_or_the_first_by_name() {
     let redis = Redis::start();
     let _warden = Warden::start(&config(&redis), &[]);
@@ -128,7 +137,10 @@ fn several_networks_route_the_named_one_or_the_first_by_name() {
 }
 
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn a_container_with_bad_labels_is_skipped_with_a_warning_and_others_are_routed() {
     let redis = Redis::start();
     let warden = Warden::start(&config(&redis), &[]);
@@ -159,7 +171,10 @@ fn a_container_with_bad_labels_is_skipped_with_a_warning_and_others_are_routed()
 }
 
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn a_reused_ip_never_receives_the_old_services_traffic() {
     let redis = Redis::start();
     let router = Router::start(&redis);
@@ -245,7 +260,10 @@ impl SocketProxy {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 async fn the_docker_stream_breaking_reconnects_and_resyncs() {
     let redis = Redis::start();
     let dir = tempfile::tempdir().unwrap();
@@ -289,7 +307,10 @@ async fn the_docker_stream_breaking_reconnects_and_resyncs() {
 }
 
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn a_container_with_a_healthcheck_is_routed_only_while_healthy() {
     let redis = Redis::start();
     let _warden = Warden::start(&config(&redis), &[]);
@@ -322,7 +343,10 @@ fn a_container_with_a_healthcheck_is_routed_only_while_healthy() {
 }
 
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn file_defined_services_match_by_image_and_name_and_follow_the_file() {
     let redis = Redis::start();
     let cs = Containers::new("filesvc");
@@ -370,7 +394,10 @@ fn file_defined_services_match_by_image_and_name_and_follow_the_file() {
 }
 
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn the_router_can_balance_round_robin() {
     let redis = Redis::start();
     let router = Router::start_with(&redis, "round-robin");

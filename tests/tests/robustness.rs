@@ -1,6 +1,7 @@
 //! The daemon against bad files, bad settings and signals at awkward moments: the real
 //! `warden` binary, real plugin files (whole, truncated, with a constructor that aborts),
 //! a real central Redis.
+#![allow(unsafe_code)] // system calls (signals, namespaces, processes) in test code
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -40,7 +41,10 @@ fn truncated(from: &Path, to: &Path, n: usize) {
 /// Truncated copies and a library whose constructor aborts sit beside a good plugin:
 /// `plugins list` and `warden run` name each bad file with its reason and go on.
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn bad_plugin_files_are_named_and_never_crash_warden() {
     let template = plugin_so("warden_plugin_template");
     let dir = plugin_dir(&[template.as_path()]);
@@ -111,7 +115,10 @@ fn bad_plugin_files_are_named_and_never_crash_warden() {
 /// A symlink into a world-writable directory, and a plugin under a group-writable parent
 /// directory, are refused with the directory named.
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn plugins_reachable_through_writable_directories_are_refused() {
     let template = plugin_so("warden_plugin_template");
     let base = tempfile::tempdir().unwrap();
@@ -181,7 +188,10 @@ fn run_until_exit(config: &str, env: &[(&str, &str)]) -> (Option<i32>, String) {
 
 /// Each configuration that cannot work makes `warden run` exit 78 with a line naming it.
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn fatal_configuration_errors_exit_78_with_their_line() {
     let central = Redis::start();
     let manager = format!(
@@ -249,7 +259,10 @@ const SLOW_METRIC: &str = "[plugins]\ncall_timeout_ms = 20000\n[metrics.m]\nplug
 /// SIGHUP and SIGUSR1 are logged and survived; SIGTERM while a metric call is in flight
 /// ends warden within 2 s, exit 0, with the lease given up (gone from Redis at once).
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn signals_are_survived_and_sigterm_during_slow_work_exits_in_time() {
     let central = Redis::start();
     let mut w = manager_warden(&central, "i-sig", SLOW_METRIC, &[]);
@@ -285,7 +298,10 @@ fn signals_are_survived_and_sigterm_during_slow_work_exits_in_time() {
 /// A loop that panics is logged at ERROR with its name and restarted; one that keeps
 /// panicking makes warden exit 70 (so that systemd restarts it whole).
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn a_panicking_loop_is_restarted_and_one_that_keeps_panicking_ends_warden() {
     let central = Redis::start();
     let dry = "[metrics.m]\nplugin = \"template\"\nconfig = { value = 1.0 }\n[[manager.services]]\nname = \"web\"\ntask_definition = \"web\"\nmetric = \"m\"\nmapping = { target_per_task = 1.0 }\n";
@@ -331,7 +347,10 @@ fn a_panicking_loop_is_restarted_and_one_that_keeps_panicking_ends_warden() {
 /// this host's id), so the lease lapses and the host leads again with a new epoch and
 /// scales (a decision recorded under that epoch in the central Redis).
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn a_worker_panic_leaves_no_zombie_elector_and_leadership_comes_back() {
     let central = Redis::start();
     let dry = "[metrics.m]\nplugin = \"template\"\nconfig = { value = 1.0 }\n[[manager.services]]\nname = \"web\"\ntask_definition = \"web\"\nmetric = \"m\"\nmapping = { target_per_task = 1.0 }\n";
@@ -375,7 +394,10 @@ fn a_worker_panic_leaves_no_zombie_elector_and_leadership_comes_back() {
 
 /// The central Redis down for 30 s: a handful of log lines, not one per tick.
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn a_central_redis_down_for_30s_is_said_a_handful_of_times() {
     let mut central = Redis::start();
     let dry = "[metrics.m]\nplugin = \"template\"\nconfig = { value = 1.0 }\n[[manager.services]]\nname = \"web\"\ntask_definition = \"web\"\nmetric = \"m\"\nmapping = { target_per_task = 1.0 }\n";
@@ -412,7 +434,10 @@ fn a_central_redis_down_for_30s_is_said_a_handful_of_times() {
 /// endless loop, costs only its child: warden stays up, the call fails as transient (or
 /// timeout), the child is restarted, and the next calls are served.
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn an_isolated_plugin_that_crashes_or_spins_costs_only_its_child() {
     let central = Redis::start();
     let body = r#"[plugins]
@@ -584,19 +609,28 @@ fn never_returning_plugins_cost_only_their_own_values(id: &str, step: &str, n: u
 }
 
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn four_plugins_that_never_yield_cost_only_their_own_values() {
     never_returning_plugins_cost_only_their_own_values("i-spin4", "spin", 4);
 }
 
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn two_plugins_that_block_their_thread_cost_only_their_own_values() {
     never_returning_plugins_cost_only_their_own_values("i-block2", "block:600000", 2);
 }
 
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn two_plugins_that_never_yield_cost_only_their_own_values() {
     never_returning_plugins_cost_only_their_own_values("i-spin2", "spin", 2);
 }
@@ -606,7 +640,10 @@ fn two_plugins_that_never_yield_cost_only_their_own_values() {
 /// record in the central Redis holds it, with where the source now runs, and `warden
 /// status` says so; `/readyz` is ready again and names no wedged instance.
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn a_wedged_instance_is_created_again_in_a_process_and_its_value_comes_back() {
     let central = Redis::start();
     let marker = tempfile::tempdir().unwrap();

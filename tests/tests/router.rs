@@ -46,7 +46,10 @@ fn wait_body(router: &Router, host: &str, path: &str, want: &str) {
 /// 10,000 requests through host, path and port front-ends: all answered by the right
 /// backend, and nginx's error.log stays empty (no line per request, none at all).
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn a_normal_run_leaves_the_error_log_empty() {
     let redis = Redis::start();
     let (a, b, c) = (
@@ -94,7 +97,10 @@ fn a_normal_run_leaves_the_error_log_empty() {
 /// touched Redis would take at least that), and the loss and the recovery are each said
 /// once. The latency ratio against an unpaused run is a benchmark figure.
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn a_hung_redis_costs_no_request_anything() {
     let redis = Redis::start();
     let (a, b) = (Backend::start("a"), Backend::start("b"));
@@ -174,7 +180,10 @@ fn a_hung_redis_costs_no_request_anything() {
 /// Redis killed and restarted empty: traffic keeps flowing from the last table, and once
 /// warden has rewritten the routes the router follows the rewrite.
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn redis_restarted_empty_keeps_traffic_then_follows_the_rewrite() {
     let mut redis = Redis::start();
     let (a, b) = (Backend::start("a"), Backend::start("b"));
@@ -220,7 +229,10 @@ fn redis_restarted_empty_keeps_traffic_then_follows_the_rewrite() {
 /// route written only with plain Redis commands (no version, no publication: stock
 /// Redx's API or redis-cli) is served within the safety-net period (5 s).
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn removals_are_followed_and_plain_redx_writes_are_picked_up() {
     let redis = Redis::start();
     let (a, b) = (Backend::start("a"), Backend::start("b"));
@@ -264,7 +276,10 @@ fn removals_are_followed_and_plain_redx_writes_are_picked_up() {
 /// pushed out to 10 minutes, so that nothing else can deliver them: a new front-end and
 /// backend, a server added, a front-end deleted.
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn other_writers_changes_are_heard_through_keyspace_notifications() {
     let redis = Redis::start();
     let before: Vec<String> = redis::cmd("CONFIG")
@@ -313,7 +328,10 @@ fn other_writers_changes_are_heard_through_keyspace_notifications() {
 /// Servers that refuse connections are skipped: every request reaches the live one (the
 /// retry takes the next server not yet tried), and a miss gets the fallback's 404.
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn a_request_is_retried_on_the_next_server_and_a_miss_gets_the_fallback() {
     let redis = Redis::start();
     let live = Backend::start("live");

@@ -15,7 +15,10 @@ fn get(redis: &Redis, key: &str) -> Option<String> {
 /// skipped and named while the good one stays; the services Redis going away keeps the
 /// last good set; deleting the entry takes the route away.
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn services_in_redis_are_routed_live_and_a_bad_entry_or_a_lost_redis_costs_nothing() {
     let local = Redis::start();
     let mut central = Redis::start();
@@ -116,7 +119,10 @@ fn running(moto: &Moto) -> u32 {
 /// (tasks counted in moto); a change of it is followed without a restart; a wrong one
 /// is skipped with the source, the service and the key named.
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn a_managed_service_defined_in_redis_is_scaled_and_followed_live() {
     let central = Redis::start();
     let moto = Moto::start();
@@ -178,7 +184,10 @@ fn a_managed_service_defined_in_redis_is_scaled_and_followed_live() {
 /// malformed item is skipped and named by its key; a read failure (the table gone)
 /// keeps the last good set, which still routes a container started afterwards.
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn services_in_dynamodb_are_routed_live_and_a_read_failure_keeps_the_last_good_set() {
     let local = Redis::start();
     let moto = Moto::start();
@@ -271,7 +280,10 @@ fn services_in_dynamodb_are_routed_live_and_a_read_failure_keeps_the_last_good_s
 /// their routes, and the registrar loop goes on: a container of another source started
 /// after the wedge is routed, and the wedged source is created again in a process.
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn a_source_that_never_returns_keeps_its_routes_and_the_registrar_goes_on() {
     let local = Redis::start();
     let cs = Containers::new("wedge");

@@ -31,7 +31,10 @@ fn config(redis: &Redis, instance: &str) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 async fn instance_and_ip_groups_and_a_classic_elb_follow_the_service_across_a_restart() {
     let redis = Redis::start();
     let moto = Moto::start();
@@ -123,7 +126,10 @@ async fn instance_and_ip_groups_and_a_classic_elb_follow_the_service_across_a_re
 }
 
 #[test]
-#[cfg_attr(warden_e2e_off, ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh")]
+#[cfg_attr(
+    warden_e2e_off,
+    ignore = "end-to-end tier: needs root, Docker, redis-server, nginx, moto_server; run scripts/test.sh"
+)]
 fn a_5xx_from_aws_never_deregisters() {
     let redis = Redis::start();
     let moto = Moto::start();

@@ -15,7 +15,7 @@ use toml_edit::{DocumentMut, ImDocument, Item, Value};
 use super::{redact_strings, Config};
 
 /// At most this many problems are listed; the rest show once these are fixed.
-pub const MAX: usize = 32;
+pub(crate) const MAX: usize = 32;
 
 /// One step of a key's path: a table key or a list index.
 #[derive(Debug, Clone, PartialEq)]
@@ -56,7 +56,7 @@ fn first(text: &str, file: &str) -> Option<Found> {
 }
 
 /// Every problem of `text` (empty when it is good), each `line L, column C: key K: ...`.
-pub fn every(text: &str, file: &str) -> Vec<String> {
+pub(crate) fn every(text: &str, file: &str) -> Vec<String> {
     let Ok(original) = ImDocument::parse(text.to_owned()) else {
         // Not TOML: the parser's one error is all there is to say.
         return first(text, file)

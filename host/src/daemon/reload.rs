@@ -43,7 +43,7 @@ pub enum Refusal {
 
 /// What a reload does, decided from the running and the new configuration (pure).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct ReloadPlan {
+pub(crate) struct ReloadPlan {
     /// Restart the registrar's loops (routes stay in Redis and are verified again).
     pub registrar: RegistrarChange,
     /// Metric sources to create (new or changed) and to drop.
@@ -54,7 +54,7 @@ pub struct ReloadPlan {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum RegistrarChange {
+pub(crate) enum RegistrarChange {
     #[default]
     Same,
     Start,
@@ -63,12 +63,12 @@ pub enum RegistrarChange {
 }
 
 impl ReloadPlan {
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         *self == ReloadPlan::default()
     }
 
     /// One line for the log.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         let mut parts = Vec::new();
         match self.registrar {
             RegistrarChange::Same => {}
@@ -124,7 +124,7 @@ fn changed_keys<T: serde::Serialize>(at: &str, old: &T, new: &T, out: &mut Vec<S
 /// Decides a reload, or says which changed settings need a restart (then nothing is
 /// applied: a reload is all or nothing). `dirs_loaded_new` is true when the plugin
 /// directories hold files that were not loaded before.
-pub fn plan_reload(
+pub(crate) fn plan_reload(
     old: &Config,
     new: &Config,
     new_plugin_files: bool,

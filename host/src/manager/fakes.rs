@@ -21,7 +21,7 @@ use crate::plugins::client::{BoxFuture, Decode};
 use crate::plugins::{CallError, PluginClient};
 
 #[derive(Default)]
-pub struct CentralState {
+pub(crate) struct CentralState {
     origin: Option<Instant>,
     lease: Option<(Lease, Instant)>,
     epoch: u64,
@@ -42,13 +42,13 @@ pub struct CentralState {
 
 /// The central Redis, in memory, in tokio time.
 #[derive(Clone, Default)]
-pub struct FakeCentral {
+pub(crate) struct FakeCentral {
     pub s: Arc<Mutex<CentralState>>,
     wakes: Arc<Mutex<HashMap<String, Arc<Notify>>>>,
 }
 
 impl FakeCentral {
-    pub fn state(&self) -> std::sync::MutexGuard<'_, CentralState> {
+    pub(crate) fn state(&self) -> std::sync::MutexGuard<'_, CentralState> {
         self.s.lock().unwrap()
     }
 
@@ -63,7 +63,7 @@ impl FakeCentral {
     }
 
     /// Another host takes the lease (as if ours expired and it won).
-    pub fn steal(&self, id: &str) -> Lease {
+    pub(crate) fn steal(&self, id: &str) -> Lease {
         let mut s = self.state();
         s.epoch += 1;
         let l = Lease {
@@ -85,7 +85,7 @@ impl FakeCentral {
             .clone()
     }
 
-    pub fn leader_id(&self) -> Option<String> {
+    pub(crate) fn leader_id(&self) -> Option<String> {
         Self::lease_now(&mut self.state()).map(|l| l.id)
     }
 }
@@ -281,14 +281,14 @@ impl Ledger for FakeCentral {
 
 /// One ECS call as it left the host.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Sent {
+pub(crate) struct Sent {
     pub at: Instant,
     pub op: &'static str,
     pub epoch: u64,
 }
 
 #[derive(Default)]
-pub struct EcsState {
+pub(crate) struct EcsState {
     pub tasks: Vec<String>,
     next: u64,
     pub sent: Vec<Sent>,
@@ -299,15 +299,15 @@ pub struct EcsState {
 /// ECS in memory: the guard is checked when a call is sent, as the AWS client's
 /// interceptor does; the effect lands after `latency`.
 #[derive(Clone, Default)]
-pub struct FakeEcs(pub Arc<Mutex<EcsState>>);
+pub(crate) struct FakeEcs(pub Arc<Mutex<EcsState>>);
 
 impl FakeEcs {
-    pub fn with_latency(latency: Duration) -> Self {
+    pub(crate) fn with_latency(latency: Duration) -> Self {
         let f = FakeEcs::default();
         f.0.lock().unwrap().latency = latency;
         f
     }
-    pub fn state(&self) -> std::sync::MutexGuard<'_, EcsState> {
+    pub(crate) fn state(&self) -> std::sync::MutexGuard<'_, EcsState> {
         self.0.lock().unwrap()
     }
     async fn send(&self, op: &'static str, guard: &Guard) -> Result<(), EcsError> {
@@ -398,7 +398,7 @@ impl Ecs for FakeEcs {
 }
 
 /// A metric plugin answering `value` after `delay`.
-pub struct FakeMetric {
+pub(crate) struct FakeMetric {
     pub value: Arc<Mutex<f64>>,
     pub delay: Duration,
 }

@@ -97,6 +97,7 @@ fn line<T: Serialize>(v: &T) -> String {
 
 /// The child's side (`warden plugin-host --file F --socket S`): load the file, serve one
 /// connection, end when it closes.
+#[allow(unsafe_code)] // system calls
 pub fn serve(file: &Path, socket: &Path, sha256: Option<&str>) -> anyhow::Result<()> {
     // SAFETY: prctl(PR_SET_PDEATHSIG) has no memory-safety preconditions.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
@@ -253,6 +254,7 @@ pub struct ChildUser {
 
 impl ChildUser {
     /// Looks a user up by name (the system's user database).
+    #[allow(unsafe_code)] // system calls
     pub fn lookup(name: &str) -> Result<ChildUser, String> {
         let c = std::ffi::CString::new(name).map_err(|_| format!("{name:?}: not a user name"))?;
         // SAFETY: getpwnam takes a valid C string; the fields read are copied at once, on
@@ -386,6 +388,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Starts a child, connects, and creates the instance in it.
+#[allow(unsafe_code)] // system calls
 async fn start_child(spec: &Spec) -> Result<Child, PluginError> {
     let transient = |m: String| PluginError::new(ErrorKind::Transient, m);
     // The same checks as an in-process load, at every start: the file may have changed.

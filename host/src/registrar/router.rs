@@ -40,6 +40,7 @@ pub enum ReloadError {
 }
 
 /// Sends SIGHUP to the nginx master named in `pid_file`.
+#[allow(unsafe_code)] // system calls
 pub fn reload(pid_file: &Path) -> Result<(), ReloadError> {
     let text = std::fs::read_to_string(pid_file).map_err(|e| {
         let message = format!("cannot read {}: {e}", pid_file.display());

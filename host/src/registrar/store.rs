@@ -297,7 +297,7 @@ pub(crate) mod tests {
             .admits(&BTreeMap::from([("warden".to_owned(), String::new())])));
     }
 
-    pub fn container(id: &str, name: &str, labels: &[(&str, &str)], ip: &str) -> Container {
+    pub(crate) fn container(id: &str, name: &str, labels: &[(&str, &str)], ip: &str) -> Container {
         Container {
             id: id.into(),
             name: name.into(),

@@ -94,12 +94,14 @@ pub fn check_dir(dir: &Path) -> Result<(), String> {
 }
 
 /// The process's effective uid.
+#[allow(unsafe_code)] // a system call
 pub fn euid() -> u32 {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() }
 }
 
 /// The process's effective gid.
+#[allow(unsafe_code)] // a system call
 pub fn egid() -> u32 {
     // SAFETY: getegid has no preconditions and cannot fail.
     unsafe { libc::getegid() }

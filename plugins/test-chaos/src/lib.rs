@@ -12,6 +12,7 @@
 //! (`std::thread::sleep`), then returns 1; `env:<NAME>`
 //! (1 when the variable is in the plugin's environment, else 0), `uid` (the process's
 //! effective uid) and `nofile` (its open-files limit) show what an isolated process got.
+#![allow(unsafe_code)] // system calls (signals, namespaces, processes) in test code
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
