@@ -197,29 +197,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Plugins {
             command: PluginsCommand::List { dirs, config },
-        } => {
-            let dirs = if dirs.is_empty() {
-                load_config(config.as_deref())?.plugins.dirs
-            } else {
-                dirs
-            };
-            let host = PluginHost::load_dirs(&dirs, insecure);
-            for p in host.plugins() {
-                let m = p.manifest();
-                println!(
-                    "{}\t{}\t{}\tapi {}\t{}",
-                    m.name,
-                    m.version,
-                    m.kind_names().join(","),
-                    m.api_version,
-                    p.path().display()
-                );
-            }
-            for f in host.failures() {
-                eprintln!("not loaded: {f}");
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        } => plugins_list(dirs, config, insecure),
         Command::Plugins {
             command:
                 PluginsCommand::Check {
@@ -271,42 +249,79 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             path,
             timeout,
         } => health(config, addr, &path, timeout),
-        Command::Routes { config, json } => {
-            let config = load_config(config.as_deref())?;
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let routes = rt.block_on(crate::routes::read(
-                &config.registrar.local_redis,
-                config.registrar.local_redis_ca_file.as_deref(),
-            ))?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&routes)?);
-            } else {
-                print!("{}", crate::routes::render(&routes));
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Status { config, json } => {
-            let config = load_config(config.as_deref())?;
-            let url = config.manager.central_redis.context(
-                "manager.central_redis is not set (or WARDEN_CENTRAL_REDIS): nothing to ask",
-            )?;
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let status = rt.block_on(crate::status::read(
-                &url,
-                config.manager.central_redis_ca_file.as_deref(),
-            ))?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
-            } else {
-                print!("{}", crate::status::render(&status));
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Routes { config, json } => routes(config, json),
+        Command::Status { config, json } => status(config, json),
     }
+}
+
+/// `warden plugins list`: name, version, kinds, interface version and path of each.
+fn plugins_list(
+    dirs: Vec<PathBuf>,
+    config: Option<PathBuf>,
+    insecure: bool,
+) -> anyhow::Result<ExitCode> {
+    let dirs = if dirs.is_empty() {
+        load_config(config.as_deref())?.plugins.dirs
+    } else {
+        dirs
+    };
+    let host = PluginHost::load_dirs(&dirs, insecure);
+    for p in host.plugins() {
+        let m = p.manifest();
+        println!(
+            "{}\t{}\t{}\tapi {}\t{}",
+            m.name,
+            m.version,
+            m.kind_names().join(","),
+            m.api_version,
+            p.path().display()
+        );
+    }
+    for f in host.failures() {
+        eprintln!("not loaded: {f}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A runtime for one command's I/O.
+fn one_shot() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// `warden routes`: this host's routing table, as text or JSON.
+fn routes(config: Option<PathBuf>, json: bool) -> anyhow::Result<ExitCode> {
+    let config = load_config(config.as_deref())?;
+    let routes = one_shot()?.block_on(crate::routes::read(
+        &config.registrar.local_redis,
+        config.registrar.local_redis_ca_file.as_deref(),
+    ))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&routes)?);
+    } else {
+        print!("{}", crate::routes::render(&routes));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `warden status`: the cluster's leader and managed services, from the central Redis.
+fn status(config: Option<PathBuf>, json: bool) -> anyhow::Result<ExitCode> {
+    let config = load_config(config.as_deref())?;
+    let url = config
+        .manager
+        .central_redis
+        .context("manager.central_redis is not set (or WARDEN_CENTRAL_REDIS): nothing to ask")?;
+    let status = one_shot()?.block_on(crate::status::read(
+        &url,
+        config.manager.central_redis_ca_file.as_deref(),
+    ))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", crate::status::render(&status));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn plugins_check(

@@ -502,24 +502,29 @@ impl Config {
     }
 
     fn validate(&self, file: &str) -> Result<(), ConfigError> {
-        let bad = |key: &str, message: String| ConfigError::Invalid {
+        let bad = |(key, message): Bad| ConfigError::Invalid {
             file: file.to_owned(),
-            key: key.to_owned(),
+            key,
             message,
         };
         check_redis_url(&self.registrar.local_redis)
-            .map_err(|m| bad("registrar.local_redis", m))?;
+            .map_err(|m| bad(("registrar.local_redis".into(), m)))?;
         if let Some(url) = &self.manager.central_redis {
-            check_redis_url(url).map_err(|m| bad("manager.central_redis", m))?;
+            check_redis_url(url).map_err(|m| bad(("manager.central_redis".into(), m)))?;
         }
-        self.http.addr().map_err(|m| bad("http.listen", m))?;
-        let within = |key: &str, v: u64, lo: u64, hi: u64, why: &str| {
-            if (lo..=hi).contains(&v) {
-                Ok(())
-            } else {
-                Err(bad(key, format!("{v} is outside {lo}..={hi} ({why})")))
-            }
-        };
+        self.http
+            .addr()
+            .map_err(|m| bad(("http.listen".into(), m)))?;
+        self.check_plugins().map_err(bad)?;
+        self.check_registrar().map_err(bad)?;
+        self.check_sources_and_grants().map_err(bad)?;
+        self.check_manager_timing(file)?;
+        self.check_managed_services().map_err(bad)
+    }
+
+    /// `[plugins]`: timeouts, breaker and memory within bounds; pins and the user well
+    /// formed.
+    fn check_plugins(&self) -> Result<(), Bad> {
         let p = &self.plugins;
         within(
             "plugins.call_timeout_ms",
@@ -558,43 +563,59 @@ impl Config {
         )?;
         for (name, digest) in &p.sha256 {
             if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(bad(
-                    &format!("plugins.sha256.{name}"),
+                return Err((
+                    format!("plugins.sha256.{name}"),
                     "expected 64 hex digits (sha256sum of the .so)".into(),
                 ));
             }
         }
         if let Some(u) = &p.isolation_user {
             if u.trim().is_empty() {
-                return Err(bad("plugins.isolation_user", "expected a user name".into()));
+                return Err((
+                    "plugins.isolation_user".into(),
+                    "expected a user name".into(),
+                ));
             }
         }
+        Ok(())
+    }
+
+    /// `[registrar]`: resync interval, label selector, reserved ports.
+    fn check_registrar(&self) -> Result<(), Bad> {
+        let r = &self.registrar;
         within(
             "registrar.resync_secs",
-            self.registrar.resync_secs,
+            r.resync_secs,
             1,
             86_400,
             "seconds; at least one full re-list a day",
         )?;
-        if let Some(l) = &self.registrar.require_label {
+        if let Some(l) = &r.require_label {
             crate::registrar::store::Selector::parse(l)
-                .map_err(|m| bad("registrar.require_label", m))?;
+                .map_err(|m| ("registrar.require_label".to_owned(), m))?;
         }
-        for (i, source) in self.registrar.sources.iter().enumerate() {
-            check_plugin_ref(source).map_err(|m| bad(&format!("registrar.sources[{i}]"), m))?;
+        if let Some(p) = r.reserved_ports.iter().find(|p| **p == 0) {
+            return Err((
+                "registrar.reserved_ports".into(),
+                format!("{p} is not a port (1-65535)"),
+            ));
         }
+        Ok(())
+    }
+
+    /// Every plugin reference (sources and metrics) well formed; grants only on service
+    /// sources, each valid.
+    fn check_sources_and_grants(&self) -> Result<(), Bad> {
         for (name, metric) in &self.metrics {
-            check_plugin_ref(metric).map_err(|m| bad(&format!("metrics.{name}"), m))?;
+            check_plugin_ref(metric).map_err(|m| (format!("metrics.{name}"), m))?;
             if metric.grants.is_some() {
-                return Err(bad(
-                    &format!("metrics.{name}.grants"),
+                return Err((
+                    format!("metrics.{name}.grants"),
                     "grants apply to service sources ([[registrar.sources]], [[manager.sources]]), not to metric sources".into(),
                 ));
             }
         }
-        self.grants
-            .validate("grants")
-            .map_err(|(k, m)| bad(&k, m))?;
+        self.grants.validate("grants")?;
         let sources = self
             .registrar
             .sources
@@ -609,25 +630,18 @@ impl Config {
                     .map(|(i, r)| (format!("manager.sources[{i}]"), r)),
             );
         for (key, r) in sources {
+            check_plugin_ref(r).map_err(|m| (key.clone(), m))?;
             if let Some(g) = &r.grants {
-                g.validate(&format!("{key}.grants"))
-                    .map_err(|(k, m)| bad(&k, m))?;
+                g.validate(&format!("{key}.grants"))?;
             }
         }
-        if let Some(p) = self.registrar.reserved_ports.iter().find(|p| **p == 0) {
-            return Err(bad(
-                "registrar.reserved_ports",
-                format!("{p} is not a port (1-65535)"),
-            ));
-        }
-        if self.plugins.create_timeout_ms == 0 {
-            return Err(bad(
-                "plugins.create_timeout_ms",
-                "expected a positive number of milliseconds".into(),
-            ));
-        }
+        Ok(())
+    }
+
+    /// `[[manager.services]]`: names unique, also as ECS's 36-character `startedBy`
+    /// tags; each service's own checks; the replica count in bounds.
+    fn check_managed_services(&self) -> Result<(), Bad> {
         let m = &self.manager;
-        self.check_manager_timing(file)?;
         within(
             "manager.central_min_replicas",
             u64::from(m.central_min_replicas),
@@ -640,25 +654,22 @@ impl Config {
         for (i, s) in m.services.iter().enumerate() {
             let key = |k: &str| format!("manager.services[{i}].{k}");
             if let Some(j) = names.insert(&s.name, i) {
-                return Err(bad(
-                    &key("name"),
+                return Err((
+                    key("name"),
                     format!("{:?} is also the name of manager.services[{j}]", s.name),
                 ));
             }
             let tag = crate::manager::started_by(&s.name);
             if let Some(j) = started.insert(tag.clone(), i) {
-                return Err(bad(
-                    &key("name"),
+                return Err((
+                    key("name"),
                     format!(
                         "{:?} and manager.services[{j}] ({:?}) would both tag their tasks startedBy {tag:?} (ECS keeps 36 characters): each would count the other's tasks",
                         s.name, m.services[j].name
                     ),
                 ));
             }
-            s.check(&self.metrics).map_err(|(k, m)| bad(&key(&k), m))?;
-        }
-        for (i, source) in m.sources.iter().enumerate() {
-            check_plugin_ref(source).map_err(|m| bad(&format!("manager.sources[{i}]"), m))?;
+            s.check(&self.metrics).map_err(|(k, m)| (key(&k), m))?;
         }
         Ok(())
     }
@@ -850,6 +861,21 @@ fn redact_strings(message: &str) -> String {
     }
     out.push_str(rest);
     out
+}
+
+/// A refused setting: its dotted key and why.
+type Bad = (String, String);
+
+/// `v` within `lo..=hi`, else the key with the bounds and `why`.
+fn within(key: &str, v: u64, lo: u64, hi: u64, why: &str) -> Result<(), Bad> {
+    if (lo..=hi).contains(&v) {
+        Ok(())
+    } else {
+        Err((
+            key.to_owned(),
+            format!("{v} is outside {lo}..={hi} ({why})"),
+        ))
+    }
 }
 
 fn check_redis_url(url: &str) -> Result<(), String> {
