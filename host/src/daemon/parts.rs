@@ -536,8 +536,20 @@ impl Running {
         let (Some(instance), Some(sdk)) = (self.me.instance_id.clone(), &self.sdk) else {
             return;
         };
-        let client = aws_sdk_elasticloadbalancing::Client::new(sdk);
-        let (stop_elb, id) = (stop.clone(), instance.clone());
+        let clients = warden_aws_query::elb::Elb::new(sdk, AWS_CALL_TIMEOUT).and_then(|elb| {
+            Ok((
+                elb,
+                warden_aws_query::elbv2::Elbv2::new(sdk, AWS_CALL_TIMEOUT)?,
+            ))
+        });
+        let (elb, elbv2) = match clients {
+            Ok((a, b)) => (Arc::new(a), Arc::new(b)),
+            Err(e) => {
+                tracing::error!(error = %e, "no load balancer membership: the ELB clients cannot be set up");
+                return;
+            }
+        };
+        let (client, stop_elb, id) = (elb, stop.clone(), instance.clone());
         sup.spawn("elb membership", move || {
             let classic = registrar::elb::Classic {
                 client: client.clone(),
@@ -545,7 +557,7 @@ impl Running {
             };
             registrar::elb::run(classic, elbs.clone(), stop_elb.clone())
         });
-        let client = aws_sdk_elasticloadbalancingv2::Client::new(sdk);
+        let client = elbv2;
         let (stop, ip) = (stop.clone(), self.config.host.private_ip.clone());
         sup.spawn("target group membership", move || {
             let lbs = registrar::target_group::TargetGroups::new(
@@ -593,13 +605,16 @@ impl Running {
     }
 }
 
+/// The longest one ELB or ELBv2 call may take (the loop tries again after it).
+const AWS_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How often `[[manager.sources]]` are asked whether their services changed.
 const SOURCES_EVERY: Duration = Duration::from_secs(2);
 
 /// The AZ check's EC2 client; without one (no region) every AZ counts as available,
 /// said once.
-fn ec2_client(sdk: &aws_config::SdkConfig) -> Option<Arc<warden_ec2::Ec2>> {
-    match warden_ec2::Ec2::new(sdk, Duration::from_secs(5)) {
+fn ec2_client(sdk: &aws_config::SdkConfig) -> Option<Arc<warden_aws_query::Ec2>> {
+    match warden_aws_query::Ec2::new(sdk, Duration::from_secs(5)) {
         Ok(ec2) => Some(Arc::new(ec2)),
         Err(e) => {
             tracing::warn!(error = %e, "AZ check off: every availability zone counts as available");

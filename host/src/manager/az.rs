@@ -17,7 +17,7 @@ impl AzCache {
     /// Starts the refresher (none without an EC2 client: every AZ counts as available);
     /// it is stopped when the returned task is dropped.
     pub fn start(
-        ec2: Option<Arc<warden_ec2::Ec2>>,
+        ec2: Option<Arc<warden_aws_query::Ec2>>,
         mut shutdown: watch::Receiver<bool>,
     ) -> (AzCache, Option<crate::supervisor::Owned>) {
         let cache = AzCache::default();

@@ -317,7 +317,7 @@ pub struct Manager {
     /// `None`: no ECS to call (decide and record only).
     pub ecs: Option<AwsEcs>,
     /// For the Availability Zone check (EC2 DescribeAvailabilityZones).
-    pub ec2: Option<std::sync::Arc<warden_ec2::Ec2>>,
+    pub ec2: Option<std::sync::Arc<warden_aws_query::Ec2>>,
 }
 
 impl Manager {

@@ -7,18 +7,18 @@
 //! Deregistration happens only on positive knowledge: the wanted set is published by
 //! the registrar only while its store is in sync with Docker, so a Docker or plugin
 //! outage never removes the host. Every call is preceded by a membership check, so it
-//! is idempotent; the SDK retries throttling and 5xx with jittered backoff, and this loop
-//! backs off further per ELB.
+//! is idempotent; a failed call is tried again by this loop, with backoff per ELB.
 
 use std::collections::BTreeMap;
 use std::fmt::Display;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
-use aws_sdk_elasticloadbalancing::types::Instance;
-use aws_sdk_elasticloadbalancing::Client;
 use tokio::sync::watch;
 use tokio::time::Instant;
+use warden_aws_query::elb::Elb;
+use warden_aws_query::QueryError;
 
 use super::desired::ElbWant;
 use crate::backoff::Backoff;
@@ -111,7 +111,7 @@ pub enum ElbError {
 
 /// Classic ELBs, by name, with the host's instance id.
 pub struct Classic {
-    pub client: Client,
+    pub client: Arc<Elb>,
     pub instance: String,
 }
 
@@ -126,41 +126,21 @@ impl Membership for Classic {
     }
 }
 
-async fn is_member(client: &Client, elb: &str, instance: &str) -> Result<bool, ElbError> {
-    let out = client
-        .describe_load_balancers()
-        .load_balancer_names(elb)
-        .send()
-        .await
-        .map_err(|e| classify(elb, e));
-    let out = counted("DescribeLoadBalancers", out)?;
-    let lb = out
-        .load_balancer_descriptions()
-        .first()
+async fn is_member(client: &Elb, elb: &str, instance: &str) -> Result<bool, ElbError> {
+    let out = client.instances(elb).await.map_err(|e| classify(elb, e));
+    let ids = counted("DescribeLoadBalancers", out)?
         .ok_or_else(|| ElbError::NotFound(format!("load balancer {elb}")))?;
-    Ok(lb
-        .instances()
-        .iter()
-        .any(|i| i.instance_id() == Some(instance)))
+    Ok(ids.iter().any(|i| i == instance))
 }
 
-fn classify<E, R>(elb: &str, e: aws_sdk_elasticloadbalancing::error::SdkError<E, R>) -> ElbError
-where
-    E: aws_sdk_elasticloadbalancing::error::ProvideErrorMetadata
-        + std::error::Error
-        + std::fmt::Debug
-        + 'static,
-    R: std::fmt::Debug,
-{
-    let code = e
-        .as_service_error()
-        .and_then(|s| s.code())
-        .unwrap_or("")
-        .to_owned();
-    if code == "LoadBalancerNotFound" || code == "AccessPointNotFound" {
-        ElbError::NotFound(format!("load balancer {elb}"))
-    } else {
-        ElbError::Aws(crate::aws::describe(&e))
+fn classify(elb: &str, e: QueryError) -> ElbError {
+    match &e {
+        QueryError::Service { code, .. }
+            if code == "LoadBalancerNotFound" || code == "AccessPointNotFound" =>
+        {
+            ElbError::NotFound(format!("load balancer {elb}"))
+        }
+        _ => ElbError::Aws(e.to_string()),
     }
 }
 
@@ -176,28 +156,17 @@ pub fn counted<T>(op: &str, r: Result<T, ElbError>) -> Result<T, ElbError> {
     r
 }
 
-async fn act(client: &Client, elb: &str, instance: &str, register: bool) -> Result<(), ElbError> {
-    let target = Instance::builder().instance_id(instance).build();
-    if register {
-        let r = client
-            .register_instances_with_load_balancer()
-            .load_balancer_name(elb)
-            .instances(target)
-            .send()
-            .await
-            .map_err(|e| classify(elb, e));
-        counted("RegisterInstancesWithLoadBalancer", r)?;
+async fn act(client: &Elb, elb: &str, instance: &str, register: bool) -> Result<(), ElbError> {
+    let op = if register {
+        "RegisterInstancesWithLoadBalancer"
     } else {
-        let r = client
-            .deregister_instances_from_load_balancer()
-            .load_balancer_name(elb)
-            .instances(target)
-            .send()
-            .await
-            .map_err(|e| classify(elb, e));
-        counted("DeregisterInstancesFromLoadBalancer", r)?;
-    }
-    Ok(())
+        "DeregisterInstancesFromLoadBalancer"
+    };
+    let r = client
+        .set(elb, instance, register)
+        .await
+        .map_err(|e| classify(elb, e));
+    counted(op, r)
 }
 
 /// Follows the wanted memberships until shutdown.

@@ -17,11 +17,11 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use aws_sdk_elasticloadbalancingv2::types::{
-    TargetDescription, TargetHealthStateEnum, TargetTypeEnum,
-};
-use aws_sdk_elasticloadbalancingv2::Client;
+use std::sync::Arc;
+
 use tokio::sync::{Mutex, OnceCell};
+use warden_aws_query::elbv2::Elbv2;
+use warden_aws_query::QueryError;
 
 use super::desired::TargetGroupKey;
 use super::elb::{counted, ElbError, Membership};
@@ -40,13 +40,13 @@ pub enum TargetKind {
 }
 
 /// The group's target type as warden can use it.
-pub fn target_kind(group: &str, t: Option<&TargetTypeEnum>) -> Result<TargetKind, ElbError> {
+/// (`""`: the answer did not say; AWS's default is `instance`.)
+pub fn target_kind(group: &str, t: &str) -> Result<TargetKind, ElbError> {
     match t {
-        Some(TargetTypeEnum::Instance) | None => Ok(TargetKind::Instance),
-        Some(TargetTypeEnum::Ip) => Ok(TargetKind::Ip),
-        Some(other) => Err(ElbError::Config(format!(
-            "target group {group} has target type {}: a host can only be an `instance` or `ip` target",
-            other.as_str()
+        "instance" | "" => Ok(TargetKind::Instance),
+        "ip" => Ok(TargetKind::Ip),
+        other => Err(ElbError::Config(format!(
+            "target group {group} has target type {other}: a host can only be an `instance` or `ip` target"
         ))),
     }
 }
@@ -54,20 +54,18 @@ pub fn target_kind(group: &str, t: Option<&TargetTypeEnum>) -> Result<TargetKind
 /// Whether the described targets include this one, not draining. A group's own port is
 /// used when `port` is `None`, so any port of the target then counts.
 pub fn is_listed<'a>(
-    targets: impl IntoIterator<Item = (&'a str, Option<i32>, Option<&'a TargetHealthStateEnum>)>,
+    targets: impl IntoIterator<Item = (&'a str, Option<u16>, &'a str)>,
     id: &str,
     port: Option<u16>,
 ) -> bool {
     targets.into_iter().any(|(t, p, state)| {
-        t == id
-            && port.is_none_or(|want| p == Some(i32::from(want)))
-            && state != Some(&TargetHealthStateEnum::Draining)
+        t == id && port.is_none_or(|want| p == Some(want)) && state != "draining"
     })
 }
 
 /// Target groups, with the host's instance id and (for `ip` groups) private IP.
 pub struct TargetGroups {
-    client: Client,
+    client: Arc<Elbv2>,
     instance: String,
     configured_ip: Option<String>,
     private_ip: OnceCell<String>,
@@ -75,7 +73,7 @@ pub struct TargetGroups {
 }
 
 impl TargetGroups {
-    pub fn new(client: Client, instance: String, private_ip: Option<String>) -> Self {
+    pub fn new(client: Arc<Elbv2>, instance: String, private_ip: Option<String>) -> Self {
         Self {
             client,
             instance,
@@ -89,21 +87,16 @@ impl TargetGroups {
         if let Some(g) = self.groups.lock().await.get(name) {
             return Ok(g.clone());
         }
-        let ask = self.client.describe_target_groups();
-        let ask = if name.starts_with("arn:") {
-            ask.target_group_arns(name)
-        } else {
-            ask.names(name)
-        };
-        let out = ask.send().await.map_err(|e| classify(name, e));
-        let out = counted("DescribeTargetGroups", out)?;
-        let tg = out
-            .target_groups()
-            .first()
+        let out = self
+            .client
+            .target_group(name)
+            .await
+            .map_err(|e| classify(name, e));
+        let tg = counted("DescribeTargetGroups", out)?
             .ok_or_else(|| ElbError::NotFound(format!("target group {name}")))?;
         let group = Group {
-            arn: tg.target_group_arn().unwrap_or(name).to_owned(),
-            kind: target_kind(name, tg.target_type())?,
+            kind: target_kind(name, &tg.target_type)?,
+            arn: tg.arn,
         };
         self.groups
             .lock()
@@ -136,17 +129,14 @@ impl TargetGroups {
             .map(String::as_str)
     }
 
-    async fn target(&self, key: &TargetGroupKey) -> Result<(Group, TargetDescription), ElbError> {
+    /// The group and this host's target id in it.
+    async fn target(&self, key: &TargetGroupKey) -> Result<(Group, String), ElbError> {
         let group = self.group(&key.group).await?;
         let id = match group.kind {
             TargetKind::Instance => self.instance.clone(),
             TargetKind::Ip => self.private_ip().await?.to_owned(),
         };
-        let target = TargetDescription::builder()
-            .id(id)
-            .set_port(key.port.map(i32::from))
-            .build();
-        Ok((group, target))
+        Ok((group, id))
     }
 }
 
@@ -160,46 +150,32 @@ impl TargetGroups {
     }
 
     async fn is_member_once(&self, key: &TargetGroupKey) -> Result<bool, ElbError> {
-        let (group, target) = self.target(key).await?;
+        let (group, id) = self.target(key).await?;
         let out = self
             .client
-            .describe_target_health()
-            .target_group_arn(&group.arn)
-            .send()
+            .targets(&group.arn)
             .await
             .map_err(|e| classify(&key.group, e));
-        let out = counted("DescribeTargetHealth", out)?;
-        let listed = out.target_health_descriptions().iter().filter_map(|d| {
-            let t = d.target()?;
-            Some((t.id()?, t.port(), d.target_health().and_then(|h| h.state())))
-        });
-        Ok(is_listed(listed, target.id().unwrap_or(""), key.port))
+        let targets = counted("DescribeTargetHealth", out)?;
+        let listed = targets
+            .iter()
+            .map(|t| (t.id.as_str(), t.port, t.state.as_str()));
+        Ok(is_listed(listed, &id, key.port))
     }
 
     async fn set_once(&self, key: &TargetGroupKey, register: bool) -> Result<(), ElbError> {
-        let (group, target) = self.target(key).await?;
-        if register {
-            let r = self
-                .client
-                .register_targets()
-                .target_group_arn(&group.arn)
-                .targets(target)
-                .send()
-                .await
-                .map_err(|e| classify(&key.group, e));
-            counted("RegisterTargets", r)?;
+        let (group, id) = self.target(key).await?;
+        let op = if register {
+            "RegisterTargets"
         } else {
-            let r = self
-                .client
-                .deregister_targets()
-                .target_group_arn(&group.arn)
-                .targets(target)
-                .send()
-                .await
-                .map_err(|e| classify(&key.group, e));
-            counted("DeregisterTargets", r)?;
-        }
-        Ok(())
+            "DeregisterTargets"
+        };
+        let r = self
+            .client
+            .set(&group.arn, &id, key.port, register)
+            .await
+            .map_err(|e| classify(&key.group, e));
+        counted(op, r)
     }
 }
 
@@ -226,17 +202,14 @@ impl Membership for TargetGroups {
         };
         let out = self
             .client
-            .describe_target_group_attributes()
-            .target_group_arn(&group.arn)
-            .send()
+            .attributes(&group.arn)
             .await
             .map_err(|e| classify(&key.group, e));
         match counted("DescribeTargetGroupAttributes", out) {
-            Ok(out) => out
-                .attributes()
+            Ok(attributes) => attributes
                 .iter()
-                .find(|a| a.key() == Some("deregistration_delay.timeout_seconds"))
-                .and_then(|a| a.value()?.parse().ok())
+                .find(|(k, _)| k == "deregistration_delay.timeout_seconds")
+                .and_then(|(_, v)| v.parse().ok())
                 .map_or(AWS_DEFAULT, Duration::from_secs),
             Err(e) => {
                 tracing::warn!(balancer = %key, error = %e, "cannot read the target group's deregistration delay; assuming AWS's default of 300 s");
@@ -246,22 +219,17 @@ impl Membership for TargetGroups {
     }
 }
 
-fn classify<E, R>(group: &str, e: aws_sdk_elasticloadbalancingv2::error::SdkError<E, R>) -> ElbError
-where
-    E: aws_sdk_elasticloadbalancingv2::error::ProvideErrorMetadata
-        + std::error::Error
-        + std::fmt::Debug
-        + 'static,
-    R: std::fmt::Debug,
-{
-    let code = e.as_service_error().and_then(|s| s.code()).unwrap_or("");
+fn classify(group: &str, e: QueryError) -> ElbError {
+    let code = match &e {
+        QueryError::Service { code, .. } => code.as_str(),
+        _ => "",
+    };
     match code {
         "TargetGroupNotFound" => ElbError::NotFound(format!("target group {group}")),
-        "InvalidTarget" | "ValidationError" => ElbError::Config(format!(
-            "target group {group}: {}",
-            crate::aws::describe(&e)
-        )),
-        _ => ElbError::Aws(crate::aws::describe(&e)),
+        "InvalidTarget" | "ValidationError" => {
+            ElbError::Config(format!("target group {group}: {e}"))
+        }
+        _ => ElbError::Aws(e.to_string()),
     }
 }
 
@@ -271,12 +239,10 @@ mod tests {
 
     #[test]
     fn a_host_is_an_instance_or_ip_target_and_nothing_else() {
-        assert_eq!(
-            target_kind("g", Some(&TargetTypeEnum::Ip)).unwrap(),
-            TargetKind::Ip
-        );
-        assert_eq!(target_kind("g", None).unwrap(), TargetKind::Instance);
-        let e = target_kind("g", Some(&TargetTypeEnum::Lambda)).unwrap_err();
+        assert_eq!(target_kind("g", "ip").unwrap(), TargetKind::Ip);
+        assert_eq!(target_kind("g", "instance").unwrap(), TargetKind::Instance);
+        assert_eq!(target_kind("g", "").unwrap(), TargetKind::Instance);
+        let e = target_kind("g", "lambda").unwrap_err();
         assert!(
             matches!(&e, ElbError::Config(m) if m.contains("lambda")),
             "{e}"
@@ -285,11 +251,9 @@ mod tests {
 
     #[test]
     fn a_draining_target_or_another_port_is_not_a_member() {
-        let healthy = TargetHealthStateEnum::Healthy;
-        let draining = TargetHealthStateEnum::Draining;
         let listed = [
-            ("i-1", Some(8001), Some(&healthy)),
-            ("i-2", Some(8001), Some(&draining)),
+            ("i-1", Some(8001), "healthy"),
+            ("i-2", Some(8001), "draining"),
         ];
         assert!(is_listed(listed, "i-1", Some(8001)));
         assert!(is_listed(listed, "i-1", None));

@@ -27,11 +27,11 @@ pub struct Config {
 
 pub struct BeanstalkInstances {
     environment: String,
-    ec2: warden_ec2::Ec2,
+    ec2: warden_aws_query::Ec2,
 }
 
 /// Throttling, timeouts and 5xx are worth retrying; anything else is not.
-fn classify(e: warden_ec2::Ec2Error) -> PluginError {
+fn classify(e: warden_aws_query::QueryError) -> PluginError {
     let text = format!("EC2 DescribeInstances: {e}");
     if e.is_transient() {
         PluginError::transient(text)
@@ -52,7 +52,7 @@ impl MetricSource for BeanstalkInstances {
         if let Some(r) = config.region {
             loader = loader.region(aws_config::Region::new(r));
         }
-        let ec2 = warden_ec2::Ec2::new(&loader.load().await, Duration::from_secs(10))
+        let ec2 = warden_aws_query::Ec2::new(&loader.load().await, Duration::from_secs(10))
             .map_err(|e| PluginError::config(e.to_string()))?;
         Ok(BeanstalkInstances {
             environment: config.environment,

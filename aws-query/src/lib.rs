@@ -1,20 +1,22 @@
-//! The two EC2 calls warden makes, without `aws-sdk-ec2`.
+//! The AWS calls warden makes outside ECS, without the SDK crates of those services.
 //!
-//! warden asks EC2 two questions: the Availability Zones' states (the manager's AZ check)
-//! and how many instances of an Elastic Beanstalk environment run (the
-//! beanstalk-instances plugin). `aws-sdk-ec2` answers them with a crate of several
-//! hundred thousand generated lines that took 184.5 s of a 4 min 43 s cold build. EC2's
-//! Query API is a form POST signed with SigV4 answered by XML, so this crate makes those
-//! two calls with the SDK's own signer (`aws-sigv4`), credentials (`aws-config`'s
+//! warden asks EC2 two questions (the Availability Zones' states for the manager's AZ
+//! check; how many instances of an Elastic Beanstalk environment run, for the
+//! beanstalk-instances plugin) and keeps the host's membership in classic ELBs and
+//! ELBv2 target groups (eight calls). `aws-sdk-ec2` alone took 184.5 s of a 4 min 43 s
+//! cold build for its two; each SDK client also costs the daemon's binary (and so its
+//! resident memory) a monomorphised stack per operation. All three services speak the
+//! Query protocol, a form POST signed with SigV4 answered by XML, so [`Query`] makes
+//! those calls with the SDK's own signer (`aws-sigv4`), credentials (`aws-config`'s
 //! provider chain) and XML reader (`aws-smithy-xml`), crates that warden builds anyway
-//! for its other AWS clients.
+//! for ECS; [`ec2`], [`elb`] and [`elbv2`] are the calls.
 //!
 //! Kept from the SDK: the region and credentials from the same `SdkConfig`, the
-//! endpoint override (`AWS_ENDPOINT_URL_EC2`, then `AWS_ENDPOINT_URL`, as the SDK reads
-//! them), errors sorted transient or permanent the way the SDK's retry classifier does
-//! (throttling, `Internal*`, `Unavailable`, 5xx, no answer: transient). Not kept: the
-//! SDK's own retries (both callers call again on their own schedule), FIPS and
-//! dual-stack endpoints, and an HTTPS proxy from the environment.
+//! endpoint override (`AWS_ENDPOINT_URL_<SERVICE>`, then `AWS_ENDPOINT_URL`, as the SDK
+//! reads them), warden's user agent, errors sorted transient or permanent the way the
+//! SDK's retry classifier does (throttling, `Internal*`, `Unavailable`, 5xx, no answer:
+//! transient). Not kept: the SDK's own retries (every caller calls again on its own
+//! schedule), FIPS and dual-stack endpoints, and an HTTPS proxy from the environment.
 
 use std::time::{Duration, SystemTime};
 
@@ -26,20 +28,35 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 
+pub mod ec2;
+pub mod elb;
+pub mod elbv2;
 mod xml;
 
-pub use xml::Zone;
+pub use ec2::Ec2;
 
-/// The Query API version every call names.
-const VERSION: &str = "2016-11-15";
+/// One Query service: how requests to it are signed, addressed and versioned.
+#[derive(Debug, Clone, Copy)]
+pub struct Service {
+    /// SigV4's service name.
+    pub signing_name: &'static str,
+    /// The first label of the regional endpoint's host.
+    pub endpoint_prefix: &'static str,
+    /// The API version every call names.
+    pub version: &'static str,
+    /// The endpoint override the SDK reads for this service.
+    pub endpoint_env: &'static str,
+    /// For messages.
+    pub what: &'static str,
+}
 
 /// Credentials are fetched again this long before they expire.
 const REFRESH_BEFORE: Duration = Duration::from_secs(300);
 
-/// Why an EC2 call failed.
+/// Why a call failed.
 #[derive(Debug, thiserror::Error)]
-pub enum Ec2Error {
-    /// EC2 answered with an error.
+pub enum QueryError {
+    /// The service answered with an error.
     #[error("{code}: {message} (HTTP {status})")]
     Service {
         status: u16,
@@ -55,33 +72,34 @@ pub enum Ec2Error {
     /// No credentials (the provider chain found none, or failed).
     #[error("no AWS credentials: {0}")]
     Credentials(String),
-    /// The answer is not the XML EC2 sends.
-    #[error("unexpected answer from EC2: {0}")]
+    /// The answer is not the XML the service sends.
+    #[error("unexpected answer: {0}")]
     Answer(String),
     /// No region, or a bad endpoint.
     #[error("{0}")]
     Config(String),
 }
 
-impl Ec2Error {
+impl QueryError {
     /// Whether calling again later may succeed.
     pub fn is_transient(&self) -> bool {
         match self {
-            Ec2Error::Service { status, code, .. } => {
+            QueryError::Service { status, code, .. } => {
                 *status >= 500
                     || code.contains("Throttl")
                     || code == "RequestLimitExceeded"
                     || code.starts_with("Internal")
                     || code == "Unavailable"
             }
-            Ec2Error::Timeout(_) | Ec2Error::Dispatch(_) | Ec2Error::Credentials(_) => true,
-            Ec2Error::Answer(_) | Ec2Error::Config(_) => false,
+            QueryError::Timeout(_) | QueryError::Dispatch(_) | QueryError::Credentials(_) => true,
+            QueryError::Answer(_) | QueryError::Config(_) => false,
         }
     }
 }
 
-/// An EC2 Query client for one region.
-pub struct Ec2 {
+/// A Query client for one service in one region.
+pub struct Query {
+    service: Service,
     region: String,
     endpoint: http::Uri,
     credentials: SharedCredentialsProvider,
@@ -93,26 +111,30 @@ pub struct Ec2 {
     user_agent: String,
 }
 
-impl Ec2 {
-    /// A client with `sdk`'s region and credentials; each call times out after `timeout`.
-    pub fn new(sdk: &SdkConfig, timeout: Duration) -> Result<Ec2, Ec2Error> {
+impl Query {
+    /// A client of `service` with `sdk`'s region and credentials; each call times out
+    /// after `timeout`.
+    pub fn new(sdk: &SdkConfig, service: Service, timeout: Duration) -> Result<Query, QueryError> {
         let region = sdk
             .region()
-            .ok_or_else(|| Ec2Error::Config("EC2: no AWS region (set AWS_REGION)".into()))?
+            .ok_or_else(|| {
+                QueryError::Config(format!("{}: no AWS region (set AWS_REGION)", service.what))
+            })?
             .to_string();
         let credentials = sdk
             .credentials_provider()
-            .ok_or_else(|| Ec2Error::Credentials("no credentials provider".into()))?;
-        let service = std::env::var("AWS_ENDPOINT_URL_EC2").ok();
-        let url = endpoint(&region, service.as_deref().or(sdk.endpoint_url()));
+            .ok_or_else(|| QueryError::Credentials("no credentials provider".into()))?;
+        let own = std::env::var(service.endpoint_env).ok();
+        let url = endpoint(service, &region, own.as_deref().or(sdk.endpoint_url()));
         let endpoint = url
             .parse::<http::Uri>()
-            .map_err(|e| Ec2Error::Config(format!("EC2 endpoint {url:?}: {e}")))?;
+            .map_err(|e| QueryError::Config(format!("{} endpoint {url:?}: {e}", service.what)))?;
         let tls = hyper_rustls::HttpsConnectorBuilder::new()
             .with_provider_and_native_roots(rustls::crypto::aws_lc_rs::default_provider())
             .map_err(|e| {
-                Ec2Error::Config(format!(
-                    "EC2: cannot read the system's CA certificates: {e}"
+                QueryError::Config(format!(
+                    "{}: cannot read the system's CA certificates: {e}",
+                    service.what
                 ))
             })?
             .https_or_http()
@@ -123,7 +145,8 @@ impl Ec2 {
         if let Some(app) = sdk.app_name() {
             user_agent.push_str(&format!(" app/{app}"));
         }
-        Ok(Ec2 {
+        Ok(Query {
+            service,
             region,
             endpoint,
             credentials,
@@ -134,51 +157,18 @@ impl Ec2 {
         })
     }
 
-    /// Every Availability Zone of the region with its state (`available`, `impaired`...).
-    pub async fn describe_availability_zones(&self) -> Result<Vec<Zone>, Ec2Error> {
-        let text = self
-            .call(&[("Action", "DescribeAvailabilityZones")])
-            .await?;
-        xml::zones(&text)
-    }
-
-    /// The number of running instances whose tag `key` is `value`, all pages read.
-    pub async fn count_running_instances(&self, key: &str, value: &str) -> Result<usize, Ec2Error> {
-        let tag = format!("tag:{key}");
-        let mut token: Option<String> = None;
-        let mut count = 0;
-        loop {
-            let mut params = vec![
-                ("Action", "DescribeInstances"),
-                ("Filter.1.Name", tag.as_str()),
-                ("Filter.1.Value.1", value),
-                ("Filter.2.Name", "instance-state-name"),
-                ("Filter.2.Value.1", "running"),
-            ];
-            if let Some(t) = token.as_deref() {
-                params.push(("NextToken", t));
-            }
-            let page = xml::instances_page(&self.call(&params).await?)?;
-            count += page.instances;
-            match page.next_token {
-                Some(t) => token = Some(t),
-                None => return Ok(count),
-            }
-        }
-    }
-
     /// One signed Query call; the answer's XML text on success.
-    async fn call(&self, params: &[(&str, &str)]) -> Result<String, Ec2Error> {
-        let body = form(params);
+    pub(crate) async fn call(&self, params: &[(&str, &str)]) -> Result<String, QueryError> {
+        let body = form(self.service.version, params);
         let request = self.signed(body).await?;
         let answer = tokio::time::timeout(self.timeout, async {
             let response = self.http.request(request).await.map_err(dispatch)?;
             let status = response.status().as_u16();
             let bytes = response.into_body().collect().await.map_err(dispatch)?;
-            Ok::<_, Ec2Error>((status, bytes.to_bytes()))
+            Ok::<_, QueryError>((status, bytes.to_bytes()))
         })
         .await
-        .map_err(|_| Ec2Error::Timeout(self.timeout))??;
+        .map_err(|_| QueryError::Timeout(self.timeout))??;
         let (status, bytes) = answer;
         let text = String::from_utf8_lossy(&bytes).into_owned();
         if status == 200 {
@@ -189,7 +179,7 @@ impl Ec2 {
     }
 
     /// The POST of `body`, signed with the current credentials.
-    async fn signed(&self, body: String) -> Result<http::Request<Full<Bytes>>, Ec2Error> {
+    async fn signed(&self, body: String) -> Result<http::Request<Full<Bytes>>, QueryError> {
         let credentials = self.credentials().await?;
         let mut request = http::Request::post(self.endpoint.clone())
             .header(
@@ -199,16 +189,16 @@ impl Ec2 {
             .header("user-agent", &self.user_agent)
             .header("x-amz-user-agent", &self.user_agent)
             .body(Full::new(Bytes::from(body.clone())))
-            .map_err(|e| Ec2Error::Config(format!("EC2 request: {e}")))?;
+            .map_err(|e| QueryError::Config(format!("{} request: {e}", self.service.what)))?;
         let identity = credentials.into();
         let params = aws_sigv4::sign::v4::SigningParams::builder()
             .identity(&identity)
             .region(&self.region)
-            .name("ec2")
+            .name(self.service.signing_name)
             .time(SystemTime::now())
             .settings(aws_sigv4::http_request::SigningSettings::default())
             .build()
-            .map_err(|e| Ec2Error::Config(format!("EC2 signing: {e}")))?
+            .map_err(|e| QueryError::Config(format!("{} signing: {e}", self.service.what)))?
             .into();
         let uri = self.endpoint.to_string();
         let headers = request
@@ -221,16 +211,16 @@ impl Ec2 {
             headers,
             aws_sigv4::http_request::SignableBody::Bytes(body.as_bytes()),
         )
-        .map_err(|e| Ec2Error::Config(format!("EC2 signing: {e}")))?;
+        .map_err(|e| QueryError::Config(format!("{} signing: {e}", self.service.what)))?;
         let (instructions, _) = aws_sigv4::http_request::sign(signable, &params)
-            .map_err(|e| Ec2Error::Config(format!("EC2 signing: {e}")))?
+            .map_err(|e| QueryError::Config(format!("{} signing: {e}", self.service.what)))?
             .into_parts();
         instructions.apply_to_request_http1x(&mut request);
         Ok(request)
     }
 
     /// The cached credentials, fetched again when near their expiry.
-    async fn credentials(&self) -> Result<Credentials, Ec2Error> {
+    async fn credentials(&self) -> Result<Credentials, QueryError> {
         let mut cached = self.cached.lock().await;
         let fresh = |c: &Credentials| {
             c.expiry()
@@ -243,25 +233,26 @@ impl Ec2 {
             .credentials
             .provide_credentials()
             .await
-            .map_err(|e| Ec2Error::Credentials(error_chain(&e)))?;
+            .map_err(|e| QueryError::Credentials(error_chain(&e)))?;
         *cached = Some(c.clone());
         Ok(c)
     }
 }
 
 /// The endpoint: the override if any, else the region's public one.
-pub fn endpoint(region: &str, over: Option<&str>) -> String {
+pub fn endpoint(service: Service, region: &str, over: Option<&str>) -> String {
+    let prefix = service.endpoint_prefix;
     match over {
         Some(url) => url.trim_end_matches('/').to_owned() + "/",
-        None if region.starts_with("cn-") => format!("https://ec2.{region}.amazonaws.com.cn/"),
-        None => format!("https://ec2.{region}.amazonaws.com/"),
+        None if region.starts_with("cn-") => format!("https://{prefix}.{region}.amazonaws.com.cn/"),
+        None => format!("https://{prefix}.{region}.amazonaws.com/"),
     }
 }
 
 /// The form body of a Query call (`Version` added), percent-encoded as SigV4 expects.
-pub fn form(params: &[(&str, &str)]) -> String {
+pub fn form(version: &str, params: &[(&str, &str)]) -> String {
     let mut out = String::new();
-    for (k, v) in params.iter().chain(std::iter::once(&("Version", VERSION))) {
+    for (k, v) in params.iter().chain(std::iter::once(&("Version", version))) {
         if !out.is_empty() {
             out.push('&');
         }
@@ -283,8 +274,8 @@ fn encode(s: &str, out: &mut String) {
     }
 }
 
-fn dispatch(e: impl std::error::Error) -> Ec2Error {
-    Ec2Error::Dispatch(error_chain(&e))
+fn dispatch(e: impl std::error::Error) -> QueryError {
+    QueryError::Dispatch(error_chain(&e))
 }
 
 /// An error and its sources, one line.
@@ -309,10 +300,13 @@ mod tests {
     #[test]
     fn the_form_is_percent_encoded_and_names_the_version() {
         assert_eq!(
-            form(&[
-                ("Action", "DescribeInstances"),
-                ("Filter.1.Name", "tag:a b/c")
-            ]),
+            form(
+                ec2::SERVICE.version,
+                &[
+                    ("Action", "DescribeInstances"),
+                    ("Filter.1.Name", "tag:a b/c")
+                ]
+            ),
             "Action=DescribeInstances&Filter.1.Name=tag%3Aa%20b%2Fc&Version=2016-11-15"
         );
     }
@@ -320,22 +314,30 @@ mod tests {
     #[test]
     fn the_endpoint_is_the_override_or_the_regions_own() {
         assert_eq!(
-            endpoint("eu-west-1", None),
+            endpoint(ec2::SERVICE, "eu-west-1", None),
             "https://ec2.eu-west-1.amazonaws.com/"
         );
         assert_eq!(
-            endpoint("cn-north-1", None),
+            endpoint(ec2::SERVICE, "cn-north-1", None),
             "https://ec2.cn-north-1.amazonaws.com.cn/"
         );
         assert_eq!(
-            endpoint("eu-west-1", Some("http://127.0.0.1:5000")),
+            endpoint(elb::SERVICE, "eu-west-1", Some("http://127.0.0.1:5000")),
+            "http://127.0.0.1:5000/"
+        );
+        assert_eq!(
+            endpoint(elbv2::SERVICE, "eu-west-1", None),
+            "https://elasticloadbalancing.eu-west-1.amazonaws.com/"
+        );
+        assert_eq!(
+            endpoint(elbv2::SERVICE, "eu-west-1", Some("http://127.0.0.1:5000")),
             "http://127.0.0.1:5000/"
         );
     }
 
     #[test]
     fn throttling_and_server_errors_are_transient_and_a_bad_request_is_not() {
-        let e = |status, code: &str| Ec2Error::Service {
+        let e = |status, code: &str| QueryError::Service {
             status,
             code: code.into(),
             message: String::new(),
@@ -345,6 +347,6 @@ mod tests {
         assert!(e(500, "InternalError").is_transient());
         assert!(!e(400, "InvalidParameterValue").is_transient());
         assert!(!e(403, "UnauthorizedOperation").is_transient());
-        assert!(Ec2Error::Timeout(Duration::from_secs(1)).is_transient());
+        assert!(QueryError::Timeout(Duration::from_secs(1)).is_transient());
     }
 }
