@@ -4,12 +4,12 @@
 # test paths), no container routed, read 5 s after "registrar ready" from
 # /proc/PID/status and smaps_rollup; the binary's size beside it.
 #
-#   scripts/bench-rss.sh [profile]      (default: release, the .deb's profile)
+#   scripts/bench-rss.sh [profile]      (default: dist, the .deb's profile)
 #
 # Prints one line per figure. Needs redis-server and a Docker engine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-profile=${1:-release}
+profile=${1:-dist}
 cargo build --locked --profile "$profile" -p warden -p warden-plugin-docker-labels >&2
 dir=target/$profile
 work=$(mktemp -d /tmp/warden-rss.XXXXXX)
