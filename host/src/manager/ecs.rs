@@ -27,8 +27,31 @@ use super::leadership::Guard;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Task {
     pub arn: String,
-    pub last_status: String,
+    pub last_status: TaskStatus,
     pub az: String,
+}
+
+/// Where a task is in its life, as far as stopping one is concerned: one not yet
+/// placed is the cheapest to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskStatus {
+    /// `PROVISIONING` or `PENDING` (ECS gives no status at first either).
+    Pending,
+    /// `RUNNING`.
+    Running,
+    /// Any later status (`DEACTIVATING`, `STOPPING`...).
+    Ending,
+}
+
+impl TaskStatus {
+    /// ECS's `lastStatus`.
+    pub fn from_ecs(status: Option<&str>) -> TaskStatus {
+        match status {
+            None | Some("PROVISIONING" | "PENDING" | "ACTIVATING") => TaskStatus::Pending,
+            Some("RUNNING") => TaskStatus::Running,
+            Some(_) => TaskStatus::Ending,
+        }
+    }
 }
 
 /// Counts of the ECS calls one loop sent, for the decision record and the benchmark.
@@ -206,14 +229,17 @@ pub fn choose_to_stop(tasks: &[Task], n: usize) -> Vec<String> {
     let mut chosen = Vec::new();
     let mut pending: Vec<&Task> = tasks
         .iter()
-        .filter(|t| t.last_status == "PENDING")
+        .filter(|t| t.last_status == TaskStatus::Pending)
         .collect();
     pending.sort_by(|a, b| a.arn.cmp(&b.arn));
     for t in pending.into_iter().take(n) {
         chosen.push(t.arn.clone());
     }
     let mut by_az: BTreeMap<&str, Vec<&Task>> = BTreeMap::new();
-    for t in tasks.iter().filter(|t| t.last_status != "PENDING") {
+    for t in tasks
+        .iter()
+        .filter(|t| t.last_status != TaskStatus::Pending)
+    {
         by_az.entry(t.az.as_str()).or_default().push(t);
     }
     for v in by_az.values_mut() {
@@ -371,7 +397,7 @@ impl Ecs for AwsEcs {
                 .inspect(|_| count("DescribeTasks", "ok"))?;
             out.extend(d.tasks().iter().map(|t| Task {
                 arn: t.task_arn().unwrap_or_default().to_owned(),
-                last_status: t.last_status().unwrap_or("PENDING").to_owned(),
+                last_status: TaskStatus::from_ecs(t.last_status()),
                 az: t.availability_zone().unwrap_or("").to_owned(),
             }));
         }
@@ -489,7 +515,7 @@ mod tests {
     fn t(arn: &str, status: &str, az: &str) -> Task {
         Task {
             arn: arn.into(),
-            last_status: status.into(),
+            last_status: TaskStatus::from_ecs(Some(status)),
             az: az.into(),
         }
     }

@@ -355,7 +355,7 @@ impl Ecs for FakeEcs {
             .iter()
             .map(|a| Task {
                 arn: a.clone(),
-                last_status: "RUNNING".into(),
+                last_status: crate::manager::ecs::TaskStatus::Running,
                 az: "a".into(),
             })
             .collect())

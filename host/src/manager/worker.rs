@@ -489,7 +489,7 @@ impl<E: Ecs, L: Ledger> Caller<'_, E, L> {
                 arns.iter()
                     .map(|arn| ecs::Task {
                         arn: arn.clone(),
-                        last_status: "RUNNING".into(),
+                        last_status: crate::manager::ecs::TaskStatus::Running,
                         az: String::new(),
                     })
                     .collect()
