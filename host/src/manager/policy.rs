@@ -196,14 +196,6 @@ pub fn decide(
     p: &Policy,
     st: &mut PolicyState,
 ) -> Decision {
-    let hold = |reason: String| Decision {
-        mapped: None,
-        clamped: None,
-        current,
-        desired: current,
-        action: Action::Hold,
-        reason,
-    };
     let value = match metric {
         Ok(v) if v.is_finite() => {
             st.consecutive_failures = 0;
@@ -213,33 +205,7 @@ pub fn decide(
             let why = other
                 .err()
                 .unwrap_or_else(|| "metric is not a finite number".into());
-            st.consecutive_failures += 1;
-            if st.consecutive_failures < p.failure_threshold {
-                return hold(format!(
-                    "metric failed ({why}); holding ({} of {} failures)",
-                    st.consecutive_failures, p.failure_threshold
-                ));
-            }
-            return match p.fallback {
-                Fallback::Hold => hold(format!(
-                    "metric failed {} times ({why}); fallback: hold",
-                    st.consecutive_failures
-                )),
-                Fallback::Fixed(n) => {
-                    let desired = n.clamp(p.min, p.max);
-                    Decision {
-                        mapped: None,
-                        clamped: Some(desired),
-                        current,
-                        desired,
-                        action: action(current, desired),
-                        reason: format!(
-                            "metric failed {} times ({why}); fallback: fixed {n}",
-                            st.consecutive_failures
-                        ),
-                    }
-                }
-            };
+            return on_failure(why, current, p, st);
         }
     };
     let mapped = mapping.map(value);
@@ -248,66 +214,135 @@ pub fn decide(
     st.recommendations
         .retain(|(t, _)| now_ms.saturating_sub(*t) < window);
     st.recommendations.push((now_ms, clamped));
-    let mut d = Decision {
-        mapped: Some(mapped),
-        clamped: Some(clamped),
-        current,
-        desired: clamped,
-        action: Action::Hold,
-        reason: String::new(),
-    };
     let mut why = vec![format!("metric {value} maps to {mapped}")];
     if clamped != mapped {
         why.push(format!("clamped to [{}, {}]: {clamped}", p.min, p.max));
     }
+    let mut desired = clamped;
     if clamped < current {
-        let highest = st
-            .recommendations
-            .iter()
-            .map(|r| r.1)
-            .max()
-            .unwrap_or(clamped);
-        if highest > clamped {
-            why.push(format!(
-                "scale-down stabilised at {highest} (highest of the last {}s)",
-                p.scale_down_window_secs
-            ));
-        }
-        d.desired = highest.min(current);
+        desired = stabilised(clamped, current, p, st, &mut why);
     }
-    let within_tolerance = current > 0
-        && (d.desired as f64 - current as f64).abs() / current as f64 <= p.tolerance
-        && d.desired >= p.min
-        && d.desired <= p.max
-        && current >= p.min
-        && current <= p.max;
-    if d.desired != current && within_tolerance {
-        why.push(format!("within tolerance {} of {current}", p.tolerance));
-        d.desired = current;
+    desired = tolerated(desired, current, p, &mut why);
+    desired = step_limited(desired, current, p, &mut why);
+    desired = cooled_down(desired, current, now_ms, p, st, &mut why);
+    Decision {
+        mapped: Some(mapped),
+        clamped: Some(clamped),
+        current,
+        desired,
+        action: action(current, desired),
+        reason: why.join("; "),
     }
-    if p.max_step > 0 && d.desired.abs_diff(current) > p.max_step {
-        d.desired = if d.desired > current {
-            current + p.max_step
-        } else {
-            current - p.max_step
-        };
-        why.push(format!("step limited to {}", p.max_step));
+}
+
+/// No reading: hold until `failure_threshold` failures in a row, then the fallback.
+fn on_failure(why: String, current: u32, p: &Policy, st: &mut PolicyState) -> Decision {
+    st.consecutive_failures += 1;
+    let hold = |reason: String| Decision {
+        mapped: None,
+        clamped: None,
+        current,
+        desired: current,
+        action: Action::Hold,
+        reason,
+    };
+    if st.consecutive_failures < p.failure_threshold {
+        return hold(format!(
+            "metric failed ({why}); holding ({} of {} failures)",
+            st.consecutive_failures, p.failure_threshold
+        ));
     }
-    if d.desired != current {
-        if let Some(last) = st.last_action_ms {
-            let cool = p.cooldown_secs * 1000;
-            if now_ms.saturating_sub(last) < cool {
-                why.push(format!(
-                    "cooldown: last action {}s ago",
-                    now_ms.saturating_sub(last) / 1000
-                ));
-                d.desired = current;
+    match p.fallback {
+        Fallback::Hold => hold(format!(
+            "metric failed {} times ({why}); fallback: hold",
+            st.consecutive_failures
+        )),
+        Fallback::Fixed(n) => {
+            let desired = n.clamp(p.min, p.max);
+            Decision {
+                mapped: None,
+                clamped: Some(desired),
+                current,
+                desired,
+                action: action(current, desired),
+                reason: format!(
+                    "metric failed {} times ({why}); fallback: fixed {n}",
+                    st.consecutive_failures
+                ),
             }
         }
     }
-    d.action = action(current, d.desired);
-    d.reason = why.join("; ");
-    d
+}
+
+/// A scale-down goes only as low as the highest recommendation of the window.
+fn stabilised(
+    clamped: u32,
+    current: u32,
+    p: &Policy,
+    st: &PolicyState,
+    why: &mut Vec<String>,
+) -> u32 {
+    let highest = st
+        .recommendations
+        .iter()
+        .map(|r| r.1)
+        .max()
+        .unwrap_or(clamped);
+    if highest > clamped {
+        why.push(format!(
+            "scale-down stabilised at {highest} (highest of the last {}s)",
+            p.scale_down_window_secs
+        ));
+    }
+    highest.min(current)
+}
+
+/// A change within the tolerance of the current count is none (when both are within
+/// bounds).
+fn tolerated(desired: u32, current: u32, p: &Policy, why: &mut Vec<String>) -> u32 {
+    let in_bounds = |n: u32| n >= p.min && n <= p.max;
+    let within = current > 0
+        && (desired as f64 - current as f64).abs() / current as f64 <= p.tolerance
+        && in_bounds(desired)
+        && in_bounds(current);
+    if desired != current && within {
+        why.push(format!("within tolerance {} of {current}", p.tolerance));
+        return current;
+    }
+    desired
+}
+
+/// At most `max_step` tasks more or fewer a loop (0: no limit).
+fn step_limited(desired: u32, current: u32, p: &Policy, why: &mut Vec<String>) -> u32 {
+    if p.max_step == 0 || desired.abs_diff(current) <= p.max_step {
+        return desired;
+    }
+    why.push(format!("step limited to {}", p.max_step));
+    if desired > current {
+        current + p.max_step
+    } else {
+        current - p.max_step
+    }
+}
+
+/// No change within `cooldown_secs` of the last action.
+fn cooled_down(
+    desired: u32,
+    current: u32,
+    now_ms: u64,
+    p: &Policy,
+    st: &PolicyState,
+    why: &mut Vec<String>,
+) -> u32 {
+    let Some(last) = st.last_action_ms.filter(|_| desired != current) else {
+        return desired;
+    };
+    let since = now_ms.saturating_sub(last);
+    if since < p.cooldown_secs * 1000 {
+        why.push(format!("cooldown: last action {}s ago", since / 1000));
+        return current;
+    }
+    desired
 }
 
 #[cfg(test)]
