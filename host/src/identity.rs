@@ -24,14 +24,9 @@ pub async fn resolve(host: &HostConfig) -> Identity {
     if id.instance_id.is_some() && id.availability_zone.is_some() {
         return id;
     }
-    let imds = aws_config::imds::client::Client::builder()
-        .connect_timeout(Duration::from_millis(500))
-        .read_timeout(Duration::from_millis(500))
-        .max_attempts(2)
-        .build();
     if id.instance_id.is_none() {
-        match imds.get("/latest/meta-data/instance-id").await {
-            Ok(v) => id.instance_id = Some(v.as_ref().trim().to_owned()),
+        match metadata("instance-id").await {
+            Ok(v) => id.instance_id = Some(v),
             Err(e) => tracing::warn!(
                 error = %e,
                 "instance id unknown: not in the config (host.instance_id, WARDEN_INSTANCE_ID) and instance metadata did not answer; ELB membership is off"
@@ -39,11 +34,8 @@ pub async fn resolve(host: &HostConfig) -> Identity {
         }
     }
     if id.availability_zone.is_none() {
-        match imds
-            .get("/latest/meta-data/placement/availability-zone")
-            .await
-        {
-            Ok(v) => id.availability_zone = Some(v.as_ref().trim().to_owned()),
+        match metadata("placement/availability-zone").await {
+            Ok(v) => id.availability_zone = Some(v),
             Err(e) => tracing::warn!(
                 error = %e,
                 "Availability Zone unknown: not in the config (host.availability_zone, WARDEN_AVAILABILITY_ZONE) and instance metadata did not answer; this host's AZ is not checked"
@@ -51,4 +43,19 @@ pub async fn resolve(host: &HostConfig) -> Identity {
         }
     }
     id
+}
+
+/// One value of this instance's metadata (`/latest/meta-data/<path>`, IMDSv2), trimmed:
+/// the one way warden asks instance metadata, with short timeouts (off EC2 it is not
+/// there, and nothing may wait long for it).
+pub async fn metadata(path: &str) -> Result<String, String> {
+    let imds = aws_config::imds::client::Client::builder()
+        .connect_timeout(Duration::from_millis(500))
+        .read_timeout(Duration::from_millis(500))
+        .max_attempts(2)
+        .build();
+    imds.get(format!("/latest/meta-data/{path}"))
+        .await
+        .map(|v| v.as_ref().trim().to_owned())
+        .map_err(|e| e.to_string())
 }

@@ -111,14 +111,8 @@ impl TargetGroups {
                 if let Some(ip) = &self.configured_ip {
                     return Ok(ip.clone());
                 }
-                let imds = aws_config::imds::client::Client::builder()
-                    .connect_timeout(Duration::from_millis(500))
-                    .read_timeout(Duration::from_millis(500))
-                    .max_attempts(2)
-                    .build();
-                imds.get("/latest/meta-data/local-ipv4")
+                crate::identity::metadata("local-ipv4")
                     .await
-                    .map(|v| v.as_ref().trim().to_owned())
                     .map_err(|e| {
                         ElbError::Config(format!(
                             "an `ip` target group needs this host's private IP: set host.private_ip (WARDEN_PRIVATE_IP); instance metadata did not answer ({e})"
