@@ -79,6 +79,10 @@ instance_id = "$instance"
 availability_zone = "eu-west-1a"
 [plugins]
 dirs = ["$work/plugins"]
+# The package's own plugins run in warden's process (as /usr/lib/warden/plugins does by
+# default); a plugin from anywhere else gets a process of its own and only the
+# environment its instance names (metrics.<name>.env), so no AWS settings.
+in_process_dirs = ["$work/plugins"]
 [registrar]
 local_redis = "redis://127.0.0.1:$redis_port"
 router_ports_file = "$work/router/ports.conf"
@@ -125,6 +129,11 @@ for _ in $(seq 100); do
   [ "$(redis-cli -p $redis_port hlen backend:demo)" = 3 ] && (exec 3<>/dev/tcp/127.0.0.1/$service_port) 2>/dev/null && break
   sleep 0.1
 done
+if [ "$(redis-cli -p $redis_port hlen backend:demo)" != 3 ]; then
+  echo "demo: warden did not route the three containers within 10 s; the end of its log ($work/warden.log):" >&2
+  tail -n 20 "$work/warden.log" >&2
+  exit 1
+fi
 say "redis: the routes warden wrote"
 redis-cli -p $redis_port --raw get frontend:demo.local | sed 's/^/frontend:demo.local -> /'
 redis-cli -p $redis_port --raw get warden:port:$service_port | sed "s/^/warden:port:$service_port -> /"
