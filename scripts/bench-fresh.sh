@@ -12,8 +12,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
+# Each step's whole output is kept here (the clone is removed at the end).
+keep=$PWD/target/bench-fresh
+mkdir -p "$keep"
 scripts/setup.sh --tests >/dev/null
 root=$(mktemp -d /tmp/warden-fresh.XXXXXX)
+# Readable by others, like a checkout: isolated plugins may run as another user.
+chmod 755 "$root"
 trap 'rm -rf "$root"' EXIT
 git clone -q --no-hardlinks "$PWD" "$root/warden"
 cd "$root/warden"
@@ -23,20 +28,30 @@ fresh() {
   mkdir -p "$root/cargo"
   cp "${CARGO_HOME:-$HOME/.cargo}/config.toml" "$root/cargo/" 2>/dev/null || true
 }
-seconds() { local s=$SECONDS; "$@" >"$root/out.log" 2>&1 || { tail -30 "$root/out.log" >&2; return 1; }; echo $((SECONDS - s)); }
+seconds() {
+  local s=$SECONDS ok=0
+  "$@" >"$root/out.log" 2>&1 || ok=$?
+  cp "$root/out.log" "$keep/$step.log"
+  [ $ok = 0 ] || { tail -30 "$root/out.log" >&2; echo "failed; whole output in $keep/$step.log" >&2; return 1; }
+  echo $((SECONDS - s))
+}
 mmss() { printf '%d min %02d s' $(($1 / 60)) $(($1 % 60)); }
 export CARGO_HOME=$root/cargo
 if [[ $what == demo || $what == all ]]; then
   fresh
+  step=demo-build
   build=$(seconds cargo build --locked -p warden -p warden-plugin-docker-labels -p warden-plugin-file-services \
     -p warden-plugin-template -p warden-plugin-beanstalk-instances -p warden-plugin-s3-table)
   echo "demo build, cold (downloads included): $(mmss "$build")"
+  step=demo-run
   demo=$(seconds scripts/demo.sh)
   echo "demo run after it (warm): $(mmss "$demo")"
 fi
 if [[ $what == ci || $what == all ]]; then
   fresh
+  step=ci
   ci=$(seconds .ci/run)
   echo ".ci/run, cold (downloads included): $(mmss "$ci")"
-  grep -E "^\s+Summary|tests? run:" "$root/out.log" | tail -3
+  # Its parts: the build, each nextest run.
+  grep -E "Finished .dev. profile|^\s+Summary \[" "$keep/ci.log" | head -4
 fi

@@ -299,54 +299,25 @@ impl Moto {
 
     /// Creates classic ELB `name` (HTTP 80 → `instance_port`, eu-west-1a).
     pub async fn create_elb(&self, name: &str, instance_port: u16) {
-        use aws_sdk_elasticloadbalancing::types::Listener;
-        self.elb()
-            .await
-            .create_load_balancer()
-            .load_balancer_name(name)
-            .availability_zones("eu-west-1a")
-            .listeners(
-                Listener::builder()
-                    .protocol("HTTP")
-                    .load_balancer_port(80)
-                    .instance_protocol("HTTP")
-                    .instance_port(i32::from(instance_port))
-                    .build()
-                    .unwrap(),
-            )
-            .send()
-            .await
-            .unwrap();
+        self.fixture(&["elb-create", name, &instance_port.to_string()]);
     }
 
-    /// The instance ids registered in classic ELB `name`, as moto describes them.
+    /// The instance ids registered in classic ELB `name`, as moto describes them (read
+    /// with warden's own Query client, which the ELB tests also check against moto).
     pub async fn elb_members(&self, name: &str) -> Vec<String> {
-        let out = self
-            .elb()
-            .await
-            .describe_load_balancers()
-            .load_balancer_names(name)
-            .send()
-            .await
-            .unwrap();
-        out.load_balancer_descriptions()[0]
-            .instances()
-            .iter()
-            .filter_map(|i| i.instance_id().map(str::to_owned))
-            .collect()
-    }
-
-    pub async fn elb(&self) -> aws_sdk_elasticloadbalancing::Client {
-        let creds = aws_sdk_elasticloadbalancing::config::Credentials::new(
-            "testing", "testing", None, None, "test",
-        );
         let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
             .region(aws_config::Region::new("eu-west-1"))
             .endpoint_url(self.endpoint())
-            .credentials_provider(creds)
+            .credentials_provider(aws_credential_types::Credentials::new(
+                "testing", "testing", None, None, "test",
+            ))
             .load()
             .await;
-        aws_sdk_elasticloadbalancing::Client::new(&conf)
+        let elb = warden_aws_query::elb::Elb::new(&conf, Duration::from_secs(10)).unwrap();
+        elb.instances(name)
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("no classic ELB {name}"))
     }
 }
 
