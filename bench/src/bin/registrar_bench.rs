@@ -358,6 +358,7 @@ fn proc_stat(pid: u32) -> (u64, u64) {
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+#[allow(unsafe_code)] // a system call
 async fn main() {
     // Measure the release build of warden and its plugins.
     std::env::set_var("WARDEN_TEST_PROFILE", "release");
