@@ -129,45 +129,10 @@ pub fn run(file: &Path, req: Request, insecure: bool) -> anyhow::Result<ExitCode
         Ok(p) => Arc::new(p),
         Err(reason) => return Ok(fail("load", "load", reason)),
     };
-    let m = plugin.manifest().clone();
-    let kind = match req.kind.as_deref() {
-        Some(k) => match Kind::parse(k) {
-            Some(k) => k,
-            None => {
-                return Ok(fail(
-                    "config",
-                    "config",
-                    format!("--kind: expected metric-source or service-definitions, got {k:?}"),
-                ))
-            }
-        },
-        None => m.kinds[0].kind,
-    };
-    let ops: &[&str] = match kind {
-        Kind::MetricSource => &["measure", "map"],
-        Kind::ServiceDefinitions => &["list", "generation"],
-    };
-    let op = req
-        .op
-        .clone()
-        .unwrap_or_else(|| default_op(kind).to_owned());
-    if !ops.contains(&op.as_str()) {
-        return Ok(fail(
-            "config",
-            "config",
-            format!("--op: a {kind} offers {}, not {op:?}", ops.join(", ")),
-        ));
-    }
-    if op == "map" && req.value.is_none() {
-        return Ok(fail("config", "config", "--op map needs --value".into()));
-    }
-    let config: serde_json::Value = match serde_json::from_str(&req.config) {
+    let (kind, op, config) = match checked(&plugin, &req) {
         Ok(c) => c,
-        Err(e) => return Ok(fail("config", "config", format!("--config: not JSON: {e}"))),
+        Err(why) => return Ok(fail("config", "config", why)),
     };
-    if let Err(e) = super::check_plugin_config(&plugin, kind, &config) {
-        return Ok(fail("config", "config", e.to_string()));
-    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -181,56 +146,126 @@ pub fn run(file: &Path, req: Request, insecure: bool) -> anyhow::Result<ExitCode
     let started = Instant::now();
     let watchdog = Watchdog::start();
     watchdog.watch("create", CREATE_LIMIT);
-    let client = match rt.block_on(super::create_instance(
+    let created = rt.block_on(super::create_instance(
         plugin.clone(),
         kind,
         &config,
         options,
-    )) {
+    ));
+    let client: Arc<dyn PluginClient> = match created {
         Ok(c) => c,
         Err(e) => return Ok(fail("create", "create", e.to_string())),
     };
     watchdog.done();
     let created_ms = ms(started.elapsed());
-    let client: Arc<dyn PluginClient> = client;
-    let mut times = Vec::new();
-    let (mut last_ok, mut last_err, mut failures) = (None, None, 0u32);
+    let calls = repeat(&rt, &watchdog, &client, kind, &op, &req);
+    client.shutdown();
+    report(plugin.manifest(), kind, &op, created_ms, &calls)
+}
+
+/// The request checked against the plugin: the kind, the operation and the config.
+fn checked(
+    plugin: &super::Plugin,
+    req: &Request,
+) -> Result<(Kind, String, serde_json::Value), String> {
+    let kind = match req.kind.as_deref() {
+        Some(k) => Kind::parse(k).ok_or_else(|| {
+            format!("--kind: expected metric-source or service-definitions, got {k:?}")
+        })?,
+        None => plugin.manifest().kinds[0].kind,
+    };
+    let ops: &[&str] = match kind {
+        Kind::MetricSource => &["measure", "map"],
+        Kind::ServiceDefinitions => &["list", "generation"],
+    };
+    let op = req
+        .op
+        .clone()
+        .unwrap_or_else(|| default_op(kind).to_owned());
+    if !ops.contains(&op.as_str()) {
+        return Err(format!(
+            "--op: a {kind} offers {}, not {op:?}",
+            ops.join(", ")
+        ));
+    }
+    if op == "map" && req.value.is_none() {
+        return Err("--op map needs --value".into());
+    }
+    let config: serde_json::Value =
+        serde_json::from_str(&req.config).map_err(|e| format!("--config: not JSON: {e}"))?;
+    super::check_plugin_config(plugin, kind, &config).map_err(|e| e.to_string())?;
+    Ok((kind, op, config))
+}
+
+/// What the repeated calls gave: each one's time, the last answer and the last error.
+struct Calls {
+    times: Vec<f64>,
+    last_ok: Option<serde_json::Value>,
+    last_err: Option<serde_json::Value>,
+    failures: u32,
+}
+
+/// Makes `req.repeat` calls, each watched for its timeout.
+fn repeat(
+    rt: &tokio::runtime::Runtime,
+    watchdog: &Watchdog,
+    client: &Arc<dyn PluginClient>,
+    kind: Kind,
+    op: &str,
+    req: &Request,
+) -> Calls {
+    let mut c = Calls {
+        times: Vec::new(),
+        last_ok: None,
+        last_err: None,
+        failures: 0,
+    };
     for _ in 0..req.repeat.max(1) {
         let t = Instant::now();
         watchdog.watch("call", req.timeout);
-        let r = rt.block_on(once(&client, kind, Some(&op), req.value));
+        let r = rt.block_on(once(client, kind, Some(op), req.value));
         watchdog.done();
-        times.push(ms(t.elapsed()));
+        c.times.push(ms(t.elapsed()));
         match r {
-            Ok(v) => last_ok = Some(v),
+            Ok(v) => c.last_ok = Some(v),
             Err(e) => {
-                failures += 1;
-                last_err =
+                c.failures += 1;
+                c.last_err =
                     Some(serde_json::json!({ "kind": kind_of(&e), "message": e.to_string() }));
             }
         }
     }
-    client.shutdown();
-    let mut sorted = times.clone();
+    c
+}
+
+/// The one JSON document `plugins call` prints; exit 1 if any call failed.
+fn report(
+    m: &warden_plugin_api::Manifest,
+    kind: Kind,
+    op: &str,
+    created_ms: f64,
+    c: &Calls,
+) -> anyhow::Result<ExitCode> {
+    let mut sorted = c.times.clone();
     sorted.sort_by(f64::total_cmp);
     let mut out = serde_json::json!({
-        "ok": failures == 0,
+        "ok": c.failures == 0,
         "plugin": m.name,
         "version": m.version,
         "kind": kind.as_str(),
         "op": op,
         "created_ms": created_ms,
-        "calls": times.len(),
-        "failures": failures,
-        "answer": last_ok,
-        "error": last_err,
+        "calls": c.times.len(),
+        "failures": c.failures,
+        "answer": c.last_ok,
+        "error": c.last_err,
     });
-    if failures > 0 {
+    if c.failures > 0 {
         // Where it failed, apart from how (the error's kind).
         out["stage"] = "call".into();
     }
-    if times.len() == 1 {
-        out["took_ms"] = times[0].into();
+    if sorted.len() == 1 {
+        out["took_ms"] = sorted[0].into();
     } else {
         out["took_ms"] = serde_json::json!({
             "min": sorted[0],
@@ -239,7 +274,7 @@ pub fn run(file: &Path, req: Request, insecure: bool) -> anyhow::Result<ExitCode
         });
     }
     println!("{}", serde_json::to_string_pretty(&out)?);
-    Ok(if failures == 0 {
+    Ok(if c.failures == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
