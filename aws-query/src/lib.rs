@@ -106,7 +106,7 @@ pub struct Query {
     cached: tokio::sync::Mutex<Option<Credentials>>,
     http: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
     timeout: Duration,
-    /// `warden-ec2/<version>`, then `app/<name>` of the `SdkConfig` as the SDK sends it:
+    /// `warden-aws-query/<version>`, then `app/<name>` of the `SdkConfig` as the SDK sends it:
     /// CloudTrail (and the tests' IAM check) tell warden's calls from anyone else's.
     user_agent: String,
 }
@@ -141,7 +141,7 @@ impl Query {
             .enable_http1()
             .build();
         let http = Client::builder(hyper_util::rt::TokioExecutor::new()).build(tls);
-        let mut user_agent = concat!("warden-ec2/", env!("CARGO_PKG_VERSION")).to_owned();
+        let mut user_agent = concat!("warden-aws-query/", env!("CARGO_PKG_VERSION")).to_owned();
         if let Some(app) = sdk.app_name() {
             user_agent.push_str(&format!(" app/{app}"));
         }

@@ -4,7 +4,7 @@
 //! `running` state (DescribeInstances, paged). That works on AWS and on moto_server, which
 //! lacks DescribeEnvironmentResources. Uses the SDK's default credential chain and honours
 //! `AWS_ENDPOINT_URL` (or `AWS_ENDPOINT_URL_EC2`) and `AWS_REGION`. The call is warden's
-//! own EC2 Query client (`warden-ec2`), not `aws-sdk-ec2`, whose build took two thirds of
+//! own Query client (`warden-aws-query`), not `aws-sdk-ec2`, whose build took two thirds of
 //! warden's.
 
 use std::time::Duration;
