@@ -46,16 +46,8 @@ pub(crate) fn zones(text: &str) -> Result<Vec<Zone>, QueryError> {
 }
 
 fn zone(item: &mut ScopedDecoder) -> Result<Zone, QueryError> {
-    let (mut name, mut state) = (None, None);
-    while let Some(mut field) = item.next_tag() {
-        if field.start_el().matches("zoneName") {
-            name = Some(try_data(&mut field).map_err(bad)?.into_owned());
-        } else if field.start_el().matches("zoneState") {
-            state = Some(try_data(&mut field).map_err(bad)?.into_owned());
-        }
-    }
-    match (name, state) {
-        (Some(name), Some(state)) => Ok(Zone { name, state }),
+    match leaves(item, ["zoneName", "zoneState"])? {
+        [Some(name), Some(state)] => Ok(Zone { name, state }),
         _ => Err(bad("an availability zone without zoneName or zoneState")),
     }
 }
@@ -120,13 +112,8 @@ fn error_fields(text: &str) -> Option<(String, String)> {
     let mut root = doc.root_element().ok()?;
     let (mut code, mut message) = (String::new(), String::new());
     let mut read = |error: &mut ScopedDecoder| -> Result<(), QueryError> {
-        while let Some(mut field) = error.next_tag() {
-            if field.start_el().matches("Code") {
-                code = text_of(&mut field)?;
-            } else if field.start_el().matches("Message") {
-                message = text_of(&mut field)?;
-            }
-        }
+        let [c, m] = leaves(error, ["Code", "Message"])?;
+        (code, message) = (c.unwrap_or_default(), m.unwrap_or_default());
         Ok(())
     };
     // EC2 nests its errors in <Errors>; ELB has one <Error> under the root.
@@ -172,6 +159,21 @@ fn walk<'i>(
     Ok(())
 }
 
+/// The texts of the child elements of `scope` named by `names` (each the last of that
+/// name; `None` if absent); other children are skipped.
+fn leaves<const N: usize>(
+    scope: &mut ScopedDecoder,
+    names: [&str; N],
+) -> Result<[Option<String>; N], QueryError> {
+    let mut out = [const { None }; N];
+    while let Some(mut field) = scope.next_tag() {
+        if let Some(i) = names.iter().position(|n| field.start_el().matches(n)) {
+            out[i] = Some(text_of(&mut field)?);
+        }
+    }
+    Ok(out)
+}
+
 /// The text of a leaf element.
 fn text_of(leaf: &mut ScopedDecoder) -> Result<String, QueryError> {
     Ok(try_data(leaf).map_err(bad)?.trim().to_owned())
@@ -215,18 +217,14 @@ pub(crate) fn target_groups(text: &str) -> Result<Vec<TargetGroup>, QueryError> 
     let mut out = Vec::new();
     let path = ["DescribeTargetGroupsResult", "TargetGroups", "member"];
     walk(&mut root, &path, &mut |tg| {
-        let (mut arn, mut target_type) = (String::new(), String::new());
-        while let Some(mut field) = tg.next_tag() {
-            if field.start_el().matches("TargetGroupArn") {
-                arn = text_of(&mut field)?;
-            } else if field.start_el().matches("TargetType") {
-                target_type = text_of(&mut field)?;
-            }
-        }
-        if arn.is_empty() {
-            return Err(bad("a target group without TargetGroupArn"));
-        }
-        out.push(TargetGroup { arn, target_type });
+        let [arn, target_type] = leaves(tg, ["TargetGroupArn", "TargetType"])?;
+        let arn = arn
+            .filter(|a| !a.is_empty())
+            .ok_or_else(|| bad("a target group without TargetGroupArn"))?;
+        out.push(TargetGroup {
+            arn,
+            target_type: target_type.unwrap_or_default(),
+        });
         Ok(())
     })?;
     Ok(out)
@@ -259,14 +257,11 @@ pub(crate) fn targets(text: &str) -> Result<Vec<Target>, QueryError> {
         };
         while let Some(mut part) = d.next_tag() {
             if part.start_el().matches("Target") {
-                while let Some(mut field) = part.next_tag() {
-                    if field.start_el().matches("Id") {
-                        t.id = text_of(&mut field)?;
-                    } else if field.start_el().matches("Port") {
-                        let port = text_of(&mut field)?;
-                        t.port = Some(port.parse().map_err(|_| bad(format!("port {port:?}")))?);
-                    }
-                }
+                let [id, port] = leaves(&mut part, ["Id", "Port"])?;
+                t.id = id.unwrap_or_default();
+                t.port = port
+                    .map(|p| p.parse().map_err(|_| bad(format!("port {p:?}"))))
+                    .transpose()?;
             } else if part.start_el().matches("TargetHealth") {
                 walk(&mut part, &["State"], &mut |st| {
                     t.state = text_of(st)?;
@@ -291,15 +286,8 @@ pub(crate) fn attributes(text: &str) -> Result<Vec<(String, String)>, QueryError
         "member",
     ];
     walk(&mut root, &path, &mut |a| {
-        let (mut key, mut value) = (String::new(), String::new());
-        while let Some(mut field) = a.next_tag() {
-            if field.start_el().matches("Key") {
-                key = text_of(&mut field)?;
-            } else if field.start_el().matches("Value") {
-                value = text_of(&mut field)?;
-            }
-        }
-        out.push((key, value));
+        let [key, value] = leaves(a, ["Key", "Value"])?;
+        out.push((key.unwrap_or_default(), value.unwrap_or_default()));
         Ok(())
     })?;
     Ok(out)

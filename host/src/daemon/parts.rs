@@ -381,26 +381,12 @@ impl Running {
 
     /// Follows `[[manager.sources]]`: each a slot (created in the background), polled.
     fn follow_sources(&self, global: &mut Supervisor, stop: watch::Receiver<bool>) {
-        let create_timeout = Duration::from_millis(self.config.plugins.create_timeout_ms);
         let keyed: Vec<(String, Slot)> = self
-            .config
-            .manager
-            .sources
-            .iter()
-            .enumerate()
-            .map(|(i, r)| {
-                let key = format!("manager.sources[{i}]");
-                let slot = source_slot(
-                    &self.host,
-                    &key,
-                    r,
-                    self.options,
-                    create_timeout,
-                    stop.clone(),
-                    self.fatal.clone(),
-                );
-                (key, slot)
+            .source_slots(&self.config.manager.sources, &stop, |i, _| {
+                format!("manager.sources[{i}]")
             })
+            .into_iter()
+            .map(|(key, _, slot)| (key, slot))
             .collect();
         let tx = self.defs_tx.clone();
         global.spawn("manager sources", move || {
@@ -578,28 +564,43 @@ impl Running {
         } else {
             r.sources.clone()
         };
+        self.source_slots(&refs, stop, |i, s| {
+            format!("registrar.sources[{i}] ({})", s.plugin)
+        })
+        .into_iter()
+        .map(|(key, s, slot)| registrar::Source {
+            key,
+            slot,
+            grants: s
+                .grants
+                .clone()
+                .unwrap_or_else(|| self.config.grants.clone()),
+        })
+        .collect()
+    }
+
+    /// A slot for each service source of `refs`, keyed by `key`.
+    fn source_slots<'r>(
+        &self,
+        refs: &'r [PluginRef],
+        stop: &watch::Receiver<bool>,
+        key: impl Fn(usize, &PluginRef) -> String,
+    ) -> Vec<(String, &'r PluginRef, Slot)> {
         let create_timeout = Duration::from_millis(self.config.plugins.create_timeout_ms);
         refs.iter()
             .enumerate()
-            .map(|(i, s)| {
-                let key = format!("registrar.sources[{i}] ({})", s.plugin);
+            .map(|(i, r)| {
+                let key = key(i, r);
                 let slot = source_slot(
                     &self.host,
                     &key,
-                    s,
+                    r,
                     self.options,
                     create_timeout,
                     stop.clone(),
                     self.fatal.clone(),
                 );
-                registrar::Source {
-                    key,
-                    slot,
-                    grants: s
-                        .grants
-                        .clone()
-                        .unwrap_or_else(|| self.config.grants.clone()),
-                }
+                (key, r, slot)
             })
             .collect()
     }

@@ -17,7 +17,7 @@ use super::election::Lease;
 use super::leadership::Guard;
 use super::policy::PolicyState;
 use super::Record;
-use crate::plugins::client::{BoxFuture, Decode};
+use crate::plugins::client::{decode_answer, BoxFuture, Decode};
 use crate::plugins::{CallError, PluginClient};
 
 #[derive(Default)]
@@ -421,13 +421,12 @@ impl PluginClient for FakeMetric {
         let op = op.to_owned();
         Box::pin(async move {
             tokio::time::sleep(delay).await;
-            decode(&format!("{{\"value\":{v}}}")).map_err(|e| CallError::Failed {
-                plugin: "fake".into(),
-                op,
-                error: warden_plugin_api::PluginError::new(
-                    warden_plugin_api::ErrorKind::InvalidResponse,
-                    e,
-                ),
+            decode_answer(&format!("{{\"value\":{v}}}"), decode).map_err(|error| {
+                CallError::Failed {
+                    plugin: "fake".into(),
+                    op,
+                    error,
+                }
             })
         })
     }

@@ -16,8 +16,8 @@ use warden_plugin_api::{Kind, ServiceDefinition};
 use super::containers::{Containers, DockerError, InspectError, Seen};
 use super::entry::{model, Actual, Entry, Op};
 use super::redx::{RouteError, RouteStore};
-use super::store::{Container, Event, Health};
-use crate::plugins::client::{BoxFuture, Decode};
+use super::store::{Container, Event};
+use crate::plugins::client::{decode_answer, BoxFuture, Decode};
 use crate::plugins::{CallError, PluginClient};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -26,21 +26,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// A running container with an address on the bridge, exposing port 80.
 pub fn container(id: &str, labels: &[(&str, &str)], ip: &str) -> Container {
-    Container {
-        id: id.into(),
-        name: format!("c-{id}"),
-        image: "warden-test/busybox:latest".into(),
-        labels: labels
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-        networks: BTreeMap::from([("bridge".to_string(), ip.to_string())]),
-        exposed_tcp: BTreeSet::from([80]),
-        health: Health::None,
-        started_at: "2026-12-07T00:00:00Z".into(),
-        stopping: false,
-        paused: false,
-    }
+    super::store::tests::container(id, &format!("c-{id}"), labels, ip)
 }
 
 /// Docker in memory: running containers, open event streams, and an outage switch.
@@ -280,13 +266,10 @@ impl PluginClient for FakeServices {
         };
         let op = op.to_owned();
         Box::pin(async move {
-            decode(&text).map_err(|e| CallError::Failed {
+            decode_answer(&text, decode).map_err(|error| CallError::Failed {
                 plugin: "fake-services".into(),
                 op,
-                error: warden_plugin_api::PluginError::new(
-                    warden_plugin_api::ErrorKind::InvalidResponse,
-                    e,
-                ),
+                error,
             })
         })
     }
@@ -400,8 +383,8 @@ mod tests {
         }
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_start_is_routed_and_a_lost_event_is_caught_by_the_relist_after_a_reconnect() {
+    /// A registrar with the `web` service and one of its containers routed.
+    async fn web_routed() -> World {
         let w = start(
             FakeDocker::default(),
             FakeRoutes::default(),
@@ -410,6 +393,12 @@ mod tests {
         w.docker
             .start(container("a", &[("app", "web")], "172.17.0.2"));
         until("a routed", || w.routed().contains("172.17.0.2:80")).await;
+        w
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_start_is_routed_and_a_lost_event_is_caught_by_the_relist_after_a_reconnect() {
+        let w = web_routed().await;
         assert_eq!(
             w.routes
                 .strings()
@@ -446,8 +435,10 @@ mod tests {
     async fn a_failed_write_is_retried_with_backoff_until_it_lands() {
         let routes = FakeRoutes::default();
         let w = start(FakeDocker::default(), routes.clone(), Some(vec![web()]));
-        until("first list", || w.docker.lists() > 0).await;
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        until("the first reconcile at the route store", || {
+            !routes.calls().is_empty()
+        })
+        .await;
         let from = routes.calls().len();
         routes.fail_next(4);
         w.docker
@@ -472,14 +463,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_drifted_key_is_rewritten_by_the_verification() {
-        let w = start(
-            FakeDocker::default(),
-            FakeRoutes::default(),
-            Some(vec![web()]),
-        );
-        w.docker
-            .start(container("a", &[("app", "web")], "172.17.0.2"));
-        until("a routed", || w.routed().contains("172.17.0.2:80")).await;
+        let w = web_routed().await;
         w.routes.delete("frontend:web.example");
         until("front-end rewritten", || {
             w.routes.strings().contains_key("frontend:web.example")
