@@ -53,6 +53,10 @@ pub struct Service {
 /// Credentials are fetched again this long before they expire.
 const REFRESH_BEFORE: Duration = Duration::from_secs(300);
 
+/// The largest answer read (a page of DescribeInstances is a few hundred kB at most):
+/// a proxy or endpoint that sends more gets an error, not warden's memory.
+const MAX_ANSWER: usize = 8 << 20;
+
 /// Why a call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {
@@ -164,7 +168,15 @@ impl Query {
         let answer = tokio::time::timeout(self.timeout, async {
             let response = self.http.request(request).await.map_err(dispatch)?;
             let status = response.status().as_u16();
-            let bytes = response.into_body().collect().await.map_err(dispatch)?;
+            let bytes = http_body_util::Limited::new(response.into_body(), MAX_ANSWER)
+                .collect()
+                .await
+                .map_err(|e| {
+                    QueryError::Dispatch(format!(
+                        "answer not read (at most {} MiB): {e}",
+                        MAX_ANSWER >> 20
+                    ))
+                })?;
             Ok::<_, QueryError>((status, bytes.to_bytes()))
         })
         .await
@@ -296,6 +308,83 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A one-answer HTTP server: returns its address and, once asked, the request head.
+    async fn answer_once(answer: Vec<u8>) -> (String, tokio::task::JoinHandle<String>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = conn.read(&mut buf).await.unwrap();
+                head.extend_from_slice(&buf[..n]);
+            }
+            let _ = conn.write_all(&answer).await;
+            String::from_utf8_lossy(&head).into_owned()
+        });
+        (url, task)
+    }
+
+    fn sdk(url: &str) -> SdkConfig {
+        SdkConfig::builder()
+            .region(aws_config::Region::new("eu-west-1"))
+            .endpoint_url(url)
+            .app_name(aws_config::AppName::new("warden-test").unwrap())
+            .credentials_provider(SharedCredentialsProvider::new(Credentials::new(
+                "AKIDTEST", "secret", None, None, "test",
+            )))
+            .build()
+    }
+
+    #[tokio::test]
+    async fn a_call_is_signed_names_warden_and_an_oversized_answer_is_refused() {
+        let body = vec![b' '; MAX_ANSWER + 1];
+        let mut answer =
+            format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len()).into_bytes();
+        answer.extend_from_slice(&body);
+        let (url, server) = answer_once(answer).await;
+        let ec2 = Ec2::new(&sdk(&url), Duration::from_secs(10)).unwrap();
+        let e = ec2.describe_availability_zones().await.unwrap_err();
+        assert!(
+            matches!(&e, QueryError::Dispatch(m) if m.contains("at most 8 MiB")),
+            "{e}"
+        );
+        let head = server.await.unwrap().to_ascii_lowercase();
+        assert!(head.starts_with("post / http/1.1"), "{head}");
+        assert!(
+            head.contains("authorization: aws4-hmac-sha256 credential=akidtest/"),
+            "{head}"
+        );
+        assert!(head.contains("/eu-west-1/ec2/aws4_request"), "{head}");
+        assert!(head.contains("app/warden-test"), "{head}");
+    }
+
+    #[tokio::test]
+    async fn an_elb_error_answer_is_its_code_and_not_transient() {
+        let xml = "<ErrorResponse><Error><Type>Sender</Type><Code>LoadBalancerNotFound</Code><Message>There is no ACTIVE Load Balancer named 'x'</Message></Error></ErrorResponse>";
+        let answer = format!(
+            "HTTP/1.1 400 Bad Request\r\ncontent-length: {}\r\n\r\n{xml}",
+            xml.len()
+        );
+        let (url, server) = answer_once(answer.into_bytes()).await;
+        let elb = elb::Elb::new(&sdk(&url), Duration::from_secs(10)).unwrap();
+        let e = elb.instances("x").await.unwrap_err();
+        match &e {
+            QueryError::Service { status, code, .. } => {
+                assert_eq!((*status, code.as_str()), (400, "LoadBalancerNotFound"))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!e.is_transient());
+        let head = server.await.unwrap().to_ascii_lowercase();
+        assert!(
+            head.contains("/elasticloadbalancing/aws4_request"),
+            "{head}"
+        );
+    }
 
     #[test]
     fn the_form_is_percent_encoded_and_names_the_version() {
