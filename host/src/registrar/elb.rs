@@ -127,20 +127,24 @@ impl Membership for Classic {
 }
 
 async fn is_member(client: &Elb, elb: &str, instance: &str) -> Result<bool, ElbError> {
-    let out = client.instances(elb).await.map_err(|e| classify(elb, e));
+    let out = client
+        .instances(elb)
+        .await
+        .map_err(|e| classify(elb, "DescribeLoadBalancers", e));
     let ids = counted("DescribeLoadBalancers", out)?
         .ok_or_else(|| ElbError::NotFound(format!("load balancer {elb}")))?;
     Ok(ids.iter().any(|i| i == instance))
 }
 
-fn classify(elb: &str, e: QueryError) -> ElbError {
+/// The error as the loop sorts it; one it retries names the call that failed.
+fn classify(elb: &str, op: &str, e: QueryError) -> ElbError {
     match &e {
         QueryError::Service { code, .. }
             if code == "LoadBalancerNotFound" || code == "AccessPointNotFound" =>
         {
             ElbError::NotFound(format!("load balancer {elb}"))
         }
-        _ => ElbError::Aws(e.to_string()),
+        _ => ElbError::Aws(format!("{op}: {e}")),
     }
 }
 
@@ -165,7 +169,7 @@ async fn act(client: &Elb, elb: &str, instance: &str, register: bool) -> Result<
     let r = client
         .set(elb, instance, register)
         .await
-        .map_err(|e| classify(elb, e));
+        .map_err(|e| classify(elb, op, e));
     counted(op, r)
 }
 

@@ -91,7 +91,7 @@ impl TargetGroups {
             .client
             .target_group(name)
             .await
-            .map_err(|e| classify(name, e));
+            .map_err(|e| classify(name, "DescribeTargetGroups", e));
         let tg = counted("DescribeTargetGroups", out)?
             .ok_or_else(|| ElbError::NotFound(format!("target group {name}")))?;
         let group = Group {
@@ -149,7 +149,7 @@ impl TargetGroups {
             .client
             .targets(&group.arn)
             .await
-            .map_err(|e| classify(&key.group, e));
+            .map_err(|e| classify(&key.group, "DescribeTargetHealth", e));
         let targets = counted("DescribeTargetHealth", out)?;
         let listed = targets
             .iter()
@@ -168,7 +168,7 @@ impl TargetGroups {
             .client
             .set(&group.arn, &id, key.port, register)
             .await
-            .map_err(|e| classify(&key.group, e));
+            .map_err(|e| classify(&key.group, op, e));
         counted(op, r)
     }
 }
@@ -198,7 +198,7 @@ impl Membership for TargetGroups {
             .client
             .attributes(&group.arn)
             .await
-            .map_err(|e| classify(&key.group, e));
+            .map_err(|e| classify(&key.group, "DescribeTargetGroupAttributes", e));
         match counted("DescribeTargetGroupAttributes", out) {
             Ok(attributes) => attributes
                 .iter()
@@ -213,7 +213,8 @@ impl Membership for TargetGroups {
     }
 }
 
-fn classify(group: &str, e: QueryError) -> ElbError {
+/// The error as the loop sorts it; one it retries names the call that failed.
+fn classify(group: &str, op: &str, e: QueryError) -> ElbError {
     let code = match &e {
         QueryError::Service { code, .. } => code.as_str(),
         _ => "",
@@ -221,9 +222,9 @@ fn classify(group: &str, e: QueryError) -> ElbError {
     match code {
         "TargetGroupNotFound" => ElbError::NotFound(format!("target group {group}")),
         "InvalidTarget" | "ValidationError" => {
-            ElbError::Config(format!("target group {group}: {e}"))
+            ElbError::Config(format!("target group {group}: {op}: {e}"))
         }
-        _ => ElbError::Aws(e.to_string()),
+        _ => ElbError::Aws(format!("{op}: {e}")),
     }
 }
 
