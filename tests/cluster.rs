@@ -90,7 +90,23 @@ impl Net {
         let prefix = format!("10.{}.{}", 100 + pid % 100, (pid / 100) % 250);
         let bridge = format!("wb{pid}");
         let gateway = format!("{prefix}.1");
-        must(&["ip", "link", "add", &bridge, "type", "bridge"]);
+        // A bridge with no address set takes the lowest of its ports' addresses, and so
+        // changes it when a port with a lower one is added: hosts that had already
+        // resolved the gateway keep sending to the old address, a port's, which the
+        // bridge passes up as not for this host, and the kernel drops (no gratuitous ARP
+        // tells them: arp_notify is off). Connections to the gateway (moto) then hung for
+        // as long as the stale neighbour entry lived, while host-to-host traffic worked.
+        // An address set once never changes.
+        let mac = format!(
+            "02:77:{:02x}:{:02x}:{:02x}:{:02x}",
+            (pid >> 24) & 0xff,
+            (pid >> 16) & 0xff,
+            (pid >> 8) & 0xff,
+            pid & 0xff
+        );
+        must(&[
+            "ip", "link", "add", &bridge, "address", &mac, "type", "bridge",
+        ]);
         must(&[
             "ip",
             "addr",
@@ -254,6 +270,29 @@ impl Drop for Net {
             "-j",
             "ACCEPT",
         ]);
+    }
+}
+
+impl Net {
+    /// What an operator would look at when hosts cannot reach each other or the
+    /// gateway: the bridge's address and forwarding table, each host's neighbours,
+    /// routes and TCP sockets, the listening sockets of the root namespace.
+    pub fn diagnose(&self) -> String {
+        let mut out = String::new();
+        let mut run = |title: &str, args: &[&str]| {
+            let (_, text) = sh(args);
+            out.push_str(&format!("--- {title}\n{text}"));
+        };
+        run("bridge", &["ip", "-d", "link", "show", &self.bridge]);
+        run("fdb", &["bridge", "fdb", "show", "br", &self.bridge]);
+        run("root routes", &["ip", "route"]);
+        run("root listening", &["ss", "-tln"]);
+        for ns in &self.hosts {
+            run(&format!("{ns} neighbours"), &["ip", "-n", ns, "neigh"]);
+            run(&format!("{ns} link"), &["ip", "-n", ns, "link", "show", "eth0"]);
+            run(&format!("{ns} tcp"), &["ip", "netns", "exec", ns, "ss", "-tan"]);
+        }
+        out
     }
 }
 

@@ -176,6 +176,26 @@ fn tasks(moto: &Moto) -> u32 {
         .unwrap()
 }
 
+/// Waits for the first leader's three tasks; on a timeout, the panic carries what the
+/// network and each warden looked like.
+fn leader_tasks(net: &Net, moto: &Moto, ws: &[Warden]) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tasks(moto) != 3 {
+        if Instant::now() > deadline {
+            let logs: Vec<String> = ws
+                .iter()
+                .map(|w| w.log_text().lines().take(40).collect::<Vec<_>>().join("\n"))
+                .collect();
+            panic!(
+                "timed out after 30 s waiting for the leader's tasks\n{}\n{}",
+                net.diagnose(),
+                logs.join("\n=====\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
 /// The primary is black-holed (its connections left half-open, nothing answers, nothing
 /// is closed), its replica promoted and the name re-pointed to it: a leader renews on
 /// the new primary within lease + guard + one tick, and no deposed epoch acts.
@@ -195,7 +215,7 @@ fn a_black_holed_primary_and_a_re_pointed_name_give_a_leader_again_in_bound() {
     });
     let dir = tempfile::tempdir().unwrap();
     let (moto, metric) = moto_and_metric(&net, dir.path());
-    let (hosts, _ws) = wardens(
+    let (hosts, ws) = wardens(
         &mut net,
         &moto,
         "redis://central.test:6379",
@@ -206,9 +226,7 @@ fn a_black_holed_primary_and_a_re_pointed_name_give_a_leader_again_in_bound() {
     let (lead, epoch) = eventually(Duration::from_secs(30), "a leader on the primary", || {
         lease(&p.ip)
     });
-    eventually(Duration::from_secs(30), "the leader's tasks", || {
-        (tasks(&moto) == 3).then_some(())
-    });
+    leader_tasks(&net, &moto, &ws);
     let _flip = Flipper::start(metric.clone());
     std::thread::sleep(Duration::from_secs(2));
 
@@ -279,9 +297,7 @@ fn split_brain_is_fenced_by_replica_acknowledgements() {
         &[("central.test", &p.ip)],
     );
     let (lead, old_epoch) = eventually(Duration::from_secs(30), "a leader", || lease(&p.ip));
-    eventually(Duration::from_secs(30), "the leader's tasks", || {
-        (tasks(&moto) == 3).then_some(())
-    });
+    leader_tasks(&net, &moto, &ws);
     let _flip = Flipper::start(metric.clone());
     std::thread::sleep(Duration::from_secs(2));
 
@@ -394,11 +410,9 @@ fn sentinel_failovers_on_kill_and_stop_keep_one_leader() {
             .join(",")
     );
     let (moto, metric) = moto_and_metric(&net, dir.path());
-    let (_hosts, _ws) = wardens(&mut net, &moto, &url, &metric, 1, &[]);
+    let (_hosts, ws) = wardens(&mut net, &moto, &url, &metric, 1, &[]);
     eventually(Duration::from_secs(30), "a leader", || lease(&nodes[0].ip));
-    eventually(Duration::from_secs(30), "the leader's tasks", || {
-        (tasks(&moto) == 3).then_some(())
-    });
+    leader_tasks(&net, &moto, &ws);
     let _flip = Flipper::start(metric.clone());
     std::thread::sleep(Duration::from_secs(2));
 
