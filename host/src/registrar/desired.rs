@@ -347,17 +347,7 @@ pub fn desired_screened<'a>(
     held: &BTreeMap<String, String>,
 ) -> (Routing, Vec<String>) {
     let mut warnings = Vec::new();
-    let mut unique: Vec<&ServiceDefinition> = Vec::new();
-    for s in services {
-        if unique.iter().any(|u| u.name == s.name) {
-            warnings.push(format!(
-                "service {:?} is defined twice; the first definition is used",
-                s.name
-            ));
-        } else {
-            unique.push(s);
-        }
-    }
+    let unique = first_of_each_name(services, &mut warnings);
     let mut routing = Routing::default();
     for s in &unique {
         routing.ports.extend(s.frontend_port);
@@ -371,28 +361,60 @@ pub fn desired_screened<'a>(
             refusal: r.refusal.clone(),
         })
         .collect();
+    let by_ip = place(&unique, refused, containers, &mut routing, &mut warnings);
+    let routed = record_routed(&by_ip, &mut routing);
+    routing
+        .containers
+        .sort_by(|a, b| (&a.service, &a.name).cmp(&(&b.service, &b.name)));
+    let claims = claims_of(&unique, &routed, &mut warnings);
+    let (winners, conflicts) = resolve(claims, held);
+    routing.strings = winners
+        .into_iter()
+        .map(|(k, b)| (k, b.to_owned()))
+        .collect();
+    routing.conflicts = conflicts;
+    memberships(&unique, &mut routing, &mut warnings);
+    (routing, warnings)
+}
 
-    // Each routable container: its service and address. On an IP clash (a stale entry
-    // and a new container given the same address) only the newest start counts.
-    let mut by_ip: BTreeMap<&str, (&Container, &ServiceDefinition, String)> = BTreeMap::new();
+/// The first definition of each service name (a second is warned about and ignored).
+fn first_of_each_name<'s>(
+    services: &'s [ServiceDefinition],
+    warnings: &mut Vec<String>,
+) -> Vec<&'s ServiceDefinition> {
+    let mut unique: Vec<&ServiceDefinition> = Vec::new();
+    for s in services {
+        if unique.iter().any(|u| u.name == s.name) {
+            warnings.push(format!(
+                "service {:?} is defined twice; the first definition is used",
+                s.name
+            ));
+        } else {
+            unique.push(s);
+        }
+    }
+    unique
+}
+
+/// A routable container: its service and `ip:port`, by IP.
+type Placed<'c, 's> = BTreeMap<&'c str, (&'c Container, &'s ServiceDefinition, String)>;
+
+/// Each container's service and address. A container not routed (refused service, not
+/// running, no address, an IP clash) goes to `routing.containers` with why; on an IP
+/// clash (a stale entry and a new container given the same address) only the newest
+/// start counts.
+fn place<'c, 's>(
+    unique: &[&'s ServiceDefinition],
+    refused: &[Refused],
+    containers: impl IntoIterator<Item = &'c Container>,
+    routing: &mut Routing,
+    warnings: &mut Vec<String>,
+) -> Placed<'c, 's> {
+    let mut by_ip: Placed<'c, 's> = BTreeMap::new();
     for c in containers {
         let mut matched = unique.iter().filter(|s| matches(&s.matches, c));
-        let Some(s) = matched.next() else {
-            if let Some(i) = refused
-                .iter()
-                .position(|r| matches(&r.definition.matches, c))
-            {
-                let r = &refused[i];
-                routing.refused[i].containers.push(c.name.clone());
-                routing.containers.push(ContainerRoute {
-                    id: c.id.clone(),
-                    name: c.name.clone(),
-                    service: r.definition.name.clone(),
-                    backend: r.definition.backend_name().to_owned(),
-                    address: None,
-                    not_routed: Some(format!("its service is refused: {}", r.refusal)),
-                });
-            }
+        let Some(&s) = matched.next() else {
+            not_served(refused, c, routing);
             continue;
         };
         if let Some(other) = matched.next() {
@@ -433,15 +455,42 @@ pub fn desired_screened<'a>(
                     addr.0, old.name
                 ));
                 routing.containers.push(route);
-                continue;
             }
             _ => {
                 by_ip.insert(addr.0, (c, s, addr.1));
             }
         }
     }
-    // Per service: its routed containers' names and the oldest start among them.
-    let mut routed: BTreeMap<&str, (Vec<String>, (String, u64))> = BTreeMap::new();
+    by_ip
+}
+
+/// A container no granted service matches: listed as not routed if a refused service
+/// matches it (with the refusal), else not at all.
+fn not_served(refused: &[Refused], c: &Container, routing: &mut Routing) {
+    let Some(i) = refused
+        .iter()
+        .position(|r| matches(&r.definition.matches, c))
+    else {
+        return;
+    };
+    let r = &refused[i];
+    routing.refused[i].containers.push(c.name.clone());
+    routing.containers.push(ContainerRoute {
+        id: c.id.clone(),
+        name: c.name.clone(),
+        service: r.definition.name.clone(),
+        backend: r.definition.backend_name().to_owned(),
+        address: None,
+        not_routed: Some(format!("its service is refused: {}", r.refusal)),
+    });
+}
+
+/// Per service with routed containers: their names and the oldest start among them.
+type Routed<'s> = BTreeMap<&'s str, (Vec<String>, (String, u64))>;
+
+/// The routed containers into the backends' servers and `routing.containers`.
+fn record_routed<'s>(by_ip: &Placed<'_, 's>, routing: &mut Routing) -> Routed<'s> {
+    let mut routed: Routed<'s> = BTreeMap::new();
     for (c, s, addr) in by_ip.values() {
         routing
             .servers
@@ -462,13 +511,17 @@ pub fn desired_screened<'a>(
             not_routed: None,
         });
     }
-    routing
-        .containers
-        .sort_by(|a, b| (&a.service, &a.name).cmp(&(&b.service, &b.name)));
+    routed
+}
 
-    // Claims of services with a live backend, then who holds each key.
+/// The keys (front-ends, front-end ports) claimed by each service with a live backend.
+fn claims_of<'s>(
+    unique: &[&'s ServiceDefinition],
+    routed: &Routed<'_>,
+    warnings: &mut Vec<String>,
+) -> BTreeMap<String, Vec<Claim<'s>>> {
     let mut claims: BTreeMap<String, Vec<Claim>> = BTreeMap::new();
-    for s in &unique {
+    for s in unique {
         let Some((names, oldest)) = routed.get(s.name.as_str()) else {
             continue;
         };
@@ -493,16 +546,15 @@ pub fn desired_screened<'a>(
             });
         }
     }
-    let (winners, conflicts) = resolve(claims, held);
-    routing.strings = winners
-        .into_iter()
-        .map(|(k, b)| (k, b.to_owned()))
-        .collect();
-    routing.conflicts = conflicts;
+    claims
+}
 
+/// The load balancers and target groups this host should be in (a live backend) or
+/// leave after a drain.
+fn memberships(unique: &[&ServiceDefinition], routing: &mut Routing, warnings: &mut Vec<String>) {
     let mut elb_drains = BTreeMap::new();
     let mut group_drains = BTreeMap::new();
-    for s in &unique {
+    for s in unique {
         let backend = s.backend_name();
         let live = routing.servers.get(backend).is_some_and(|v| !v.is_empty());
         let drain = s.drain_seconds.map(|secs| {
@@ -531,7 +583,6 @@ pub fn desired_screened<'a>(
             );
         }
     }
-    (routing, warnings)
 }
 
 /// The routing table as the entries warden should own in Redis.
