@@ -24,8 +24,6 @@ use serde::{Deserialize, Serialize};
 use warden_plugin_api::model::elide;
 use warden_plugin_api::ServiceDefinition;
 
-use crate::config::ManagedServiceConfig;
-
 /// `*` matches any run of characters, `?` one byte. Greedy with one back-track point,
 /// so the cost is at most `pattern × text` steps, never exponential.
 pub fn glob(pattern: &str, text: &str) -> bool {
@@ -326,15 +324,15 @@ impl Grants {
     }
 
     /// A managed service from a source's `manage` part.
-    pub fn managed(&self, s: &ManagedServiceConfig) -> Result<(), Refusal> {
-        if !Self::any(&self.clusters, &s.cluster) {
+    pub fn managed(&self, s: &ManagedClaim<'_>) -> Result<(), Refusal> {
+        if !Self::any(&self.clusters, s.cluster) {
             return Err(refuse(
-                format!("cluster {}", elide(&s.cluster, 80)),
+                format!("cluster {}", elide(s.cluster, 80)),
                 "grants.clusters",
                 "not granted",
             ));
         }
-        if let Some(td) = &s.task_definition {
+        if let Some(td) = s.task_definition {
             if !self.task_definition_granted(td) {
                 return Err(refuse(
                     format!("task definition {}", elide(td, 120)),
@@ -347,7 +345,7 @@ impl Grants {
                 ));
             }
         }
-        if let Some(svc) = &s.ecs_service {
+        if let Some(svc) = s.ecs_service {
             if !Self::any(&self.ecs_services, svc) {
                 return Err(refuse(
                     format!("ECS service {}", elide(svc, 80)),
@@ -356,9 +354,9 @@ impl Grants {
                 ));
             }
         }
-        if s.policy.max > self.max_tasks {
+        if s.max_tasks > self.max_tasks {
             return Err(refuse(
-                format!("policy.max {}", s.policy.max),
+                format!("policy.max {}", s.max_tasks),
                 "grants.max_tasks",
                 &format!("above the {} tasks granted", self.max_tasks),
             ));
@@ -412,6 +410,16 @@ impl Grants {
         }
         Ok(())
     }
+}
+
+/// What a managed service claims, as [`Grants::managed`] screens it: its cluster, what it
+/// runs (a task definition or an ECS service) and how many tasks at most.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ManagedClaim<'a> {
+    pub cluster: &'a str,
+    pub task_definition: Option<&'a str>,
+    pub ecs_service: Option<&'a str>,
+    pub max_tasks: u32,
 }
 
 #[cfg(test)]
@@ -538,16 +546,13 @@ mod tests {
         assert!(r.why.contains("arn:"), "{r}");
     }
 
-    fn managed(td: Option<&str>, svc: Option<&str>, max: u32) -> ManagedServiceConfig {
-        let mut v = serde_json::json!({"name": "w", "cluster": "prod", "metric": "m",
-            "mapping": {"target_per_task": 1.0}, "policy": {"max": max}});
-        if let Some(t) = td {
-            v["task_definition"] = t.into();
+    fn managed<'a>(td: Option<&'a str>, svc: Option<&'a str>, max: u32) -> ManagedClaim<'a> {
+        ManagedClaim {
+            cluster: "prod",
+            task_definition: td,
+            ecs_service: svc,
+            max_tasks: max,
         }
-        if let Some(s) = svc {
-            v["ecs_service"] = s.into();
-        }
-        serde_json::from_value(v).unwrap()
     }
 
     #[test]
@@ -578,7 +583,7 @@ mod tests {
             .unwrap_err();
         assert_eq!(r.grant, "grants.max_tasks");
         let mut other = managed(Some("worker"), None, 10);
-        other.cluster = "staging".into();
+        other.cluster = "staging";
         assert_eq!(g.managed(&other).unwrap_err().grant, "grants.clusters");
     }
 }

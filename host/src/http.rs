@@ -24,10 +24,47 @@ use hyper::{Method, Request, Response, StatusCode};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use serde::{Deserialize, Serialize};
+
 use crate::metrics;
 
 /// The most connections served at once.
 pub const MAX_CONNECTIONS: usize = 64;
+
+/// The HTTP endpoint (`/livez`, `/readyz`, `/status`, `/metrics`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// `address:port` to listen on, or `off`. Loopback by default: `/status` tells the
+    /// cluster's state, so expose it wider only on purpose.
+    pub listen: String,
+}
+
+/// The endpoint's default address.
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:9798";
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_HTTP_LISTEN.into(),
+        }
+    }
+}
+
+impl HttpConfig {
+    /// The address to listen on; `None` when the endpoint is off.
+    pub fn addr(&self) -> Result<Option<std::net::SocketAddr>, String> {
+        if self.listen.trim() == "off" {
+            return Ok(None);
+        }
+        self.listen.trim().parse().map(Some).map_err(|_| {
+            format!(
+                "{:?}: expected address:port (such as 127.0.0.1:9798 or [::1]:9798) or \"off\"",
+                self.listen
+            )
+        })
+    }
+}
 
 /// How long `/status` answers from its last read of the central Redis.
 const STATUS_CACHE: Duration = Duration::from_secs(1);

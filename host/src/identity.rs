@@ -4,7 +4,20 @@
 
 use std::time::Duration;
 
-use crate::config::HostConfig;
+use serde::{Deserialize, Serialize};
+
+/// `[host]`: who this host is, where instance metadata should not be asked.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HostConfig {
+    /// EC2 instance id; from instance metadata when absent.
+    pub instance_id: Option<String>,
+    /// Availability Zone; from instance metadata when absent.
+    pub availability_zone: Option<String>,
+    /// Private IP this host is registered with in `ip` target groups; from instance
+    /// metadata (`local-ipv4`) when absent.
+    pub private_ip: Option<String>,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {

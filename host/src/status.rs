@@ -200,7 +200,7 @@ pub fn render(s: &Status) -> String {
             out.push_str(&format!(
                 "    metric source runs {}\n",
                 match i {
-                    crate::config::Isolation::Process => "in a process of its own",
+                    crate::plugins::Isolation::Process => "in a process of its own",
                     _ => "in warden's process",
                 }
             ));

@@ -129,10 +129,10 @@ async fn another_1x_loads_and_2x_is_refused_with_a_short_reason() {
     assert_eq!(client.measure().await.unwrap().value, 42.5);
 
     assert_eq!(host.failures().len(), 1);
-    let reason = &host.failures()[0].reason;
+    let reason = host.failures()[0].reason.to_string();
     assert_eq!(
         reason,
-        &format!("built against warden-plugin-api 2.0.0, but this warden takes 1.x (it has {}): rebuild the plugin against warden-plugin-api 1.x", warden_plugin_api::API_VERSION)
+        format!("built against warden-plugin-api 2.0.0, but this warden takes 1.x (it has {}): rebuild the plugin against warden-plugin-api 1.x", warden_plugin_api::API_VERSION)
     );
 
     // The CLI says the same in one line and fails.

@@ -42,7 +42,7 @@ pub fn problems(config: &Config, host: &PluginHost) -> Vec<String> {
             let why = host
                 .failures()
                 .iter()
-                .find(|f| f.reason.contains(&format!("{name:?}")))
+                .find(|f| f.reason.to_string().contains(&format!("{name:?}")))
                 .map_or(String::new(), |f| format!(" ({f})"));
             out.push(format!(
                 "plugins.sha256.{name}: no plugin of that name is loaded{why}"

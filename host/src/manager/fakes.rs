@@ -430,8 +430,8 @@ impl PluginClient for FakeMetric {
             })
         })
     }
-    fn isolation(&self) -> crate::config::Isolation {
-        crate::config::Isolation::InProcess
+    fn isolation(&self) -> crate::plugins::Isolation {
+        crate::plugins::Isolation::InProcess
     }
 
     fn shutdown(&self) {}

@@ -19,6 +19,7 @@ pub mod ecs;
 pub mod election;
 pub mod leadership;
 pub mod policy;
+pub mod settings;
 pub mod sources;
 pub mod worker;
 
@@ -215,7 +216,7 @@ pub struct Record {
     pub mapped_value: Option<f64>,
     /// Where the metric source's instance runs (`in-process`, `process`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub metric_isolation: Option<crate::config::Isolation>,
+    pub metric_isolation: Option<crate::plugins::Isolation>,
     /// RUNNING + PENDING tasks counted in ECS (or the service's desired count); none in
     /// dry-run, which counts nothing.
     pub running: Option<u32>,

@@ -20,7 +20,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 use warden_plugin_api::ServiceDefinition;
 
-use crate::config::{ManagedServiceConfig, PluginRef};
+use crate::manager::settings::ManagedServiceConfig;
+use crate::plugins::PluginRef;
 use crate::logs::Repeated;
 use crate::plugins::ServicesClient;
 
@@ -192,7 +193,7 @@ pub fn merge(
                 }
                 Some(Ok(s)) => s,
             };
-            if let Err(refusal) = granted.managed(&s) {
+            if let Err(refusal) = granted.managed(&s.claim()) {
                 refused.push(ManagedRefusal {
                     source: key.clone(),
                     service: s.name.clone(),

@@ -54,7 +54,7 @@ pub struct Reading {
     pub metric: Result<Measurement, MetricError>,
     pub mapped: Option<Result<f64, MetricError>>,
     /// Where the metric source's instance runs (none before it is created).
-    pub isolation: Option<crate::config::Isolation>,
+    pub isolation: Option<crate::plugins::Isolation>,
 }
 
 impl Reading {

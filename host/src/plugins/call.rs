@@ -127,7 +127,7 @@ impl Watchdog {
 pub fn run(file: &Path, req: Request, insecure: bool) -> anyhow::Result<ExitCode> {
     let plugin = match super::load_file(file, insecure) {
         Ok(p) => Arc::new(p),
-        Err(reason) => return Ok(fail("load", "load", reason)),
+        Err(reason) => return Ok(fail("load", "load", reason.to_string())),
     };
     let (kind, op, config) = match checked(&plugin, &req) {
         Ok(c) => c,

@@ -30,7 +30,7 @@ pub struct CallOptions {
     pub breaker_failures: u32,
     pub breaker_rest: Duration,
     /// Where the instance lives: in warden's process, or in a child of its own.
-    pub isolation: crate::config::Isolation,
+    pub isolation: crate::plugins::Isolation,
 }
 
 impl Default for CallOptions {
@@ -39,7 +39,7 @@ impl Default for CallOptions {
             timeout: Duration::from_secs(5),
             breaker_failures: 3,
             breaker_rest: Duration::from_secs(30),
-            isolation: crate::config::Isolation::InProcess,
+            isolation: crate::plugins::Isolation::InProcess,
         }
     }
 }
@@ -87,7 +87,7 @@ pub trait PluginClient: Send + Sync {
     ) -> BoxFuture<Result<Box<dyn Any + Send>, CallError>>;
     fn shutdown(&self);
     /// Where the instance runs: `in-process` or `process`.
-    fn isolation(&self) -> crate::config::Isolation;
+    fn isolation(&self) -> crate::plugins::Isolation;
     /// For an in-process instance: the number of its calls that wedged (never returned
     /// from the plugin's code), watched, so that its slot can re-create it elsewhere.
     fn wedges(&self) -> Option<tokio::sync::watch::Receiver<usize>> {
@@ -280,8 +280,8 @@ impl PluginClient for InProcessClient {
         }
     }
 
-    fn isolation(&self) -> crate::config::Isolation {
-        crate::config::Isolation::InProcess
+    fn isolation(&self) -> crate::plugins::Isolation {
+        crate::plugins::Isolation::InProcess
     }
 
     fn wedges(&self) -> Option<tokio::sync::watch::Receiver<usize>> {

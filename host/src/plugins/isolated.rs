@@ -779,8 +779,8 @@ impl PluginClient for ProcessClient {
         })
     }
 
-    fn isolation(&self) -> crate::config::Isolation {
-        crate::config::Isolation::Process
+    fn isolation(&self) -> crate::plugins::Isolation {
+        crate::plugins::Isolation::Process
     }
 
     fn shutdown(&self) {

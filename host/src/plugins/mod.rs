@@ -20,7 +20,10 @@ pub mod pin;
 pub mod probe;
 pub mod schema;
 pub mod security;
+pub mod settings;
 pub mod slot;
+
+pub use settings::{Isolation, PluginRef, PluginsConfig};
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -42,7 +45,7 @@ pub struct Plugin {
     allow_insecure: bool,
     /// Its SHA-256 pin (`plugins.sha256`), checked again before every load.
     pin: Option<String>,
-    library: OnceLock<Result<Library, String>>,
+    library: OnceLock<Result<Library, LoadError>>,
 }
 
 impl Plugin {
@@ -68,13 +71,13 @@ impl Plugin {
 
     /// Every check of a load again, without loading (before an isolated child loads the
     /// file itself): permissions, ELF, pin.
-    pub fn recheck(&self) -> Result<(), String> {
+    pub fn recheck(&self) -> Result<(), LoadError> {
         if !self.allow_insecure {
-            security::check_plugin_file(&self.path)?;
+            security::check_plugin_file(&self.path).map_err(LoadError::Permissions)?;
         }
-        elf::check_file(&self.path)?;
+        elf::check_file(&self.path).map_err(LoadError::Elf)?;
         if let Some(pin) = &self.pin {
-            pin::verify(&self.path, &self.manifest.name, pin)?;
+            pin::verify(&self.path, &self.manifest.name, pin).map_err(LoadError::Pin)?;
         }
         Ok(())
     }
@@ -96,20 +99,20 @@ impl Plugin {
     /// load again (the file may have changed since): permissions, ELF, probe, then the
     /// manifest must be the one checked. Blocks: call from a blocking thread. A failure
     /// stays: the file is not tried again before a restart.
-    pub fn library(&self) -> Result<&Library, String> {
+    pub fn library(&self) -> Result<&Library, LoadError> {
         let loaded = self.library.get_or_init(|| {
             if let Some(pin) = &self.pin {
-                pin::verify(&self.path, &self.manifest.name, pin)?;
+                pin::verify(&self.path, &self.manifest.name, pin).map_err(LoadError::Pin)?;
             }
             let library = open_checked(&self.path, self.allow_insecure)?;
             let (was, now) = (&self.manifest, library.manifest());
             if was != now {
                 // Either the file changed after its check, or an older library at the
                 // same path is already mapped (the loader hands that one back).
-                return Err(format!(
-                    "the file does not hold what warden checked (checked: {} {}, loaded: {} {}); restart warden to use it",
-                    was.name, was.version, now.name, now.version
-                ));
+                return Err(LoadError::Changed {
+                    checked: format!("{} {}", was.name, was.version),
+                    loaded: format!("{} {}", now.name, now.version),
+                });
             }
             tracing::debug!(plugin = %now.name, path = %self.path.display(), "plugin library mapped into warden");
             Ok(library)
@@ -122,7 +125,39 @@ impl Plugin {
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoadFailure {
     pub path: PathBuf,
-    pub reason: String,
+    pub reason: LoadError,
+}
+
+/// Why a plugin file (or its directory) was not loaded: the check that refused it, in
+/// the order the checks run. Each says what to do about it.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum LoadError {
+    /// The file, a symlink's target or a directory above it can be written by others,
+    /// or belongs to another user (StrictModes).
+    #[error("{0}; or pass --allow-insecure-plugins for development")]
+    Permissions(String),
+    /// The directory could not be listed.
+    #[error("cannot list directory: {0}")]
+    Directory(String),
+    /// Not a complete ELF shared object (truncated, still being copied, not a library).
+    #[error("{0}")]
+    Elf(String),
+    /// The probe child refused the file, or could not say.
+    #[error("{0}")]
+    Probe(String),
+    /// Its SHA-256 differs from its pin (`plugins.sha256`), or it could not be read.
+    #[error("{0}")]
+    Pin(String),
+    /// The dynamic loader or the interface check refused it.
+    #[error(transparent)]
+    Library(#[from] warden_plugin_api::host::LoadError),
+    /// The file mapped is not the one checked (changed since, or an older copy at the
+    /// same path is mapped already).
+    #[error("the file does not hold what warden checked (checked: {checked}, loaded: {loaded}); restart warden to use it")]
+    Changed { checked: String, loaded: String },
+    /// A plugin of the same name was found earlier (the first directory wins).
+    #[error("plugin {name:?} is already loaded from {}", first.display())]
+    Duplicate { name: String, first: PathBuf },
 }
 
 impl std::fmt::Display for LoadFailure {
@@ -167,7 +202,7 @@ pub struct PluginHost {
 /// the file runs), then a probe in a child process, which reports the manifest; the
 /// library itself is mapped into this process on first use ([`Plugin::library`]). Without
 /// a probe (a library user such as a test) the file is loaded here at once.
-pub fn load_file(path: &Path, allow_insecure: bool) -> Result<Plugin, String> {
+pub fn load_file(path: &Path, allow_insecure: bool) -> Result<Plugin, LoadError> {
     load_file_pinned(path, allow_insecure, &std::collections::BTreeMap::new())
 }
 
@@ -177,24 +212,19 @@ pub fn load_file_pinned(
     path: &Path,
     allow_insecure: bool,
     pins: &std::collections::BTreeMap<String, String>,
-) -> Result<Plugin, String> {
+) -> Result<Plugin, LoadError> {
     let mut plugin = load_unpinned(path, allow_insecure)?;
     if let Some(pin) = pins.get(&plugin.manifest.name) {
-        pin::verify(path, &plugin.manifest.name, pin)?;
+        pin::verify(path, &plugin.manifest.name, pin).map_err(LoadError::Pin)?;
         plugin.pin = Some(pin.clone());
     }
     Ok(plugin)
 }
 
-fn load_unpinned(path: &Path, allow_insecure: bool) -> Result<Plugin, String> {
-    if !allow_insecure {
-        security::check_plugin_file(path)?;
-    }
-    elf::check_file(path)?;
-    match probe::in_child(path)? {
-        Some(report) if !report.ok => Err(report
-            .reason
-            .unwrap_or_else(|| "refused by the probe".to_owned())),
+fn load_unpinned(path: &Path, allow_insecure: bool) -> Result<Plugin, LoadError> {
+    precheck(path, allow_insecure)?;
+    match probe::in_child(path).map_err(LoadError::Probe)? {
+        Some(report) if !report.ok => Err(refused(report)),
         Some(probe::Report {
             manifest: Some(manifest),
             ..
@@ -205,26 +235,36 @@ fn load_unpinned(path: &Path, allow_insecure: bool) -> Result<Plugin, String> {
             pin: None,
             library: OnceLock::new(),
         }),
-        _ => Library::load(path)
-            .map(Plugin::loaded)
-            .map_err(|e| e.to_string()),
+        _ => Ok(Library::load(path).map(Plugin::loaded)?),
     }
 }
 
-/// Every check of [`load_file`], then the library mapped into this process.
-fn open_checked(path: &Path, allow_insecure: bool) -> Result<Library, String> {
+/// The checks before any code of the file runs: permissions (unless `allow_insecure`),
+/// then the ELF structure.
+fn precheck(path: &Path, allow_insecure: bool) -> Result<(), LoadError> {
     if !allow_insecure {
-        security::check_plugin_file(path)?;
+        security::check_plugin_file(path).map_err(LoadError::Permissions)?;
     }
-    elf::check_file(path)?;
-    if let Some(report) = probe::in_child(path)? {
+    elf::check_file(path).map_err(LoadError::Elf)
+}
+
+fn refused(report: probe::Report) -> LoadError {
+    LoadError::Probe(
+        report
+            .reason
+            .unwrap_or_else(|| "refused by the probe".to_owned()),
+    )
+}
+
+/// Every check of [`load_file`], then the library mapped into this process.
+fn open_checked(path: &Path, allow_insecure: bool) -> Result<Library, LoadError> {
+    precheck(path, allow_insecure)?;
+    if let Some(report) = probe::in_child(path).map_err(LoadError::Probe)? {
         if !report.ok {
-            return Err(report
-                .reason
-                .unwrap_or_else(|| "refused by the probe".to_owned()));
+            return Err(refused(report));
         }
     }
-    Library::load(path).map_err(|e| e.to_string())
+    Ok(Library::load(path)?)
 }
 
 impl PluginHost {
@@ -247,7 +287,7 @@ impl PluginHost {
             }
             if !allow_insecure {
                 if let Err(reason) = security::check_plugin_dir(dir) {
-                    host.fail(dir.clone(), reason);
+                    host.fail(dir.clone(), LoadError::Permissions(reason));
                     continue;
                 }
             }
@@ -257,7 +297,7 @@ impl PluginHost {
                     .filter(|p| p.extension().is_some_and(|e| e == "so"))
                     .collect(),
                 Err(e) => {
-                    host.fail(dir.clone(), format!("cannot list directory: {e}"));
+                    host.fail(dir.clone(), LoadError::Directory(e.to_string()));
                     continue;
                 }
             };
@@ -269,7 +309,7 @@ impl PluginHost {
         host
     }
 
-    fn fail(&mut self, path: PathBuf, reason: String) {
+    fn fail(&mut self, path: PathBuf, reason: LoadError) {
         tracing::warn!(path = %path.display(), reason = %reason, "plugin not loaded");
         self.failures.push(LoadFailure { path, reason });
     }
@@ -292,9 +332,9 @@ impl PluginHost {
     /// without the warden executable), in a process for any other.
     pub fn resolve(
         &self,
-        wanted: crate::config::Isolation,
+        wanted: crate::plugins::Isolation,
         plugin: &Plugin,
-    ) -> crate::config::Isolation {
+    ) -> crate::plugins::Isolation {
         let dir = plugin
             .path()
             .parent()
@@ -317,10 +357,10 @@ impl PluginHost {
             Ok(plugin) => {
                 let name = &plugin.manifest().name;
                 if let Some(first) = self.find(name) {
-                    let reason = format!(
-                        "plugin {name:?} is already loaded from {}",
-                        first.path().display()
-                    );
+                    let reason = LoadError::Duplicate {
+                        name: name.clone(),
+                        first: first.path().to_owned(),
+                    };
                     self.fail(file.to_owned(), reason);
                     return;
                 }
@@ -400,12 +440,12 @@ impl PluginHost {
             ..options
         };
         match options.isolation {
-            crate::config::Isolation::Auto | crate::config::Isolation::InProcess => {
+            crate::plugins::Isolation::Auto | crate::plugins::Isolation::InProcess => {
                 let c: Arc<dyn PluginClient> =
                     create_instance(plugin, kind, config, options).await?;
                 Ok(c)
             }
-            crate::config::Isolation::Process => {
+            crate::plugins::Isolation::Process => {
                 let exe = probe::command().cloned().ok_or_else(|| CreateError::Plugin {
                     plugin: name.to_owned(),
                     error: warden_plugin_api::PluginError::new(
@@ -436,12 +476,12 @@ impl PluginHost {
 /// one of `in_process_dirs`, or when no child can be started (`can_spawn`), and in a
 /// process for any other; an explicit choice stands.
 pub fn resolve_isolation(
-    wanted: crate::config::Isolation,
+    wanted: crate::plugins::Isolation,
     dir: Option<&Path>,
     in_process_dirs: &[PathBuf],
     can_spawn: bool,
-) -> crate::config::Isolation {
-    use crate::config::Isolation;
+) -> crate::plugins::Isolation {
+    use crate::plugins::Isolation;
     match wanted {
         Isolation::Auto => {
             let shipped = dir.is_some_and(|d| in_process_dirs.iter().any(|s| s == d));
@@ -507,7 +547,7 @@ pub async fn create_instance(
 }
 
 impl CallOptions {
-    pub fn from_config(c: &crate::config::PluginsConfig) -> Self {
+    pub fn from_config(c: &crate::plugins::PluginsConfig) -> Self {
         CallOptions {
             timeout: Duration::from_millis(c.call_timeout_ms),
             breaker_failures: c.breaker_failures,
@@ -520,7 +560,7 @@ impl CallOptions {
 #[cfg(test)]
 mod isolation_tests {
     use super::*;
-    use crate::config::Isolation;
+    use crate::plugins::Isolation;
 
     #[test]
     fn auto_runs_shipped_plugins_in_process_and_others_in_a_child() {

@@ -7,14 +7,13 @@ use std::path::Path;
 
 use warden_plugin_api::sdk::trust;
 
-const HINT: &str = "; or pass --allow-insecure-plugins for development";
-
-/// Checks a plugin file, its directory entry, any symlink target and every directory up.
+/// Checks a plugin file, its directory entry, any symlink target and every directory up;
+/// the error says what is wrong ([`super::LoadError::Permissions`] adds what to do).
 pub fn check_plugin_file(path: &Path) -> Result<(), String> {
-    trust::check_file(path).map_err(|e| format!("{e}{HINT}"))
+    trust::check_file(path)
 }
 
 /// Checks a plugin directory and every directory above it.
 pub fn check_plugin_dir(dir: &Path) -> Result<(), String> {
-    trust::check_dir(dir).map_err(|e| format!("{e}{HINT}"))
+    trust::check_dir(dir)
 }

@@ -17,7 +17,7 @@ use warden_plugin_api::{ErrorKind, Kind};
 
 use super::{CallOptions, CreateError, PluginClient, PluginHost};
 use crate::backoff::Backoff;
-use crate::config::PluginRef;
+use crate::plugins::PluginRef;
 
 /// Why a slot has no instance yet.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -186,7 +186,7 @@ impl Creator {
                 return;
             }
             tracing::warn!(source = %self.name, plugin = %self.r.plugin, "plugin instance wedged in process; creating it again in a process of its own (isolation = \"process\"), where a call that does not return is killed");
-            isolation = crate::config::Isolation::Process;
+            isolation = crate::plugins::Isolation::Process;
         }
     }
 
@@ -195,7 +195,7 @@ impl Creator {
     /// creation only (a re-creation keeps the instance it has).
     async fn create(
         &self,
-        isolation: crate::config::Isolation,
+        isolation: crate::plugins::Isolation,
         first: bool,
         tx: &watch::Sender<SlotState>,
         shutdown: &mut watch::Receiver<bool>,
@@ -243,7 +243,7 @@ impl Creator {
     /// the slot is pending, in its state); `None` on shutdown.
     async fn attempt(
         &self,
-        isolation: crate::config::Isolation,
+        isolation: crate::plugins::Isolation,
         tx: &watch::Sender<SlotState>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Option<Result<Arc<dyn PluginClient>, CreateError>> {

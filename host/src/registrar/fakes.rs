@@ -273,8 +273,8 @@ impl PluginClient for FakeServices {
             })
         })
     }
-    fn isolation(&self) -> crate::config::Isolation {
-        crate::config::Isolation::InProcess
+    fn isolation(&self) -> crate::plugins::Isolation {
+        crate::plugins::Isolation::InProcess
     }
     fn shutdown(&self) {}
 }

@@ -19,6 +19,7 @@ pub mod entry;
 pub mod fakes;
 pub mod redx;
 pub mod router;
+pub mod settings;
 pub mod store;
 pub mod target_group;
 
