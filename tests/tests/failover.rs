@@ -176,20 +176,42 @@ fn tasks(moto: &Moto) -> u32 {
         .unwrap()
 }
 
-/// Waits for the first leader's three tasks; on a timeout, the panic carries what the
-/// network and each warden looked like.
+/// Waits for the first leader's three tasks.
 fn leader_tasks(net: &Net, moto: &Moto, ws: &[Warden]) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while tasks(moto) != 3 {
+    watched(net, ws, Duration::from_secs(30), "the leader's tasks", || {
+        (tasks(moto) == 3).then_some(())
+    });
+}
+
+/// [`eventually`], but a timeout's panic carries what the network and each warden
+/// looked like (the last lines of each log).
+fn watched<T>(
+    net: &Net,
+    ws: &[Warden],
+    timeout: Duration,
+    what: &str,
+    mut f: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
         if Instant::now() > deadline {
             let logs: Vec<String> = ws
                 .iter()
-                .map(|w| w.log_text().lines().take(40).collect::<Vec<_>>().join("\n"))
+                .enumerate()
+                .map(|(i, w)| {
+                    let text = w.log_text();
+                    let lines: Vec<&str> = text.lines().collect();
+                    let tail = &lines[lines.len().saturating_sub(40)..];
+                    format!("===== warden {i}\n{}", tail.join("\n"))
+                })
                 .collect();
             panic!(
-                "timed out after 30 s waiting for the leader's tasks\n{}\n{}",
+                "timed out after {timeout:?} waiting for: {what}\n{}\n{}",
                 net.diagnose(),
-                logs.join("\n=====\n")
+                logs.join("\n")
             );
         }
         std::thread::sleep(Duration::from_millis(25));
@@ -223,7 +245,7 @@ fn a_black_holed_primary_and_a_re_pointed_name_give_a_leader_again_in_bound() {
         0,
         &[("central.test", &p.ip)],
     );
-    let (lead, epoch) = eventually(Duration::from_secs(30), "a leader on the primary", || {
+    let (lead, epoch) = watched(&net, &ws, Duration::from_secs(30), "a leader on the primary", || {
         lease(&p.ip)
     });
     leader_tasks(&net, &moto, &ws);
@@ -238,7 +260,7 @@ fn a_black_holed_primary_and_a_re_pointed_name_give_a_leader_again_in_bound() {
     let repointed = Instant::now();
     let (_, r_now) = heartbeat_and_now(&r.ip).unwrap();
     let from = moto.recorded().len();
-    eventually(
+    watched(&net, &ws, 
         Duration::from_secs(20),
         "a leader renewing on the new primary",
         || {
@@ -253,7 +275,7 @@ fn a_black_holed_primary_and_a_re_pointed_name_give_a_leader_again_in_bound() {
         "a leader again after {took:?}"
     );
     // It acts: ECS calls after the re-point, none of a deposed epoch after its successor.
-    eventually(
+    watched(&net, &ws, 
         Duration::from_secs(20),
         "ECS calls after the failover",
         || (!epochs_after(&moto, from).is_empty()).then_some(()),
@@ -296,7 +318,7 @@ fn split_brain_is_fenced_by_replica_acknowledgements() {
         1,
         &[("central.test", &p.ip)],
     );
-    let (lead, old_epoch) = eventually(Duration::from_secs(30), "a leader", || lease(&p.ip));
+    let (lead, old_epoch) = watched(&net, &ws, Duration::from_secs(30), "a leader", || lease(&p.ip));
     leader_tasks(&net, &moto, &ws);
     let _flip = Flipper::start(metric.clone());
     std::thread::sleep(Duration::from_secs(2));
@@ -316,13 +338,13 @@ fn split_brain_is_fenced_by_replica_acknowledgements() {
     redis_cmd(&r1.ip, 6379, &["REPLICAOF", "NO", "ONE"]);
     redis_cmd(&r2.ip, 6379, &["REPLICAOF", &r1.ip, "6379"]);
     let cut = Instant::now();
-    let (new_lead, new_epoch) = eventually(
+    let (new_lead, new_epoch) = watched(&net, &ws, 
         Duration::from_secs(30),
         "a new leader on the promoted replica",
         || lease(&r1.ip).filter(|(id, e)| *e > old_epoch && *id != lead),
     );
     eprintln!("old leader {lead} (epoch {old_epoch}); {new_lead} leads with epoch {new_epoch} {:?} after the cut", cut.elapsed());
-    eventually(
+    watched(&net, &ws, 
         Duration::from_secs(30),
         "the new epoch's first ECS call",
         || {
@@ -411,7 +433,7 @@ fn sentinel_failovers_on_kill_and_stop_keep_one_leader() {
     );
     let (moto, metric) = moto_and_metric(&net, dir.path());
     let (_hosts, ws) = wardens(&mut net, &moto, &url, &metric, 1, &[]);
-    eventually(Duration::from_secs(30), "a leader", || lease(&nodes[0].ip));
+    watched(&net, &ws, Duration::from_secs(30), "a leader", || lease(&nodes[0].ip));
     leader_tasks(&net, &moto, &ws);
     let _flip = Flipper::start(metric.clone());
     std::thread::sleep(Duration::from_secs(2));
@@ -421,12 +443,12 @@ fn sentinel_failovers_on_kill_and_stop_keep_one_leader() {
     // SAFETY: kill has no memory-safety preconditions.
     unsafe { libc::kill(pids[0] as i32, libc::SIGKILL) };
     let killed = Instant::now();
-    let second = eventually(
+    let second = watched(&net, &ws, 
         Duration::from_secs(30),
         "Sentinel names a new primary",
         || sentinel_primary(&sentinels[0]).filter(|ip| *ip != nodes[0].ip),
     );
-    eventually(
+    watched(&net, &ws, 
         Duration::from_secs(30),
         "a leader acting on the new primary",
         || (!epochs_after(&moto, before).is_empty() && lease(&second).is_some()).then_some(()),
@@ -437,7 +459,7 @@ fn sentinel_failovers_on_kill_and_stop_keep_one_leader() {
     );
     // It comes back, as a replica of the new primary (Sentinel reconfigures it).
     pids[0] = net.redis(&nodes[0], &[]);
-    eventually(
+    watched(&net, &ws, 
         Duration::from_secs(30),
         "the old primary back as a replica",
         || replication_up(&nodes[0].ip).then_some(()),
@@ -449,12 +471,12 @@ fn sentinel_failovers_on_kill_and_stop_keep_one_leader() {
     // SAFETY: as above.
     unsafe { libc::kill(pids[si] as i32, libc::SIGSTOP) };
     let stopped = Instant::now();
-    let third = eventually(
+    let third = watched(&net, &ws, 
         Duration::from_secs(30),
         "Sentinel names a third primary",
         || sentinel_primary(&sentinels[0]).filter(|ip| *ip != second),
     );
-    eventually(Duration::from_secs(30), "a leader acting on it", || {
+    watched(&net, &ws, Duration::from_secs(30), "a leader acting on it", || {
         (!epochs_after(&moto, before).is_empty() && lease(&third).is_some()).then_some(())
     });
     eprintln!(
