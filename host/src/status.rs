@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::manager::{central, election, opt, Record};
+use crate::manager::{central, lease, opt, Record};
 
 #[derive(Debug, Serialize)]
 pub struct Status {
@@ -102,7 +102,7 @@ async fn read_inner(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Res
         .await?;
     let leader = lease
         .as_deref()
-        .and_then(election::Lease::parse)
+        .and_then(lease::Lease::parse)
         .map(|l| LeaderStatus {
             instance_id: l.id,
             availability_zone: l.az,

@@ -8,6 +8,7 @@
 //! - [`reload`]: SIGHUP as prepare, then commit: everything new is made and checked
 //!   before anything running is stopped, so a reload is all or nothing.
 
+mod adapters;
 mod checks;
 mod parts;
 mod reload;

@@ -88,9 +88,9 @@ fn managed_services(
             name: s.name.clone(),
             cluster: s.cluster.clone(),
             target,
-            metric: slot(&s.metric)?,
+            metric: Arc::new(slot(&s.metric)?),
             mapper: match &s.mapping {
-                Mapping::Plugin(name) => Some(slot(name)?),
+                Mapping::Plugin(name) => Some(Arc::new(slot(name)?)),
                 _ => None,
             },
             mapping: s.mapping.clone(),

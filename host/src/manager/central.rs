@@ -24,7 +24,7 @@ use redis::Script;
 use crate::redis_link::Link;
 use serde::{Deserialize, Serialize};
 
-use super::election::Lease;
+use super::lease::Lease;
 use super::policy::PolicyState;
 use super::Record;
 
@@ -645,7 +645,7 @@ impl LeaseStore for Central {
                     .await
             })
             .await?;
-        Ok(super::election::pick_winner(&alive))
+        Ok(super::lease::pick_winner(&alive))
     }
 
     async fn successor(&self) -> StoreResult<Option<String>> {

@@ -28,6 +28,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::az::AzCache;
+use super::lease::Lease;
 use super::central::{Beat, LeaseStore, LiveHost, Renewal, StoreError};
 use super::leadership::Leadership;
 use crate::logs::Repeated;
@@ -86,28 +87,6 @@ impl std::fmt::Display for StepDown {
     }
 }
 
-/// Who holds the lease, as stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Lease {
-    pub id: String,
-    pub epoch: u64,
-    pub az: String,
-}
-
-impl Lease {
-    pub fn parse(v: &str) -> Option<Lease> {
-        let mut it = v.split('\t');
-        Some(Lease {
-            id: it.next()?.to_owned(),
-            epoch: it.next()?.parse().ok()?,
-            az: it.next()?.to_owned(),
-        })
-    }
-    pub fn value(&self) -> String {
-        format!("{}\t{}\t{}", self.id, self.epoch, self.az)
-    }
-}
-
 /// Whom a departing leader names: the most recently seen other host whose AZ is
 /// available and that was seen within `max_age` (pure).
 pub fn choose_successor(
@@ -148,57 +127,17 @@ impl<S: LeaseStore> Elector<S> {
         let mut last_seen: Option<Instant> = None;
         let mut quiet_since: Option<Instant> = None;
         loop {
-            // A leader ticks; a follower waits for the heartbeat (or a wake-up), and looks
-            // at the lease itself only when the heartbeat has been quiet for a lease.
-            let pause = async {
-                match &held {
-                    Some(_) => {
-                        tokio::time::sleep(self.timing.tick).await;
-                        None
-                    }
-                    None => {
-                        let quiet = last_beat.map(|t| t.elapsed());
-                        let max = match quiet {
-                            Some(q) if q < self.timing.lease => self.timing.lease - q,
-                            _ => self.timing.tick,
-                        };
-                        match self.store.wait_beat(&self.id, max).await {
-                            Ok(beat) => Some(beat),
-                            Err(e) => {
-                                tracing::debug!(error = %e, "heartbeat wait failed");
-                                tokio::time::sleep(self.timing.tick).await;
-                                Some(Beat::Quiet)
-                            }
-                        }
-                    }
-                }
-            };
             let beat = tokio::select! {
                 biased;
                 _ = shutdown.changed() => break,
-                b = pause => b,
+                b = self.pause(held.is_some(), last_beat) => b,
             };
             if *shutdown.borrow() {
                 break;
             }
             if last_seen.is_none_or(|t| t.elapsed() >= self.timing.lease) {
                 last_seen = Some(Instant::now());
-                match self
-                    .store
-                    .seen(&self.id, &self.az, self.timing.lease * 10)
-                    .await
-                {
-                    Ok(()) => {
-                        seen_errors.cleared();
-                        crate::metrics::get()
-                            .set_up(crate::metrics::Dependency::CentralRedis, true);
-                    }
-                    Err(e) => {
-                        seen_errors.failed(&e.0);
-                        crate::metrics::get()
-                            .set_up(crate::metrics::Dependency::CentralRedis, false);
-                    }
-                }
+                self.register(&mut seen_errors).await;
             }
             if let Some(Beat::Leader(lease)) = &beat {
                 last_beat = Some(Instant::now());
@@ -216,25 +155,7 @@ impl<S: LeaseStore> Elector<S> {
                         _ = shutdown.changed() => break,
                         r = self.follow() => r,
                     };
-                    match followed {
-                        Ok(Some(h)) => {
-                            errors.cleared();
-                            tracing::info!(epoch = h.lease.epoch, az = %self.az, "became leader");
-                            tx.send_replace(Leadership::Leading {
-                                lease: h.lease.clone(),
-                                deadline: h.deadline,
-                            });
-                            Some(h)
-                        }
-                        Ok(None) => {
-                            errors.cleared();
-                            None
-                        }
-                        Err(e) => {
-                            errors.failed(&e.0);
-                            None
-                        }
-                    }
+                    self.took_part(followed, &tx, &mut errors)
                 }
             };
             if held.is_none() && !matches!(beat, Some(Beat::Leader(_))) {
@@ -253,6 +174,76 @@ impl<S: LeaseStore> Elector<S> {
         tx.send_replace(Leadership::Following);
         if let Some(h) = held {
             self.release(&h.lease).await;
+        }
+    }
+
+    /// Between two looks: a leader ticks; a follower waits for the heartbeat (or a
+    /// wake-up), and looks at the lease itself only when the heartbeat has been quiet
+    /// for a lease (`Some(Beat::Quiet)`); `None` for a leader's tick.
+    async fn pause(&self, leading: bool, last_beat: Option<Instant>) -> Option<Beat> {
+        if leading {
+            tokio::time::sleep(self.timing.tick).await;
+            return None;
+        }
+        let max = match last_beat.map(|t| t.elapsed()) {
+            Some(q) if q < self.timing.lease => self.timing.lease - q,
+            _ => self.timing.tick,
+        };
+        match self.store.wait_beat(&self.id, max).await {
+            Ok(beat) => Some(beat),
+            Err(e) => {
+                tracing::debug!(error = %e, "heartbeat wait failed");
+                tokio::time::sleep(self.timing.tick).await;
+                Some(Beat::Quiet)
+            }
+        }
+    }
+
+    /// Says this host is alive (and in which AZ) for a successor's choice; the central
+    /// Redis's readiness follows.
+    async fn register(&self, seen_errors: &mut Repeated) {
+        let up = match self
+            .store
+            .seen(&self.id, &self.az, self.timing.lease * 10)
+            .await
+        {
+            Ok(()) => {
+                seen_errors.cleared();
+                true
+            }
+            Err(e) => {
+                seen_errors.failed(&e.0);
+                false
+            }
+        };
+        crate::metrics::get().set_up(crate::metrics::Dependency::CentralRedis, up);
+    }
+
+    /// A follower's look at the lease, as it turned out: leading (published), or not.
+    fn took_part(
+        &self,
+        followed: Result<Option<Held>, StoreError>,
+        tx: &watch::Sender<Leadership>,
+        errors: &mut Repeated,
+    ) -> Option<Held> {
+        match followed {
+            Ok(Some(h)) => {
+                errors.cleared();
+                tracing::info!(epoch = h.lease.epoch, az = %self.az, "became leader");
+                tx.send_replace(Leadership::Leading {
+                    lease: h.lease.clone(),
+                    deadline: h.deadline,
+                });
+                Some(h)
+            }
+            Ok(None) => {
+                errors.cleared();
+                None
+            }
+            Err(e) => {
+                errors.failed(&e.0);
+                None
+            }
         }
     }
 
@@ -378,18 +369,6 @@ impl<S: LeaseStore> Elector<S> {
     }
 }
 
-/// The competition's rule: highest score wins, ties go to the lowest id.
-pub fn pick_winner(alive: &[(String, f64)]) -> Option<String> {
-    alive
-        .iter()
-        .max_by(|a, b| {
-            a.1.partial_cmp(&b.1)
-                .unwrap_or(std::cmp::Ordering::Equal)
-                .then_with(|| b.0.cmp(&a.0))
-        })
-        .map(|(id, _)| id.clone())
-}
-
 /// Why a follower holds a competition (pure).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
@@ -421,30 +400,6 @@ pub fn judge(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn lease_round_trips() {
-        let l = Lease {
-            id: "i-1".into(),
-            epoch: 7,
-            az: "eu-west-1a".into(),
-        };
-        assert_eq!(Lease::parse(&l.value()), Some(l));
-        assert_eq!(Lease::parse("garbage"), None);
-    }
-
-    #[test]
-    fn highest_live_score_wins_and_ties_go_to_the_lowest_id() {
-        assert_eq!(pick_winner(&[]), None);
-        assert_eq!(
-            pick_winner(&[("b".into(), 5.0), ("a".into(), 9.0)]),
-            Some("a".into())
-        );
-        assert_eq!(
-            pick_winner(&[("b".into(), 9.0), ("a".into(), 9.0)]),
-            Some("a".into())
-        );
-    }
 
     #[test]
     fn judging_the_leader() {

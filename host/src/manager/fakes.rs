@@ -2,23 +2,22 @@
 //! elector and worker loops against them, in paused tokio time: slow calls, a lease lost
 //! mid-batch, a hung renewal, a refused fence, a handover on shutdown.
 
-use std::any::Any;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
-use warden_plugin_api::Kind;
+use warden_plugin_api::Measurement;
 
 use super::central::{CallEntry, LeaseStore, Ledger, LiveHost, Renewal, StoreResult};
 use super::ecs::{Calls, Ecs, EcsError, RunTask, Started, Task};
-use super::election::Lease;
+use super::lease::Lease;
 use super::leadership::Guard;
 use super::policy::PolicyState;
 use super::Record;
-use crate::plugins::client::{decode_answer, BoxFuture, Decode};
-use crate::plugins::{CallError, PluginClient};
+use super::metric::{BoxFuture, Metric, MetricError};
+use crate::plugins::Isolation;
 
 #[derive(Default)]
 pub(crate) struct CentralState {
@@ -178,7 +177,7 @@ impl LeaseStore for FakeCentral {
             .filter(|(_, (_, until))| Instant::now() < *until)
             .map(|(id, (score, _))| (id.clone(), f64::from(*score)))
             .collect();
-        Ok(super::election::pick_winner(&alive))
+        Ok(super::lease::pick_winner(&alive))
     }
     async fn successor(&self) -> StoreResult<Option<String>> {
         let s = self.state();
@@ -397,44 +396,34 @@ impl Ecs for FakeEcs {
     }
 }
 
-/// A metric plugin answering `value` after `delay`.
+/// A metric source answering `value` after `delay`.
 pub(crate) struct FakeMetric {
     pub value: Arc<Mutex<f64>>,
     pub delay: Duration,
 }
 
-impl PluginClient for FakeMetric {
-    fn plugin_name(&self) -> &str {
-        "fake"
+impl Metric for FakeMetric {
+    fn name(&self) -> &str {
+        "m"
     }
-    fn kind(&self) -> Kind {
-        Kind::MetricSource
+    fn isolation(&self) -> Option<Isolation> {
+        Some(Isolation::InProcess)
     }
-    fn call(
-        &self,
-        op: &str,
-        _args: &str,
-        decode: Decode,
-    ) -> BoxFuture<Result<Box<dyn Any + Send>, CallError>> {
-        let v = *self.value.lock().unwrap();
-        let delay = self.delay;
-        let op = op.to_owned();
+    fn measure(&self) -> BoxFuture<'_, Result<Measurement, MetricError>> {
+        let value = *self.value.lock().unwrap();
         Box::pin(async move {
-            tokio::time::sleep(delay).await;
-            decode_answer(&format!("{{\"value\":{v}}}"), decode).map_err(|error| {
-                CallError::Failed {
-                    plugin: "fake".into(),
-                    op,
-                    error,
-                }
+            tokio::time::sleep(self.delay).await;
+            Ok(Measurement {
+                value,
+                unit: None,
+                labels: Default::default(),
+                detail: None,
             })
         })
     }
-    fn isolation(&self) -> crate::plugins::Isolation {
-        crate::plugins::Isolation::InProcess
+    fn map(&self, value: f64) -> BoxFuture<'_, Result<f64, MetricError>> {
+        Box::pin(async move { Ok(value) })
     }
-
-    fn shutdown(&self) {}
 }
 
 #[cfg(test)]
@@ -446,7 +435,6 @@ mod tests {
     use crate::manager::policy::{Mapping, Policy};
     use crate::manager::worker::Worker;
     use crate::manager::{ManagedService, Target};
-    use crate::plugins::slot::Slot;
     use tokio::sync::watch;
 
     struct Host {
@@ -469,7 +457,7 @@ mod tests {
                     task_definition: "web".into(),
                     family: "web".into(),
                 },
-                metric: Slot::ready("m", client),
+                metric: client,
                 mapper: None,
                 mapping: Mapping::TargetPerTask(1.0),
                 policy: Policy {

@@ -10,7 +10,7 @@
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::election::Lease;
+use super::lease::Lease;
 
 /// The elector's view of this host's role.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

@@ -18,6 +18,8 @@ pub mod central;
 pub mod ecs;
 pub mod election;
 pub mod leadership;
+pub mod metric;
+pub mod lease;
 pub mod policy;
 pub mod settings;
 pub mod sources;
@@ -27,12 +29,11 @@ pub mod worker;
 mod fakes;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::plugins::slot::Slot;
-use crate::plugins::CallError;
 use crate::supervisor::Owned;
 use central::Central;
 use ecs::{AwsEcs, Calls};
@@ -41,6 +42,7 @@ use leadership::Leadership;
 use policy::{Decision, Mapping, Policy};
 
 pub use central::{decision_key, history_key};
+pub use metric::{Metric, MetricError};
 
 /// How a service's count is applied.
 #[derive(Debug, Clone, PartialEq)]
@@ -60,9 +62,9 @@ pub struct ManagedService {
     pub name: String,
     pub cluster: String,
     pub target: Target,
-    pub metric: Slot,
+    pub metric: Arc<dyn Metric>,
     /// The plugin behind `Mapping::Plugin`.
-    pub mapper: Option<Slot>,
+    pub mapper: Option<Arc<dyn Metric>>,
     pub mapping: Mapping,
     pub policy: Policy,
 }
@@ -78,35 +80,6 @@ impl ManagedService {
     }
 }
 
-/// Why there is no metric reading: the error's kind (`config`, `transient`, `timeout`,
-/// `resting`, …) and its message.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MetricError {
-    pub kind: String,
-    pub message: String,
-}
-
-impl MetricError {
-    pub fn from_call(e: &CallError) -> Self {
-        let kind = match e {
-            CallError::Failed { error, .. } => error.kind.as_str().to_owned(),
-            // Resting: the kind of the failure that made it rest.
-            CallError::Resting { last, .. } => last.as_ref().map_or("resting".to_owned(), |e| {
-                format!("resting after {}", e.kind)
-            }),
-        };
-        MetricError {
-            kind,
-            message: e.to_string(),
-        }
-    }
-}
-
-impl std::fmt::Display for MetricError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} ({})", self.message, self.kind)
-    }
-}
 
 /// What was done about a decision.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -216,7 +189,7 @@ pub struct Record {
     pub mapped_value: Option<f64>,
     /// Where the metric source's instance runs (`in-process`, `process`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub metric_isolation: Option<crate::plugins::Isolation>,
+    pub metric_isolation: Option<crate::plugins::settings::Isolation>,
     /// RUNNING + PENDING tasks counted in ECS (or the service's desired count); none in
     /// dry-run, which counts nothing.
     pub running: Option<u32>,

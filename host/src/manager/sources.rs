@@ -21,50 +21,20 @@ use tokio::sync::watch;
 use warden_plugin_api::ServiceDefinition;
 
 use crate::manager::settings::ManagedServiceConfig;
-use crate::plugins::PluginRef;
+use crate::plugins::settings::PluginRef;
 use crate::logs::Repeated;
-use crate::plugins::ServicesClient;
 
 /// The last good list of each source that has answered, by its config key
 /// (`manager.sources[0]`).
 pub type Definitions = BTreeMap<String, Vec<ServiceDefinition>>;
 
-/// What the loop needs of a source: the plugin client, or a fake in tests.
+/// What the loop needs of a source: a plugin slot (adapted in `daemon::adapters`), or
+/// a fake in tests.
 pub trait DefinitionSource: Send + Sync {
     fn generation(&self) -> impl std::future::Future<Output = Result<u64, String>> + Send;
     fn list(
         &self,
     ) -> impl std::future::Future<Output = Result<Vec<ServiceDefinition>, String>> + Send;
-}
-
-/// A source whose instance may not be created yet: until it is, it fails (and its last
-/// good list, if any, is kept).
-impl DefinitionSource for crate::plugins::slot::Slot {
-    async fn generation(&self) -> Result<u64, String> {
-        let client = self.get().map_err(|nc| format!("{}: {nc}", self.name()))?;
-        ServicesClient(client)
-            .generation()
-            .await
-            .map_err(|e| e.to_string())
-    }
-    async fn list(&self) -> Result<Vec<ServiceDefinition>, String> {
-        let client = self.get().map_err(|nc| format!("{}: {nc}", self.name()))?;
-        ServicesClient(client)
-            .list()
-            .await
-            .map_err(|e| e.to_string())
-    }
-}
-
-impl DefinitionSource for ServicesClient {
-    async fn generation(&self) -> Result<u64, String> {
-        ServicesClient::generation(self)
-            .await
-            .map_err(|e| e.to_string())
-    }
-    async fn list(&self) -> Result<Vec<ServiceDefinition>, String> {
-        ServicesClient::list(self).await.map_err(|e| e.to_string())
-    }
 }
 
 /// Follows the sources until `stop`, publishing their lists whenever one changes.

@@ -18,11 +18,10 @@ use warden_plugin_api::Measurement;
 
 use super::central::{CallEntry, Ledger};
 use super::ecs::{self, Calls, Ecs, EcsError, RunTask};
-use super::election::Lease;
+use super::lease::Lease;
 use super::leadership::{Guard, Leadership};
 use super::policy::{self, Decision, PolicyState};
 use super::{ManagedService, MetricError, Outcome, Record, Target};
-use crate::plugins::MetricClient;
 
 /// The scaling work; `ecs` is `None` where there is no ECS to call (it then decides and
 /// records only, as in dry-run).
@@ -54,7 +53,7 @@ pub struct Reading {
     pub metric: Result<Measurement, MetricError>,
     pub mapped: Option<Result<f64, MetricError>>,
     /// Where the metric source's instance runs (none before it is created).
-    pub isolation: Option<crate::plugins::Isolation>,
+    pub isolation: Option<crate::plugins::settings::Isolation>,
 }
 
 impl Reading {
@@ -113,29 +112,10 @@ async fn next_term(rx: &mut watch::Receiver<Leadership>) -> Option<Lease> {
 }
 
 async fn read_metric(s: &ManagedService) -> Reading {
-    let client = s.metric.get();
-    let isolation = client.as_ref().ok().map(|c| c.isolation());
-    let metric = match client {
-        Ok(c) => MetricClient(c)
-            .measure()
-            .await
-            .map_err(|e| MetricError::from_call(&e)),
-        Err(nc) => Err(MetricError {
-            kind: nc.kind.clone(),
-            message: format!("metric source {}: {nc}", s.metric.name()),
-        }),
-    };
+    let isolation = s.metric.isolation();
+    let metric = s.metric.measure().await;
     let mapped = match (&metric, &s.mapper) {
-        (Ok(m), Some(slot)) => Some(match slot.get() {
-            Ok(c) => MetricClient(c)
-                .map(m.value)
-                .await
-                .map_err(|e| MetricError::from_call(&e)),
-            Err(nc) => Err(MetricError {
-                kind: nc.kind.clone(),
-                message: format!("mapping plugin {}: {nc}", slot.name()),
-            }),
-        }),
+        (Ok(m), Some(mapper)) => Some(mapper.map(m.value).await),
         _ => None,
     };
     Reading {
