@@ -27,7 +27,7 @@ pub mod sdk;
 pub mod testing;
 
 pub use error::{ErrorKind, PluginError};
-pub use manifest::{Kind, KindManifest, Manifest};
+pub use manifest::{Kind, KindManifest, Manifest, Op};
 pub use model::{ContainerMatch, ContainerView, ListArgs, Measurement, ServiceDefinition};
 pub use sdk::{MetricSource, ServiceDefinitions};
 

@@ -33,6 +33,63 @@ impl Kind {
     }
 }
 
+/// The calls a host makes on an instance. The ABI carries the name as a string (so a
+/// new call is an addition, not a new layout); this is the one list of names that the
+/// host, the SDK's dispatch and the test harness share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Op {
+    /// A metric source's reading (no arguments).
+    Measure,
+    /// A value through a metric source's table (`{"value": x}`).
+    Map,
+    /// A service source's definitions (no arguments, or the host's containers).
+    List,
+    /// A number that changes when the service list may have changed (no arguments).
+    Generation,
+}
+
+impl Op {
+    /// Every call, in a fixed order.
+    pub const ALL: [Op; 4] = [Op::Measure, Op::Map, Op::List, Op::Generation];
+
+    /// The call's name on the wire.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Op::Measure => "measure",
+            Op::Map => "map",
+            Op::List => "list",
+            Op::Generation => "generation",
+        }
+    }
+
+    /// The call named `s`, if any.
+    pub fn parse(s: &str) -> Option<Op> {
+        Op::ALL.into_iter().find(|o| o.as_str() == s)
+    }
+
+    /// The kind that answers it.
+    pub const fn kind(self) -> Kind {
+        match self {
+            Op::Measure | Op::Map => Kind::MetricSource,
+            Op::List | Op::Generation => Kind::ServiceDefinitions,
+        }
+    }
+
+    /// The calls a kind answers, the first its default (`plugins call` without `--op`).
+    pub fn of(kind: Kind) -> &'static [Op] {
+        match kind {
+            Kind::MetricSource => &[Op::Measure, Op::Map],
+            Kind::ServiceDefinitions => &[Op::List, Op::Generation],
+        }
+    }
+}
+
+impl std::fmt::Display for Op {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl std::fmt::Display for Kind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
@@ -72,5 +129,19 @@ impl Manifest {
     /// The names of the kinds offered.
     pub fn kind_names(&self) -> Vec<&'static str> {
         self.kinds.iter().map(|k| k.kind.as_str()).collect()
+    }
+}
+
+#[cfg(test)]
+mod op_tests {
+    use super::*;
+
+    #[test]
+    fn each_op_has_one_name_and_belongs_to_one_kind() {
+        for op in Op::ALL {
+            assert_eq!(Op::parse(op.as_str()), Some(op));
+            assert!(Op::of(op.kind()).contains(&op), "{op}");
+        }
+        assert_eq!(Op::parse("list_for"), None);
     }
 }

@@ -38,7 +38,7 @@ use crate::ffi::Instance;
 use crate::model::{ContainerView, ListArgs, MapArgs};
 use crate::sdk::export::{schema_of, PluginDescriptor, SdkInstance};
 use crate::{
-    ErrorKind, Kind, Measurement, MetricSource, PluginError, ServiceDefinition, ServiceDefinitions,
+    ErrorKind, Kind, Measurement, MetricSource, Op, PluginError, ServiceDefinition, ServiceDefinitions,
 };
 
 /// An instance created as warden creates it, called as warden calls it.
@@ -120,7 +120,7 @@ impl TestInstance {
 
     /// `measure`, as the manager calls it; a non-finite value is refused as warden does.
     pub async fn measure(&self) -> Result<Measurement, PluginError> {
-        let m: Measurement = self.call_as("measure", "").await?;
+        let m: Measurement = self.call_as(Op::Measure.as_str(), "").await?;
         if m.value.is_finite() {
             Ok(m)
         } else {
@@ -134,7 +134,7 @@ impl TestInstance {
     /// `map`, as a `mapping = { plugin = ... }` calls it.
     pub async fn map(&self, value: f64) -> Result<f64, PluginError> {
         let args = serde_json::to_string(&MapArgs { value }).expect("a number serializes");
-        self.call_as("map", &args).await
+        self.call_as(Op::Map.as_str(), &args).await
     }
 
     /// `list` (with the host's containers, as the registrar calls it).
@@ -143,11 +143,11 @@ impl TestInstance {
         containers: Vec<ContainerView>,
     ) -> Result<Vec<ServiceDefinition>, PluginError> {
         let args = serde_json::to_string(&ListArgs { containers }).expect("containers serialize");
-        self.call_as("list", &args).await
+        self.call_as(Op::List.as_str(), &args).await
     }
 
     /// `generation`.
     pub async fn generation(&self) -> Result<u64, PluginError> {
-        self.call_as("generation", "").await
+        self.call_as(Op::Generation.as_str(), "").await
     }
 }

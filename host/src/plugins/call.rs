@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use warden_plugin_api::Kind;
+use warden_plugin_api::{Kind, Op};
 
 use super::{CallError, CallOptions, MetricClient, PluginClient, ServicesClient};
 
@@ -23,11 +23,8 @@ pub struct Request {
 }
 
 /// The operation called when none is named.
-pub fn default_op(kind: Kind) -> &'static str {
-    match kind {
-        Kind::MetricSource => "measure",
-        Kind::ServiceDefinitions => "list",
-    }
+pub fn default_op(kind: Kind) -> Op {
+    Op::of(kind)[0]
 }
 
 /// The error's kind as `warden status` and the metrics name it.
@@ -42,24 +39,27 @@ pub fn kind_of(e: &CallError) -> String {
 pub async fn once(
     client: &Arc<dyn PluginClient>,
     kind: Kind,
-    op: Option<&str>,
+    op: Option<Op>,
     value: Option<f64>,
 ) -> Result<serde_json::Value, CallError> {
-    let op = op.unwrap_or(default_op(kind));
-    match (kind, op) {
-        (Kind::MetricSource, "map") => {
+    // An op of another kind is the kind's default (`checked` refuses it before).
+    let op = op
+        .filter(|o| o.kind() == kind)
+        .unwrap_or(default_op(kind));
+    match op {
+        Op::Map => {
             let v = value.unwrap_or(0.0);
             MetricClient(client.clone()).map(v).await.map(|m| json(&m))
         }
-        (Kind::MetricSource, _) => MetricClient(client.clone())
+        Op::Measure => MetricClient(client.clone())
             .measure()
             .await
             .map(|m| json(&m)),
-        (Kind::ServiceDefinitions, "generation") => ServicesClient(client.clone())
+        Op::Generation => ServicesClient(client.clone())
             .generation()
             .await
             .map(|g| json(&g)),
-        (Kind::ServiceDefinitions, _) => ServicesClient(client.clone())
+        Op::List => ServicesClient(client.clone())
             .list()
             .await
             .map(|s| json(&s)),
@@ -158,37 +158,33 @@ pub fn run(file: &Path, req: Request, insecure: bool) -> anyhow::Result<ExitCode
     };
     watchdog.done();
     let created_ms = ms(started.elapsed());
-    let calls = repeat(&rt, &watchdog, &client, kind, &op, &req);
+    let calls = repeat(&rt, &watchdog, &client, kind, op, &req);
     client.shutdown();
-    report(plugin.manifest(), kind, &op, created_ms, &calls)
+    report(plugin.manifest(), kind, op, created_ms, &calls)
 }
 
 /// The request checked against the plugin: the kind, the operation and the config.
 fn checked(
     plugin: &super::Plugin,
     req: &Request,
-) -> Result<(Kind, String, serde_json::Value), String> {
+) -> Result<(Kind, Op, serde_json::Value), String> {
     let kind = match req.kind.as_deref() {
         Some(k) => Kind::parse(k).ok_or_else(|| {
             format!("--kind: expected metric-source or service-definitions, got {k:?}")
         })?,
         None => plugin.manifest().kinds[0].kind,
     };
-    let ops: &[&str] = match kind {
-        Kind::MetricSource => &["measure", "map"],
-        Kind::ServiceDefinitions => &["list", "generation"],
+    let ops = Op::of(kind);
+    let op = match req.op.as_deref() {
+        None => default_op(kind),
+        Some(name) => Op::parse(name)
+            .filter(|o| ops.contains(o))
+            .ok_or_else(|| {
+                let names: Vec<&str> = ops.iter().map(|o| o.as_str()).collect();
+                format!("--op: a {kind} offers {}, not {name:?}", names.join(", "))
+            })?,
     };
-    let op = req
-        .op
-        .clone()
-        .unwrap_or_else(|| default_op(kind).to_owned());
-    if !ops.contains(&op.as_str()) {
-        return Err(format!(
-            "--op: a {kind} offers {}, not {op:?}",
-            ops.join(", ")
-        ));
-    }
-    if op == "map" && req.value.is_none() {
+    if op == Op::Map && req.value.is_none() {
         return Err("--op map needs --value".into());
     }
     let config: serde_json::Value =
@@ -211,7 +207,7 @@ fn repeat(
     watchdog: &Watchdog,
     client: &Arc<dyn PluginClient>,
     kind: Kind,
-    op: &str,
+    op: Op,
     req: &Request,
 ) -> Calls {
     let mut c = Calls {
@@ -242,7 +238,7 @@ fn repeat(
 fn report(
     m: &warden_plugin_api::Manifest,
     kind: Kind,
-    op: &str,
+    op: Op,
     created_ms: f64,
     c: &Calls,
 ) -> anyhow::Result<ExitCode> {
@@ -253,7 +249,7 @@ fn report(
         "plugin": m.name,
         "version": m.version,
         "kind": kind.as_str(),
-        "op": op,
+        "op": op.as_str(),
         "created_ms": created_ms,
         "calls": c.times.len(),
         "failures": c.failures,

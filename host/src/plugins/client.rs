@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use warden_plugin_api::host::RawInstance;
-use warden_plugin_api::{ErrorKind, Kind, Measurement, PluginError, ServiceDefinition};
+use warden_plugin_api::{ErrorKind, Kind, Measurement, Op, PluginError, ServiceDefinition};
 
 use super::breaker::Breaker;
 use super::Plugin;
@@ -81,7 +81,7 @@ pub trait PluginClient: Send + Sync {
     /// Calls `op` with `args` (JSON text); the answer must pass `decode`.
     fn call(
         &self,
-        op: &str,
+        op: Op,
         args: &str,
         decode: Decode,
     ) -> BoxFuture<Result<Box<dyn Any + Send>, CallError>>;
@@ -243,12 +243,12 @@ impl PluginClient for InProcessClient {
 
     fn call(
         &self,
-        op: &str,
+        op: Op,
         args: &str,
         decode: Decode,
     ) -> BoxFuture<Result<Box<dyn Any + Send>, CallError>> {
         let plugin = self.plugin_name().to_owned();
-        let op = op.to_owned();
+        let op = op.as_str().to_owned();
         if let Err(resting) = self.health.admit(&plugin, &op) {
             return Box::pin(std::future::ready(Err(resting)));
         }
@@ -329,7 +329,7 @@ pub struct MetricClient(pub Arc<dyn PluginClient>);
 impl MetricClient {
     pub async fn measure(&self) -> Result<Measurement, CallError> {
         self.0
-            .call("measure", "null", decode_measurement)
+            .call(Op::Measure, "null", decode_measurement)
             .await
             .map(take)
     }
@@ -338,7 +338,7 @@ impl MetricClient {
     pub async fn map(&self, value: f64) -> Result<f64, CallError> {
         let args = serde_json::to_string(&warden_plugin_api::model::MapArgs { value })
             .expect("a number serializes");
-        self.0.call("map", &args, decode_number).await.map(take)
+        self.0.call(Op::Map, &args, decode_number).await.map(take)
     }
 }
 
@@ -348,7 +348,7 @@ pub struct ServicesClient(pub Arc<dyn PluginClient>);
 
 impl ServicesClient {
     pub async fn list(&self) -> Result<Vec<ServiceDefinition>, CallError> {
-        self.0.call("list", "null", decode_services).await.map(take)
+        self.0.call(Op::List, "null", decode_services).await.map(take)
     }
     /// The services, given the host's running containers (providers that derive services
     /// from containers need them; others ignore them).
@@ -360,11 +360,11 @@ impl ServicesClient {
             containers: containers.to_vec(),
         })
         .expect("containers serialize");
-        self.0.call("list", &args, decode_services).await.map(take)
+        self.0.call(Op::List, &args, decode_services).await.map(take)
     }
     pub async fn generation(&self) -> Result<u64, CallError> {
         self.0
-            .call("generation", "null", decode_generation)
+            .call(Op::Generation, "null", decode_generation)
             .await
             .map(take)
     }

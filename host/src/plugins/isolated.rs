@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{oneshot, watch};
-use warden_plugin_api::{ErrorKind, Kind, PluginError};
+use warden_plugin_api::{ErrorKind, Kind, Op, PluginError};
 
 use super::client::{decode_answer, BoxFuture, CallError, Decode, Health};
 use super::{CallOptions, CreateError, PluginClient};
@@ -101,21 +101,7 @@ fn line<T: Serialize>(v: &T) -> String {
 pub fn serve(file: &Path, socket: &Path, sha256: Option<&str>) -> anyhow::Result<()> {
     // SAFETY: prctl(PR_SET_PDEATHSIG) has no memory-safety preconditions.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
-    // With a pin, the bytes hashed are the bytes loaded: the open descriptor is loaded,
-    // not the path (which could be renamed over in between).
-    let opened =
-        std::fs::File::open(file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-    let load_path = match sha256 {
-        Some(pin) => {
-            super::pin::verify_reader(&opened, "this plugin", pin)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-            PathBuf::from(format!(
-                "/proc/self/fd/{}",
-                std::os::fd::AsRawFd::as_raw_fd(&opened)
-            ))
-        }
-        None => file.to_owned(),
-    };
+    let (_opened, load_path) = open_pinned(file, sha256)?;
     let library = warden_plugin_api::host::Library::load(&load_path)
         .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
     let manifest = serde_json::to_string(library.manifest()).expect("a manifest serializes");
@@ -136,29 +122,19 @@ pub fn serve(file: &Path, socket: &Path, sha256: Option<&str>) -> anyhow::Result
             };
             match req {
                 Request::Create { id, kind, config } => {
-                    let answer = match Kind::parse(&kind) {
-                        Some(k) => match library.create(k, &config) {
-                            Ok(i) => {
-                                instance = Some(Arc::new(i));
-                                Answer {
-                                    id,
-                                    ok: Some(manifest.clone()),
-                                    err: None,
-                                }
-                            }
-                            Err(e) => Answer {
+                    let answer = match create_here(&library, &kind, &config) {
+                        Ok(i) => {
+                            instance = Some(Arc::new(i));
+                            Answer {
                                 id,
-                                ok: None,
-                                err: Some(e.into()),
-                            },
-                        },
-                        None => Answer {
+                                ok: Some(manifest.clone()),
+                                err: None,
+                            }
+                        }
+                        Err(e) => Answer {
                             id,
                             ok: None,
-                            err: Some(
-                                PluginError::new(ErrorKind::Unsupported, format!("kind {kind}"))
-                                    .into(),
-                            ),
+                            err: Some(e.into()),
                         },
                     };
                     send(&wr, &answer).await;
@@ -196,6 +172,41 @@ pub fn serve(file: &Path, socket: &Path, sha256: Option<&str>) -> anyhow::Result
         }
         Ok::<_, anyhow::Error>(())
     })
+}
+
+/// The file to load, opened. With a pin, the bytes hashed are the bytes loaded: the
+/// open descriptor is loaded (`/proc/self/fd/N`), not the path, which could be renamed
+/// over in between. Keep the file open until the library is loaded.
+fn open_pinned(file: &Path, sha256: Option<&str>) -> anyhow::Result<(std::fs::File, PathBuf)> {
+    let opened =
+        std::fs::File::open(file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let load_path = match sha256 {
+        Some(pin) => {
+            super::pin::verify_reader(&opened, "this plugin", pin)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            PathBuf::from(format!(
+                "/proc/self/fd/{}",
+                std::os::fd::AsRawFd::as_raw_fd(&opened)
+            ))
+        }
+        None => file.to_owned(),
+    };
+    Ok((opened, load_path))
+}
+
+/// The instance of `kind` the parent asked for.
+fn create_here(
+    library: &warden_plugin_api::host::Library,
+    kind: &str,
+    config: &str,
+) -> Result<warden_plugin_api::host::RawInstance, PluginError> {
+    match Kind::parse(kind) {
+        Some(k) => library.create(k, config),
+        None => Err(PluginError::new(
+            ErrorKind::Unsupported,
+            format!("kind {kind}"),
+        )),
+    }
 }
 
 fn answer_of(id: u64, r: Result<String, PluginError>) -> Answer {
@@ -388,10 +399,40 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Starts a child, connects, and creates the instance in it.
-#[allow(unsafe_code)] // system calls
 async fn start_child(spec: &Spec) -> Result<Child, PluginError> {
-    let transient = |m: String| PluginError::new(ErrorKind::Transient, m);
-    // The same checks as an in-process load, at every start: the file may have changed.
+    recheck(spec).await?;
+    let dir = socket_dir(&spec.settings.policy)?;
+    let socket = dir.path().join("s");
+    let mut process = command(spec, &socket)
+        .spawn()
+        .map_err(|e| transient(format!("cannot start {}: {e}", spec.exe.display())))?;
+    if let Some(stderr) = process.stderr.take() {
+        tokio::spawn(relay_logs(stderr, spec.name().to_owned()));
+    }
+    let deadline = tokio::time::Instant::now() + spec.settings.create_timeout;
+    let stream = connect(&mut process, &socket, deadline).await?;
+    let (rd, wr) = stream.into_split();
+    let pending: Pending = Arc::default();
+    let reader = tokio::spawn(read_answers(rd, pending.clone(), spec.name().to_owned()));
+    let conn = Conn {
+        wr: Arc::new(tokio::sync::Mutex::new(wr)),
+        pending,
+    };
+    create(&conn, spec, deadline).await?;
+    Ok(Child {
+        conn,
+        process,
+        reader,
+        _dir: dir,
+    })
+}
+
+fn transient(m: String) -> PluginError {
+    PluginError::new(ErrorKind::Transient, m)
+}
+
+/// The same checks as an in-process load, at every start: the file may have changed.
+async fn recheck(spec: &Spec) -> Result<(), PluginError> {
     let plugin = spec.plugin.clone();
     tokio::task::spawn_blocking(move || plugin.recheck())
         .await
@@ -401,12 +442,16 @@ async fn start_child(spec: &Spec) -> Result<Child, PluginError> {
                 ErrorKind::Config,
                 format!("{}: {e}", spec.plugin.path().display()),
             )
-        })?;
+        })
+}
+
+/// A directory for the child's socket, given to the child's user if it has one.
+#[allow(unsafe_code)] // chown
+fn socket_dir(policy: &ChildPolicy) -> Result<tempfile::TempDir, PluginError> {
     let dir = tempfile::Builder::new()
         .prefix("warden-plugin-")
         .tempdir()
         .map_err(|e| transient(format!("cannot make a socket directory: {e}")))?;
-    let policy = &spec.settings.policy;
     if let Some(u) = &policy.user {
         let path = std::ffi::CString::new(dir.path().as_os_str().as_encoded_bytes())
             .map_err(|_| transient("the socket directory's path has a NUL".into()))?;
@@ -419,7 +464,14 @@ async fn start_child(spec: &Spec) -> Result<Child, PluginError> {
             )));
         }
     }
-    let socket = dir.path().join("s");
+    Ok(dir)
+}
+
+/// `warden plugin-host` for this instance: only the granted environment, the child's
+/// user, no new privileges, no core dumps, at most 1024 files and its data limit.
+#[allow(unsafe_code)] // pre_exec
+fn command(spec: &Spec, socket: &Path) -> tokio::process::Command {
+    let policy = &spec.settings.policy;
     let mut cmd = tokio::process::Command::new(&spec.exe);
     cmd.args([
         "--log-format",
@@ -429,7 +481,7 @@ async fn start_child(spec: &Spec) -> Result<Child, PluginError> {
     ])
     .arg(spec.plugin.path())
     .arg("--socket")
-    .arg(&socket);
+    .arg(socket);
     if let Some(pin) = spec.plugin.pin() {
         cmd.arg("--sha256").arg(pin);
     }
@@ -466,16 +518,18 @@ async fn start_child(spec: &Spec) -> Result<Child, PluginError> {
             Ok(())
         });
     }
-    let mut process = cmd
-        .spawn()
-        .map_err(|e| transient(format!("cannot start {}: {e}", spec.exe.display())))?;
-    if let Some(stderr) = process.stderr.take() {
-        tokio::spawn(relay_logs(stderr, spec.name().to_owned()));
-    }
-    let deadline = tokio::time::Instant::now() + spec.settings.create_timeout;
-    let stream = loop {
-        match UnixStream::connect(&socket).await {
-            Ok(s) => break s,
+    cmd
+}
+
+/// Connects to the child's socket once it listens; fails early if the child ends.
+async fn connect(
+    process: &mut tokio::process::Child,
+    socket: &Path,
+    deadline: tokio::time::Instant,
+) -> Result<UnixStream, PluginError> {
+    loop {
+        match UnixStream::connect(socket).await {
+            Ok(s) => return Ok(s),
             Err(_) if tokio::time::Instant::now() < deadline => {
                 if let Ok(Some(status)) = process.try_wait() {
                     return Err(transient(format!(
@@ -491,38 +545,39 @@ async fn start_child(spec: &Spec) -> Result<Child, PluginError> {
                 ))
             }
         }
-    };
-    let (rd, wr) = stream.into_split();
-    let wr: Writer = Arc::new(tokio::sync::Mutex::new(wr));
-    let pending: Pending = Arc::default();
-    let p = pending.clone();
-    let name = spec.name().to_owned();
-    let reader = tokio::spawn(async move {
-        let mut r = BufReader::new(rd);
-        let mut buf = Vec::new();
-        while let Ok(Some(len)) = read_line_bounded(&mut r, &mut buf, MAX_ANSWER).await {
-            if len > MAX_ANSWER {
-                tracing::error!(plugin = %name, bytes = len, "plugin process answered more than {MAX_ANSWER} bytes in one line; its connection is dropped (it is restarted)");
-                break;
-            }
-            if let Ok(a) = serde_json::from_slice::<Answer>(&buf) {
-                if let Some(waiter) = lock(&p).remove(&a.id) {
-                    let r = match (a.ok, a.err) {
-                        (_, Some(e)) => Err(e.into()),
-                        (Some(text), None) => Ok(text),
-                        (None, None) => Err(PluginError::new(
-                            ErrorKind::InvalidResponse,
-                            "an empty answer",
-                        )),
-                    };
-                    let _ = waiter.send(r);
-                }
+    }
+}
+
+/// Hands each answer to the call waiting for its id; when the child is gone, every call
+/// still waiting ends.
+async fn read_answers(rd: tokio::net::unix::OwnedReadHalf, pending: Pending, name: String) {
+    let mut r = BufReader::new(rd);
+    let mut buf = Vec::new();
+    while let Ok(Some(len)) = read_line_bounded(&mut r, &mut buf, MAX_ANSWER).await {
+        if len > MAX_ANSWER {
+            tracing::error!(plugin = %name, bytes = len, "plugin process answered more than {MAX_ANSWER} bytes in one line; its connection is dropped (it is restarted)");
+            break;
+        }
+        if let Ok(a) = serde_json::from_slice::<Answer>(&buf) {
+            if let Some(waiter) = lock(&pending).remove(&a.id) {
+                let r = match (a.ok, a.err) {
+                    (_, Some(e)) => Err(e.into()),
+                    (Some(text), None) => Ok(text),
+                    (None, None) => Err(PluginError::new(
+                        ErrorKind::InvalidResponse,
+                        "an empty answer",
+                    )),
+                };
+                let _ = waiter.send(r);
             }
         }
-        // The child is gone: every call waiting on it ends now.
-        lock(&p).clear();
-    });
-    let conn = Conn { wr, pending };
+    }
+    lock(&pending).clear();
+}
+
+/// Creates the instance in the child, which answers with the manifest it loaded: it
+/// must be the one warden checked.
+async fn create(conn: &Conn, spec: &Spec, deadline: tokio::time::Instant) -> Result<(), PluginError> {
     let id = IDS.fetch_add(1, Ordering::Relaxed);
     let (otx, orx) = oneshot::channel();
     lock(&conn.pending).insert(id, otx);
@@ -535,36 +590,33 @@ async fn start_child(spec: &Spec) -> Result<Child, PluginError> {
         },
     )
     .await;
-    match tokio::time::timeout_at(deadline, orx).await {
-        Ok(Ok(Ok(loaded))) => {
-            let want = spec.plugin.manifest();
-            match serde_json::from_str::<warden_plugin_api::Manifest>(&loaded) {
-                Ok(m) if m == *want => Ok(Child {
-                    conn,
-                    process,
-                    reader,
-                    _dir: dir,
-                }),
-                Ok(m) => Err(PluginError::new(
-                    ErrorKind::Config,
-                    format!(
-                        "the plugin process loaded {} {}, not the {} {} warden checked; restart warden to use a new file",
-                        m.name, m.version, want.name, want.version
-                    ),
-                )),
-                Err(e) => Err(PluginError::new(
-                    ErrorKind::InvalidResponse,
-                    format!("the plugin process's manifest is unreadable: {e}"),
-                )),
-            }
+    let loaded = match tokio::time::timeout_at(deadline, orx).await {
+        Ok(Ok(answer)) => answer?,
+        Ok(Err(_)) => {
+            return Err(transient(
+                "the plugin process ended while creating the instance".into(),
+            ))
         }
-        Ok(Ok(Err(e))) => Err(e),
-        Ok(Err(_)) => Err(transient(
-            "the plugin process ended while creating the instance".into(),
+        Err(_) => {
+            return Err(PluginError::new(
+                ErrorKind::Timeout,
+                "the plugin process did not create the instance in time",
+            ))
+        }
+    };
+    let want = spec.plugin.manifest();
+    match serde_json::from_str::<warden_plugin_api::Manifest>(&loaded) {
+        Ok(m) if m == *want => Ok(()),
+        Ok(m) => Err(PluginError::new(
+            ErrorKind::Config,
+            format!(
+                "the plugin process loaded {} {}, not the {} {} warden checked; restart warden to use a new file",
+                m.name, m.version, want.name, want.version
+            ),
         )),
-        Err(_) => Err(PluginError::new(
-            ErrorKind::Timeout,
-            "the plugin process did not create the instance in time",
+        Err(e) => Err(PluginError::new(
+            ErrorKind::InvalidResponse,
+            format!("the plugin process's manifest is unreadable: {e}"),
         )),
     }
 }
@@ -709,11 +761,11 @@ impl PluginClient for ProcessClient {
 
     fn call(
         &self,
-        op: &str,
+        op: Op,
         args: &str,
         decode: Decode,
     ) -> BoxFuture<Result<Box<dyn Any + Send>, CallError>> {
-        let (plugin, op) = (self.plugin.clone(), op.to_owned());
+        let (plugin, op) = (self.plugin.clone(), op.as_str().to_owned());
         if let Err(resting) = self.health.admit(&plugin, &op) {
             return Box::pin(std::future::ready(Err(resting)));
         }

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
-use warden_plugin_api::{Kind, ServiceDefinition};
+use warden_plugin_api::{Kind, Op as PluginOp, ServiceDefinition};
 
 use super::containers::{Containers, DockerError, InspectError, Seen};
 use super::entry::{model, Actual, Entry, Op};
@@ -256,15 +256,15 @@ impl PluginClient for FakeServices {
     }
     fn call(
         &self,
-        op: &str,
+        op: PluginOp,
         _args: &str,
         decode: Decode,
     ) -> BoxFuture<Result<Box<dyn Any + Send>, CallError>> {
         let text = match op {
-            "generation" => lock(&self.generation).to_string(),
+            PluginOp::Generation => lock(&self.generation).to_string(),
             _ => serde_json::to_string(&*lock(&self.services)).expect("serialisable"),
         };
-        let op = op.to_owned();
+        let op = op.as_str().to_owned();
         Box::pin(async move {
             decode_answer(&text, decode).map_err(|error| CallError::Failed {
                 plugin: "fake-services".into(),

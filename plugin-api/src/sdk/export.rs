@@ -16,7 +16,7 @@ use serde::de::DeserializeOwned;
 use super::runtime::{run_to_completion, InRuntime};
 use super::{logging, MetricSource, ServiceDefinitions};
 use crate::ffi::{export::instance_box, CallResult, FfiError, Instance, InstanceBox, LogSink};
-use crate::{ErrorKind, Kind, KindManifest, Manifest, PluginError};
+use crate::{ErrorKind, Kind, KindManifest, Manifest, Op, PluginError};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 type Factory = Box<
@@ -129,15 +129,15 @@ struct Metric<M>(M);
 impl<M: MetricSource> Dispatch for Metric<M> {
     fn call(self: Arc<Self>, op: String, args: String) -> BoxFuture<Result<String, PluginError>> {
         Box::pin(async move {
-            match op.as_str() {
-                "measure" => to_json(&self.0.measure().await?),
-                "map" => {
+            match Op::parse(&op) {
+                Some(Op::Measure) => to_json(&self.0.measure().await?),
+                Some(Op::Map) => {
                     let a: crate::model::MapArgs = serde_json::from_str(&args)
                         .map_err(|e| PluginError::permanent(format!("map: bad arguments: {e}")))?;
                     to_json(&self.0.map(a.value).await?)
                 }
-                other => Err(PluginError::unsupported(format!(
-                    "metric-source has no operation {other:?}"
+                _ => Err(PluginError::unsupported(format!(
+                    "metric-source has no operation {op:?}"
                 ))),
             }
         })
@@ -149,8 +149,8 @@ struct Services<S>(S);
 impl<S: ServiceDefinitions> Dispatch for Services<S> {
     fn call(self: Arc<Self>, op: String, args: String) -> BoxFuture<Result<String, PluginError>> {
         Box::pin(async move {
-            match op.as_str() {
-                "list" => {
+            match Op::parse(&op) {
+                Some(Op::List) => {
                     let args: Option<crate::ListArgs> = if args.trim().is_empty() {
                         None
                     } else {
@@ -163,9 +163,9 @@ impl<S: ServiceDefinitions> Dispatch for Services<S> {
                         None => to_json(&self.0.list().await?),
                     }
                 }
-                "generation" => to_json(&self.0.generation().await?),
-                other => Err(PluginError::unsupported(format!(
-                    "service-definitions has no operation {other:?}"
+                Some(Op::Generation) => to_json(&self.0.generation().await?),
+                _ => Err(PluginError::unsupported(format!(
+                    "service-definitions has no operation {op:?}"
                 ))),
             }
         })
