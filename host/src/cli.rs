@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use crate::config::Config;
 use crate::logging::{self, LogFormat};
-use crate::plugins::{self, CallOptions, PluginClient, PluginHost};
+use crate::plugins::{self, CallOptions, PluginHost};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
@@ -373,39 +373,52 @@ fn plugins_check(
         &value,
         CallOptions::default(),
     ));
-    match created {
-        Ok(client) => {
-            println!(
-                "{}: ok: config accepted and {kind} instance created",
-                file.display()
-            );
-            let mut code = ExitCode::SUCCESS;
-            if call {
-                let started = std::time::Instant::now();
-                let client: Arc<dyn plugins::PluginClient> = client.clone();
-                match rt.block_on(crate::plugins::call::once(&client, kind, None, None)) {
-                    Ok(answer) => println!(
-                        "{}: ok: {} answered {answer} in {:.1} ms",
-                        file.display(),
-                        crate::plugins::call::default_op(kind),
-                        started.elapsed().as_secs_f64() * 1000.0
-                    ),
-                    Err(e) => {
-                        println!(
-                            "{}: call failed ({}): {e}",
-                            file.display(),
-                            crate::plugins::call::kind_of(&e)
-                        );
-                        code = ExitCode::FAILURE;
-                    }
-                }
-            }
-            client.shutdown();
-            Ok(code)
-        }
+    let client = match created {
+        Ok(client) => client,
         Err(e) => {
             println!("{}: config refused: {e}", file.display());
-            Ok(ExitCode::FAILURE)
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    println!(
+        "{}: ok: config accepted and {kind} instance created",
+        file.display()
+    );
+    let client: Arc<dyn plugins::PluginClient> = client;
+    let code = if call {
+        call_once(&rt, &file, &client, kind)
+    } else {
+        ExitCode::SUCCESS
+    };
+    client.shutdown();
+    Ok(code)
+}
+
+/// `plugins check --call`: the kind's default call once, its answer and time printed.
+fn call_once(
+    rt: &tokio::runtime::Runtime,
+    file: &std::path::Path,
+    client: &Arc<dyn plugins::PluginClient>,
+    kind: Kind,
+) -> ExitCode {
+    let started = std::time::Instant::now();
+    match rt.block_on(crate::plugins::call::once(client, kind, None, None)) {
+        Ok(answer) => {
+            println!(
+                "{}: ok: {} answered {answer} in {:.1} ms",
+                file.display(),
+                crate::plugins::call::default_op(kind),
+                started.elapsed().as_secs_f64() * 1000.0
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!(
+                "{}: call failed ({}): {e}",
+                file.display(),
+                crate::plugins::call::kind_of(&e)
+            );
+            ExitCode::FAILURE
         }
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 pub struct Routes {
     pub frontends: Vec<Frontend>,
     /// From every warden writing to this Redis (`warden:registrar:<instance>`).
@@ -65,6 +65,8 @@ async fn scan(
 
 const WHICH: &str = "local";
 
+/// The routes as the router sees them (front-ends, backends, servers), with what the
+/// registrars' accounts say of them (containers, conflicts, refusals, what is not routed).
 pub async fn read(url: &str, ca_file: Option<&std::path::Path>) -> anyhow::Result<Routes> {
     let addr = crate::redis_util::addr(url);
     let fail = |e: redis::RedisError| {
@@ -79,16 +81,23 @@ pub async fn read(url: &str, ca_file: Option<&std::path::Path>) -> anyhow::Resul
     .await
     .map_err(|_| anyhow::anyhow!("local redis {addr}: no answer within 5 s"))?
     .map_err(fail)?;
-    // Which container each address is, from the registrars' accounts.
+    let mut routes = Routes::default();
+    let containers = accounts(&mut conn, &mut routes).await.map_err(fail)?;
+    routes.frontends = frontends(&mut conn, &containers, &mut routes.wrong_type)
+        .await
+        .map_err(fail)?;
+    Ok(routes)
+}
+
+/// The registrars' accounts: which container each address is (returned), and the
+/// conflicts, blocked keys, refusals and containers not routed (into `routes`).
+async fn accounts(
+    conn: &mut redis::aio::MultiplexedConnection,
+    routes: &mut Routes,
+) -> redis::RedisResult<BTreeMap<String, String>> {
     let mut containers: BTreeMap<String, String> = BTreeMap::new();
-    let (mut conflicts, mut blocked, mut not_routed) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut refused, mut wrong_type) = (Vec::new(), Vec::new());
-    for key in scan(&mut conn, "warden:registrar:*").await.map_err(fail)? {
-        let text: Option<String> = redis::cmd("GET")
-            .arg(&key)
-            .query_async(&mut conn)
-            .await
-            .map_err(fail)?;
+    for key in scan(conn, "warden:registrar:*").await? {
+        let text: Option<String> = redis::cmd("GET").arg(&key).query_async(conn).await?;
         let Some(v) = text.and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok()) else {
             continue;
         };
@@ -97,35 +106,44 @@ pub async fn read(url: &str, ca_file: Option<&std::path::Path>) -> anyhow::Resul
                 (Some(a), Some(n)) => {
                     containers.insert(a.to_owned(), n.to_owned());
                 }
-                _ => not_routed.push(c.clone()),
+                _ => routes.not_routed.push(c.clone()),
             }
         }
-        conflicts.extend(v["conflicts"].as_array().into_iter().flatten().cloned());
-        blocked.extend(v["blocked"].as_array().into_iter().flatten().cloned());
-        refused.extend(v["refused"].as_array().into_iter().flatten().cloned());
+        let all = |k: &str| v[k].as_array().into_iter().flatten().cloned();
+        routes.conflicts.extend(all("conflicts"));
+        routes.blocked.extend(all("blocked"));
+        routes.refused.extend(all("refused"));
     }
-    let mut keys = scan(&mut conn, "frontend:*").await.map_err(fail)?;
-    keys.extend(scan(&mut conn, "warden:port:*").await.map_err(fail)?);
+    Ok(containers)
+}
+
+/// Every front-end and port key with its backend's servers; keys of another type than
+/// Redx's go to `wrong_type` (the router skips them too).
+async fn frontends(
+    conn: &mut redis::aio::MultiplexedConnection,
+    containers: &BTreeMap<String, String>,
+    wrong_type: &mut Vec<String>,
+) -> redis::RedisResult<Vec<Frontend>> {
+    let mut keys = scan(conn, "frontend:*").await?;
+    keys.extend(scan(conn, "warden:port:*").await?);
     let mut frontends = Vec::new();
     let wrong = |e: &redis::RedisError| e.code() == Some("WRONGTYPE");
     for key in keys {
-        let backend: Option<String> = match redis::cmd("GET").arg(&key).query_async(&mut conn).await
-        {
+        let backend: Option<String> = match redis::cmd("GET").arg(&key).query_async(conn).await {
             Err(e) if wrong(&e) => {
                 wrong_type.push(key);
                 continue;
             }
-            r => r.map_err(fail)?,
+            r => r?,
         };
         let Some(backend) = backend else { continue };
         let hash = format!("backend:{backend}");
-        let fields: Vec<String> = match redis::cmd("HKEYS").arg(&hash).query_async(&mut conn).await
-        {
+        let fields: Vec<String> = match redis::cmd("HKEYS").arg(&hash).query_async(conn).await {
             Err(e) if wrong(&e) => {
                 wrong_type.push(hash);
                 continue;
             }
-            r => r.map_err(fail)?,
+            r => r?,
         };
         let servers = fields
             .into_iter()
@@ -141,60 +159,18 @@ pub async fn read(url: &str, ca_file: Option<&std::path::Path>) -> anyhow::Resul
             servers,
         });
     }
-    Ok(Routes {
-        frontends,
-        conflicts,
-        blocked,
-        not_routed,
-        refused,
-        wrong_type,
-    })
+    Ok(frontends)
 }
 
-/// The table an operator reads.
+/// The table an operator reads: the front-ends, then whatever is not as it should be.
 pub fn render(r: &Routes) -> String {
-    let mut out = String::new();
-    let name = |key: &str| match key.strip_prefix("warden:port:") {
-        Some(p) => format!("port {p}"),
-        None => key.strip_prefix("frontend:").unwrap_or(key).to_owned(),
-    };
-    let width = r
-        .frontends
-        .iter()
-        .map(|f| name(&f.key).len())
-        .max()
-        .unwrap_or(9)
-        .max(9);
-    out.push_str(&format!(
-        "{:width$}  {:12}  servers\n",
-        "front-end", "backend"
-    ));
-    for f in &r.frontends {
-        let servers: Vec<String> = f
-            .servers
-            .iter()
-            .map(|s| match &s.container {
-                Some(c) => format!("{} ({c})", s.address),
-                None => s.address.clone(),
-            })
-            .collect();
-        let servers = if servers.is_empty() {
-            "none (the router answers 500 here: an empty backend)".to_owned()
-        } else {
-            servers.join(", ")
-        };
-        out.push_str(&format!(
-            "{:width$}  {:12}  {servers}\n",
-            name(&f.key),
-            f.backend
-        ));
-    }
+    let mut out = table(r);
     if !r.conflicts.is_empty() {
         out.push_str("conflicts (claims refused):\n");
         for c in &r.conflicts {
             out.push_str(&format!(
                 "  {}: held by {} ({}), refused to {} ({})\n",
-                name(c["key"].as_str().unwrap_or("?")),
+                shown(c["key"].as_str().unwrap_or("?")),
                 c["holder"].as_str().unwrap_or("?"),
                 join(&c["holder_containers"]),
                 c["refused"].as_str().unwrap_or("?"),
@@ -216,6 +192,54 @@ pub fn render(r: &Routes) -> String {
             ));
         }
     }
+    out.push_str(&left_out(r));
+    out
+}
+
+/// A key as the table shows it: `port P`, or the front-end without its prefix.
+fn shown(key: &str) -> String {
+    match key.strip_prefix("warden:port:") {
+        Some(p) => format!("port {p}"),
+        None => key.strip_prefix("frontend:").unwrap_or(key).to_owned(),
+    }
+}
+
+/// One line per front-end: its backend and servers (with their containers).
+fn table(r: &Routes) -> String {
+    let width = r
+        .frontends
+        .iter()
+        .map(|f| shown(&f.key).len())
+        .max()
+        .unwrap_or(9)
+        .max(9);
+    let mut out = format!("{:width$}  {:12}  servers\n", "front-end", "backend");
+    for f in &r.frontends {
+        let servers: Vec<String> = f
+            .servers
+            .iter()
+            .map(|s| match &s.container {
+                Some(c) => format!("{} ({c})", s.address),
+                None => s.address.clone(),
+            })
+            .collect();
+        let servers = if servers.is_empty() {
+            "none (the router answers 500 here: an empty backend)".to_owned()
+        } else {
+            servers.join(", ")
+        };
+        out.push_str(&format!(
+            "{:width$}  {:12}  {servers}\n",
+            shown(&f.key),
+            f.backend
+        ));
+    }
+    out
+}
+
+/// What is skipped, left alone or not routed, and why.
+fn left_out(r: &Routes) -> String {
+    let mut out = String::new();
     if !r.wrong_type.is_empty() {
         out.push_str(&format!(
             "skipped (not Redx's type; the router skips them too): {}\n",

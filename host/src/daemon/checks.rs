@@ -31,6 +31,25 @@ pub fn load_plugins(config: &Config, insecure: bool) -> PluginHost {
 /// What makes a configuration unable to work, one line each: the same checks for
 /// `warden check` and before `warden run` starts anything.
 pub fn problems(config: &Config, host: &PluginHost) -> Vec<String> {
+    let mut out = plugin_problems(config, host);
+    out.extend(tls_problems(config));
+    if config.registrar.enabled && config.registrar.sources.is_empty() {
+        if let Err(e) = host.check_config(
+            DEFAULT_SOURCE,
+            Kind::ServiceDefinitions,
+            &serde_json::json!({}),
+        ) {
+            out.push(format!(
+                "registrar: enabled with no [[registrar.sources]], and the default source cannot be used: {e}; on a host that runs only the manager, set registrar.enabled = false"
+            ));
+        }
+    }
+    out
+}
+
+/// `[plugins]` against what was loaded, and every plugin instance's config against its
+/// plugin's schema.
+fn plugin_problems(config: &Config, host: &PluginHost) -> Vec<String> {
     let mut out = Vec::new();
     if let Some(u) = &config.plugins.isolation_user {
         if let Err(e) = crate::plugins::isolated::ChildUser::lookup(u) {
@@ -75,6 +94,12 @@ pub fn problems(config: &Config, host: &PluginHost) -> Vec<String> {
             out.push(line);
         }
     }
+    out
+}
+
+/// A CA file given for a `rediss://` URL must be readable PEM.
+fn tls_problems(config: &Config) -> Vec<String> {
+    let mut out = Vec::new();
     let tls = [
         (
             "registrar.local_redis_ca_file",
@@ -96,17 +121,6 @@ pub fn problems(config: &Config, host: &PluginHost) -> Vec<String> {
             if let Err(e) = crate::redis_link::Endpoint::new(url, Some(ca), t) {
                 out.push(format!("{key}: {e}"));
             }
-        }
-    }
-    if config.registrar.enabled && config.registrar.sources.is_empty() {
-        if let Err(e) = host.check_config(
-            DEFAULT_SOURCE,
-            Kind::ServiceDefinitions,
-            &serde_json::json!({}),
-        ) {
-            out.push(format!(
-                "registrar: enabled with no [[registrar.sources]], and the default source cannot be used: {e}; on a host that runs only the manager, set registrar.enabled = false"
-            ));
         }
     }
     out
