@@ -289,8 +289,14 @@ impl Net {
         run("root listening", &["ss", "-tln"]);
         for ns in &self.hosts {
             run(&format!("{ns} neighbours"), &["ip", "-n", ns, "neigh"]);
-            run(&format!("{ns} link"), &["ip", "-n", ns, "link", "show", "eth0"]);
-            run(&format!("{ns} tcp"), &["ip", "netns", "exec", ns, "ss", "-tan"]);
+            run(
+                &format!("{ns} link"),
+                &["ip", "-n", ns, "link", "show", "eth0"],
+            );
+            run(
+                &format!("{ns} tcp"),
+                &["ip", "netns", "exec", ns, "ss", "-tan"],
+            );
         }
         out
     }

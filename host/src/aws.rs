@@ -11,7 +11,7 @@ use aws_sdk_ecs::error::{ProvideErrorMetadata, SdkError};
 
 /// The region of an Availability Zone name (`eu-west-1a` → `eu-west-1`), so that a host
 /// whose AZ is configured needs no instance metadata for its region.
-pub fn region_of_az(az: &str) -> Option<&str> {
+pub(crate) fn region_of_az(az: &str) -> Option<&str> {
     let trimmed = az.trim_end_matches(|c: char| c.is_ascii_lowercase());
     (trimmed.len() < az.len()
         && trimmed.ends_with(|c: char| c.is_ascii_digit())
@@ -22,7 +22,7 @@ pub fn region_of_az(az: &str) -> Option<&str> {
 /// Loads the SDK's shared config: default credential chain, `AWS_REGION` (else the
 /// region of the configured AZ, else the chain's own lookup), `AWS_ENDPOINT_URL`, bounded
 /// retries and timeouts.
-pub async fn load(az: Option<&str>) -> aws_config::SdkConfig {
+pub(crate) async fn load(az: Option<&str>) -> aws_config::SdkConfig {
     let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
         // `app/warden` in every request's user agent: CloudTrail (and the tests' IAM
         // check) can tell warden's calls from anyone else's.
@@ -48,7 +48,7 @@ pub async fn load(az: Option<&str>) -> aws_config::SdkConfig {
 }
 
 /// `ThrottlingException: Rate exceeded`, `timed out`, `could not connect: …`.
-pub fn describe<E, R>(e: &SdkError<E, R>) -> String
+pub(crate) fn describe<E, R>(e: &SdkError<E, R>) -> String
 where
     E: ProvideErrorMetadata + Error + 'static,
     R: std::fmt::Debug,
@@ -93,7 +93,7 @@ fn causes(e: &(dyn Error + 'static)) -> String {
 }
 
 /// Cuts `text` to at most `max` characters, marking the cut.
-pub fn shorten(text: &str, max: usize) -> String {
+pub(crate) fn shorten(text: &str, max: usize) -> String {
     if text.chars().count() <= max {
         return text.to_owned();
     }

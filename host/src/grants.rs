@@ -138,9 +138,9 @@ pub struct Grants {
 
 /// The most front-ends one definition may claim (each is a key every router worker
 /// reloads on every change).
-pub const MAX_FRONTENDS: usize = 64;
+pub(crate) const MAX_FRONTENDS: usize = 64;
 /// The most target groups one definition may claim.
-pub const MAX_TARGET_GROUPS: usize = 16;
+pub(crate) const MAX_TARGET_GROUPS: usize = 16;
 
 /// What the checks know of this host: the router's own ports, and the names and
 /// addresses that are this host's.
@@ -180,7 +180,7 @@ fn refuse(claim: String, grant: &str, why: &str) -> Refusal {
 }
 
 /// Whether a host name reaches more than a name: it is granted only by an exact pattern.
-pub fn is_special_host(host: &str, facts: &HostFacts) -> bool {
+pub(crate) fn is_special_host(host: &str, facts: &HostFacts) -> bool {
     let last = host.rsplit('.').next().unwrap_or(host);
     host == "localhost"
         || host.ends_with(".localhost")

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use crate::metrics;
 
 /// The most connections served at once.
-pub const MAX_CONNECTIONS: usize = 64;
+pub(crate) const MAX_CONNECTIONS: usize = 64;
 
 /// The HTTP endpoint (`/livez`, `/readyz`, `/status`, `/metrics`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -71,7 +71,7 @@ const STATUS_CACHE: Duration = Duration::from_secs(1);
 
 /// What `/status` reports of this host, beside the readiness.
 #[derive(Debug, Default)]
-pub struct HostInfo {
+pub(crate) struct HostInfo {
     pub instance_id: String,
     pub availability_zone: Option<String>,
     pub registrar: bool,
@@ -86,7 +86,7 @@ pub struct HostInfo {
 
 /// `/status`'s view of the cluster: one connection, the last answer and its time.
 #[derive(Default)]
-pub struct ClusterCache {
+pub(crate) struct ClusterCache {
     conn: Option<redis::aio::MultiplexedConnection>,
     last: Option<(tokio::time::Instant, serde_json::Value)>,
 }
@@ -100,14 +100,14 @@ impl std::fmt::Debug for ClusterCache {
 }
 
 /// Binds the endpoint; an address in use or not allowed is an error naming it.
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
+pub(crate) async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
     TcpListener::bind(addr)
         .await
         .map_err(|e| format!("http.listen {addr}: cannot listen: {e}"))
 }
 
 /// Serves until shutdown.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: Arc<TcpListener>,
     info: Arc<HostInfo>,
     mut shutdown: watch::Receiver<bool>,
@@ -281,7 +281,11 @@ async fn cluster(info: &HostInfo, url: &str) -> serde_json::Value {
 
 /// `warden health`: GETs `/readyz` (or another path) from the configured address, with
 /// a plain HTTP/1.0 request, and says whether it answered 200.
-pub async fn probe(addr: SocketAddr, path: &str, timeout: Duration) -> Result<String, String> {
+pub(crate) async fn probe(
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> Result<String, String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let work = async {
         let mut s = tokio::net::TcpStream::connect(addr)

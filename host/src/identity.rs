@@ -20,7 +20,7 @@ pub struct HostConfig {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Identity {
+pub(crate) struct Identity {
     /// `None` off EC2 with nothing configured: ELB membership is off, and the manager
     /// takes part under the host name.
     pub instance_id: Option<String>,
@@ -29,7 +29,7 @@ pub struct Identity {
 }
 
 /// Reads what is not configured from IMDSv2; logs once what stays unknown and why.
-pub async fn resolve(host: &HostConfig) -> Identity {
+pub(crate) async fn resolve(host: &HostConfig) -> Identity {
     let mut id = Identity {
         instance_id: host.instance_id.clone(),
         availability_zone: host.availability_zone.clone(),
@@ -61,7 +61,7 @@ pub async fn resolve(host: &HostConfig) -> Identity {
 /// One value of this instance's metadata (`/latest/meta-data/<path>`, IMDSv2), trimmed:
 /// the one way warden asks instance metadata, with short timeouts (off EC2 it is not
 /// there, and nothing may wait long for it).
-pub async fn metadata(path: &str) -> Result<String, String> {
+pub(crate) async fn metadata(path: &str) -> Result<String, String> {
     let imds = aws_config::imds::client::Client::builder()
         .connect_timeout(Duration::from_millis(500))
         .read_timeout(Duration::from_millis(500))

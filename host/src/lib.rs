@@ -7,23 +7,26 @@
 //! (containers → routes in the local Redis → router → ELB), [`manager`] (the lease and
 //! the scaling), [`daemon`] (the composition root: wires them and reloads them),
 //! [`cli`] (the one-shot commands), [`logging`].
+//!
+//! Only what the tests and benchmarks drive is public (`cli`, `config`, `plugins`,
+//! `registrar`); every other module is the crate's own, so that dead code shows.
 
-pub mod aws;
-pub mod backoff;
+pub(crate) mod aws;
+pub(crate) mod backoff;
 pub mod cli;
 pub mod config;
-pub mod daemon;
-pub mod grants;
-pub mod http;
-pub mod identity;
-pub mod logging;
-pub mod logs;
-pub mod manager;
-pub mod metrics;
+pub(crate) mod daemon;
+pub(crate) mod grants;
+pub(crate) mod http;
+pub(crate) mod identity;
+pub(crate) mod logging;
+pub(crate) mod logs;
+pub(crate) mod manager;
+pub(crate) mod metrics;
 pub mod plugins;
-pub mod redis_link;
-pub mod redis_util;
+pub(crate) mod redis_link;
+pub(crate) mod redis_util;
 pub mod registrar;
-pub mod routes;
-pub mod status;
-pub mod supervisor;
+pub(crate) mod routes;
+pub(crate) mod status;
+pub(crate) mod supervisor;

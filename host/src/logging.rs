@@ -7,13 +7,13 @@ use std::io::IsTerminal;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
+pub(crate) enum LogFormat {
     Text,
     Json,
 }
 
 impl LogFormat {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             LogFormat::Text => "text",
             LogFormat::Json => "json",
@@ -24,19 +24,19 @@ impl LogFormat {
 static FORMAT: std::sync::OnceLock<LogFormat> = std::sync::OnceLock::new();
 
 /// The format chosen at start (a plugin's child process logs the same way).
-pub fn current_format() -> LogFormat {
+pub(crate) fn current_format() -> LogFormat {
     FORMAT.get().copied().unwrap_or(LogFormat::Text)
 }
 
 /// Whether text logs may carry ANSI colours (pure, for the test).
-pub fn colours(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+pub(crate) fn colours(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
     stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
 /// The filter: `RUST_LOG`, else `default_level`; the AWS SDK's credential chain logs
 /// each provider it tries at WARN with a Debug dump of the error, so it is held to ERROR
 /// unless `RUST_LOG` names it.
-pub fn filter_text(rust_log: Option<&str>, default_level: &str) -> String {
+pub(crate) fn filter_text(rust_log: Option<&str>, default_level: &str) -> String {
     let base = rust_log
         .filter(|s| !s.trim().is_empty())
         .unwrap_or(default_level)
@@ -49,7 +49,7 @@ pub fn filter_text(rust_log: Option<&str>, default_level: &str) -> String {
 }
 
 /// Installs the global subscriber. `RUST_LOG` overrides `default_level`.
-pub fn init(format: LogFormat, default_level: &str) {
+pub(crate) fn init(format: LogFormat, default_level: &str) {
     let _ = FORMAT.set(format);
     let text = filter_text(std::env::var("RUST_LOG").ok().as_deref(), default_level);
     let filter = EnvFilter::try_new(&text).unwrap_or_else(|_| EnvFilter::new(default_level));

@@ -6,11 +6,11 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// How often a still-failing operation is logged again.
-pub const REPEAT_EVERY: Duration = Duration::from_secs(60);
+pub(crate) const REPEAT_EVERY: Duration = Duration::from_secs(60);
 
 /// The state of one retried operation's errors.
 #[derive(Debug)]
-pub struct Repeated {
+pub(crate) struct Repeated {
     what: &'static str,
     failing: Option<Failing>,
 }
@@ -25,7 +25,7 @@ struct Failing {
 
 /// What a failure should produce in the log (pure, so the rule is unit-tested).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Say {
+pub(crate) enum Say {
     Nothing,
     First,
     /// Still failing: how many times since the first.
@@ -33,19 +33,20 @@ pub enum Say {
 }
 
 impl Repeated {
-    pub fn new(what: &'static str) -> Self {
+    pub(crate) fn new(what: &'static str) -> Self {
         Self {
             what,
             failing: None,
         }
     }
 
-    pub fn is_failing(&self) -> bool {
+    #[cfg(test)]
+    fn is_failing(&self) -> bool {
         self.failing.is_some()
     }
 
     /// Counts a failure and decides what to log.
-    pub fn note(&mut self, message: &str, now: Instant) -> Say {
+    pub(crate) fn note(&mut self, message: &str, now: Instant) -> Say {
         match &mut self.failing {
             None => {
                 self.failing = Some(Failing {
@@ -71,7 +72,7 @@ impl Repeated {
     }
 
     /// Logs a failure at WARN (the loop retries by itself).
-    pub fn failed(&mut self, message: &str) {
+    pub(crate) fn failed(&mut self, message: &str) {
         match self.note(message, Instant::now()) {
             Say::Nothing => {}
             Say::First => {
@@ -84,7 +85,7 @@ impl Repeated {
     }
 
     /// Logs the recovery once, if it was failing.
-    pub fn cleared(&mut self) {
+    pub(crate) fn cleared(&mut self) {
         if let Some(f) = self.failing.take() {
             tracing::info!(
                 failures = f.count,
@@ -97,7 +98,7 @@ impl Repeated {
 }
 
 /// `1.2s`, `350ms`, `3m10s`: durations as an operator reads them.
-pub fn humantime(d: Duration) -> String {
+pub(crate) fn humantime(d: Duration) -> String {
     let ms = d.as_millis();
     if ms < 1000 {
         format!("{ms}ms")

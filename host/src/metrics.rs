@@ -22,62 +22,62 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TypeLabel {
+pub(crate) struct TypeLabel {
     pub r#type: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ServiceLabel {
+pub(crate) struct ServiceLabel {
     pub service: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct OpOutcome {
+pub(crate) struct OpOutcome {
     pub operation: String,
     pub outcome: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct Decision {
+pub(crate) struct Decision {
     pub service: String,
     pub action: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct PluginCall {
+pub(crate) struct PluginCall {
     pub plugin: String,
     pub op: String,
     pub outcome: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct PluginOp {
+pub(crate) struct PluginOp {
     pub plugin: String,
     pub op: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct PluginLabel {
+pub(crate) struct PluginLabel {
     pub plugin: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct OutcomeLabel {
+pub(crate) struct OutcomeLabel {
     pub outcome: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct LoopLabel {
+pub(crate) struct LoopLabel {
     pub name: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct PartLabel {
+pub(crate) struct PartLabel {
     pub part: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct DependencyLabel {
+pub(crate) struct DependencyLabel {
     pub dependency: String,
 }
 
@@ -96,7 +96,7 @@ fn seconds_histogram() -> Histogram {
 
 /// A dependency `/readyz` may wait for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Dependency {
+pub(crate) enum Dependency {
     /// The Docker event stream is connected and containers were listed.
     Docker,
     /// The local Redis (the router's) answered the last write or verification.
@@ -108,14 +108,14 @@ pub enum Dependency {
 }
 
 impl Dependency {
-    pub const ALL: [Dependency; 4] = [
+    pub(crate) const ALL: [Dependency; 4] = [
         Dependency::Docker,
         Dependency::LocalRedis,
         Dependency::ServiceSources,
         Dependency::CentralRedis,
     ];
 
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Dependency::Docker => "docker",
             Dependency::LocalRedis => "local_redis",
@@ -125,7 +125,7 @@ impl Dependency {
     }
 }
 
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     pub docker_events: Family<TypeLabel, Counter>,
     pub reconciles: Counter,
@@ -171,13 +171,13 @@ pub struct Metrics {
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 
 /// The process's metrics.
-pub fn get() -> &'static Metrics {
+pub(crate) fn get() -> &'static Metrics {
     &METRICS
 }
 
 impl Metrics {
     /// Sets the refusals `/status` lists for a part.
-    pub fn set_refused(&self, part: &'static str, lines: Vec<String>) {
+    pub(crate) fn set_refused(&self, part: &'static str, lines: Vec<String>) {
         self.refused
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -185,7 +185,7 @@ impl Metrics {
     }
 
     /// The refusals of every part, for `/status`.
-    pub fn refused(&self) -> std::collections::BTreeMap<&'static str, Vec<String>> {
+    pub(crate) fn refused(&self) -> std::collections::BTreeMap<&'static str, Vec<String>> {
         self.refused
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -377,19 +377,19 @@ impl Metrics {
 
     /// Every series in Prometheus' classic text format (0.0.4), for clients that do not
     /// ask for OpenMetrics (curl, `promtool check metrics`, older scrapers).
-    pub fn encode_classic(&self) -> String {
+    pub(crate) fn encode_classic(&self) -> String {
         to_classic(&self.encode())
     }
 
     /// The OpenMetrics text of every series.
-    pub fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
     }
 
-    pub fn set_required(&self, deps: impl IntoIterator<Item = Dependency>) {
+    pub(crate) fn set_required(&self, deps: impl IntoIterator<Item = Dependency>) {
         let deps: BTreeSet<Dependency> = deps.into_iter().collect();
         // A part a reload stopped leaves no series behind.
         for d in Dependency::ALL.iter().filter(|d| !deps.contains(d)) {
@@ -404,7 +404,7 @@ impl Metrics {
 
     /// Marks an in-process plugin instance wedged (its call thread stuck in its code) or
     /// answering again; `/readyz` and `/status` name the wedged ones.
-    pub fn set_wedged(&self, instance: &str, wedged: bool) {
+    pub(crate) fn set_wedged(&self, instance: &str, wedged: bool) {
         let mut set = self.wedged.lock().unwrap_or_else(|p| p.into_inner());
         if wedged {
             set.insert(instance.to_owned());
@@ -413,7 +413,7 @@ impl Metrics {
         }
     }
 
-    pub fn wedged(&self) -> Vec<String> {
+    pub(crate) fn wedged(&self) -> Vec<String> {
         self.wedged
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -422,14 +422,14 @@ impl Metrics {
             .collect()
     }
 
-    pub fn set_up(&self, d: Dependency, up: bool) {
+    pub(crate) fn set_up(&self, d: Dependency, up: bool) {
         self.dependency_up
             .get_or_create(&dep_label(d))
             .set(i64::from(up));
     }
 
     /// Ready when every required dependency is up; the ones that are not, otherwise.
-    pub fn readiness(&self) -> Result<Vec<&'static str>, Vec<&'static str>> {
+    pub(crate) fn readiness(&self) -> Result<Vec<&'static str>, Vec<&'static str>> {
         let required = self.required.lock().expect("not poisoned").clone();
         let (up, down): (Vec<_>, Vec<_>) = required
             .iter()
@@ -445,7 +445,7 @@ impl Metrics {
         }
     }
 
-    pub fn count_reload(&self, outcome: &str) {
+    pub(crate) fn count_reload(&self, outcome: &str) {
         self.reloads
             .get_or_create(&OutcomeLabel {
                 outcome: outcome.into(),
@@ -453,7 +453,13 @@ impl Metrics {
             .inc();
     }
 
-    pub fn observe_plugin_call(&self, plugin: &str, op: &str, outcome: &str, took: Duration) {
+    pub(crate) fn observe_plugin_call(
+        &self,
+        plugin: &str,
+        op: &str,
+        outcome: &str,
+        took: Duration,
+    ) {
         self.plugin_calls
             .get_or_create(&PluginCall {
                 plugin: plugin.into(),
@@ -469,7 +475,7 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
-    pub fn count(family: &Family<OpOutcome, Counter>, operation: &str, outcome: &str) {
+    pub(crate) fn count(family: &Family<OpOutcome, Counter>, operation: &str, outcome: &str) {
         family
             .get_or_create(&OpOutcome {
                 operation: operation.into(),
@@ -480,7 +486,10 @@ impl Metrics {
 
     /// Sets the routes and servers of each routed service, and removes the series of
     /// services no longer routed here.
-    pub fn set_routing(&self, per_service: &std::collections::BTreeMap<String, (usize, usize)>) {
+    pub(crate) fn set_routing(
+        &self,
+        per_service: &std::collections::BTreeMap<String, (usize, usize)>,
+    ) {
         self.seen.retain("routes", &self.routes, per_service);
         self.seen.retain("servers", &self.servers, per_service);
         for (service, (routes, servers)) in per_service {
@@ -493,7 +502,7 @@ impl Metrics {
     }
 
     /// Removes managed-service series of services no longer configured.
-    pub fn retain_managed(&self, services: &BTreeSet<String>) {
+    pub(crate) fn retain_managed(&self, services: &BTreeSet<String>) {
         let keep: std::collections::BTreeMap<String, ()> =
             services.iter().map(|s| (s.clone(), ())).collect();
         self.seen.retain("metric_value", &self.metric_value, &keep);
@@ -595,7 +604,7 @@ mod tests {
 /// OpenMetrics text → the classic text format: a counter's metadata is named as its
 /// samples are (`x_total`), `# UNIT` and `# EOF` lines go (the classic format has
 /// neither). Everything else reads the same in both.
-pub fn to_classic(openmetrics: &str) -> String {
+pub(crate) fn to_classic(openmetrics: &str) -> String {
     let counters: BTreeSet<&str> = openmetrics
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))

@@ -22,7 +22,7 @@ use redis::{AsyncConnectionConfig, RedisError, RedisResult};
 
 /// Connect and response timeouts, and the TCP probes.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Timeouts {
+pub(crate) struct Timeouts {
     pub connect: Duration,
     pub response: Duration,
 }
@@ -44,7 +44,7 @@ enum Target {
 
 /// A Redis to connect to.
 #[derive(Debug, Clone)]
-pub struct Endpoint {
+pub(crate) struct Endpoint {
     target: Target,
     timeouts: Timeouts,
     /// For messages: `host:port`, or `sentinel h1:p1,h2:p2 master m`; never a password.
@@ -125,13 +125,13 @@ fn parse_sentinel(url: &str) -> Result<SentinelUrl, String> {
 }
 
 /// Whether a URL names Sentinels.
-pub fn is_sentinel(url: &str) -> bool {
+pub(crate) fn is_sentinel(url: &str) -> bool {
     url.starts_with("redis+sentinel://") || url.starts_with("rediss+sentinel://")
 }
 
 impl Endpoint {
     /// `url` as [`crate::redis_util::open`] takes it, or a `redis+sentinel://` URL.
-    pub fn new(
+    pub(crate) fn new(
         url: &str,
         ca_file: Option<&std::path::Path>,
         timeouts: Timeouts,
@@ -247,7 +247,7 @@ impl Endpoint {
 
     /// A new connection to the primary. For a Sentinel target, the server must say it is
     /// the primary (ROLE), or the connection is refused as READONLY.
-    pub async fn connect(&self) -> RedisResult<MultiplexedConnection> {
+    pub(crate) async fn connect(&self) -> RedisResult<MultiplexedConnection> {
         let client = self.client().await?;
         let mut c = client
             .get_multiplexed_async_connection_with_config(&self.config())
@@ -267,7 +267,7 @@ impl Endpoint {
     }
 
     /// A subscription connection to the primary.
-    pub async fn pubsub(&self) -> RedisResult<redis::aio::PubSub> {
+    pub(crate) async fn pubsub(&self) -> RedisResult<redis::aio::PubSub> {
         let client = self.client().await?;
         tokio::time::timeout(self.timeouts.connect, client.get_async_pubsub())
             .await
@@ -276,7 +276,7 @@ impl Endpoint {
 }
 
 /// Whether an error means the connection (or the server's role) is no good any more.
-pub fn drops_connection(e: &RedisError) -> bool {
+pub(crate) fn drops_connection(e: &RedisError) -> bool {
     if e.is_io_error()
         || e.is_timeout()
         || e.is_connection_dropped()
@@ -290,13 +290,13 @@ pub fn drops_connection(e: &RedisError) -> bool {
 
 /// One kept connection to an [`Endpoint`], dropped on an error that says it is no good
 /// and made again by the next caller.
-pub struct Link {
+pub(crate) struct Link {
     pub endpoint: Endpoint,
     current: Mutex<Option<MultiplexedConnection>>,
 }
 
 impl Link {
-    pub fn new(endpoint: Endpoint) -> Link {
+    pub(crate) fn new(endpoint: Endpoint) -> Link {
         Link {
             endpoint,
             current: Mutex::new(None),
@@ -304,7 +304,7 @@ impl Link {
     }
 
     /// The connection, made if there is none.
-    pub async fn get(&self) -> RedisResult<MultiplexedConnection> {
+    pub(crate) async fn get(&self) -> RedisResult<MultiplexedConnection> {
         if let Some(c) = self.lock().clone() {
             return Ok(c);
         }
@@ -314,7 +314,7 @@ impl Link {
     }
 
     /// Looks at a command's outcome: an error that says the connection is no good drops it.
-    pub fn outcome<T>(&self, r: &RedisResult<T>) {
+    pub(crate) fn outcome<T>(&self, r: &RedisResult<T>) {
         if let Err(e) = r {
             if drops_connection(e) {
                 self.reset();
@@ -323,7 +323,7 @@ impl Link {
     }
 
     /// Drops the connection; the next caller connects again.
-    pub fn reset(&self) {
+    pub(crate) fn reset(&self) {
         *self.lock() = None;
     }
 

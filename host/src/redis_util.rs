@@ -2,7 +2,7 @@
 //! password, and an error's text said once.
 
 /// The address part of a Redis URL: `redis://:secret@10.0.0.5:6379/2` → `10.0.0.5:6379`.
-pub fn addr(url: &str) -> String {
+pub(crate) fn addr(url: &str) -> String {
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
     let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
     let end = rest.find(['/', '?']).unwrap_or(rest.len());
@@ -14,7 +14,7 @@ pub fn addr(url: &str) -> String {
 }
 
 /// Whether a URL carries a password (`scheme://[user]:password@host...`).
-pub fn has_password(url: &str) -> bool {
+pub(crate) fn has_password(url: &str) -> bool {
     let Some((_, rest)) = url.split_once("://") else {
         return false;
     };
@@ -27,7 +27,7 @@ pub fn has_password(url: &str) -> bool {
 }
 
 /// A URL with its password (and user) replaced by `***`, for messages.
-pub fn redact(url: &str) -> String {
+pub(crate) fn redact(url: &str) -> String {
     match (url.split_once("://"), url.rfind('@')) {
         (Some((scheme, rest)), Some(_)) => {
             let after = rest.rsplit_once('@').map_or(rest, |(_, a)| a);
@@ -40,7 +40,7 @@ pub fn redact(url: &str) -> String {
 
 /// Opens a client for `url`. With `ca_file` (PEM), a `rediss://` server's certificate is
 /// checked against that CA instead of the system's trust store. Errors name the file.
-pub fn open(url: &str, ca_file: Option<&std::path::Path>) -> Result<redis::Client, String> {
+pub(crate) fn open(url: &str, ca_file: Option<&std::path::Path>) -> Result<redis::Client, String> {
     let Some(ca) = ca_file else {
         return redis::Client::open(url).map_err(|e| describe(&e));
     };
@@ -65,7 +65,7 @@ pub fn open(url: &str, ca_file: Option<&std::path::Path>) -> Result<redis::Clien
 /// (`Connection refused (os error 111): Connection refused (os error 111)`).
 /// A server certificate that the system's trust store does not vouch for gets a hint at
 /// the setting that names its CA.
-pub fn describe(e: &redis::RedisError) -> String {
+pub(crate) fn describe(e: &redis::RedisError) -> String {
     let text = e.to_string();
     let text = match text.split_once(": ") {
         Some((a, b)) if a == b => a.to_owned(),

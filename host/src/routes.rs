@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 #[derive(Debug, Default, Serialize)]
-pub struct Routes {
+pub(crate) struct Routes {
     pub frontends: Vec<Frontend>,
     /// From every warden writing to this Redis (`warden:registrar:<instance>`).
     pub conflicts: Vec<serde_json::Value>,
@@ -23,7 +23,7 @@ pub struct Routes {
 }
 
 #[derive(Debug, Serialize)]
-pub struct Frontend {
+pub(crate) struct Frontend {
     /// The Redis key (`frontend:…` or `warden:port:…`).
     pub key: String,
     pub backend: String,
@@ -31,7 +31,7 @@ pub struct Frontend {
 }
 
 #[derive(Debug, Serialize)]
-pub struct Server {
+pub(crate) struct Server {
     pub address: String,
     /// The container behind it, when a warden on this Redis routed it.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -67,7 +67,7 @@ const WHICH: &str = "local";
 
 /// The routes as the router sees them (front-ends, backends, servers), with what the
 /// registrars' accounts say of them (containers, conflicts, refusals, what is not routed).
-pub async fn read(url: &str, ca_file: Option<&std::path::Path>) -> anyhow::Result<Routes> {
+pub(crate) async fn read(url: &str, ca_file: Option<&std::path::Path>) -> anyhow::Result<Routes> {
     let addr = crate::redis_util::addr(url);
     let fail = |e: redis::RedisError| {
         anyhow::anyhow!("local redis {addr}: {}", crate::redis_util::describe(&e))
@@ -163,7 +163,7 @@ async fn frontends(
 }
 
 /// The table an operator reads: the front-ends, then whatever is not as it should be.
-pub fn render(r: &Routes) -> String {
+pub(crate) fn render(r: &Routes) -> String {
     let mut out = table(r);
     if !r.conflicts.is_empty() {
         out.push_str("conflicts (claims refused):\n");

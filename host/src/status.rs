@@ -7,7 +7,7 @@ use serde::Serialize;
 use crate::manager::{central, lease, opt, Record};
 
 #[derive(Debug, Serialize)]
-pub struct Status {
+pub(crate) struct Status {
     pub leader: Option<LeaderStatus>,
     pub hosts: Vec<HostStatus>,
     pub services: Vec<Record>,
@@ -17,7 +17,7 @@ pub struct Status {
 }
 
 #[derive(Debug, Serialize)]
-pub struct LeaderStatus {
+pub(crate) struct LeaderStatus {
     pub instance_id: String,
     pub availability_zone: String,
     pub epoch: u64,
@@ -25,7 +25,7 @@ pub struct LeaderStatus {
 }
 
 #[derive(Debug, Serialize)]
-pub struct HostStatus {
+pub(crate) struct HostStatus {
     pub instance_id: String,
     pub availability_zone: String,
 }
@@ -58,7 +58,7 @@ async fn scan(
 const WHICH: &str = "central";
 
 /// One connection to the central Redis (an address, or Sentinels), for `read_from`.
-pub async fn connect(
+pub(crate) async fn connect(
     url: &str,
     ca_file: Option<&std::path::Path>,
 ) -> anyhow::Result<redis::aio::MultiplexedConnection> {
@@ -75,13 +75,15 @@ pub async fn connect(
         .map_err(|e| anyhow::anyhow!("central redis {addr}: {}", crate::redis_util::describe(&e)))
 }
 
-pub async fn read(url: &str, ca_file: Option<&std::path::Path>) -> anyhow::Result<Status> {
+pub(crate) async fn read(url: &str, ca_file: Option<&std::path::Path>) -> anyhow::Result<Status> {
     let mut conn = connect(url, ca_file).await?;
     read_from(&mut conn).await
 }
 
 /// The status, read over an open connection (each command bounded by 5 s).
-pub async fn read_from(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<Status> {
+pub(crate) async fn read_from(
+    conn: &mut redis::aio::MultiplexedConnection,
+) -> anyhow::Result<Status> {
     tokio::time::timeout(Duration::from_secs(5), read_inner(conn))
         .await
         .map_err(|_| anyhow::anyhow!("central redis: no answer within 5 s"))?
@@ -153,7 +155,7 @@ async fn read_inner(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Res
 }
 
 /// The human-readable form.
-pub fn render(s: &Status) -> String {
+pub(crate) fn render(s: &Status) -> String {
     let mut out = String::new();
     match &s.leader {
         Some(l) => out.push_str(&format!(

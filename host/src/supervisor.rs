@@ -17,9 +17,9 @@ use tokio::time::Instant;
 use crate::backoff::Backoff;
 
 /// EX_CONFIG: a configuration that cannot work.
-pub const EXIT_CONFIG: u8 = 78;
+pub(crate) const EXIT_CONFIG: u8 = 78;
 /// EX_SOFTWARE: warden itself keeps failing.
-pub const EXIT_SOFTWARE: u8 = 70;
+pub(crate) const EXIT_SOFTWARE: u8 = 70;
 
 /// Why warden must stop on its own.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -44,15 +44,15 @@ impl Fatal {
 }
 
 /// How many failures within `WINDOW` make a loop fatal.
-pub const MAX_FAILURES: usize = 5;
-pub const WINDOW: Duration = Duration::from_secs(600);
+pub(crate) const MAX_FAILURES: usize = 5;
+pub(crate) const WINDOW: Duration = Duration::from_secs(600);
 
 /// Counts failures in a sliding window (pure): true when the loop must be given up.
 #[derive(Debug, Default)]
-pub struct Failures(VecDeque<Instant>);
+pub(crate) struct Failures(VecDeque<Instant>);
 
 impl Failures {
-    pub fn record(&mut self, now: Instant) -> bool {
+    pub(crate) fn record(&mut self, now: Instant) -> bool {
         self.0.push_back(now);
         while self
             .0
@@ -63,11 +63,8 @@ impl Failures {
         }
         self.0.len() >= MAX_FAILURES
     }
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.0.len()
-    }
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
     }
 }
 
@@ -75,7 +72,7 @@ impl Failures {
 /// a panic), it is aborted. A loop's helpers (the elector beside the manager's worker)
 /// are held so, so that a restarted loop never finds the last run's helpers still at
 /// work under the same identity.
-pub struct Owned(pub tokio::task::JoinHandle<()>);
+pub(crate) struct Owned(pub tokio::task::JoinHandle<()>);
 
 impl Drop for Owned {
     fn drop(&mut self) {
@@ -85,7 +82,7 @@ impl Drop for Owned {
 
 /// Test builds only: `WARDEN_TEST_PANIC=<loop>:<n>` makes the first `n` runs of that
 /// loop panic, so the supervision is tested in the real binary. Release builds ignore it.
-pub fn injected_panic(name: &str, run: u32) -> bool {
+pub(crate) fn injected_panic(name: &str, run: u32) -> bool {
     if !cfg!(debug_assertions) {
         return false;
     }
@@ -96,21 +93,24 @@ pub fn injected_panic(name: &str, run: u32) -> bool {
 }
 
 /// The text of a panic payload.
-pub fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+pub(crate) fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
     p.downcast_ref::<&str>()
         .map(|s| s.to_string())
         .or_else(|| p.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a panic without a message".to_owned())
 }
 
-pub struct Supervisor {
+pub(crate) struct Supervisor {
     tasks: JoinSet<()>,
     fatal: mpsc::UnboundedSender<Fatal>,
     shutdown: watch::Receiver<bool>,
 }
 
 impl Supervisor {
-    pub fn new(fatal: mpsc::UnboundedSender<Fatal>, shutdown: watch::Receiver<bool>) -> Self {
+    pub(crate) fn new(
+        fatal: mpsc::UnboundedSender<Fatal>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
         Self {
             tasks: JoinSet::new(),
             fatal,
@@ -119,7 +119,7 @@ impl Supervisor {
     }
 
     /// Runs the loop `make()` builds, and builds it again after a failure.
-    pub fn spawn<F, Fut>(&mut self, name: &'static str, make: F)
+    pub(crate) fn spawn<F, Fut>(&mut self, name: &'static str, make: F)
     where
         F: Fn() -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
@@ -172,7 +172,7 @@ impl Supervisor {
     }
 
     /// Waits for every loop to end, at most `limit`.
-    pub async fn join(mut self, limit: Duration) -> bool {
+    pub(crate) async fn join(mut self, limit: Duration) -> bool {
         tokio::time::timeout(limit, async {
             while self.tasks.join_next().await.is_some() {}
         })

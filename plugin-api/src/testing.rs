@@ -38,7 +38,8 @@ use crate::ffi::Instance;
 use crate::model::{ContainerView, ListArgs, MapArgs};
 use crate::sdk::export::{schema_of, PluginDescriptor, SdkInstance};
 use crate::{
-    ErrorKind, Kind, Measurement, MetricSource, Op, PluginError, ServiceDefinition, ServiceDefinitions,
+    ErrorKind, Kind, Measurement, MetricSource, Op, PluginError, ServiceDefinition,
+    ServiceDefinitions,
 };
 
 /// An instance created as warden creates it, called as warden calls it.

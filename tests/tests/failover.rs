@@ -178,9 +178,13 @@ fn tasks(moto: &Moto) -> u32 {
 
 /// Waits for the first leader's three tasks.
 fn leader_tasks(net: &Net, moto: &Moto, ws: &[Warden]) {
-    watched(net, ws, Duration::from_secs(30), "the leader's tasks", || {
-        (tasks(moto) == 3).then_some(())
-    });
+    watched(
+        net,
+        ws,
+        Duration::from_secs(30),
+        "the leader's tasks",
+        || (tasks(moto) == 3).then_some(()),
+    );
 }
 
 /// [`eventually`], but a timeout's panic carries what the network and each warden
@@ -245,9 +249,13 @@ fn a_black_holed_primary_and_a_re_pointed_name_give_a_leader_again_in_bound() {
         0,
         &[("central.test", &p.ip)],
     );
-    let (lead, epoch) = watched(&net, &ws, Duration::from_secs(30), "a leader on the primary", || {
-        lease(&p.ip)
-    });
+    let (lead, epoch) = watched(
+        &net,
+        &ws,
+        Duration::from_secs(30),
+        "a leader on the primary",
+        || lease(&p.ip),
+    );
     leader_tasks(&net, &moto, &ws);
     let _flip = Flipper::start(metric.clone());
     std::thread::sleep(Duration::from_secs(2));
@@ -260,7 +268,9 @@ fn a_black_holed_primary_and_a_re_pointed_name_give_a_leader_again_in_bound() {
     let repointed = Instant::now();
     let (_, r_now) = heartbeat_and_now(&r.ip).unwrap();
     let from = moto.recorded().len();
-    watched(&net, &ws, 
+    watched(
+        &net,
+        &ws,
         Duration::from_secs(20),
         "a leader renewing on the new primary",
         || {
@@ -275,7 +285,9 @@ fn a_black_holed_primary_and_a_re_pointed_name_give_a_leader_again_in_bound() {
         "a leader again after {took:?}"
     );
     // It acts: ECS calls after the re-point, none of a deposed epoch after its successor.
-    watched(&net, &ws, 
+    watched(
+        &net,
+        &ws,
         Duration::from_secs(20),
         "ECS calls after the failover",
         || (!epochs_after(&moto, from).is_empty()).then_some(()),
@@ -318,7 +330,9 @@ fn split_brain_is_fenced_by_replica_acknowledgements() {
         1,
         &[("central.test", &p.ip)],
     );
-    let (lead, old_epoch) = watched(&net, &ws, Duration::from_secs(30), "a leader", || lease(&p.ip));
+    let (lead, old_epoch) = watched(&net, &ws, Duration::from_secs(30), "a leader", || {
+        lease(&p.ip)
+    });
     leader_tasks(&net, &moto, &ws);
     let _flip = Flipper::start(metric.clone());
     std::thread::sleep(Duration::from_secs(2));
@@ -338,13 +352,17 @@ fn split_brain_is_fenced_by_replica_acknowledgements() {
     redis_cmd(&r1.ip, 6379, &["REPLICAOF", "NO", "ONE"]);
     redis_cmd(&r2.ip, 6379, &["REPLICAOF", &r1.ip, "6379"]);
     let cut = Instant::now();
-    let (new_lead, new_epoch) = watched(&net, &ws, 
+    let (new_lead, new_epoch) = watched(
+        &net,
+        &ws,
         Duration::from_secs(30),
         "a new leader on the promoted replica",
         || lease(&r1.ip).filter(|(id, e)| *e > old_epoch && *id != lead),
     );
     eprintln!("old leader {lead} (epoch {old_epoch}); {new_lead} leads with epoch {new_epoch} {:?} after the cut", cut.elapsed());
-    watched(&net, &ws, 
+    watched(
+        &net,
+        &ws,
         Duration::from_secs(30),
         "the new epoch's first ECS call",
         || {
@@ -433,7 +451,9 @@ fn sentinel_failovers_on_kill_and_stop_keep_one_leader() {
     );
     let (moto, metric) = moto_and_metric(&net, dir.path());
     let (_hosts, ws) = wardens(&mut net, &moto, &url, &metric, 1, &[]);
-    watched(&net, &ws, Duration::from_secs(30), "a leader", || lease(&nodes[0].ip));
+    watched(&net, &ws, Duration::from_secs(30), "a leader", || {
+        lease(&nodes[0].ip)
+    });
     leader_tasks(&net, &moto, &ws);
     let _flip = Flipper::start(metric.clone());
     std::thread::sleep(Duration::from_secs(2));
@@ -443,12 +463,16 @@ fn sentinel_failovers_on_kill_and_stop_keep_one_leader() {
     // SAFETY: kill has no memory-safety preconditions.
     unsafe { libc::kill(pids[0] as i32, libc::SIGKILL) };
     let killed = Instant::now();
-    let second = watched(&net, &ws, 
+    let second = watched(
+        &net,
+        &ws,
         Duration::from_secs(30),
         "Sentinel names a new primary",
         || sentinel_primary(&sentinels[0]).filter(|ip| *ip != nodes[0].ip),
     );
-    watched(&net, &ws, 
+    watched(
+        &net,
+        &ws,
         Duration::from_secs(30),
         "a leader acting on the new primary",
         || (!epochs_after(&moto, before).is_empty() && lease(&second).is_some()).then_some(()),
@@ -459,7 +483,9 @@ fn sentinel_failovers_on_kill_and_stop_keep_one_leader() {
     );
     // It comes back, as a replica of the new primary (Sentinel reconfigures it).
     pids[0] = net.redis(&nodes[0], &[]);
-    watched(&net, &ws, 
+    watched(
+        &net,
+        &ws,
         Duration::from_secs(30),
         "the old primary back as a replica",
         || replication_up(&nodes[0].ip).then_some(()),
@@ -471,14 +497,20 @@ fn sentinel_failovers_on_kill_and_stop_keep_one_leader() {
     // SAFETY: as above.
     unsafe { libc::kill(pids[si] as i32, libc::SIGSTOP) };
     let stopped = Instant::now();
-    let third = watched(&net, &ws, 
+    let third = watched(
+        &net,
+        &ws,
         Duration::from_secs(30),
         "Sentinel names a third primary",
         || sentinel_primary(&sentinels[0]).filter(|ip| *ip != second),
     );
-    watched(&net, &ws, Duration::from_secs(30), "a leader acting on it", || {
-        (!epochs_after(&moto, before).is_empty() && lease(&third).is_some()).then_some(())
-    });
+    watched(
+        &net,
+        &ws,
+        Duration::from_secs(30),
+        "a leader acting on it",
+        || (!epochs_after(&moto, before).is_empty() && lease(&third).is_some()).then_some(()),
+    );
     eprintln!(
         "primary SIGSTOPped: a leader acts again after {:?}",
         stopped.elapsed()

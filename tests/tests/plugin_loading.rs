@@ -109,7 +109,10 @@ fn a_library_is_mapped_on_first_use_and_a_file_changed_since_its_check_is_refuse
             loaded: "test-chaos 0.1.0".into()
         }
     );
-    assert!(why.to_string().ends_with("restart warden to use it"), "{why}");
+    assert!(
+        why.to_string().ends_with("restart warden to use it"),
+        "{why}"
+    );
     assert!(!plugin.is_loaded());
     // A refusal stays: the file is not tried again before a restart.
     copy_as(&plugin_so("warden_plugin_template"), &changed);

@@ -11,9 +11,6 @@ use crate::plugins::slot::{NotCreated, Slot};
 use crate::plugins::{CallError, Isolation, MetricClient, ServicesClient};
 
 impl Metric for Slot {
-    fn name(&self) -> &str {
-        Slot::name(self)
-    }
     fn isolation(&self) -> Option<Isolation> {
         self.get().ok().map(|c| c.isolation())
     }
@@ -22,7 +19,10 @@ impl Metric for Slot {
             let client = self
                 .get()
                 .map_err(|nc| not_created("metric source", self.name(), &nc))?;
-            MetricClient(client).measure().await.map_err(|e| from_call(&e))
+            MetricClient(client)
+                .measure()
+                .await
+                .map_err(|e| from_call(&e))
         })
     }
     fn map(&self, value: f64) -> BoxFuture<'_, Result<f64, MetricError>> {
@@ -30,7 +30,10 @@ impl Metric for Slot {
             let client = self
                 .get()
                 .map_err(|nc| not_created("mapping plugin", self.name(), &nc))?;
-            MetricClient(client).map(value).await.map_err(|e| from_call(&e))
+            MetricClient(client)
+                .map(value)
+                .await
+                .map_err(|e| from_call(&e))
         })
     }
 }

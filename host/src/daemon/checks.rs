@@ -14,7 +14,7 @@ use crate::plugins::{CreateError, PluginHost};
 /// The plugins of the plugin directories, as a configuration loads them: pins checked,
 /// isolated children started as `[plugins]` says (an unknown `isolation_user` is a
 /// problem [`problems`] reports; the children then run as warden's own user).
-pub fn load_plugins(config: &Config, insecure: bool) -> PluginHost {
+pub(crate) fn load_plugins(config: &Config, insecure: bool) -> PluginHost {
     let p = &config.plugins;
     let mut host = PluginHost::load_dirs_pinned(&p.dirs, insecure || p.allow_insecure, &p.sha256);
     host.set_child_policy(crate::plugins::isolated::ChildPolicy {
@@ -30,7 +30,7 @@ pub fn load_plugins(config: &Config, insecure: bool) -> PluginHost {
 
 /// What makes a configuration unable to work, one line each: the same checks for
 /// `warden check` and before `warden run` starts anything.
-pub fn problems(config: &Config, host: &PluginHost) -> Vec<String> {
+pub(crate) fn problems(config: &Config, host: &PluginHost) -> Vec<String> {
     let mut out = plugin_problems(config, host);
     out.extend(tls_problems(config));
     if config.registrar.enabled && config.registrar.sources.is_empty() {

@@ -24,14 +24,13 @@ use crate::identity::{self, Identity};
 use crate::manager::sources::Definitions;
 use crate::supervisor::{Fatal, Supervisor};
 
-pub use checks::{load_plugins, problems};
-pub use reload::Refusal;
+pub(crate) use checks::{load_plugins, problems};
 
 /// The plugin that gives service definitions when none is configured.
-pub const DEFAULT_SOURCE: &str = "docker-labels";
+pub(crate) const DEFAULT_SOURCE: &str = "docker-labels";
 
 /// The longest shutdown takes: work in flight is cancelled, not waited for.
-pub const SHUTDOWN_LIMIT: Duration = Duration::from_secs(2);
+pub(crate) const SHUTDOWN_LIMIT: Duration = Duration::from_secs(2);
 
 /// A group of loops under one supervisor with a stop of its own, so that a reload can
 /// replace it while the others run on.
@@ -57,7 +56,7 @@ impl Part {
 
 /// Runs warden until `shutdown` resolves, or a fatal condition ends it. Each message on
 /// `reload` (SIGHUP) re-reads `path` and applies it, or refuses it whole.
-pub async fn run(
+pub(crate) async fn run(
     config: Config,
     path: Option<PathBuf>,
     insecure: bool,

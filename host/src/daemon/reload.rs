@@ -23,7 +23,7 @@ use crate::supervisor::Fatal;
 
 /// Why a reload was refused; the running configuration then stays, whole.
 #[derive(Debug, thiserror::Error)]
-pub enum Refusal {
+pub(crate) enum Refusal {
     /// The file does not parse, or does not pass the checks (every problem, one line).
     #[error("{0}")]
     Invalid(String),

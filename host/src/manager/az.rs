@@ -11,12 +11,12 @@ use tokio::sync::watch;
 use crate::logs::Repeated;
 
 #[derive(Clone, Default)]
-pub struct AzCache(Arc<RwLock<BTreeMap<String, String>>>);
+pub(crate) struct AzCache(Arc<RwLock<BTreeMap<String, String>>>);
 
 impl AzCache {
     /// Starts the refresher (none without an EC2 client: every AZ counts as available);
     /// it is stopped when the returned task is dropped.
-    pub fn start(
+    pub(crate) fn start(
         ec2: Option<Arc<warden_aws_query::Ec2>>,
         mut shutdown: watch::Receiver<bool>,
     ) -> (AzCache, Option<crate::supervisor::Owned>) {
@@ -44,11 +44,11 @@ impl AzCache {
         (cache, Some(crate::supervisor::Owned(task)))
     }
 
-    pub fn set(&self, states: BTreeMap<String, String>) {
+    pub(crate) fn set(&self, states: BTreeMap<String, String>) {
         *self.0.write().unwrap_or_else(|p| p.into_inner()) = states;
     }
 
-    pub fn available(&self, az: &str) -> bool {
+    pub(crate) fn available(&self, az: &str) -> bool {
         self.0
             .read()
             .unwrap_or_else(|p| p.into_inner())

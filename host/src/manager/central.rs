@@ -28,55 +28,55 @@ use super::lease::Lease;
 use super::policy::PolicyState;
 use super::Record;
 
-pub const LEADER: &str = "warden:leader";
-pub const EPOCH: &str = "warden:epoch";
-pub const HEARTBEAT: &str = "warden:heartbeat";
-pub const CANDIDATES: &str = "warden:candidates";
-pub const HOSTS: &str = "warden:hosts";
-pub const SUCCESSOR: &str = "warden:successor";
+pub(crate) const LEADER: &str = "warden:leader";
+pub(crate) const EPOCH: &str = "warden:epoch";
+pub(crate) const HEARTBEAT: &str = "warden:heartbeat";
+pub(crate) const CANDIDATES: &str = "warden:candidates";
+pub(crate) const HOSTS: &str = "warden:hosts";
+pub(crate) const SUCCESSOR: &str = "warden:successor";
 
-pub fn candidate_key(id: &str) -> String {
+pub(crate) fn candidate_key(id: &str) -> String {
     format!("warden:candidate:{id}")
 }
-pub fn kill_key(id: &str) -> String {
+pub(crate) fn kill_key(id: &str) -> String {
     format!("warden:kill:{id}")
 }
-pub fn host_key(id: &str) -> String {
+pub(crate) fn host_key(id: &str) -> String {
     format!("warden:host:{id}")
 }
-pub fn wake_key(id: &str) -> String {
+pub(crate) fn wake_key(id: &str) -> String {
     format!("warden:wake:{id}")
 }
-pub fn decision_key(service: &str) -> String {
+pub(crate) fn decision_key(service: &str) -> String {
     format!("warden:decision:{service}")
 }
-pub fn history_key(service: &str) -> String {
+pub(crate) fn history_key(service: &str) -> String {
     format!("warden:decisions:{service}")
 }
-pub fn policy_key(service: &str) -> String {
+pub(crate) fn policy_key(service: &str) -> String {
     format!("warden:policy:{service}")
 }
-pub fn calls_key(service: &str) -> String {
+pub(crate) fn calls_key(service: &str) -> String {
     format!("warden:calls:{service}")
 }
 
 /// A central Redis operation that failed; the text names the address, never a password.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
-pub struct StoreError(pub String);
+pub(crate) struct StoreError(pub String);
 
-pub type StoreResult<T> = Result<T, StoreError>;
+pub(crate) type StoreResult<T> = Result<T, StoreError>;
 
 /// A host taking part in the election, as last seen.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LiveHost {
+pub(crate) struct LiveHost {
     pub id: String,
     pub az: String,
     pub age: Duration,
 }
 
 /// The election's operations.
-pub trait LeaseStore: Send + Sync + 'static {
+pub(crate) trait LeaseStore: Send + Sync + 'static {
     fn leader(&self) -> impl Future<Output = StoreResult<Option<Lease>>> + Send;
     fn heartbeat_age(&self) -> impl Future<Output = StoreResult<Option<Duration>>> + Send;
     /// Extends the lease by `ttl` if it is still ours and no kill message deposed it,
@@ -145,7 +145,7 @@ pub trait LeaseStore: Send + Sync + 'static {
 
 /// What a renewal found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Renewal {
+pub(crate) enum Renewal {
     Renewed,
     /// The lease is someone else's, or gone.
     NotOurs,
@@ -155,7 +155,7 @@ pub enum Renewal {
 
 /// What a follower heard while it waited.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Beat {
+pub(crate) enum Beat {
     /// The leader's heartbeat: it renewed just now.
     Leader(Lease),
     /// A departing leader named this host.
@@ -165,11 +165,11 @@ pub enum Beat {
 }
 
 /// The channel every renewal publishes the lease on.
-pub const BEAT_CHANNEL: &str = "warden:beat";
+pub(crate) const BEAT_CHANNEL: &str = "warden:beat";
 
 /// One ECS call as journalled before it is sent (and, with `result`, after).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CallEntry {
+pub(crate) struct CallEntry {
     pub epoch: u64,
     pub leader: String,
     /// `RunTask`, `StopTask`, `UpdateService`.
@@ -182,7 +182,7 @@ pub struct CallEntry {
 }
 
 /// The worker's operations on the central Redis.
-pub trait Ledger: Send + Sync + 'static {
+pub(crate) trait Ledger: Send + Sync + 'static {
     /// Redis time in ms (one clock for every host's policy timing).
     fn now_ms(&self) -> impl Future<Output = StoreResult<u64>> + Send;
     fn policy_state(&self, service: &str) -> impl Future<Output = StoreResult<PolicyState>> + Send;
@@ -235,11 +235,11 @@ pub trait Ledger: Send + Sync + 'static {
 }
 
 /// Managed services refused by their grants, as the leader last published them (JSON).
-pub const REFUSED: &str = "warden:refused";
+pub(crate) const REFUSED: &str = "warden:refused";
 
 /// The names of the services the leader manages now (JSON array): `warden status` shows
 /// the decisions of these only, not of services no longer configured.
-pub const MANAGED: &str = "warden:managed";
+pub(crate) const MANAGED: &str = "warden:managed";
 
 const NOW: &str = "local t = redis.call('TIME') local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)";
 
@@ -392,7 +392,7 @@ fn script(body: &str) -> Script {
 /// (`WAIT`) or counted as failed: a primary cut off from its replicas cannot keep a
 /// leader, and a promoted replica holds every lease and epoch that was acted on.
 #[derive(Clone)]
-pub struct Central {
+pub(crate) struct Central {
     link: std::sync::Arc<Link>,
     pubsub: std::sync::Arc<tokio::sync::Mutex<Option<redis::aio::PubSub>>>,
     /// `host:port` for messages (never the URL: it may hold a password).
@@ -417,7 +417,11 @@ struct Scripts {
 }
 
 impl Central {
-    pub fn new(link: std::sync::Arc<Link>, min_replicas: u32, ack_timeout: Duration) -> Self {
+    pub(crate) fn new(
+        link: std::sync::Arc<Link>,
+        min_replicas: u32,
+        ack_timeout: Duration,
+    ) -> Self {
         Self {
             addr: link.endpoint.addr.clone(),
             link,

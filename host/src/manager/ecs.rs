@@ -25,7 +25,7 @@ use super::leadership::Guard;
 
 /// One of warden's tasks.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Task {
+pub(crate) struct Task {
     pub arn: String,
     pub last_status: TaskStatus,
     pub az: String,
@@ -34,7 +34,7 @@ pub struct Task {
 /// Where a task is in its life, as far as stopping one is concerned: one not yet
 /// placed is the cheapest to stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TaskStatus {
+pub(crate) enum TaskStatus {
     /// `PROVISIONING` or `PENDING` (ECS gives no status at first either).
     Pending,
     /// `RUNNING`.
@@ -45,7 +45,7 @@ pub enum TaskStatus {
 
 impl TaskStatus {
     /// ECS's `lastStatus`.
-    pub fn from_ecs(status: Option<&str>) -> TaskStatus {
+    pub(crate) fn from_ecs(status: Option<&str>) -> TaskStatus {
         match status {
             None | Some("PROVISIONING" | "PENDING" | "ACTIVATING") => TaskStatus::Pending,
             Some("RUNNING") => TaskStatus::Running,
@@ -57,7 +57,7 @@ impl TaskStatus {
 /// Counts of the ECS calls one loop sent, for the decision record and the benchmark.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(default)]
-pub struct Calls {
+pub(crate) struct Calls {
     pub list_tasks: u32,
     pub describe_tasks: u32,
     pub run_task: u32,
@@ -67,7 +67,7 @@ pub struct Calls {
 
 /// One RunTask call.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RunTask {
+pub(crate) struct RunTask {
     pub cluster: String,
     pub task_definition: String,
     pub started_by: String,
@@ -77,7 +77,7 @@ pub struct RunTask {
 
 /// What a RunTask answered.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Started {
+pub(crate) struct Started {
     pub arns: Vec<String>,
     /// ECS's reasons for tasks it did not place (`RESOURCE:MEMORY`…).
     pub failures: Vec<String>,
@@ -85,7 +85,7 @@ pub struct Started {
 
 /// Why an ECS call failed, sorted by what it means for the caller.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum EcsError {
+pub(crate) enum EcsError {
     /// Never transmitted: leadership was lost first (or the request could not be built).
     #[error("ECS {op}: not sent: {why}")]
     NotSent { op: &'static str, why: String },
@@ -98,7 +98,7 @@ pub enum EcsError {
 }
 
 /// The ECS calls warden makes.
-pub trait Ecs: Send + Sync + 'static {
+pub(crate) trait Ecs: Send + Sync + 'static {
     /// ARNs of the RUNNING and PENDING tasks of `family` started by `started_by` (paged).
     fn list_tasks(
         &self,
@@ -144,7 +144,7 @@ pub trait Ecs: Send + Sync + 'static {
 
 /// The family of a task definition given as `family`, `family:revision` or a full ARN
 /// (`arn:aws:ecs:eu-west-1:123456789012:task-definition/worker:3` → `worker`).
-pub fn family_of(task_definition: &str) -> Result<&str, String> {
+pub(crate) fn family_of(task_definition: &str) -> Result<&str, String> {
     let name = if task_definition.starts_with("arn:") {
         task_definition
             .split_once(":task-definition/")
@@ -195,7 +195,7 @@ fn fnv1a(parts: &[&str]) -> u64 {
 /// step (service, task definition, the policy's action count, current → desired, batch),
 /// so a successor repeating a step its predecessor sent gets ECS's first answer instead of
 /// new tasks. At most 34 characters, whatever the names' length.
-pub fn client_token(
+pub(crate) fn client_token(
     cluster: &str,
     service: &str,
     task_definition: &str,
@@ -216,7 +216,7 @@ pub fn client_token(
 }
 
 /// RunTask counts for `n` tasks: batches of at most ten.
-pub fn batches(n: u32) -> Vec<u32> {
+pub(crate) fn batches(n: u32) -> Vec<u32> {
     let mut out = vec![10; (n / 10) as usize];
     if n % 10 > 0 {
         out.push(n % 10);
@@ -225,7 +225,7 @@ pub fn batches(n: u32) -> Vec<u32> {
 }
 
 /// Which tasks to stop: PENDING first, then one at a time from the AZ holding the most.
-pub fn choose_to_stop(tasks: &[Task], n: usize) -> Vec<String> {
+pub(crate) fn choose_to_stop(tasks: &[Task], n: usize) -> Vec<String> {
     let mut chosen = Vec::new();
     let mut pending: Vec<&Task> = tasks
         .iter()
@@ -293,12 +293,12 @@ impl Intercept for LeaderOnly {
 
 /// ECS through the AWS SDK.
 #[derive(Clone)]
-pub struct AwsEcs {
+pub(crate) struct AwsEcs {
     client: aws_sdk_ecs::Client,
 }
 
 impl AwsEcs {
-    pub fn new(sdk: &aws_config::SdkConfig) -> Self {
+    pub(crate) fn new(sdk: &aws_config::SdkConfig) -> Self {
         Self {
             client: aws_sdk_ecs::Client::new(sdk),
         }

@@ -28,15 +28,15 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::az::AzCache;
-use super::lease::Lease;
 use super::central::{Beat, LeaseStore, LiveHost, Renewal, StoreError};
 use super::leadership::Leadership;
+use super::lease::Lease;
 use crate::logs::Repeated;
 
 /// Timing of the election. Defaults replace a dead leader within about 3 s:
 /// lease expiry (2 s) + one tick (0.25 s) + guard (0.5 s) + acquisition.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Timing {
+pub(crate) struct Timing {
     pub lease: Duration,
     pub tick: Duration,
     pub guard: Duration,
@@ -55,14 +55,14 @@ impl Default for Timing {
 impl Timing {
     /// A leader stops acting this long before its lease would expire in Redis, to allow
     /// for the time a renewal takes to travel; the fence also asks for this much left.
-    pub fn margin(&self) -> Duration {
+    pub(crate) fn margin(&self) -> Duration {
         self.lease / 4
     }
 }
 
 /// Why a leader steps down.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StepDown {
+pub(crate) enum StepDown {
     /// Its own Availability Zone is not available: it gives the lease up.
     OwnAz(String),
     /// The lease is someone else's, or gone.
@@ -89,7 +89,7 @@ impl std::fmt::Display for StepDown {
 
 /// Whom a departing leader names: the most recently seen other host whose AZ is
 /// available and that was seen within `max_age` (pure).
-pub fn choose_successor(
+pub(crate) fn choose_successor(
     hosts: &[LiveHost],
     me: &str,
     max_age: Duration,
@@ -103,7 +103,7 @@ pub fn choose_successor(
 }
 
 /// Keeps (or competes for) the lease and publishes [`Leadership`].
-pub struct Elector<S: LeaseStore> {
+pub(crate) struct Elector<S: LeaseStore> {
     pub id: String,
     pub az: String,
     pub store: S,
@@ -118,7 +118,11 @@ struct Held {
 }
 
 impl<S: LeaseStore> Elector<S> {
-    pub async fn run(self, tx: watch::Sender<Leadership>, mut shutdown: watch::Receiver<bool>) {
+    pub(crate) async fn run(
+        self,
+        tx: watch::Sender<Leadership>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         let mut held: Option<Held> = None;
         let mut errors = Repeated::new("election: central redis");
         let mut seen_errors = Repeated::new("host registration in the central redis");
@@ -371,7 +375,7 @@ impl<S: LeaseStore> Elector<S> {
 
 /// Why a follower holds a competition (pure).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// A live leader in an available AZ: nothing to do.
     Healthy,
     /// No lease (expired or released): compete for a free lease.
@@ -380,7 +384,7 @@ pub enum Verdict {
     Depose(Lease),
 }
 
-pub fn judge(
+pub(crate) fn judge(
     lease: Option<Lease>,
     heartbeat_age: Option<Duration>,
     leader_az_available: bool,

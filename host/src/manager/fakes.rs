@@ -12,11 +12,11 @@ use warden_plugin_api::Measurement;
 
 use super::central::{CallEntry, LeaseStore, Ledger, LiveHost, Renewal, StoreResult};
 use super::ecs::{Calls, Ecs, EcsError, RunTask, Started, Task};
-use super::lease::Lease;
 use super::leadership::Guard;
+use super::lease::Lease;
+use super::metric::{BoxFuture, Metric, MetricError};
 use super::policy::PolicyState;
 use super::Record;
-use super::metric::{BoxFuture, Metric, MetricError};
 use crate::plugins::Isolation;
 
 #[derive(Default)]
@@ -403,9 +403,6 @@ pub(crate) struct FakeMetric {
 }
 
 impl Metric for FakeMetric {
-    fn name(&self) -> &str {
-        "m"
-    }
     fn isolation(&self) -> Option<Isolation> {
         Some(Isolation::InProcess)
     }

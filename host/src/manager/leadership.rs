@@ -14,7 +14,7 @@ use super::lease::Lease;
 
 /// The elector's view of this host's role.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub enum Leadership {
+pub(crate) enum Leadership {
     #[default]
     Following,
     /// Leading under `lease` until `deadline` (lease − margin after the last renewal was sent).
@@ -22,7 +22,7 @@ pub enum Leadership {
 }
 
 impl Leadership {
-    pub fn epoch(&self) -> Option<u64> {
+    pub(crate) fn epoch(&self) -> Option<u64> {
         match self {
             Leadership::Leading { lease, .. } => Some(lease.epoch),
             Leadership::Following => None,
@@ -32,7 +32,7 @@ impl Leadership {
 
 /// Why a call was not made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum Lost {
+pub(crate) enum Lost {
     #[error("epoch {0} is no longer this host's")]
     Deposed(u64),
     #[error("the deadline of epoch {0} passed without a renewal")]
@@ -41,22 +41,22 @@ pub enum Lost {
 
 /// The right to act under one epoch, checked afresh on every use.
 #[derive(Debug, Clone)]
-pub struct Guard {
+pub(crate) struct Guard {
     rx: watch::Receiver<Leadership>,
     epoch: u64,
 }
 
 impl Guard {
-    pub fn new(rx: watch::Receiver<Leadership>, epoch: u64) -> Self {
+    pub(crate) fn new(rx: watch::Receiver<Leadership>, epoch: u64) -> Self {
         Self { rx, epoch }
     }
 
-    pub fn epoch(&self) -> u64 {
+    pub(crate) fn epoch(&self) -> u64 {
         self.epoch
     }
 
     /// Ok only while this epoch is published and its deadline is ahead.
-    pub fn check(&self) -> Result<(), Lost> {
+    pub(crate) fn check(&self) -> Result<(), Lost> {
         match &*self.rx.borrow() {
             Leadership::Leading { lease, deadline } if lease.epoch == self.epoch => {
                 if Instant::now() < *deadline {
@@ -70,7 +70,7 @@ impl Guard {
     }
 
     /// Resolves when this epoch stops being published (or its deadline passes first).
-    pub async fn lost(&self) {
+    pub(crate) async fn lost(&self) {
         let mut rx = self.rx.clone();
         loop {
             let deadline = match &*rx.borrow_and_update() {

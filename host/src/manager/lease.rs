@@ -4,14 +4,14 @@
 
 /// Who holds the lease, as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Lease {
+pub(crate) struct Lease {
     pub id: String,
     pub epoch: u64,
     pub az: String,
 }
 
 impl Lease {
-    pub fn parse(v: &str) -> Option<Lease> {
+    pub(crate) fn parse(v: &str) -> Option<Lease> {
         let mut it = v.split('\t');
         Some(Lease {
             id: it.next()?.to_owned(),
@@ -19,13 +19,13 @@ impl Lease {
             az: it.next()?.to_owned(),
         })
     }
-    pub fn value(&self) -> String {
+    pub(crate) fn value(&self) -> String {
         format!("{}\t{}\t{}", self.id, self.epoch, self.az)
     }
 }
 
 /// The competition's rule: highest score wins, ties go to the lowest id.
-pub fn pick_winner(alive: &[(String, f64)]) -> Option<String> {
+pub(crate) fn pick_winner(alive: &[(String, f64)]) -> Option<String> {
     alive
         .iter()
         .max_by(|a, b| {

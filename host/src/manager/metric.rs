@@ -10,12 +10,10 @@ use warden_plugin_api::Measurement;
 
 use crate::plugins::settings::Isolation;
 
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// A source the leader reads once a loop per service.
-pub trait Metric: Send + Sync {
-    /// Its name in the config (`[metrics.<name>]`), for messages.
-    fn name(&self) -> &str;
+pub(crate) trait Metric: Send + Sync {
     /// Where its instance runs, once created (shown by `warden status`).
     fn isolation(&self) -> Option<Isolation>;
     /// The current reading.
@@ -27,7 +25,7 @@ pub trait Metric: Send + Sync {
 /// Why there is no metric reading: the error's kind (`config`, `transient`, `timeout`,
 /// `resting`, …) and its message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MetricError {
+pub(crate) struct MetricError {
     pub kind: String,
     pub message: String,
 }

@@ -13,17 +13,17 @@
 //! history in `warden:decisions:<service>`), written by a fenced script; every ECS call is
 //! journalled in `warden:calls:<service>` with its epoch before it is sent.
 
-pub mod az;
-pub mod central;
-pub mod ecs;
-pub mod election;
-pub mod leadership;
-pub mod metric;
-pub mod lease;
-pub mod policy;
-pub mod settings;
-pub mod sources;
-pub mod worker;
+pub(crate) mod az;
+pub(crate) mod central;
+pub(crate) mod ecs;
+pub(crate) mod election;
+pub(crate) mod leadership;
+pub(crate) mod lease;
+pub(crate) mod metric;
+pub(crate) mod policy;
+pub(crate) mod settings;
+pub(crate) mod sources;
+pub(crate) mod worker;
 
 #[cfg(test)]
 mod fakes;
@@ -41,12 +41,11 @@ use election::{Elector, Timing};
 use leadership::Leadership;
 use policy::{Decision, Mapping, Policy};
 
-pub use central::{decision_key, history_key};
-pub use metric::{Metric, MetricError};
+pub(crate) use metric::{Metric, MetricError};
 
 /// How a service's count is applied.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Target {
+pub(crate) enum Target {
     /// Standalone tasks of a task definition (`family`, `family:revision` or an ARN),
     /// counted by its family.
     Tasks {
@@ -58,7 +57,7 @@ pub enum Target {
 }
 
 #[derive(Clone)]
-pub struct ManagedService {
+pub(crate) struct ManagedService {
     pub name: String,
     pub cluster: String,
     pub target: Target,
@@ -70,21 +69,20 @@ pub struct ManagedService {
 }
 
 /// `startedBy` for warden's tasks of a service (ECS allows 36 characters).
-pub fn started_by(service: &str) -> String {
+pub(crate) fn started_by(service: &str) -> String {
     format!("warden-{service}").chars().take(36).collect()
 }
 
 impl ManagedService {
-    pub fn started_by(&self) -> String {
+    pub(crate) fn started_by(&self) -> String {
         started_by(&self.name)
     }
 }
 
-
 /// What was done about a decision.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// Decided and recorded; nothing called (`dry_run`).
     DryRun,
     /// Nothing to do.
@@ -119,7 +117,7 @@ pub enum Outcome {
 
 impl Outcome {
     /// Some call's outcome is unknown.
-    pub fn unknown(&self) -> bool {
+    pub(crate) fn unknown(&self) -> bool {
         match self {
             Outcome::Ran { unknown, .. }
             | Outcome::Stopped { unknown, .. }
@@ -170,7 +168,7 @@ impl std::fmt::Display for Outcome {
 /// A decision as kept in Redis and shown by `warden status`: the metric read, the value a
 /// mapping plugin gave, the counted number and the decision are each kept apart.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Record {
+pub(crate) struct Record {
     pub service: String,
     pub leader: String,
     pub epoch: u64,
@@ -201,13 +199,13 @@ pub struct Record {
 }
 
 /// An optional number as an operator reads it: the number, or `-`.
-pub fn opt<T: std::fmt::Display>(v: &Option<T>) -> String {
+pub(crate) fn opt<T: std::fmt::Display>(v: &Option<T>) -> String {
     v.as_ref().map_or_else(|| "-".to_owned(), T::to_string)
 }
 
 impl Record {
     /// The decision in the log: inputs as plain fields, then the reason.
-    pub fn log(&self) {
+    pub(crate) fn log(&self) {
         let d = &self.decision;
         let error = self.metric_error.as_ref().map(ToString::to_string);
         tracing::info!(
@@ -227,7 +225,7 @@ impl Record {
 
 impl Record {
     /// The decision in the metrics: value, desired, running, and a count by action.
-    pub fn observe(&self) {
+    pub(crate) fn observe(&self) {
         let m = crate::metrics::get();
         let l = crate::metrics::ServiceLabel {
             service: self.service.clone(),
@@ -278,7 +276,7 @@ async fn observe_leadership(mut rx: watch::Receiver<Leadership>) {
 
 /// The manager's parts, wired by `daemon`.
 #[derive(Clone)]
-pub struct Manager {
+pub(crate) struct Manager {
     pub id: String,
     pub az: String,
     /// The central Redis (an address, or Sentinels and a master name).
@@ -304,7 +302,7 @@ impl Manager {
         Central::new(link, self.min_replicas, self.timing.tick)
     }
 
-    pub async fn run(self, shutdown: watch::Receiver<bool>) {
+    pub(crate) async fn run(self, shutdown: watch::Receiver<bool>) {
         let (elector_store, ledger) = (self.central(), self.central());
         // Every task started here ends with this run, also when the worker panics: a
         // restarted run must not find the last run's elector still renewing the lease

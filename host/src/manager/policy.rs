@@ -113,7 +113,7 @@ impl Default for Policy {
 
 /// What the policy remembers between loops (kept in the central Redis).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct PolicyState {
+pub(crate) struct PolicyState {
     /// (time ms, recommended count) within the scale-down window.
     pub recommendations: Vec<(u64, u32)>,
     pub last_action_ms: Option<u64>,
@@ -133,7 +133,7 @@ impl PolicyState {
     /// say nothing of this one's, so a new epoch counts its own from 0. The rest (the
     /// scale-down window, the last action, the action count of the RunTask token)
     /// carries over: those are the service's, not the leader's.
-    pub fn for_epoch(mut self, epoch: u64) -> PolicyState {
+    pub(crate) fn for_epoch(mut self, epoch: u64) -> PolicyState {
         if self.failures_epoch != epoch {
             self.consecutive_failures = 0;
             self.failures_epoch = epoch;
@@ -145,14 +145,14 @@ impl PolicyState {
 /// What a decision does to the count.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum Action {
+pub(crate) enum Action {
     Hold,
     ScaleUp,
     ScaleDown,
 }
 
 impl Action {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Action::Hold => "hold",
             Action::ScaleUp => "scale-up",
@@ -170,7 +170,7 @@ impl std::fmt::Display for Action {
 /// The policy's answer. The metric read and its mapping input are kept by the caller
 /// (the decision record has them apart); `mapped` is the task count the mapping gave.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Decision {
+pub(crate) struct Decision {
     pub mapped: Option<u32>,
     pub clamped: Option<u32>,
     pub current: u32,
@@ -188,7 +188,7 @@ fn action(current: u32, desired: u32) -> Action {
 }
 
 /// Decides the desired count. `metric` is the reading or why there is none.
-pub fn decide(
+pub(crate) fn decide(
     metric: Result<f64, String>,
     current: u32,
     now_ms: u64,

@@ -20,17 +20,17 @@ use std::time::Duration;
 use tokio::sync::watch;
 use warden_plugin_api::ServiceDefinition;
 
+use crate::logs::Repeated;
 use crate::manager::settings::ManagedServiceConfig;
 use crate::plugins::settings::PluginRef;
-use crate::logs::Repeated;
 
 /// The last good list of each source that has answered, by its config key
 /// (`manager.sources[0]`).
-pub type Definitions = BTreeMap<String, Vec<ServiceDefinition>>;
+pub(crate) type Definitions = BTreeMap<String, Vec<ServiceDefinition>>;
 
 /// What the loop needs of a source: a plugin slot (adapted in `daemon::adapters`), or
 /// a fake in tests.
-pub trait DefinitionSource: Send + Sync {
+pub(crate) trait DefinitionSource: Send + Sync {
     fn generation(&self) -> impl std::future::Future<Output = Result<u64, String>> + Send;
     fn list(
         &self,
@@ -38,7 +38,7 @@ pub trait DefinitionSource: Send + Sync {
 }
 
 /// Follows the sources until `stop`, publishing their lists whenever one changes.
-pub async fn run<S: DefinitionSource>(
+pub(crate) async fn run<S: DefinitionSource>(
     sources: Vec<(String, S)>,
     tx: std::sync::Arc<watch::Sender<Definitions>>,
     every: Duration,
@@ -81,7 +81,7 @@ pub async fn run<S: DefinitionSource>(
 
 /// One service's `manage` part as a managed service, checked as a `[[manager.services]]`
 /// entry is; the error names the key.
-pub fn managed_of(
+pub(crate) fn managed_of(
     def: &ServiceDefinition,
     metrics: &BTreeMap<String, PluginRef>,
 ) -> Option<Result<ManagedServiceConfig, String>> {
@@ -106,7 +106,7 @@ pub fn managed_of(
 
 /// A managed service from a source refused because a claim is outside its grants.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ManagedRefusal {
+pub(crate) struct ManagedRefusal {
     pub source: String,
     pub service: String,
     #[serde(flatten)]
@@ -126,7 +126,7 @@ impl std::fmt::Display for ManagedRefusal {
 /// What [`merge`] gives: the services to manage, the ones skipped (one line each, why),
 /// and the ones refused by their source's grants.
 #[derive(Debug, Default)]
-pub struct Merged {
+pub(crate) struct Merged {
     pub services: Vec<ManagedServiceConfig>,
     pub skipped: Vec<String>,
     pub refused: Vec<ManagedRefusal>,
@@ -134,7 +134,7 @@ pub struct Merged {
 
 /// The managed services: the config's own, then each source's in key order, each
 /// source's checked against its grants (`grants` gives them by source key).
-pub fn merge(
+pub(crate) fn merge(
     configured: &[ManagedServiceConfig],
     defs: &Definitions,
     metrics: &BTreeMap<String, PluginRef>,

@@ -18,14 +18,14 @@ use warden_plugin_api::Measurement;
 
 use super::central::{CallEntry, Ledger};
 use super::ecs::{self, Calls, Ecs, EcsError, RunTask};
-use super::lease::Lease;
 use super::leadership::{Guard, Leadership};
+use super::lease::Lease;
 use super::policy::{self, Decision, PolicyState};
 use super::{ManagedService, MetricError, Outcome, Record, Target};
 
 /// The scaling work; `ecs` is `None` where there is no ECS to call (it then decides and
 /// records only, as in dry-run).
-pub struct Worker<E: Ecs, L: Ledger> {
+pub(crate) struct Worker<E: Ecs, L: Ledger> {
     pub id: String,
     pub ecs: Option<E>,
     pub ledger: L,
@@ -38,7 +38,7 @@ pub struct Worker<E: Ecs, L: Ledger> {
 /// The managed services and how the loops run: what a reload may change without
 /// touching the lease.
 #[derive(Clone)]
-pub struct Plan {
+pub(crate) struct Plan {
     pub services: Vec<ManagedService>,
     pub loop_interval: Duration,
     /// Decide and record, call nothing.
@@ -49,7 +49,7 @@ pub struct Plan {
 
 /// The metric as read, and as mapped by a mapping plugin.
 #[derive(Debug, Clone)]
-pub struct Reading {
+pub(crate) struct Reading {
     pub metric: Result<Measurement, MetricError>,
     pub mapped: Option<Result<f64, MetricError>>,
     /// Where the metric source's instance runs (none before it is created).
@@ -58,7 +58,7 @@ pub struct Reading {
 
 impl Reading {
     /// The value the policy maps, or why there is none.
-    pub fn input(&self) -> Result<f64, String> {
+    pub(crate) fn input(&self) -> Result<f64, String> {
         match (&self.metric, &self.mapped) {
             (Err(e), _) => Err(e.to_string()),
             (Ok(_), Some(Err(e))) => Err(format!("mapping: {e}")),
@@ -126,7 +126,7 @@ async fn read_metric(s: &ManagedService) -> Reading {
 }
 
 impl<E: Ecs, L: Ledger> Worker<E, L> {
-    pub async fn run(
+    pub(crate) async fn run(
         self,
         mut leadership: watch::Receiver<Leadership>,
         mut shutdown: watch::Receiver<bool>,

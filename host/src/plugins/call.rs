@@ -43,9 +43,7 @@ pub async fn once(
     value: Option<f64>,
 ) -> Result<serde_json::Value, CallError> {
     // An op of another kind is the kind's default (`checked` refuses it before).
-    let op = op
-        .filter(|o| o.kind() == kind)
-        .unwrap_or(default_op(kind));
+    let op = op.filter(|o| o.kind() == kind).unwrap_or(default_op(kind));
     match op {
         Op::Map => {
             let v = value.unwrap_or(0.0);
@@ -164,10 +162,7 @@ pub fn run(file: &Path, req: Request, insecure: bool) -> anyhow::Result<ExitCode
 }
 
 /// The request checked against the plugin: the kind, the operation and the config.
-fn checked(
-    plugin: &super::Plugin,
-    req: &Request,
-) -> Result<(Kind, Op, serde_json::Value), String> {
+fn checked(plugin: &super::Plugin, req: &Request) -> Result<(Kind, Op, serde_json::Value), String> {
     let kind = match req.kind.as_deref() {
         Some(k) => Kind::parse(k).ok_or_else(|| {
             format!("--kind: expected metric-source or service-definitions, got {k:?}")
@@ -177,12 +172,10 @@ fn checked(
     let ops = Op::of(kind);
     let op = match req.op.as_deref() {
         None => default_op(kind),
-        Some(name) => Op::parse(name)
-            .filter(|o| ops.contains(o))
-            .ok_or_else(|| {
-                let names: Vec<&str> = ops.iter().map(|o| o.as_str()).collect();
-                format!("--op: a {kind} offers {}, not {name:?}", names.join(", "))
-            })?,
+        Some(name) => Op::parse(name).filter(|o| ops.contains(o)).ok_or_else(|| {
+            let names: Vec<&str> = ops.iter().map(|o| o.as_str()).collect();
+            format!("--op: a {kind} offers {}, not {name:?}", names.join(", "))
+        })?,
     };
     if op == Op::Map && req.value.is_none() {
         return Err("--op map needs --value".into());

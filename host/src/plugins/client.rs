@@ -348,7 +348,10 @@ pub struct ServicesClient(pub Arc<dyn PluginClient>);
 
 impl ServicesClient {
     pub async fn list(&self) -> Result<Vec<ServiceDefinition>, CallError> {
-        self.0.call(Op::List, "null", decode_services).await.map(take)
+        self.0
+            .call(Op::List, "null", decode_services)
+            .await
+            .map(take)
     }
     /// The services, given the host's running containers (providers that derive services
     /// from containers need them; others ignore them).
@@ -360,7 +363,10 @@ impl ServicesClient {
             containers: containers.to_vec(),
         })
         .expect("containers serialize");
-        self.0.call(Op::List, &args, decode_services).await.map(take)
+        self.0
+            .call(Op::List, &args, decode_services)
+            .await
+            .map(take)
     }
     pub async fn generation(&self) -> Result<u64, CallError> {
         self.0

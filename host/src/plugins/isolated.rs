@@ -577,7 +577,11 @@ async fn read_answers(rd: tokio::net::unix::OwnedReadHalf, pending: Pending, nam
 
 /// Creates the instance in the child, which answers with the manifest it loaded: it
 /// must be the one warden checked.
-async fn create(conn: &Conn, spec: &Spec, deadline: tokio::time::Instant) -> Result<(), PluginError> {
+async fn create(
+    conn: &Conn,
+    spec: &Spec,
+    deadline: tokio::time::Instant,
+) -> Result<(), PluginError> {
     let id = IDS.fetch_add(1, Ordering::Relaxed);
     let (otx, orx) = oneshot::channel();
     lock(&conn.pending).insert(id, otx);
